@@ -1,0 +1,4 @@
+"""conveyor: snapshot and live Redis migration through a durable log."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Redis endpoints: URL validation, masking, connections with errors turned into one clear line."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from conveyor.errors import ConfigError, ConveyorError, SourceError, TargetError
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+SOCKET_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
+
+
+def mask_uri(uri: str) -> str:
+    """The URI with any password replaced by ``***`` (safe to print and log)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", uri)
+    if parts.password is None:
+        return uri
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}"
+    try:
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        pass
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def mask_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Mask URIs with passwords, and any given secret, inside free text (driver messages)."""
+    text = re.sub(r"(\w+://[^:/@\s]*):[^@/\s]*@", r"\1:***@", text)
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def validate_redis_uri(uri: str, what: str) -> None:
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: {e}") from e
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"{what} URI {mask_uri(uri)!r} must start with redis://, rediss:// or unix://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r} has no host")
+    path = parts.path.strip("/")
+    if parts.scheme != "unix" and path and not path.isdigit():
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r}: the path must be a database number")
+
+
+def uri_db(uri: str) -> int | None:
+    """The database number named in the URI's path, or None when it names none."""
+    path = urlsplit(uri).path.strip("/")
+    return int(path) if path.isdigit() else None
+
+
+@dataclass(slots=True)
+class ServerInfo:
+    version: tuple[int, ...]
+    version_text: str
+    flavor: str              # "redis" or "valkey"
+    run_id: str
+    db: int
+
+    @property
+    def has_pexpiretime(self) -> bool:
+        return self.version >= (7, 0)
+
+
+def connect(uri: str, what: str, *, password: str | None = None, username: str | None = None,
+            error_cls: type[ConveyorError] = SourceError, **kwargs) -> redis.Redis:
+    """A checked connection (PING answered) to the Redis at ``uri``; ``what`` names it in errors."""
+    validate_redis_uri(uri, what)
+    opts = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
+                health_check_interval=30)
+    if password is not None:
+        opts["password"] = password
+    if username is not None:
+        opts["username"] = username
+    opts.update(kwargs)
+    try:
+        r = redis.Redis.from_url(uri, **opts)
+        r.ping()
+    except redis.AuthenticationError as e:
+        raise error_cls(f"{what} {mask_uri(uri)}: authentication failed "
+                        f"(wrong user or password): {mask_text(str(e), (password or '',))}") from e
+    except redis.ResponseError as e:
+        msg = str(e)
+        if "NOAUTH" in msg or "WRONGPASS" in msg or "NOPERM" in msg:
+            raise error_cls(f"{what} {mask_uri(uri)}: authentication failed: {msg}") from e
+        raise error_cls(f"{what} {mask_uri(uri)}: {msg}") from e
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise error_cls(f"{what} {mask_uri(uri)}: cannot connect: "
+                        f"{mask_text(str(e), (password or '',))}") from e
+    except ValueError as e:
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: {e}") from e
+    return r
+
+
+def server_info(r: redis.Redis) -> ServerInfo:
+    info = r.info("server")
+    text = str(info.get("valkey_version") or info.get("redis_version"))
+    flavor = "valkey" if "valkey_version" in info or info.get("server_name") == "valkey" else "redis"
+    version = tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+    db = r.connection_pool.connection_kwargs.get("db", 0) or 0
+    return ServerInfo(version, text, flavor, str(info.get("run_id", "")), int(db))
+
+
+def same_database(a: redis.Redis, b: redis.Redis) -> bool:
+    """True when both clients talk to the same database of the same server process."""
+    ia, ib = server_info(a), server_info(b)
+    return ia.run_id == ib.run_id and ia.db == ib.db
+
+

@@ -1,0 +1,131 @@
+"""Events (the whole state of one key, or a marker) and their Avro codec.
+
+Every record is written in Avro's single-object encoding: ``C3 01`` + the 8-byte CRC-64-AVRO
+fingerprint of the writer's schema + the schemaless body. The fingerprint picks the writer schema
+on read, so logs written by an older schema stay readable after the schema evolves.
+"""
+from __future__ import annotations
+
+import enum
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from conveyor.errors import CodecError
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+CURRENT_SCHEMA = "event.v1.avsc"
+
+
+class Kind(str, enum.Enum):
+    UPSERT = "UPSERT"
+    DELETE = "DELETE"
+    SNAPSHOT_BEGIN = "SNAPSHOT_BEGIN"
+    SNAPSHOT_END = "SNAPSHOT_END"
+    RESYNC = "RESYNC"
+
+
+MARKERS = frozenset({Kind.SNAPSHOT_BEGIN, Kind.SNAPSHOT_END, Kind.RESYNC})
+
+
+@dataclass(slots=True)
+class Event:
+    kind: Kind
+    db: int
+    key: bytes = b""
+    payload: bytes | None = None
+    expire_at_ms: int | None = None
+    read_time_ms: int = 0
+    capture_id: str = ""
+    seq: int = 0
+    count: int | None = None
+    info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_marker(self) -> bool:
+        return self.kind in MARKERS
+
+    def record_key(self) -> bytes:
+        """The log record key: db + Redis key, so every event of a key lands in one partition."""
+        if self.is_marker:
+            return b"%d:\x00conveyor-marker:%s" % (self.db, self.capture_id.encode())
+        return record_key(self.db, self.key)
+
+    def expired(self, now_ms: int | None = None) -> bool:
+        if self.expire_at_ms is None:
+            return False
+        return self.expire_at_ms <= (now_ms if now_ms is not None else now_millis())
+
+
+def record_key(db: int, key: bytes) -> bytes:
+    return b"%d:%s" % (db, key)
+
+
+def now_millis() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _schema_dir() -> Path:
+    try:
+        return Path(str(resources.files("conveyor.schemas")))
+    except ModuleNotFoundError:  # running from a source tree without installation
+        return Path(__file__).resolve().parent.parent / "schemas"
+
+
+def load_schema(name: str) -> dict:
+    try:
+        return json.loads((_schema_dir() / name).read_text())
+    except OSError as e:
+        raise CodecError(f"schema {name} not found in {_schema_dir()}: {e}") from e
+
+
+class Codec:
+    """Encodes events with the current schema; decodes any known schema by fingerprint."""
+
+    def __init__(self, schema_names: tuple[str, ...] = (CURRENT_SCHEMA,)) -> None:
+        self._by_fp: dict[bytes, dict] = {}
+        for name in schema_names:
+            parsed = fastavro.parse_schema(load_schema(name))
+            fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+            self._by_fp[fp] = parsed
+        self._schema = fastavro.parse_schema(load_schema(schema_names[0]))
+        self._reader_schema = self._schema
+        self._header = MAGIC + bytes.fromhex(
+            fingerprint(to_parsing_canonical_form(self._schema), "CRC-64-AVRO"))
+        self._buf = io.BytesIO()
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self._header[len(MAGIC):]
+
+    def encode(self, ev: Event) -> bytes:
+        buf = self._buf
+        buf.seek(0)
+        buf.truncate()
+        buf.write(self._header)
+        fastavro.schemaless_writer(buf, self._schema, {
+            "kind": ev.kind.value, "db": ev.db, "key": ev.key, "payload": ev.payload,
+            "expire_at_ms": ev.expire_at_ms, "read_time_ms": ev.read_time_ms,
+            "capture_id": ev.capture_id, "seq": ev.seq, "count": ev.count, "info": ev.info,
+        })
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> Event:
+        if data is None or len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise CodecError("record is not an Avro single-object encoded conveyor event")
+        writer = self._by_fp.get(bytes(data[2:HEADER_LEN]))
+        if writer is None:
+            raise CodecError(f"record written with unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+        try:
+            d = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self._reader_schema)
+            return Event(Kind(d["kind"]), d["db"], d["key"], d["payload"], d["expire_at_ms"],
+                         d["read_time_ms"], d["capture_id"], d["seq"], d["count"], d["info"])
+        except Exception as e:  # fastavro raises a mix of EOFError, ValueError, KeyError...
+            raise CodecError(f"corrupt event record: {type(e).__name__}: {e}") from e

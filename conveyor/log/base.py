@@ -1,0 +1,118 @@
+"""The log interface: a writer and a reader, plus a small metadata store.
+
+Backends (``file.py``, ``redis_stream.py``, ``kafka.py``) implement these; nothing outside
+``conveyor/log`` imports a backend's driver. Positions are opaque to callers: a reader hands out
+``Record`` objects and takes them back in ``commit``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Union
+
+# Where a reader starts: committed position of its group, the oldest record, the end, or a time.
+StartAt = Union[str, datetime]  # "committed" | "earliest" | "latest" | datetime (tz-aware)
+
+
+@dataclass(slots=True)
+class Record:
+    partition: str          # partition / stream / segment id, as text
+    offset: Any             # backend position (int offset, stream id "ms-seq", ...)
+    key: bytes
+    value: bytes
+    timestamp_ms: int       # append time
+
+
+@dataclass(slots=True)
+class PartitionStatus:
+    partition: str
+    committed: Any          # committed position of the group, None if nothing committed
+    end: Any                # position after the last record
+    lag: int                # records appended and not yet committed by the group
+
+
+@dataclass(slots=True)
+class LogStatus:
+    uri: str                # masked
+    group: str
+    partitions: list[PartitionStatus] = field(default_factory=list)
+
+    @property
+    def lag(self) -> int:
+        return sum(p.lag for p in self.partitions)
+
+
+class MetaStore(abc.ABC):
+    """Small durable key -> JSON document store next to the log (checkpoints, apply status)."""
+
+    @abc.abstractmethod
+    def put(self, name: str, doc: dict) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, name: str) -> dict | None: ...
+
+    def close(self) -> None:
+        pass
+
+
+class LogWriter(abc.ABC):
+    """Appends records; ``flush`` returns only when every appended record is durable.
+
+    ``flush`` raises LogError if any record since the last flush failed to be stored.
+    """
+
+    @abc.abstractmethod
+    def append(self, key: bytes, value: bytes) -> None: ...
+
+    def append_many(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        for k, v in items:
+            self.append(k, v)
+
+    @abc.abstractmethod
+    def flush(self, timeout: float = 60.0) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LogReader(abc.ABC):
+    """Reads records for a consumer group; records not committed are delivered again
+    after a restart (at-least-once)."""
+
+    group: str
+
+    @abc.abstractmethod
+    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` s for the first one."""
+
+    @abc.abstractmethod
+    def commit(self, records: list[Record]) -> None:
+        """Durably record that ``records`` (and everything before them in their partitions)
+        have been processed. Raises LogError on failure."""
+
+    @abc.abstractmethod
+    def seek(self, where: StartAt) -> None:
+        """Move the group's position; the next ``poll`` reads from there."""
+
+    @abc.abstractmethod
+    def status(self) -> LogStatus: ...
+
+    @abc.abstractmethod
+    def dead_letter(self, record: Record, reason: str) -> None:
+        """Keep a record that cannot be processed somewhere durable, apart from the log."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

