@@ -1,0 +1,263 @@
+"""The ``conveyor`` command line (contract in DESIGN.md: scripts and tests depend on it)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from conveyor.endpoints import mask_text, mask_uri, uri_db
+from conveyor.errors import ConfigError, ConveyorError
+from conveyor.keys import REDIS_TYPES, KeyFilter, KeyRewriter, parse_slots
+from conveyor.runner import Endpoint
+
+log = logging.getLogger("conveyor")
+
+
+class Cli(click.Group):
+    """Turns every ConveyorError into one line on stderr and its exit code; never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConveyorError as e:
+            click.echo(f"conveyor: error: {mask_text(str(e))}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("conveyor: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # noqa: BLE001 - a bug, but still one line (details with -v)
+            if os.environ.get("CONVEYOR_DEBUG"):
+                raise
+            log.debug("internal error", exc_info=True)
+            click.echo(f"conveyor: internal error: {type(e).__name__}: {mask_text(str(e))} "
+                       "(set CONVEYOR_DEBUG=1 for a traceback)", err=True)
+            ctx.exit(70)
+
+
+# -- shared options ------------------------------------------------------------------------------
+def _options(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+def _endpoint_options(side: str):
+    env = side.upper()
+    return _options(
+        click.option(f"--{side}-user", envvar=f"CONVEYOR_{env}_USER",
+                     help=f"ACL user for the {side} (or in the URI)."),
+        click.option(f"--{side}-password", envvar=f"CONVEYOR_{env}_PASSWORD",
+                     help=f"Password for the {side}; prefer the env var CONVEYOR_{env}_PASSWORD."),
+    )
+
+
+filter_options = _options(
+    click.option("--scan-match", metavar="GLOB", help="Only keys matching this glob (SCAN MATCH)."),
+    click.option("--scan-type", type=click.Choice(REDIS_TYPES), help="Only keys of this type."),
+    click.option("--scan-count", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+                 help="SCAN COUNT hint, also the read batch size."),
+    click.option("--key-include", multiple=True, metavar="REGEX",
+                 help="Only keys matching a regex (repeatable: any)."),
+    click.option("--key-exclude", multiple=True, metavar="REGEX",
+                 help="Skip keys matching a regex (repeatable)."),
+    click.option("--key-slots", multiple=True, metavar="RANGES",
+                 help="Only keys in these hash slots, e.g. 0-8000 (repeatable)."),
+)
+
+rewrite_options = _options(
+    click.option("--key-prefix", default="", metavar="PREFIX",
+                 help="Prepend PREFIX to every key written to the target."),
+    click.option("--key-replace", nargs=2, multiple=True, metavar="REGEX REPLACEMENT",
+                 help="Rewrite target key names with a regex substitution (repeatable, in order)."),
+)
+
+log_options = _options(
+    click.option("--log-opt", "log_opts", multiple=True, metavar="KEY=VALUE",
+                 help="Backend setting passed through (librdkafka property, stream=, partitions=...)."),
+)
+
+progress_option = click.option("--progress/--no-progress", default=None,
+                               help="Progress bars on stderr (default: when stderr is a terminal).")
+
+
+def _filter(kw) -> KeyFilter:
+    return KeyFilter(match=kw["scan_match"], type=kw["scan_type"], include=list(kw["key_include"]),
+                     exclude=list(kw["key_exclude"]), slots=parse_slots(kw["key_slots"]))
+
+
+def _rewriter(kw) -> KeyRewriter:
+    return KeyRewriter(prefix=kw["key_prefix"], replacements=list(kw["key_replace"]))
+
+
+def _log_opts(pairs) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ConfigError(f"--log-opt {p!r}: expected KEY=VALUE")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _endpoint(uri: str, side: str, kw) -> Endpoint:
+    return Endpoint(uri, side, kw.get(f"{side}_user"), kw.get(f"{side}_password"))
+
+
+def _start_at(value: str):
+    if value in ("committed", "earliest", "latest"):
+        return value
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter("use committed, earliest, latest or an ISO-8601 time "
+                                 "such as 2026-11-24T10:00:00Z") from None
+    return t if t.tzinfo else t.astimezone()
+
+
+def _state_log(state_dir: str, source: str, target: str) -> str:
+    """The embedded file log of one source -> target pair, inside the state directory."""
+    ident = f"{mask_uri(source).split('@')[-1]}->{mask_uri(target).split('@')[-1]}"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", ident)[:80]
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    return f"file:{Path(state_dir).resolve() / f'{slug}-{digest}'}"
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"],
+                                        "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.version_option(package_name="conveyor")
+def cli(verbose: int) -> None:
+    """Migrate Redis data from a source to a target through a durable log."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--log", "log_uri", required=True, metavar="URI", help="The log to append to.")
+@click.option("--mode", type=click.Choice(["snapshot"]), default="snapshot", show_default=True)
+@click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@_endpoint_options("source")
+@filter_options
+@log_options
+@progress_option
+def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
+    """Read SOURCE (SCAN + DUMP) and append its keys to the log."""
+    from conveyor import commands
+    ok = commands.capture(_endpoint(source, "source", kw), log_uri, _log_opts(log_opts),
+                          _filter(kw), kw["scan_count"], fresh, progress)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command("apply")
+@click.argument("target")
+@click.option("--log", "log_uri", required=True, metavar="URI", help="The log to replay.")
+@click.option("--group", default="apply", show_default=True, help="Consumer group (position) name.")
+@click.option("--from", "start", default="committed", show_default=True,
+              metavar="committed|earliest|latest|ISO-TIME", help="Where to start replaying.")
+@click.option("--idle-timeout", type=click.FloatRange(0), metavar="SECONDS",
+              help="End once the log has been drained and idle this long (default: follow forever).")
+@click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Read and decode, write nothing, commit nothing.")
+@_endpoint_options("target")
+@rewrite_options
+@log_options
+@progress_option
+def apply_cmd(target, log_uri, group, start, idle_timeout, batch, dry_run, log_opts, progress, **kw):
+    """Replay the log into TARGET (RESTORE ... REPLACE ABSTTL, DEL)."""
+    from conveyor import commands
+    ok = commands.apply(_endpoint(target, "target", kw), log_uri, _log_opts(log_opts), group,
+                        _start_at(start), idle_timeout, batch, dry_run, _rewriter(kw), progress)
+    sys.exit(0 if ok else 1)
+
+
+verify_options = _options(
+    click.option("--ttl-tolerance", type=click.IntRange(0), default=1000, show_default=True,
+                 metavar="MS", help="Expiry differences up to this many ms are not a difference."),
+    click.option("--show-diffs", is_flag=True, help="Print every differing key."),
+    click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="PATH.json",
+                 help="Write the full report as JSON."),
+    click.option("--recheck-delay", type=click.FloatRange(0), default=1.0, show_default=True,
+                 metavar="SECONDS", help="Re-check differing keys after this delay before reporting."),
+)
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("target")
+@_endpoint_options("source")
+@_endpoint_options("target")
+@verify_options
+@filter_options
+@rewrite_options
+@progress_option
+def verify(source, target, progress, **kw):
+    """Compare SOURCE and TARGET key by key; exit 1 when anything differs."""
+    from conveyor import commands
+    ok = commands.verify(_endpoint(source, "source", kw), _endpoint(target, "target", kw),
+                         _filter(kw), _rewriter(kw), kw, progress)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("target")
+@click.option("--mode", type=click.Choice(["snapshot", "compare"]), default="snapshot",
+              show_default=True, help="snapshot: copy then verify; compare: verify only.")
+@click.option("--log", "log_uri", metavar="URI",
+              help="The log to go through (default: a file log in --state-dir).")
+@click.option("--state-dir", default=".conveyor", show_default=True, type=click.Path(file_okay=False),
+              help="Where the embedded file log lives when --log is not given.")
+@click.option("--group", default="apply", show_default=True, help="Consumer group of the apply side.")
+@click.option("--no-verify", is_flag=True, help="Skip the verify pass after copying.")
+@click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
+@click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@_endpoint_options("source")
+@_endpoint_options("target")
+@verify_options
+@filter_options
+@rewrite_options
+@log_options
+@progress_option
+def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, log_opts,
+              progress, **kw):
+    """Capture + apply (+ verify) in one command, over the log."""
+    from conveyor import commands
+    src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
+    flt, rw = _filter(kw), _rewriter(kw)
+    if mode == "compare":
+        sys.exit(0 if commands.verify(src, dst, flt, rw, kw, progress) else 1)
+    log_uri = log_uri or _state_log(state_dir, source, target)
+    ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,
+                            kw["scan_count"], fresh, dry_run, not no_verify and not dry_run, kw,
+                            progress)
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@click.option("--log", "log_uri", required=True, metavar="URI")
+@click.option("--group", default="apply", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@log_options
+def status(log_uri, group, as_json, log_opts):
+    """Per partition: committed position, end of the log, lag; and what apply last did."""
+    from conveyor import commands
+    commands.status(log_uri, _log_opts(log_opts), group, as_json)
+
+
+def main() -> None:
+    cli(prog_name="conveyor")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""What each CLI command does, one function each; they print results and return success."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+
+from conveyor.endpoints import mask_uri
+from conveyor.errors import ConveyorError, LogError
+from conveyor.events import Codec
+from conveyor.keys import KeyFilter, KeyRewriter
+from conveyor.log import open_meta, open_reader, open_writer
+from conveyor.progress import Display, echo
+from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, refuse_same_database,
+                             target_clients)
+
+log = logging.getLogger("conveyor")
+
+
+# -- building the processes ----------------------------------------------------------------------
+def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, scan_count, fresh, display):
+    from capture import SnapshotCapture
+    from capture.snapshot import checkpoint_name
+
+    client = src.connect()
+    info = src.info(client)
+    writer = open_writer(log_uri, log_opts)
+    meta = open_meta(log_uri, log_opts)
+
+    def progress(st):
+        display.update("Scanning", st.keys + st.deletes, st.total_hint, st.rate)
+
+    proc = SnapshotCapture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+                           key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
+                           scan_count=scan_count, fresh=fresh, on_progress=progress)
+    return proc, (writer, meta)
+
+
+def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
+                   rewriter, display, done=None, source_db=None, first=None):
+    from apply import Applier
+
+    first = first or dst.connect(db=source_db)
+    reader = open_reader(log_uri, group, log_opts, start)
+    meta = open_meta(log_uri, log_opts)
+
+    def progress(st):
+        display.update("Applying", st.records, None, st.rate, unit="records",
+                       note="" if "waiting" not in proc.state else proc.state[:60])
+
+    proc = Applier(target_for_db=target_clients(dst, first, source_db), reader=reader, meta=meta,
+                   codec=Codec(), rewriter=rewriter, group=group, batch=batch,
+                   idle_timeout=idle_timeout, done=done, dry_run=dry_run, on_progress=progress)
+    return proc, (reader, meta)
+
+
+def _close(*resources) -> None:
+    for r in resources:
+        try:
+            r.close()
+        except Exception as e:  # noqa: BLE001 - closing must not hide the run's own outcome
+            log.warning("closing %s: %s", type(r).__name__, e)
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def _capture_lines(st, interrupted: bool) -> tuple[list[str], bool]:
+    state = "complete" if st.complete else "interrupted (resumable: run capture again)"
+    lines = [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
+             f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")]
+    return lines, st.complete
+
+
+def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
+    verb = "would apply" if dry_run else "applied"
+    lines = [f"apply: {verb} {st.records} records ({st.restored} restored, {st.deleted} deleted, "
+             f"{st.expired} expired on arrival), {st.rate:,.0f} records/s, "
+             f"{st.retries} target retries, {st.dead_letters} dead letters"]
+    for why in st.dead_letter_reasons:
+        lines.append(f"  dead letter: {why}")
+    if st.dead_letters:
+        lines.append(f"apply: {st.dead_letters} records were dead-lettered (kept in the log's "
+                     "dead-letter place); the target is NOT complete")
+    return lines, st.dead_letters == 0
+
+
+# -- commands ------------------------------------------------------------------------------------
+def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, scan_count, fresh, progress) -> bool:
+    interrupts = Interrupts()
+    display = Display(progress)
+    proc, res = _capture_process(src, log_uri, log_opts, key_filter, scan_count, fresh, display)
+    try:
+        with interrupts.installed(), display:
+            interrupts.register(proc)
+            st = proc.run()
+    finally:
+        _close(*res)
+    lines, ok = _capture_lines(st, interrupts.signalled.is_set())
+    for line in lines:
+        echo(line)
+    return ok
+
+
+def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
+          rewriter: KeyRewriter, progress) -> bool:
+    interrupts = Interrupts()
+    display = Display(progress)
+    proc, res = _apply_process(dst, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
+                               rewriter, display)
+    try:
+        with interrupts.installed(), display:
+            interrupts.register(proc)
+            st = proc.run()
+            lag = res[0].status().lag
+    finally:
+        _close(*res)
+    lines, ok = _apply_lines(st, dry_run)
+    lines.append(f"apply: log lag {lag} records for group {group!r}")
+    for line in lines:
+        echo(line)
+    return ok
+
+
+def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress) -> bool:
+    from verify import Verifier
+
+    source = src.connect()
+    target = dst.connect(db=default_target_db(src.uri, dst.uri))
+    refuse_same_database(source, target, dst)
+    display = Display(progress)
+    proc = Verifier(source=source, target=target, key_filter=key_filter, rewriter=rewriter,
+                    ttl_tolerance_ms=kw["ttl_tolerance"], recheck_delay=kw["recheck_delay"],
+                    scan_count=kw["scan_count"],
+                    on_progress=lambda n, total: display.update("Verifying", n, total))
+    interrupts = Interrupts()
+    with interrupts.installed(), display:
+        interrupts.register(proc)
+        report = proc.run()
+    _print_report(report, kw)
+    return not report.differs and report.complete
+
+
+def _print_report(report, kw) -> None:
+    if kw.get("show_diffs"):
+        for d in report.diffs:
+            echo(f"  {d.kind:<8} {d.key!r}" + (f" -> {d.target_key!r}" if d.target_key != d.key else "")
+                 + (f": {d.detail}" if d.detail else ""))
+    if kw.get("report_path"):
+        try:
+            with open(kw["report_path"], "w") as f:
+                json.dump(report.to_json(), f, indent=2)
+        except OSError as e:
+            raise ConveyorError(f"cannot write report {kw['report_path']}: {e}") from e
+    echo(f"verify: {report.summary_line()}" + ("" if report.complete else " [interrupted]"))
+
+
+def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter, rewriter,
+              scan_count, fresh, dry_run, run_verify, kw, progress) -> bool:
+    source = src.connect()
+    target_db = default_target_db(src.uri, dst.uri)
+    target = dst.connect(db=target_db)
+    refuse_same_database(source, target, dst)
+    echo(f"replicate: {src.masked} -> {dst.masked} through {mask_uri(log_uri)}")
+    interrupts = Interrupts()
+    display = Display(progress)
+    cap, cres = _capture_process(src, log_uri, log_opts, key_filter, scan_count, fresh, display)
+    worker = Worker("capture", cap.run)
+    app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
+                               rewriter, display, done=lambda: not worker.is_alive(),
+                               source_db=target_db, first=target)
+    try:
+        with interrupts.installed(), display:
+            interrupts.register(cap)
+            interrupts.register(app)
+            worker.start()
+            ast = app.run()
+            worker.join()
+    finally:
+        _close(*cres, *ares)
+    ok = True
+    if worker.error is not None:
+        echo(f"capture: failed: {worker.error}")
+        ok = False
+    else:
+        lines, cok = _capture_lines(worker.result, interrupts.signalled.is_set())
+        ok &= cok
+        for line in lines:
+            echo(line)
+    lines, aok = _apply_lines(ast, dry_run)
+    ok &= aok
+    for line in lines:
+        echo(line)
+    if interrupts.signalled.is_set():
+        echo("replicate: interrupted; run the same command again to continue")
+        return False
+    if run_verify and ok:
+        ok &= verify(src, dst, key_filter, rewriter, kw, progress)
+    return ok
+
+
+def status(log_uri, log_opts, group, as_json: bool) -> None:
+    from apply.applier import status_name
+
+    reader = open_reader(log_uri, group, log_opts)
+    meta = open_meta(log_uri, log_opts)
+    try:
+        st = reader.status()
+        applied = meta.get(status_name(group)) or {}
+    finally:
+        _close(reader, meta)
+    if as_json:
+        echo(json.dumps({"log": st.uri, "group": group, "lag": st.lag, "apply": applied,
+                         "partitions": [{"partition": p.partition, "committed": p.committed,
+                                         "end": p.end, "lag": p.lag} for p in st.partitions]},
+                        default=str))
+        return
+    echo(f"log {st.uri}  group {group!r}  total lag {st.lag}")
+    echo(f"{'partition':<24} {'committed':>22} {'end':>22} {'lag':>10}")
+    for p in st.partitions:
+        echo(f"{p.partition:<24} {str(p.committed):>22} {str(p.end):>22} {p.lag:>10}")
+    if applied:
+        last = applied.get("last_write_ms") or 0
+        when = (datetime.fromtimestamp(last / 1000, timezone.utc).isoformat(timespec="seconds")
+                if last else "never")
+        age = f" ({time.time() - last / 1000:.0f}s ago)" if last else ""
+        echo(f"apply: {applied.get('state')}; last wrote {when}{age}; "
+             f"{applied.get('records', 0)} records, {applied.get('dead_letters', 0)} dead letters, "
+             f"{applied.get('retries', 0)} retries")
+    else:
+        echo("apply: no status recorded for this group yet")

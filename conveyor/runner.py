@@ -1,0 +1,123 @@
+"""Wiring shared by the CLI commands: connections, signals, and running the processes."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import redis
+
+from conveyor.endpoints import ServerInfo, connect, mask_uri, same_database, server_info, uri_db
+from conveyor.errors import ConfigError, ConveyorError, SourceError, TargetError
+
+log = logging.getLogger("conveyor")
+
+
+@dataclass
+class Endpoint:
+    """A Redis URI plus the credentials given apart from it (options or environment)."""
+
+    uri: str
+    what: str                       # "source" / "target", used in messages
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def masked(self) -> str:
+        return mask_uri(self.uri)
+
+    def connect(self, db: int | None = None) -> redis.Redis:
+        err = SourceError if self.what == "source" else TargetError
+        kw = {} if db is None else {"db": db}
+        return connect(self.uri, self.what, username=self.username, password=self.password,
+                       error_cls=err, **kw)
+
+    def info(self, client: redis.Redis) -> ServerInfo:
+        err = SourceError if self.what == "source" else TargetError
+        try:
+            return server_info(client)
+        except redis.RedisError as e:
+            raise err(f"{self.what} {self.masked}: INFO failed: {e}") from e
+
+
+def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None
+                   ) -> Callable[[int], redis.Redis]:
+    """Which target client writes events of source db N: the URI's db when it names one,
+    else the same db number as on the source."""
+    fixed = uri_db(target.uri)
+    clients: dict[int, redis.Redis] = {}
+    first_db = first.connection_pool.connection_kwargs.get("db", 0) or 0
+    clients[first_db] = first
+
+    def for_db(db: int) -> redis.Redis:
+        want = fixed if fixed is not None else db
+        if want not in clients:
+            clients[want] = target.connect(db=want)
+        return clients[want]
+
+    return for_db
+
+
+def default_target_db(source_uri: str, target_uri: str) -> int | None:
+    """Target db for commands that know both ends: the target's own, else the source's."""
+    return None if uri_db(target_uri) is not None else (uri_db(source_uri) or 0)
+
+
+def refuse_same_database(source: redis.Redis, target: redis.Redis, target_ep: Endpoint) -> None:
+    if same_database(source, target):
+        raise ConfigError(f"target {target_ep.masked} is the source itself (same server and "
+                          "database): refusing to migrate a database onto itself")
+
+
+class Interrupts:
+    """SIGINT/SIGTERM call ``stop()`` on every registered process: they finish the batch at hand,
+    flush and save their position. A second signal ends the process at once."""
+
+    def __init__(self) -> None:
+        self._stoppables: list = []
+        self.signalled = threading.Event()
+
+    def register(self, obj) -> None:
+        self._stoppables.append(obj)
+        if self.signalled.is_set():
+            obj.stop()
+
+    def _handler(self, signum, frame) -> None:
+        if self.signalled.is_set():
+            raise SystemExit(130)
+        self.signalled.set()
+        log.warning("%s received: stopping cleanly (again to abort)", signal.Signals(signum).name)
+        for obj in self._stoppables:
+            obj.stop()
+
+    @contextmanager
+    def installed(self) -> Iterator["Interrupts"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+class Worker(threading.Thread):
+    """Runs ``fn`` in a thread and keeps its result or its ConveyorError for the main thread."""
+
+    def __init__(self, name: str, fn: Callable) -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except ConveyorError as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 - reported by the main thread as one line
+            log.exception("%s failed", self.name)
+            self.error = ConveyorError(f"{self.name} failed: {type(e).__name__}: {e}")
