@@ -32,6 +32,8 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("conveyor: interrupted", err=True)
             ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except Exception as e:  # noqa: BLE001 - a bug, but still one line (details with -v)
             if os.environ.get("CONVEYOR_DEBUG"):
                 raise
@@ -112,7 +114,7 @@ def _endpoint(uri: str, side: str, kw) -> Endpoint:
     return Endpoint(uri, side, kw.get(f"{side}_user"), kw.get(f"{side}_password"))
 
 
-def _start_at(value: str):
+def _start_at(ctx, param, value: str):
     if value in ("committed", "earliest", "latest"):
         return value
     try:
@@ -164,7 +166,8 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
 @click.option("--log", "log_uri", required=True, metavar="URI", help="The log to replay.")
 @click.option("--group", default="apply", show_default=True, help="Consumer group (position) name.")
 @click.option("--from", "start", default="committed", show_default=True,
-              metavar="committed|earliest|latest|ISO-TIME", help="Where to start replaying.")
+              metavar="committed|earliest|latest|ISO-TIME", callback=_start_at,
+              help="Where to start replaying.")
 @click.option("--idle-timeout", type=click.FloatRange(0), metavar="SECONDS",
               help="End once the log has been drained and idle this long (default: follow forever).")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True)
@@ -177,7 +180,7 @@ def apply_cmd(target, log_uri, group, start, idle_timeout, batch, dry_run, log_o
     """Replay the log into TARGET (RESTORE ... REPLACE ABSTTL, DEL)."""
     from conveyor import commands
     ok = commands.apply(_endpoint(target, "target", kw), log_uri, _log_opts(log_opts), group,
-                        _start_at(start), idle_timeout, batch, dry_run, _rewriter(kw), progress)
+                        start, idle_timeout, batch, dry_run, _rewriter(kw), progress)
     sys.exit(0 if ok else 1)
 
 
@@ -255,8 +258,31 @@ def status(log_uri, group, as_json, log_opts):
     commands.status(log_uri, _log_opts(log_opts), group, as_json)
 
 
+@cli.command()
+@click.option("--keys", type=click.IntRange(1, 10_000_000), default=10_000, show_default=True,
+              help="How many sample keys to load into the throwaway source.")
+@progress_option
+def demo(keys, progress):
+    """Migrate sample data between two throwaway local Redis servers, then verify."""
+    from conveyor import demo as demo_mod
+    sys.exit(0 if demo_mod.run(keys, progress) else 1)
+
+
 def main() -> None:
-    cli(prog_name="conveyor")
+    """Entry point: usage errors are one line too (exit 2), as is everything else."""
+    try:
+        code = cli.main(prog_name="conveyor", standalone_mode=False)
+    except click.UsageError as e:
+        hint = f" (see: conveyor {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
+        click.echo(f"conveyor: usage error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("conveyor: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"conveyor: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

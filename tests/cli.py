@@ -1,0 +1,40 @@
+"""Run the real ``conveyor`` command as a separate process, as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+CONVEYOR = [sys.executable, "-m", "conveyor.cli"]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("CONVEYOR_DEBUG", None)
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run(*args: str, timeout: float = 180, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([*CONVEYOR, *args], capture_output=True, text=True, timeout=timeout,
+                       env=env(), **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"conveyor {' '.join(args)} exited {p.returncode}\n"
+                             f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def start(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([*CONVEYOR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env(), **kw)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, code: int | None = None) -> str:
+    """Bad input: non-zero exit, exactly one line on stderr, no traceback."""
+    assert p.returncode != 0, p
+    if code is not None:
+        assert p.returncode == code, (p.returncode, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
