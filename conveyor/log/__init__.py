@@ -31,13 +31,27 @@ def split_uri(uri: str, options: dict[str, str] | None = None) -> tuple[str, str
     if scheme not in ("file", "redis", "rediss", "kafka"):
         raise ConfigError(f"log URI {mask_uri(uri)!r}: unknown scheme {scheme!r} "
                           "(use file:PATH, redis://host:port/db or kafka://host:port/topic)")
-    if scheme != "file":
+    if scheme == "kafka":
+        _check_kafka(uri, base)
+    elif scheme != "file":
         try:
-            parts = urlsplit(base)
-            parts.port  # noqa: B018
+            urlsplit(base).port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as e:
             raise ConfigError(f"log URI {mask_uri(uri)!r} is malformed: {e}") from e
     return scheme, base, opts
+
+
+def _check_kafka(uri: str, base: str) -> None:
+    """kafka://host:port[,host:port...]/topic, every port a number."""
+    rest = base.split("://", 1)[1] if "://" in base else ""
+    hosts, _, topic = rest.partition("/")
+    ok = bool(hosts) and bool(topic.strip("/"))
+    for hp in hosts.split(","):
+        host, _, port = hp.rpartition(":")
+        ok &= bool(host) and port.isdigit() and 0 < int(port) < 65536
+    if not ok:
+        raise ConfigError(f"log URI {mask_uri(uri)!r} is malformed: "
+                          "expected kafka://host:port[,host:port...]/topic")
 
 
 def open_writer(uri: str, options: dict[str, str] | None = None) -> LogWriter:

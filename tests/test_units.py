@@ -1,0 +1,117 @@
+"""Pure logic, no server: codec, key filters and rewriting, URI masking and validation."""
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from conveyor.endpoints import mask_text, mask_uri, uri_db, validate_redis_uri
+from conveyor.errors import CodecError, ConfigError
+from conveyor.events import Codec, Event, Kind
+from conveyor.keys import KeyFilter, KeyRewriter, glob_to_regex, parse_slots
+from conveyor.log import split_uri
+
+
+# -- codec -------------------------------------------------------------------------------------------
+def test_codec_round_trips_binary_keys_and_payloads():
+    c = Codec()
+    ev = Event(Kind.UPSERT, 3, b"\x00\xff\r\nkey", bytes(range(256)), 1_900_000_000_000, 5, "cap", 9)
+    assert c.decode(c.encode(ev)) == ev
+
+
+def test_codec_round_trips_markers_with_counts_and_info():
+    c = Codec()
+    ev = Event(Kind.SNAPSHOT_BEGIN, 0, capture_id="x", seq=1, count=42, info={"source_version": "7.0"})
+    assert c.decode(c.encode(ev)) == ev
+
+
+def test_record_is_tagged_with_the_schema_fingerprint():
+    c = Codec()
+    data = c.encode(Event(Kind.DELETE, 0, b"k"))
+    assert data[:2] == b"\xc3\x01" and data[2:10] == c.fingerprint
+
+
+@pytest.mark.parametrize("bad", [b"", b"junk", b"\xc3\x01" + b"\x00" * 8 + b"x",
+                                 b"\xc3\x01" + Codec().fingerprint + b"\xff\xff\xff"])
+def test_corrupt_records_raise_codec_error(bad):
+    with pytest.raises(CodecError):
+        Codec().decode(bad)
+
+
+def test_truncated_record_raises_codec_error():
+    c = Codec()
+    data = c.encode(Event(Kind.UPSERT, 0, b"key", b"payload" * 10, None, 1, "c", 1))
+    with pytest.raises(CodecError):
+        c.decode(data[:-20])
+
+
+def test_record_key_is_db_plus_key():
+    assert Event(Kind.UPSERT, 2, b"a:b").record_key() == b"2:a:b"
+
+
+def test_expired_compares_absolute_expiry_with_now():
+    assert Event(Kind.UPSERT, 0, b"k", expire_at_ms=1000).expired(now_ms=1000)
+    assert not Event(Kind.UPSERT, 0, b"k", expire_at_ms=1001).expired(now_ms=1000)
+    assert not Event(Kind.UPSERT, 0, b"k").expired(now_ms=10**15)
+
+
+# -- filters and rewriting ---------------------------------------------------------------------------
+@pytest.mark.parametrize("glob,key,hit", [
+    (b"user:*", b"user:1", True), (b"user:*", b"users", False), (b"h?llo", b"hallo", True),
+    (b"h[ae]llo", b"hillo", False), (b"h[^e]llo", b"hallo", True), (b"h[^e]llo", b"hello", False),
+    (b"a\\*b", b"a*b", True), (b"a\\*b", b"axb", False), (b"*", b"\x00\xff", True),
+])
+def test_glob_follows_redis_semantics(glob, key, hit):
+    assert bool(glob_to_regex(glob).match(key)) is hit
+
+
+def test_slots_parse_and_select_keys_by_hash_slot():
+    assert parse_slots(["0-100,200", "300-400"]) == [(0, 100), (200, 200), (300, 400)]
+    f = KeyFilter(slots=parse_slots(["0-8000"]))
+    keys = [f"k{i}".encode() for i in range(200)]
+    assert f.select(keys) == [k for k in keys if key_slot(k) <= 8000]
+
+
+@pytest.mark.parametrize("spec", ["8000-0", "0-16384", "a-b", ""])
+def test_bad_slot_ranges_are_config_errors(spec):
+    with pytest.raises(ConfigError):
+        parse_slots([spec])
+
+
+def test_include_and_exclude_regexes():
+    f = KeyFilter(include=["^user:", "^acct:"], exclude=[r":tmp$"])
+    assert f.select([b"user:1", b"acct:2", b"other", b"user:tmp"]) == [b"user:1", b"acct:2"]
+
+
+def test_bad_regex_is_a_config_error():
+    with pytest.raises(ConfigError):
+        KeyFilter(include=["("])
+
+
+def test_rewriter_applies_substitutions_then_prefix_and_inverts_a_prefix():
+    assert KeyRewriter("new:", [("^old:", "")])(b"old:k") == b"new:k"
+    r = KeyRewriter("p:")
+    assert r.invertible and r.inverse(b"p:x") == b"x" and r.inverse(b"q:x") is None
+    assert KeyRewriter().identity
+
+
+# -- endpoints and URIs -------------------------------------------------------------------------------
+def test_passwords_are_masked_in_uris_and_text():
+    assert mask_uri("redis://user:s3cret@h:6379/1") == "redis://user:***@h:6379/1"
+    assert "s3cret" not in mask_text("cannot reach redis://:s3cret@h:1 (s3cret)", ("s3cret",))
+
+
+@pytest.mark.parametrize("uri", ["http://h:1", "redis://h:99999", "redis:///0", "redis://h:1/x"])
+def test_bad_redis_uris_are_config_errors(uri):
+    with pytest.raises(ConfigError):
+        validate_redis_uri(uri, "source")
+
+
+def test_uri_db():
+    assert uri_db("redis://h:1/3") == 3 and uri_db("redis://h:1") is None
+
+
+def test_log_uris_dispatch_and_merge_query_options():
+    scheme, base, opts = split_uri("kafka://a:1,b:2/topic?partitions=6", {"acks": "all"})
+    assert (scheme, base, opts) == ("kafka", "kafka://a:1,b:2/topic", {"partitions": "6", "acks": "all"})
+    with pytest.raises(ConfigError):
+        split_uri("s3://bucket/x")
