@@ -87,6 +87,24 @@ log_options = _options(
                  help="Backend setting passed through (librdkafka property, stream=, partitions=...)."),
 )
 
+live_options = _options(
+    click.option("--idle-timeout", type=click.FloatRange(0), metavar="SECONDS",
+                 help="Live modes: end after this long without a change (default: until SIGINT/SIGTERM)."),
+    click.option("--enable-notifications", is_flag=True,
+                 help="Live modes: CONFIG SET notify-keyspace-events on the source when it lacks "
+                      "what capture needs (otherwise capture stops and says what to set)."),
+)
+
+
+def _capture_opts(mode, fresh, kw):
+    from conveyor.commands import CaptureOptions
+    if kw.get("idle_timeout") is not None and mode == "snapshot":
+        raise click.UsageError("--idle-timeout applies to --mode live and liveonly")
+    return CaptureOptions(mode=mode, scan_count=kw["scan_count"], fresh=fresh,
+                          idle_timeout=kw.get("idle_timeout"),
+                          enable_notifications=kw.get("enable_notifications", False))
+
+
 progress_option = click.option("--progress/--no-progress", default=None,
                                help="Progress bars on stderr (default: when stderr is a terminal).")
 
@@ -147,17 +165,20 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("--log", "log_uri", required=True, metavar="URI", help="The log to append to.")
-@click.option("--mode", type=click.Choice(["snapshot"]), default="snapshot", show_default=True)
+@click.option("--mode", type=click.Choice(["snapshot", "live", "liveonly"]), default="snapshot",
+              show_default=True, help="snapshot: one SCAN pass; live: SCAN + keyspace "
+              "notifications; liveonly: notifications only.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@live_options
 @_endpoint_options("source")
 @filter_options
 @log_options
 @progress_option
 def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
-    """Read SOURCE (SCAN + DUMP) and append its keys to the log."""
+    """Read SOURCE (SCAN + DUMP, and/or keyspace notifications) and append its keys to the log."""
     from conveyor import commands
     ok = commands.capture(_endpoint(source, "source", kw), log_uri, _log_opts(log_opts),
-                          _filter(kw), kw["scan_count"], fresh, progress)
+                          _filter(kw), _capture_opts(mode, fresh, kw), progress)
     sys.exit(0 if ok else 1)
 
 
@@ -215,8 +236,10 @@ def verify(source, target, progress, **kw):
 @cli.command()
 @click.argument("source")
 @click.argument("target")
-@click.option("--mode", type=click.Choice(["snapshot", "compare"]), default="snapshot",
-              show_default=True, help="snapshot: copy then verify; compare: verify only.")
+@click.option("--mode", type=click.Choice(["snapshot", "live", "liveonly", "compare"]),
+              default="snapshot", show_default=True,
+              help="snapshot: copy then verify; live/liveonly: follow changes until idle or "
+                   "interrupted, then verify; compare: verify only.")
 @click.option("--log", "log_uri", metavar="URI",
               help="The log to go through (default: a file log in --state-dir).")
 @click.option("--state-dir", default=".conveyor", show_default=True, type=click.Path(file_okay=False),
@@ -225,6 +248,7 @@ def verify(source, target, progress, **kw):
 @click.option("--no-verify", is_flag=True, help="Skip the verify pass after copying.")
 @click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@live_options
 @_endpoint_options("source")
 @_endpoint_options("target")
 @verify_options
@@ -242,8 +266,8 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
         sys.exit(0 if commands.verify(src, dst, flt, rw, kw, progress) else 1)
     log_uri = log_uri or _state_log(state_dir, source, target)
     ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,
-                            kw["scan_count"], fresh, dry_run, not no_verify and not dry_run, kw,
-                            progress)
+                            _capture_opts(mode, fresh, kw), dry_run,
+                            not no_verify and not dry_run, kw, progress)
     sys.exit(0 if ok else 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from conveyor.endpoints import mask_uri
@@ -19,21 +20,42 @@ log = logging.getLogger("conveyor")
 
 
 # -- building the processes ----------------------------------------------------------------------
-def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, scan_count, fresh, display):
-    from capture import SnapshotCapture
-    from capture.snapshot import checkpoint_name
+@dataclass
+class CaptureOptions:
+    mode: str = "snapshot"
+    scan_count: int = 1000
+    fresh: bool = False
+    idle_timeout: float | None = None
+    enable_notifications: bool = False
+
+
+def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: CaptureOptions, display):
+    from capture import Capture, checkpoint_name
+    from capture.notifications import check_notifications
 
     client = src.connect()
     info = src.info(client)
+    if opts.mode != "snapshot":
+        warning = check_notifications(client, enable=opts.enable_notifications,
+                                      where=f"source {src.masked}")
+        if warning:
+            echo(f"capture: warning: {warning}")
     writer = open_writer(log_uri, log_opts)
     meta = open_meta(log_uri, log_opts)
 
     def progress(st):
-        display.update("Scanning", st.keys + st.deletes, st.total_hint, st.rate)
+        if st.mode == "snapshot" or proc._cursor is not None:
+            display.update("Scanning", st.events, st.total_hint, st.rate)
+        if st.mode != "snapshot":
+            display.update("Live", st.events, None, st.rate, unit="events",
+                           note=f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
+                                f"resyncs {st.resyncs_done}/{st.resyncs}")
 
-    proc = SnapshotCapture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
-                           key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
-                           scan_count=scan_count, fresh=fresh, on_progress=progress)
+    proc = Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+                   key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
+                   mode=opts.mode, scan_count=opts.scan_count, fresh=opts.fresh,
+                   idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
+                   on_progress=progress)
     return proc, (writer, meta)
 
 
@@ -64,10 +86,22 @@ def _close(*resources) -> None:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def _capture_lines(st, interrupted: bool) -> tuple[list[str], bool]:
-    state = "complete" if st.complete else "interrupted (resumable: run capture again)"
-    lines = [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
-             f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")]
+def _capture_lines(st) -> tuple[list[str], bool]:
+    if st.mode == "snapshot":
+        state = "complete" if st.complete else "interrupted (resumable: run capture again)"
+        return [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
+                f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")
+                ], st.complete
+    lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
+             f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
+             f"({st.resyncs_done} finished)"]
+    lines += [f"  gap: {g}" for g in st.gaps]
+    if st.complete:
+        lines.append("capture: converged: every change read from the source is on the log"
+                     + (f"; {len(st.gaps)} gaps were healed by resyncs" if st.gaps else ""))
+    else:
+        lines.append("capture: CANNOT claim convergence: stopped before the last resync "
+                     "finished; run again (the restart triggers a catch-up scan)")
     return lines, st.complete
 
 
@@ -85,17 +119,18 @@ def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
 
 
 # -- commands ------------------------------------------------------------------------------------
-def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, scan_count, fresh, progress) -> bool:
+def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, opts: CaptureOptions,
+            progress) -> bool:
     interrupts = Interrupts()
     display = Display(progress)
-    proc, res = _capture_process(src, log_uri, log_opts, key_filter, scan_count, fresh, display)
+    proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts, display)
     try:
         with interrupts.installed(), display:
             interrupts.register(proc)
             st = proc.run()
     finally:
         _close(*res)
-    lines, ok = _capture_lines(st, interrupts.signalled.is_set())
+    lines, ok = _capture_lines(st)
     for line in lines:
         echo(line)
     return ok
@@ -155,7 +190,7 @@ def _print_report(report, kw) -> None:
 
 
 def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter, rewriter,
-              scan_count, fresh, dry_run, run_verify, kw, progress) -> bool:
+              copts: CaptureOptions, dry_run, run_verify, kw, progress) -> bool:
     source = src.connect()
     target_db = default_target_db(src.uri, dst.uri)
     target = dst.connect(db=target_db)
@@ -163,7 +198,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     echo(f"replicate: {src.masked} -> {dst.masked} through {mask_uri(log_uri)}")
     interrupts = Interrupts()
     display = Display(progress)
-    cap, cres = _capture_process(src, log_uri, log_opts, key_filter, scan_count, fresh, display)
+    cap, cres = _capture_process(src, log_uri, log_opts, key_filter, copts, display)
     worker = Worker("capture", cap.run)
     app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
                                rewriter, display, done=lambda: not worker.is_alive(),
@@ -182,7 +217,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
         echo(f"capture: failed: {worker.error}")
         ok = False
     else:
-        lines, cok = _capture_lines(worker.result, interrupts.signalled.is_set())
+        lines, cok = _capture_lines(worker.result)
         ok &= cok
         for line in lines:
             echo(line)
@@ -190,7 +225,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     ok &= aok
     for line in lines:
         echo(line)
-    if interrupts.signalled.is_set():
+    if interrupts.signalled.is_set() and copts.mode == "snapshot":
         echo("replicate: interrupted; run the same command again to continue")
         return False
     if run_verify and ok:

@@ -68,7 +68,7 @@ def run(keys: int, progress: bool | None) -> bool:
                 "show_diffs": True, "report_path": None}
         ok = commands.replicate(Endpoint(src, "source"), Endpoint(dst, "target"),
                                 f"file:{workdir / 'log'}", {}, "apply", KeyFilter(), KeyRewriter(),
-                                1000, False, False, True, opts, progress)
+                                commands.CaptureOptions(), False, True, opts, progress)
         echo("demo: " + ("the target is identical to the source" if ok else "FAILED"))
         return ok
     finally:

@@ -1,0 +1,274 @@
+"""The capture process: SCAN and/or keyspace notifications -> state events on the log.
+
+Modes: ``snapshot`` (one SCAN pass), ``live`` (subscribe first, then SCAN, then follow
+notifications), ``liveonly`` (subscribe and follow). Everything is read and appended by one thread,
+so events of a key land on the log in the order their values were read: a scan read and a
+notification read of the same key can never overtake each other. The scan cursor is saved only
+after a flush confirmed the events before it durable.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from capture.notifications import DirtySet, Notifications
+from capture.reader import StateReader
+from conveyor.endpoints import ServerInfo, mask_uri
+from conveyor.errors import SourceError
+from conveyor.events import Codec, Kind, now_millis
+from conveyor.keys import KeyFilter
+from conveyor.log import LogWriter, MetaStore
+
+log = logging.getLogger("conveyor.capture")
+
+CHECKPOINT_INTERVAL_S = 1.0      # snapshot: flush the log and save the cursor at most this often
+LIVE_FLUSH_INTERVAL_S = 0.05     # live: how long an event may wait in the producer's buffer
+SOURCE_RETRY_ATTEMPTS = 6        # a source that stays unreachable this long ends the run
+SOURCE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+MODES = ("snapshot", "live", "liveonly")
+
+
+@dataclass
+class CaptureStats:
+    mode: str = "snapshot"
+    capture_id: str = ""
+    keys: int = 0                # UPSERT events
+    deletes: int = 0             # DELETE events (gone when read, or filtered out by type)
+    total_hint: int = 0          # DBSIZE at start
+    resumed: bool = False
+    complete: bool = False       # snapshot: the scan finished; live: every gap was healed
+    gaps: list[str] = field(default_factory=list)
+    resyncs: int = 0             # catch-up scans started
+    resyncs_done: int = 0        # ... and finished
+    dirty_waiting: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def events(self) -> int:
+        return self.keys + self.deletes
+
+    @property
+    def rate(self) -> float:
+        return self.events / max(time.monotonic() - self.started, 1e-9)
+
+
+def checkpoint_name(source_uri: str, db: int, key_filter: KeyFilter) -> str:
+    """One checkpoint per source database and filter set (a different filter is another snapshot)."""
+    ident = repr((mask_uri(source_uri).split("@")[-1], db, key_filter.match, key_filter.type,
+                  key_filter.include, key_filter.exclude, key_filter.slots))
+    return "capture-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+class Capture:
+    def __init__(self, *, source: redis.Redis, source_info: ServerInfo, writer: LogWriter,
+                 meta: MetaStore, codec: Codec, key_filter: KeyFilter, checkpoint: str,
+                 mode: str = "snapshot", scan_count: int = 1000, fresh: bool = False,
+                 idle_timeout: float | None = None, connect: Callable[[], redis.Redis] | None = None,
+                 dirty_limit: int | None = None,
+                 on_progress: Callable[[CaptureStats], None] | None = None) -> None:
+        self.source, self.info, self.writer, self.meta = source, source_info, writer, meta
+        self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
+        self.scan_count, self.fresh, self.idle_timeout = scan_count, fresh, idle_timeout
+        self.connect = connect
+        self.on_progress = on_progress
+        self.stats = CaptureStats(mode=mode)
+        self.reader = StateReader(source=source, info=source_info, writer=writer, codec=codec,
+                                  type_filter=key_filter.type)
+        self.dirty = DirtySet(dirty_limit) if dirty_limit else DirtySet()
+        self._stop = threading.Event()
+        self._resync = threading.Event()
+        self._gap_lock = threading.Lock()
+        self._cursor: int | None = None     # None: no scan in progress
+        self._scan_is_resync = False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.dirty._event.set()            # wake the loop
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def run(self) -> CaptureStats:
+        if self.mode == "snapshot":
+            return self._run_snapshot()
+        return self._run_live()
+
+    def _run_snapshot(self) -> CaptureStats:
+        self._begin_snapshot()
+        last_save = time.monotonic()
+        while not self._stop.is_set() and self._cursor is not None:
+            self._scan_step()
+            if self._cursor is not None and time.monotonic() - last_save >= CHECKPOINT_INTERVAL_S:
+                self._save("scanning")
+                last_save = time.monotonic()
+        self.stats.complete = self._cursor is None
+        self._save("done" if self.stats.complete else "scanning")
+        self._progress()
+        return self.stats
+
+    def _begin_snapshot(self) -> None:
+        st = self.stats
+        st.total_hint = self._retry(self.source.dbsize)
+        cp = None if self.fresh else self.meta.get(self.checkpoint)
+        if cp and cp.get("state") == "scanning" and cp.get("mode", "snapshot") == "snapshot":
+            st.capture_id, st.resumed = cp["capture_id"], True
+            st.keys, st.deletes, self.reader.seq = cp["keys"], cp["deletes"], cp["seq"]
+            self.reader.counts.upserts, self.reader.counts.deletes = st.keys, st.deletes
+            self.reader.capture_id = st.capture_id
+            self._cursor = int(cp["cursor"])
+            log.info("resuming snapshot %s at cursor %s after %d keys", st.capture_id,
+                     self._cursor, st.keys)
+            return
+        self._new_capture_id()
+        self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
+        self._cursor = 0
+        self._save("scanning")
+
+    def _run_live(self) -> CaptureStats:
+        st = self.stats
+        st.total_hint = self._retry(self.source.dbsize)
+        previous = None if self.fresh else self.meta.get(self.checkpoint)
+        self._new_capture_id()
+        notes = Notifications(connect=self.connect or (lambda: self.source), db=self.info.db,
+                              dirty=self.dirty, key_filter=self.filter, on_gap=self._gap)
+        try:
+            notes.start()                    # subscribed before the scan starts
+        except TimeoutError as e:
+            raise SourceError(f"cannot subscribe to keyspace notifications: {e}") from e
+        try:
+            if self.mode == "live":
+                self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
+                self._cursor = 0
+            elif previous and previous.get("mode") in ("live", "liveonly"):
+                self._gap(f"capture restarted (previous run {previous.get('capture_id')} "
+                          "could not see changes made while it was down)")
+            self._save("live")
+            self._live_loop()
+        finally:
+            notes.stop()
+        st.complete = not self._resync.is_set() and self._cursor is None
+        self._save("live" if not st.complete else "stopped")
+        self._progress()
+        return st
+
+    def _live_loop(self) -> None:
+        last_activity = time.monotonic()
+        last_flush = time.monotonic()
+        pending = False
+        while not self._stop.is_set():
+            if self._resync.is_set() and self._cursor is None:
+                self._start_resync()
+            worked = False
+            keys = self.dirty.take(self.scan_count)
+            if keys:
+                self._retry(lambda: self.reader.read(keys, check_type=True))
+                worked = True
+            if self._cursor is not None:
+                self._scan_step()
+                worked = True
+            if worked:
+                pending = True
+                last_activity = time.monotonic()
+                self._sync_counts()
+            if pending and (not worked or time.monotonic() - last_flush >= LIVE_FLUSH_INTERVAL_S):
+                self.writer.flush()
+                pending, last_flush = False, time.monotonic()
+                self._progress()
+            if worked:
+                continue
+            idle = time.monotonic() - last_activity
+            if self.idle_timeout is not None and idle >= self.idle_timeout and not self._resync.is_set():
+                break
+            self.dirty.wait(0.1)
+        if pending:
+            self.writer.flush()
+
+    # -- gaps ----------------------------------------------------------------------------------
+    def _gap(self, why: str) -> None:
+        """Called from the notification thread: changes may have been missed; resync."""
+        with self._gap_lock:
+            self.stats.gaps.append(why)
+        log.warning("gap detected: %s; a resync (catch-up scan) will heal it", why)
+        self._resync.set()
+        self.dirty._event.set()
+
+    def _start_resync(self) -> None:
+        self._resync.clear()
+        self.stats.resyncs += 1
+        self.reader.marker(Kind.RESYNC, None, {"reason": self.stats.gaps[-1] if self.stats.gaps else ""})
+        self._cursor, self._scan_is_resync = 0, True
+
+    # -- scanning ------------------------------------------------------------------------------
+    def _scan_step(self) -> None:
+        cursor, keys = self._retry(lambda: self._scan(self._cursor))
+        if keys:
+            self._retry(lambda: self.reader.read(keys))
+            self._sync_counts()
+            self._progress()
+        if cursor == 0:
+            self._scan_done()
+        else:
+            self._cursor = cursor
+
+    def _scan_done(self) -> None:
+        self._cursor = None
+        if self._scan_is_resync:
+            self.stats.resyncs_done += 1
+        self.reader.marker(Kind.SNAPSHOT_END, self.stats.keys)
+        self._scan_is_resync = False
+
+    def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
+        cursor, keys = self.source.scan(cursor, count=self.scan_count, **self.filter.scan_args())
+        return int(cursor), self.filter.select(keys)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _new_capture_id(self) -> None:
+        self.stats.capture_id = self.reader.capture_id = uuid.uuid4().hex[:16]
+
+    def _source_facts(self) -> dict[str, str]:
+        return {"source_version": self.info.version_text, "source_flavor": self.info.flavor,
+                "mode": self.mode}
+
+    def _sync_counts(self) -> None:
+        self.stats.keys, self.stats.deletes = self.reader.counts.upserts, self.reader.counts.deletes
+        self.stats.dirty_waiting = len(self.dirty)
+
+    def _save(self, state: str) -> None:
+        """Flush first: the cursor is saved only once everything before it is durable on the log."""
+        self._sync_counts()
+        self.writer.flush()
+        st = self.stats
+        self.meta.put(self.checkpoint, {
+            "state": state, "mode": self.mode, "cursor": self._cursor or 0,
+            "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
+            "deletes": st.deletes, "saved_ms": now_millis()})
+
+    def _retry(self, fn):
+        try:
+            for attempt in Retrying(retry=retry_if_exception_type(SOURCE_ERRORS),
+                                    wait=wait_exponential(multiplier=0.5, max=10),
+                                    stop=stop_after_attempt(SOURCE_RETRY_ATTEMPTS),
+                                    before_sleep=self._log_retry, reraise=True):
+                with attempt:
+                    return fn()
+        except SOURCE_ERRORS as e:
+            raise SourceError(f"source unreachable after {SOURCE_RETRY_ATTEMPTS} attempts: "
+                              f"{type(e).__name__}: {e}") from e
+        except redis.ResponseError as e:
+            raise SourceError(f"source refused a read: {e}") from e
+
+    @staticmethod
+    def _log_retry(state) -> None:
+        log.warning("source read failed (%s), retrying in %.1fs", state.outcome.exception(),
+                    state.next_action.sleep)
+
+    def _progress(self) -> None:
+        if self.on_progress:
+            self.stats.dirty_waiting = len(self.dirty)
+            self.on_progress(self.stats)
