@@ -90,6 +90,9 @@ log_options = _options(
 live_options = _options(
     click.option("--idle-timeout", type=click.FloatRange(0), metavar="SECONDS",
                  help="Live modes: end after this long without a change (default: until SIGINT/SIGTERM)."),
+    click.option("--max-dirty-keys", type=click.IntRange(1), default=1_000_000, show_default=True,
+                 help="Live modes: changed keys waiting to be read; beyond it they are dropped "
+                      "and a resync (catch-up scan) heals the gap, counted and reported."),
     click.option("--enable-notifications", is_flag=True,
                  help="Live modes: CONFIG SET notify-keyspace-events on the source when it lacks "
                       "what capture needs (otherwise capture stops and says what to set)."),
@@ -102,7 +105,8 @@ def _capture_opts(mode, fresh, kw):
         raise click.UsageError("--idle-timeout applies to --mode live and liveonly")
     return CaptureOptions(mode=mode, scan_count=kw["scan_count"], fresh=fresh,
                           idle_timeout=kw.get("idle_timeout"),
-                          enable_notifications=kw.get("enable_notifications", False))
+                          enable_notifications=kw.get("enable_notifications", False),
+                          max_dirty_keys=kw.get("max_dirty_keys") or 1_000_000)
 
 
 progress_option = click.option("--progress/--no-progress", default=None,

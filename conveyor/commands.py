@@ -27,6 +27,7 @@ class CaptureOptions:
     fresh: bool = False
     idle_timeout: float | None = None
     enable_notifications: bool = False
+    max_dirty_keys: int = 1_000_000
 
 
 def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: CaptureOptions, display):
@@ -55,6 +56,7 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
                    key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
                    mode=opts.mode, scan_count=opts.scan_count, fresh=opts.fresh,
                    idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
+                   dirty_limit=opts.max_dirty_keys,
                    on_progress=progress)
     return proc, (writer, meta)
 

@@ -1,0 +1,192 @@
+"""Live replication: notifications first, then the scan; every gap detected, reported and healed."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import redis
+from redis.crc import key_slot
+
+from conveyor.workload import Workload
+from tests import cli
+
+
+def notifying_source(redis_factory, **kw):
+    return redis_factory(extra=("--notify-keyspace-events", "KEA", *kw.pop("extra", ())), **kw)
+
+
+def kill_subscriber(server, times: int, every: float) -> threading.Thread:
+    """CLIENT KILL the capture's pub/sub connection ``times`` times, ``every`` seconds apart."""
+    def killer():
+        c = server.client()
+        done = 0
+        while done < times:
+            time.sleep(every)
+            if c.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1:
+                done += 1
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    return t
+
+
+def wait_for_subscriber(server, timeout=30.0) -> None:
+    c = server.client()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if c.pubsub_numpat() >= 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError("capture never subscribed to keyspace notifications")
+
+
+def test_live_replicate_heals_two_killed_subscribers_and_converges(redis_factory, tmp_path):
+    # given a source under a steady mixed write load
+    source, target = notifying_source(redis_factory), redis_factory()
+    Workload(source.client(), rate=2000, keyspace=500, seed=1).run(1.0)     # existing data
+    proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "3",
+                     "--state-dir", str(tmp_path), "--recheck-delay", "2")
+    wait_for_subscriber(source)
+    load = Workload(source.client(), rate=1500, keyspace=500, seed=2).start(8)
+    # when the subscriber is killed twice mid-run
+    killer = kill_subscriber(source, times=2, every=2.5)
+    load.join()
+    killer.join()
+    out, err = proc.communicate(timeout=180)
+    # then the run reports both gaps and the resyncs that healed them, and verify finds nothing
+    assert proc.returncode == 0, out + err
+    assert "2 gaps, 2 resyncs (2 finished)" in out, out
+    assert "converged" in out and "CANNOT" not in out
+    assert "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out
+
+
+def test_separate_live_capture_and_apply_converge_over_each_log(redis_factory, log_uri):
+    source, target = notifying_source(redis_factory), redis_factory()
+    Workload(source.client(), rate=2000, keyspace=300, seed=3).run(0.5)
+    cap = cli.start("capture", source.url, "--log", log_uri, "--mode", "live", "--idle-timeout", "3")
+    app = cli.start("apply", target.url, "--log", log_uri, "--idle-timeout", "8")
+    wait_for_subscriber(source)
+    load = Workload(source.client(), rate=1000, keyspace=300, seed=4).start(6)
+    killer = kill_subscriber(source, times=2, every=2.0)
+    load.join()
+    killer.join()
+    cout, cerr = cap.communicate(timeout=120)
+    aout, aerr = app.communicate(timeout=120)
+    assert cap.returncode == 0, cout + cerr
+    assert app.returncode == 0, aout + aerr
+    assert "2 gaps" in cout and "converged" in cout
+    ver = cli.run("verify", source.url, target.url, "--recheck-delay", "2", "--show-diffs")
+    assert ver.returncode == 0, ver.stdout
+
+
+def test_liveonly_with_slots_copies_exactly_the_keys_written_during_the_run(redis_factory, tmp_path):
+    source, target = notifying_source(redis_factory), redis_factory()
+    s = source.client()
+    for i in range(200):
+        s.set(f"before:{i}", i)                       # existed before the run: not copied
+    proc = cli.start("replicate", source.url, target.url, "--mode", "liveonly", "--idle-timeout",
+                     "2", "--key-slots", "0-8000", "--state-dir", str(tmp_path), "--no-verify")
+    wait_for_subscriber(source)
+    written = [f"during:{i}".encode() for i in range(400)]
+    for k in written:
+        s.set(k, b"v")
+    s.delete(b"during:0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    want = {k for k in written if key_slot(k) <= 8000} - {b"during:0"}
+    assert set(target.client().keys("*")) == want
+
+
+def test_deletes_renames_moves_and_expiries_arrive_as_deletes(redis_factory, tmp_path):
+    source, target = notifying_source(redis_factory), redis_factory()
+    s = source.client()
+    for k in ("del", "ren", "mov", "exp"):
+        s.set(k, "v")
+    proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "3",
+                     "--state-dir", str(tmp_path), "--no-verify")
+    wait_for_subscriber(source)
+    time.sleep(1)                                     # the initial scan has copied all four
+    s.delete("del")
+    s.rename("ren", "renamed")
+    s.move("mov", 1)
+    s.pexpire("exp", 10)
+    time.sleep(0.5)
+    s.get("exp")                                      # makes sure the expiry fired
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert set(target.client().keys("*")) == {b"renamed"}
+
+
+def test_disabled_notifications_stop_with_the_exact_setting(redis_factory, tmp_path):
+    source = redis_factory()                          # notify-keyspace-events is "" by default
+    p = cli.run("capture", source.url, "--log", f"file:{tmp_path}", "--mode", "live")
+    line = cli.assert_one_line_error(p, 1)
+    assert "notify-keyspace-events" in line and "CONFIG SET" in line and "redis.conf" in line
+    assert re.search(r"set notify-keyspace-events to '\w*K\w*'", line), line
+
+
+def test_enable_notifications_sets_them_when_asked(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    p = cli.run("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "1",
+                "--enable-notifications", "--state-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    flags = source.client().config_get("notify-keyspace-events")["notify-keyspace-events"]
+    assert "K" in flags and ("A" in flags or "g" in flags)
+
+
+def test_refused_config_is_reported_and_capture_continues(redis_factory, tmp_path):
+    source = notifying_source(redis_factory, extra=("--rename-command", "CONFIG", ""))
+    target = redis_factory()
+    p = cli.run("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "1",
+                "--state-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "could not check notify-keyspace-events" in p.stdout
+
+
+def test_pubsub_output_buffer_overflow_is_a_healed_gap(redis_factory, tmp_path):
+    source = notifying_source(redis_factory, extra=("--client-output-buffer-limit", "pubsub 64kb 32kb 1"))
+    target = redis_factory()
+    proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "3",
+                     "--state-dir", str(tmp_path), "--recheck-delay", "2")
+    wait_for_subscriber(source)
+    big = source.client()
+    for round_ in range(30):                          # bursts far beyond 64 kB of notifications
+        p = big.pipeline(transaction=False)
+        for i in range(3000):
+            p.set(f"burst:{round_}:{i}:{'x' * 40}", i)
+        p.execute()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    m = re.search(r"(\d+) gaps, (\d+) resyncs \((\d+) finished\)", out)
+    assert m and int(m.group(1)) >= 1 and m.group(2) == m.group(3), out
+    assert "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out
+
+
+def test_full_dirty_set_falls_back_to_a_counted_resync(redis_factory, tmp_path):
+    source, target = notifying_source(redis_factory), redis_factory()
+    proc = cli.start("replicate", source.url, target.url, "--mode", "liveonly", "--idle-timeout",
+                     "3", "--max-dirty-keys", "10", "--state-dir", str(tmp_path))
+    wait_for_subscriber(source)
+    p = source.client().pipeline(transaction=False)
+    for i in range(5000):
+        p.set(f"k{i}", i)
+    p.execute()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert "dirty-key set full" in out
+    assert "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out
+
+
+def test_sigterm_stops_live_capture_with_everything_read_on_the_log(redis_factory, tmp_path):
+    source, target = notifying_source(redis_factory), redis_factory()
+    log_uri = f"file:{tmp_path / 'log'}"
+    cap = cli.start("capture", source.url, "--log", log_uri, "--mode", "live")
+    wait_for_subscriber(source)
+    for i in range(300):
+        source.client().set(f"k{i}", i)
+    time.sleep(1)
+    cap.terminate()
+    out, err = cap.communicate(timeout=60)
+    assert cap.returncode == 0, out + err
+    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    assert target.client().dbsize() == 300
