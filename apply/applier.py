@@ -56,10 +56,12 @@ class ApplyStats:
     last_write_ms: int = 0
     dead_letter_reasons: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    last_active: float = 0.0
 
     @property
     def rate(self) -> float:
-        return self.records / max(time.monotonic() - self.started, 1e-9)
+        """Records/s while there was work (idle time waiting for the log does not count)."""
+        return self.records / max((self.last_active or time.monotonic()) - self.started, 1e-9)
 
 
 def status_name(group: str) -> str:
@@ -122,6 +124,7 @@ class Applier:
             self.reader.commit(records)
             self.stats.last_write_ms = now_millis()
         self.stats.records += len(records)
+        self.stats.last_active = time.monotonic()
         self._status("running")
         if self.on_progress:
             self.on_progress(self.stats)

@@ -33,6 +33,7 @@ class Kind(str, enum.Enum):
 
 
 MARKERS = frozenset({Kind.SNAPSHOT_BEGIN, Kind.SNAPSHOT_END, Kind.RESYNC})
+_KINDS = {k.value: k for k in Kind}
 
 
 @dataclass(slots=True)
@@ -99,6 +100,7 @@ class Codec:
         self._reader_schema = self._schema
         self._header = MAGIC + bytes.fromhex(
             fingerprint(to_parsing_canonical_form(self._schema), "CRC-64-AVRO"))
+        self._current = self._by_fp[self._header[len(MAGIC):]]
         self._buf = io.BytesIO()
 
     @property
@@ -123,9 +125,14 @@ class Codec:
         writer = self._by_fp.get(bytes(data[2:HEADER_LEN]))
         if writer is None:
             raise CodecError(f"record written with unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+        # No schema resolution when the record was written with the current schema (the hot path).
         try:
-            d = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self._reader_schema)
-            return Event(Kind(d["kind"]), d["db"], d["key"], d["payload"], d["expire_at_ms"],
+            if writer is self._current:
+                d = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer)
+            else:
+                d = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
+                                               self._reader_schema)
+            return Event(_KINDS[d["kind"]], d["db"], d["key"], d["payload"], d["expire_at_ms"],
                          d["read_time_ms"], d["capture_id"], d["seq"], d["count"], d["info"])
         except Exception as e:  # fastavro raises a mix of EOFError, ValueError, KeyError...
             raise CodecError(f"corrupt event record: {type(e).__name__}: {e}") from e

@@ -26,3 +26,28 @@ def redis_factory():
     yield make
     for s in started:
         s.cleanup()
+
+
+# -- logs: one fixture, one entry per backend; every log test runs against each ----------------------
+def _file_log(request, tmp_path):
+    return f"file:{tmp_path / 'log'}"
+
+
+def _redis_log(request, tmp_path):
+    buffer = start_server("redis7.0")
+    request.addfinalizer(buffer.cleanup)
+    return f"{buffer.url}/0"
+
+
+def _kafka_log(request, tmp_path):
+    from tests.kafka_broker import kafka_log_uri
+    return kafka_log_uri(request.getfixturevalue("kafka_broker"))
+
+
+LOG_BACKENDS = {"file": _file_log, "redis": _redis_log, "kafka": _kafka_log}
+
+
+@pytest.fixture(params=sorted(LOG_BACKENDS))
+def log_uri(request, tmp_path):
+    """A fresh, empty log on each backend: file dir, a buffer Redis, a new Kafka topic."""
+    return LOG_BACKENDS[request.param](request, tmp_path)
