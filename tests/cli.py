@@ -16,8 +16,8 @@ def env() -> dict[str, str]:
 
 
 def run(*args: str, timeout: float = 180, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([*CONVEYOR, *args], capture_output=True, text=True, timeout=timeout,
-                       env=env(), **kw)
+    kw.setdefault("env", env())
+    p = subprocess.run([*CONVEYOR, *args], capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"conveyor {' '.join(args)} exited {p.returncode}\n"
                              f"stdout: {p.stdout}\nstderr: {p.stderr}")
@@ -25,8 +25,9 @@ def run(*args: str, timeout: float = 180, check: bool = False, **kw) -> subproce
 
 
 def start(*args: str, **kw) -> subprocess.Popen:
+    kw.setdefault("env", env())
     return subprocess.Popen([*CONVEYOR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env(), **kw)
+                            text=True, **kw)
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess, code: int | None = None) -> str:

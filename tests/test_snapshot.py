@@ -2,13 +2,14 @@
 backend, against real servers; verify proves the target identical."""
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import redis
 
 from conveyor.events import Codec
-from conveyor.log import open_writer
+from conveyor.log import open_meta, open_writer
 from tests import cli
 from tests.datasets import load_mixed
 
@@ -66,9 +67,12 @@ def test_killed_apply_and_stopped_target_lose_nothing(redis_factory, log_uri):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < target.client().dbsize() < n
-    # and the target is down when apply starts again, then comes back
+    # and the target goes down while the restarted apply is running, then comes back
+    applied = target.client().dbsize()
+    proc = cli.start("apply", target.url, "--log", log_uri, "--idle-timeout", "3", "--batch", "50")
+    while target.client().dbsize() < applied + 500 and time.time() < deadline:
+        time.sleep(0.02)
     target.stop()
-    proc = cli.start("apply", target.url, "--log", log_uri, "--idle-timeout", "3", "--batch", "500")
     time.sleep(4)
     status_down = cli.run("status", "--log", log_uri, check=True).stdout
     target.start()
@@ -109,10 +113,17 @@ def test_undecodable_record_is_dead_lettered_counted_and_fails_the_run(redis_fac
 
 def test_interrupted_capture_resumes_from_its_saved_cursor(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
-    load_mixed(source.client(), 20000)
+    load_mixed(source.client(), 60000)
     log_uri = f"file:{tmp_path / 'log'}"
     proc = cli.start("capture", source.url, "--log", log_uri, "--scan-count", "10")
-    time.sleep(2.5)
+    meta = open_meta(log_uri)
+    deadline = time.time() + 60
+    while time.time() < deadline:     # a cursor past the start has been saved
+        docs = [json.loads(p.read_text()) for p in (tmp_path / "log" / "meta").glob("capture-*")]
+        if docs and docs[0]["keys"] > 1000:
+            break
+        time.sleep(0.05)
+    meta.close()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "interrupted" in out, out

@@ -1,0 +1,266 @@
+"""Compare source and target key by key: missing, type, value, ttl, and keys only in the target.
+
+Per batch: one pipeline per server reads TYPE + DUMP + expiry of every key, so equal keys cost no
+extra round trip. Where DUMP bytes differ, typed values are compared (encodings differ between
+server versions). Keys that differ are re-checked after a short delay before being reported, so a
+key written during the compare is not a false alarm.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis
+
+from conveyor.endpoints import server_info
+from conveyor.errors import ConveyorError, SourceError, TargetError
+from conveyor.events import now_millis
+from conveyor.keys import KeyFilter, KeyRewriter
+from verify.typed import read_typed
+
+KINDS = ("missing", "type", "value", "ttl", "extra")
+
+
+@dataclass
+class Diff:
+    kind: str
+    key: bytes
+    target_key: bytes
+    detail: str = ""
+
+
+def _show(key: bytes):
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(key).decode()}
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    diffs: list[Diff] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(KINDS, 0)
+        for d in self.diffs:
+            c[d.kind] += 1
+        return c
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.diffs)
+
+    def summary_line(self) -> str:
+        c = self.counts
+        return (f"{c['missing']} missing, {c['type']} type, {c['value']} value, {c['ttl']} ttl, "
+                f"{c['extra']} extra ({self.checked} keys checked)")
+
+    def to_json(self) -> dict:
+        return {"checked": self.checked, "complete": self.complete, "counts": self.counts,
+                "summary": self.summary_line(),
+                "diffs": [{"kind": d.kind, "key": _show(d.key), "target_key": _show(d.target_key),
+                           "detail": d.detail} for d in self.diffs]}
+
+
+@dataclass
+class _Side:
+    client: redis.Redis
+    absolute: bool               # PEXPIRETIME available
+    error: type[ConveyorError]
+    name: str
+
+    def read(self, keys: list[bytes]) -> tuple[int, list]:
+        now = now_millis()
+        p = self.client.pipeline(transaction=False)
+        for k in keys:
+            p.execute_command("TYPE", k)
+            p.execute_command("DUMP", k)
+            p.execute_command("PEXPIRETIME" if self.absolute else "PTTL", k)
+        try:
+            return now, p.execute()
+        except redis.RedisError as e:
+            raise self.error(f"{self.name} read failed during verify: {e}") from e
+
+    def expiry(self, now: int, raw: int) -> int | None:
+        if raw < 0:
+            return None
+        return raw if self.absolute else now + raw
+
+
+class Verifier:
+    def __init__(self, *, source: redis.Redis, target: redis.Redis, key_filter: KeyFilter,
+                 rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
+                 scan_count: int = 1000, batch: int = 500, check_extra: bool = True,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.filter, self.rewriter = key_filter, rewriter
+        self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
+        self.scan_count, self.batch, self.check_extra = scan_count, batch, check_extra
+        self.on_progress = on_progress
+        self.src = self._side(source, SourceError, "source")
+        self.dst = self._side(target, TargetError, "target")
+        self._stop = threading.Event()
+        self._mapped: set[bytes] = set()    # digests of target names, for regex rewrites only
+
+    @staticmethod
+    def _side(client, err, name) -> _Side:
+        try:
+            info = server_info(client)
+        except redis.RedisError as e:
+            raise err(f"{name} unreachable for verify: {e}") from e
+        return _Side(client, info.has_pexpiretime, err, name)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> VerifyReport:
+        report = VerifyReport()
+        total = self._dbsize(self.src)
+        suspects: list[bytes] = []
+        for keys in self._scan(self.src, self.filter.scan_args(), self.filter.select):
+            if not self.rewriter.invertible:
+                self._mapped.update(_digest(self.rewriter(k)) for k in keys)
+            suspects += [d.key for d in self._compare(keys)]
+            report.checked += len(keys)
+            if self.on_progress:
+                self.on_progress(report.checked, total)
+        extra = self._extra() if self.check_extra and not self._stop.is_set() else []
+        if suspects or extra:
+            self._stop.wait(self.recheck_delay)
+        for i in range(0, len(suspects), self.batch):
+            report.diffs += self._compare(suspects[i:i + self.batch])
+        report.diffs += self._confirm_extra(extra)
+        report.complete = not self._stop.is_set()
+        return report
+
+    # -- source side ---------------------------------------------------------------------------
+    def _dbsize(self, side: _Side) -> int:
+        try:
+            return side.client.dbsize()
+        except redis.RedisError as e:
+            raise side.error(f"{side.name} unreachable for verify: {e}") from e
+
+    def _scan(self, side: _Side, args: dict, select: Callable[[list[bytes]], list[bytes]]):
+        cursor = 0
+        buf: list[bytes] = []
+        while not self._stop.is_set():
+            try:
+                cursor, keys = side.client.scan(cursor, count=self.scan_count, **args)
+            except redis.RedisError as e:
+                raise side.error(f"{side.name} SCAN failed during verify: {e}") from e
+            buf += select(keys)
+            while len(buf) >= self.batch:
+                yield buf[:self.batch]
+                buf = buf[self.batch:]
+            if int(cursor) == 0:
+                break
+        if buf and not self._stop.is_set():
+            yield buf
+
+    def _compare(self, keys: list[bytes]) -> list[Diff]:
+        names = [self.rewriter(k) for k in keys] if not self.rewriter.identity else keys
+        snow, s = self.src.read(keys)
+        tnow, t = self.dst.read(names)
+        diffs = []
+        for i, (key, name) in enumerate(zip(keys, names)):
+            stype, sdump, sexp = s[3 * i:3 * i + 3]
+            ttype, tdump, texp = t[3 * i:3 * i + 3]
+            stype, ttype = _text(stype), _text(ttype)
+            if stype == "none":
+                continue                   # vanished from the source since the scan: no difference
+            if ttype == "none":
+                diffs.append(Diff("missing", key, name))
+            elif stype != ttype:
+                diffs.append(Diff("type", key, name, f"{stype} != {ttype}"))
+            elif sdump != tdump and not self._same_value(key, name, stype):
+                diffs.append(Diff("value", key, name, f"{stype} values differ"))
+            else:
+                d = self._ttl_diff(self.src.expiry(snow, sexp), self.dst.expiry(tnow, texp))
+                if d:
+                    diffs.append(Diff("ttl", key, name, d))
+        return diffs
+
+    def _same_value(self, key: bytes, name: bytes, type_: str) -> bool:
+        try:
+            return read_typed(self.src.client, key, type_) == read_typed(self.dst.client, name, type_)
+        except redis.ResponseError:
+            return False                   # changed type or vanished mid-read: re-checked later
+        except redis.RedisError as e:
+            raise TargetError(f"typed read failed during verify: {e}") from e
+
+    def _ttl_diff(self, s: int | None, t: int | None) -> str:
+        if s is None and t is None:
+            return ""
+        if s is None or t is None:
+            return f"expiry: source {s or 'none'}, target {t or 'none'}"
+        if abs(s - t) > self.tolerance:
+            return f"expiry differs by {t - s} ms"
+        return ""
+
+    # -- keys only in the target ---------------------------------------------------------------
+    def _belongs(self, name: bytes) -> bytes | None:
+        """Source name of a target key that this run is responsible for, else None."""
+        if self.rewriter.invertible:
+            key = self.rewriter.inverse(name)
+            if key is None or not self.filter.accepts_name(key, check_glob=True):
+                return None
+            return key
+        return None if _digest(name) in self._mapped else name
+
+    def _extra(self) -> list[tuple[bytes, bytes]]:
+        found = []
+        for names in self._scan(self.dst, {}, lambda ks: ks):
+            cand = [(k, n) for n in names if (k := self._belongs(n)) is not None]
+            if self.filter.type and cand:
+                cand = self._of_filtered_type(cand)
+            if not cand:
+                continue
+            if not self.rewriter.invertible:
+                found += cand              # every source key's image is in _mapped already
+                continue
+            found += self._absent_in_source(cand)
+        return found
+
+    def _of_filtered_type(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """With --scan-type, target keys of other types are out of scope."""
+        p = self.dst.client.pipeline(transaction=False)
+        for _, n in cand:
+            p.execute_command("TYPE", n)
+        return [c for c, t in zip(cand, p.execute()) if _text(t) == self.filter.type]
+
+    def _absent_in_source(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        p = self.src.client.pipeline(transaction=False)
+        for k, _ in cand:
+            p.execute_command("TYPE", k)
+        types = p.execute()
+        out = []
+        for (k, n), t in zip(cand, types):
+            t = _text(t)
+            if t == "none" or (self.filter.type and t != self.filter.type):
+                out.append((k, n))
+        return out
+
+    def _confirm_extra(self, extra: list[tuple[bytes, bytes]]) -> list[Diff]:
+        if not extra:
+            return []
+        p = self.dst.client.pipeline(transaction=False)
+        for _, n in extra:
+            p.execute_command("EXISTS", n)
+        still = [(k, n) for (k, n), e in zip(extra, p.execute()) if e]
+        if self.rewriter.invertible:
+            still = self._absent_in_source(still)
+        return [Diff("extra", n, n, "only in the target") for _, n in still]
+
+
+def _digest(name: bytes) -> bytes:
+    return hashlib.blake2b(name, digest_size=12).digest()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
