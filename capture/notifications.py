@@ -167,7 +167,9 @@ def check_notifications(client: redis.Redis, *, enable: bool, where: str) -> str
     lacking = missing_flags(current)
     if not lacking:
         return None
-    wanted = "".join(dict.fromkeys((current or "") + lacking))
+    # Keep the flags already set (E, m, n, d...), add K, and name the classes with A.
+    kept = [c for c in (current or "") if c not in "Kg$lshzxetA"]
+    wanted = "K" + "".join(kept) + "A"
     if enable:
         try:
             client.config_set("notify-keyspace-events", wanted)

@@ -34,6 +34,7 @@ LIVE_FLUSH_INTERVAL_S = 0.05     # live: how long an event may wait in the produ
 SOURCE_RETRY_ATTEMPTS = 6        # a source that stays unreachable this long ends the run
 SOURCE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 MODES = ("snapshot", "live", "liveonly")
+MAX_TRACKED_KEYS = 20_000_000    # live: key names kept to find keys deleted during a gap
 
 
 @dataclass
@@ -49,6 +50,8 @@ class CaptureStats:
     resyncs: int = 0             # catch-up scans started
     resyncs_done: int = 0        # ... and finished
     dirty_waiting: int = 0
+    unseen_reread: int = 0       # keys re-read after a resync because the scan no longer saw them
+    untracked: bool = False      # too many keys to track names: deletes in a gap cannot be healed
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -72,7 +75,7 @@ class Capture:
                  meta: MetaStore, codec: Codec, key_filter: KeyFilter, checkpoint: str,
                  mode: str = "snapshot", scan_count: int = 1000, fresh: bool = False,
                  idle_timeout: float | None = None, connect: Callable[[], redis.Redis] | None = None,
-                 dirty_limit: int | None = None,
+                 dirty_limit: int | None = None, max_tracked_keys: int = MAX_TRACKED_KEYS,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
         self.source, self.info, self.writer, self.meta = source, source_info, writer, meta
         self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
@@ -83,6 +86,7 @@ class Capture:
         self.reader = StateReader(source=source, info=source_info, writer=writer, codec=codec,
                                   type_filter=key_filter.type)
         self.dirty = DirtySet(dirty_limit) if dirty_limit else DirtySet()
+        self.max_tracked = max_tracked_keys
         self._stop = threading.Event()
         self._resync = threading.Event()
         self._gap_lock = threading.Lock()
@@ -135,6 +139,7 @@ class Capture:
         st.total_hint = self._retry(self.source.dbsize)
         previous = None if self.fresh else self.meta.get(self.checkpoint)
         self._new_capture_id()
+        self.reader.known = set()
         notes = Notifications(connect=self.connect or (lambda: self.source), db=self.info.db,
                               dirty=self.dirty, key_filter=self.filter, on_gap=self._gap)
         try:
@@ -152,7 +157,8 @@ class Capture:
             self._live_loop()
         finally:
             notes.stop()
-        st.complete = not self._resync.is_set() and self._cursor is None
+        st.complete = (not self._resync.is_set() and self._cursor is None
+                       and not (st.untracked and st.gaps))
         self._save("live" if not st.complete else "stopped")
         self._progress()
         return st
@@ -201,6 +207,7 @@ class Capture:
     def _start_resync(self) -> None:
         self._resync.clear()
         self.stats.resyncs += 1
+        self.reader.seen = set()
         self.reader.marker(Kind.RESYNC, None, {"reason": self.stats.gaps[-1] if self.stats.gaps else ""})
         self._cursor, self._scan_is_resync = 0, True
 
@@ -219,9 +226,30 @@ class Capture:
     def _scan_done(self) -> None:
         self._cursor = None
         if self._scan_is_resync:
+            self._reread_unseen()
             self.stats.resyncs_done += 1
         self.reader.marker(Kind.SNAPSHOT_END, self.stats.keys)
         self._scan_is_resync = False
+
+    def _reread_unseen(self) -> None:
+        """Keys the log says exist but the resync scan did not see were deleted (or renamed away)
+        while notifications were lost: read them again, which turns them into DELETE events."""
+        known, seen = self.reader.known, self.reader.seen
+        self.reader.seen = None
+        if known is None or seen is None:
+            return
+        unseen = [k for k in known if k not in seen]
+        for i in range(0, len(unseen), self.scan_count):
+            self._retry(lambda b=unseen[i:i + self.scan_count]: self.reader.read(b, check_type=True))
+        self.stats.unseen_reread += len(unseen)
+
+    def _track_limit(self) -> None:
+        known = self.reader.known
+        if known is not None and len(known) > self.max_tracked:
+            self.reader.known = None
+            self.stats.untracked = True
+            log.warning("more than %d keys: no longer tracking key names; deletes missed during "
+                        "a gap can no longer be healed", self.max_tracked)
 
     def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
         cursor, keys = self.source.scan(cursor, count=self.scan_count, **self.filter.scan_args())
@@ -236,6 +264,7 @@ class Capture:
                 "mode": self.mode}
 
     def _sync_counts(self) -> None:
+        self._track_limit()
         self.stats.keys, self.stats.deletes = self.reader.counts.upserts, self.reader.counts.deletes
         self.stats.dirty_waiting = len(self.dirty)
 

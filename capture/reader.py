@@ -35,6 +35,10 @@ class StateReader:
         self.counts = ReadCounts()
         self.seq = 0
         self.capture_id = ""
+        # Live modes: names of keys the log says exist, and names read during a resync scan. A key
+        # deleted while notifications were lost is in ``known`` but not seen by the scan: re-read.
+        self.known: set[bytes] | None = None
+        self.seen: set[bytes] | None = None
 
     def read(self, keys: list[bytes], *, check_type: bool = False) -> int:
         """Read and append events for ``keys``; returns how many events were appended."""
@@ -44,6 +48,9 @@ class StateReader:
         absolute = self.info.has_pexpiretime
         db, cid, counts = self.info.db, self.capture_id, self.counts
         encode, append = self.codec.encode, self.writer.append
+        known, seen = self.known, self.seen
+        if seen is not None:
+            seen.update(keys)
         for i, key in enumerate(keys):
             payload, ttl = replies[step * i], replies[step * i + 1]
             self.seq += 1
@@ -53,10 +60,14 @@ class StateReader:
             if gone:
                 ev = Event(Kind.DELETE, db, key, None, None, read_ms, cid, self.seq)
                 counts.deletes += 1
+                if known is not None:
+                    known.discard(key)
             else:
                 expire = None if ttl == -1 else (ttl if absolute else read_ms + ttl)
                 ev = Event(Kind.UPSERT, db, key, payload, expire, read_ms, cid, self.seq)
                 counts.upserts += 1
+                if known is not None:
+                    known.add(key)
             append(ev.record_key(), encode(ev))
         return len(keys)
 

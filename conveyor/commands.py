@@ -98,6 +98,12 @@ def _capture_lines(st) -> tuple[list[str], bool]:
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
              f"({st.resyncs_done} finished)"]
     lines += [f"  gap: {g}" for g in st.gaps]
+    if st.unseen_reread:
+        lines.append(f"  {st.unseen_reread} keys not seen by a resync scan were re-read "
+                     "(deleted or renamed while notifications were lost)")
+    if st.untracked and st.gaps:
+        lines.append("  too many keys to track names: deletes made during a gap may be missing "
+                     "on the target")
     if st.complete:
         lines.append("capture: converged: every change read from the source is on the log"
                      + (f"; {len(st.gaps)} gaps were healed by resyncs" if st.gaps else ""))
