@@ -154,11 +154,14 @@ def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, d
         with interrupts.installed(), display:
             interrupts.register(proc)
             st = proc.run()
-            lag = res[0].status().lag
+            try:
+                lag = f"{res[0].status().lag} records"
+            except LogError as e:
+                lag = f"unknown ({e})"
     finally:
         _close(*res)
     lines, ok = _apply_lines(st, dry_run)
-    lines.append(f"apply: log lag {lag} records for group {group!r}")
+    lines.append(f"apply: log lag {lag} for group {group!r}")
     for line in lines:
         echo(line)
     return ok

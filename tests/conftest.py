@@ -51,3 +51,13 @@ LOG_BACKENDS = {"file": _file_log, "redis": _redis_log, "kafka": _kafka_log}
 def log_uri(request, tmp_path):
     """A fresh, empty log on each backend: file dir, a buffer Redis, a new Kafka topic."""
     return LOG_BACKENDS[request.param](request, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """One real Kafka broker (KRaft) for the whole session; each test uses its own topics."""
+    from tests.kafka_broker import KafkaBroker
+
+    broker = KafkaBroker().start()
+    yield broker
+    broker.stop()

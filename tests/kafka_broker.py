@@ -1,0 +1,137 @@
+"""A real single-node Apache Kafka broker (KRaft, broker + controller in one JVM) for tests.
+
+Run from the Maven Central jars that tests/kafka/fetch-jars.sh puts in .cache/kafka-libs (.ci/setup
+calls it). Missing jars are an error, never a skip.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBS = ROOT / ".cache" / "kafka-libs"
+LOG4J = ROOT / "tests" / "kafka" / "log4j2.xml"
+START_TIMEOUT_S = 90
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if not java:
+        raise RuntimeError("Java 17+ is needed to run the Kafka broker for the tests")
+    return java
+
+
+class KafkaBroker:
+    def __init__(self) -> None:
+        self.port, self.controller_port = free_port(), free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="conveyor-kafka-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _classpath(self) -> str:
+        jars = sorted(LIBS.glob("*.jar"))
+        if not any(j.name.startswith("kafka_2.13-") for j in jars):
+            raise RuntimeError(f"Kafka jars missing in {LIBS}: run tests/kafka/fetch-jars.sh "
+                               "(.ci/setup does)")
+        return os.pathsep.join(str(j) for j in jars)
+
+    def _properties(self) -> Path:
+        props = {
+            "process.roles": "broker,controller", "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER", "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.dir / "data"),
+            "offsets.topic.replication.factor": "1", "offsets.topic.num.partitions": "3",
+            "transaction.state.log.replication.factor": "1", "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "3",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0", "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "num.network.threads": "2", "num.io.threads": "2", "background.threads": "2",
+            "num.recovery.threads.per.data.dir": "1", "log.cleaner.threads": "1",
+            "log.cleaner.dedupe.buffer.size": str(4 * 1024 * 1024),
+            "log.cleaner.backoff.ms": "1000",
+        }
+        path = self.dir / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def _java_cmd(self, main: str, *args: str) -> list[str]:
+        return [_java(), "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={LOG4J}", "-cp", self._classpath(), main, *args]
+
+    def start(self) -> "KafkaBroker":
+        props = self._properties()
+        cluster = uuid.uuid4().hex[:22]
+        fmt = subprocess.run(self._java_cmd("kafka.tools.StorageTool", "format", "-t", cluster,
+                                            "-c", str(props)),
+                             capture_output=True, text=True, timeout=120)
+        if fmt.returncode != 0:
+            raise RuntimeError(f"kafka storage format failed: {fmt.stdout}{fmt.stderr}")
+        self._log = open(self.dir / "broker.log", "w")
+        self.proc = subprocess.Popen(self._java_cmd("kafka.Kafka", str(props)), stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0,
+                             "logger": _quiet})
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kafka broker exited: {self.log_tail()}")
+            try:
+                md = admin.list_topics(timeout=2)
+                if md.brokers:
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
+        raise RuntimeError(f"kafka broker not ready in {START_TIMEOUT_S}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        try:
+            return (self.dir / "broker.log").read_text()[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Quiet:
+    def log(self, *a, **k):
+        pass
+
+
+_quiet = _Quiet()
+
+
+def kafka_log_uri(broker: KafkaBroker) -> str:
+    """A fresh topic on the broker for one test."""
+    return f"kafka://{broker.bootstrap}/t-{uuid.uuid4().hex[:12]}"
