@@ -16,7 +16,7 @@ from typing import Callable
 import redis
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from conveyor.errors import CodecError
+from conveyor.errors import CodecError, LogError
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
@@ -98,10 +98,13 @@ class Applier:
                     self._apply(records)
                     last_record = time.monotonic()
                     continue
-                if self.done is not None and self.done() and self._drained():
-                    break
-                if self.idle_timeout is not None and time.monotonic() - last_record >= self.idle_timeout:
-                    break
+                producer_done = self.done is not None and self.done()
+                idle_over = (self.idle_timeout is not None
+                             and time.monotonic() - last_record >= self.idle_timeout)
+                if producer_done or idle_over:
+                    if self._drained():
+                        break
+                    last_record = time.monotonic()
                 self._status("idle")
         except Stopped:
             pass
@@ -109,10 +112,15 @@ class Applier:
         return self.stats
 
     def _drained(self) -> bool:
-        # One more empty poll after the producer finished, so records it flushed last are seen.
-        records = self.reader.poll(self.batch, POLL_TIMEOUT_S)
-        if records:
-            self._apply(records)
+        """Nothing left to read: the group's lag on the log is zero. (An empty poll alone is not
+        enough: a Kafka consumer may still be joining its group.)"""
+        try:
+            lag = self.reader.status().lag
+        except LogError as e:
+            log.warning("cannot read the log's lag (%s); not treating the log as drained", e)
+            return False
+        if lag and not self.dry_run:
+            log.info("log not drained yet: %d records to go", lag)
             return False
         return True
 

@@ -133,7 +133,8 @@ class KafkaLogReader(LogReader):
         ensure_topic(self.props, self.topic, cfg, create)
         # Static membership: a restarted apply (after a crash) takes its partitions back at once
         # instead of waiting for the dead member's session to time out.
-        self.consumer = Consumer({"group.instance.id": f"{group}-{opts.get('consumer', 'apply')}",
+        self.consumer = Consumer({"group.instance.id":
+                                      f"{self.topic}-{group}-{opts.get('consumer', 'apply')}",
                                   "session.timeout.ms": 10_000,
                                   **self.props, "group.id": group, "enable.auto.commit": False,
                                   "enable.auto.offset.store": False,
