@@ -280,9 +280,11 @@ class FileLogReader(LogReader):
         if data:
             mv = memoryview(data)
             nxt = 0
+            base, seg, ends = self._pos, self._seg, self._positions
             for _, nxt, ts, key, value in _parse(mv, 0, len(data), f"{path}"):
                 out.append(Record("0", self._offset, key, value, ts))
                 self._offset += 1
+                ends[self._offset] = (seg, base + nxt)
                 if len(out) >= max_records:
                     break
             if not out and len(data) >= HEADER.size:
@@ -292,7 +294,6 @@ class FileLogReader(LogReader):
                     return self._read_big(data, path)
             self._pos += nxt
         if out:
-            self._positions[self._offset] = (self._seg, self._pos)
             return out
         # Nothing new here: move on once the writer has rolled to a newer segment.
         newer = [s for s in _segments(self.root) if s > self._seg]
@@ -317,7 +318,7 @@ class FileLogReader(LogReader):
         after = max(r.offset for r in records) + 1
         where = self._positions.get(after)
         if where is None:
-            raise LogError(f"cannot commit offset {after - 1}: not the end of a polled batch")
+            raise LogError(f"cannot commit offset {after - 1}: it was not polled by this reader")
         self._positions = {o: p for o, p in self._positions.items() if o > after}
         self._save(after, *where)
 

@@ -147,10 +147,23 @@ class KafkaLogReader(LogReader):
     # -- positioning ---------------------------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
         if self._start != "committed":
-            partitions = self._positions(partitions, self._start)
+            partitions = self._resolved(self._positions(partitions, self._start))
             self._start = "committed"              # only the first assignment is moved
             consumer.assign(partitions)
+            # The group's position is what was asked for, even if nothing is read before a restart.
+            consumer.commit(offsets=partitions, asynchronous=False)
         self._assigned = partitions
+
+    def _resolved(self, partitions):
+        """Logical offsets (beginning/end) as numbers, so they can be committed."""
+        out = []
+        for tp in partitions:
+            if tp.offset in (OFFSET_BEGINNING, OFFSET_END):
+                low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=METADATA_TIMEOUT_S)
+                tp = TopicPartition(tp.topic, tp.partition, low if tp.offset == OFFSET_BEGINNING else high)
+            out.append(tp)
+        return out
 
     def _positions(self, partitions, where: StartAt):
         if where == "earliest":

@@ -140,13 +140,11 @@ class StreamLogReader(LogReader):
         """Take over entries another consumer of the group received but never acknowledged."""
         with _converted("XAUTOCLAIM"):
             for s in self.streams:
-                cursor = "0-0"
-                while True:
-                    reply = self.r.execute_command("XAUTOCLAIM", s, self.group, self.consumer,
-                                                   self.claim_idle_ms, cursor, "COUNT", 1000, "JUSTID")
-                    cursor = _s(reply[0])
-                    if cursor == "0-0":
-                        break
+                # Claimed entries are no longer idle, so asking again from the start returns the
+                # rest (redis-py's JUSTID reply drops the cursor).
+                while self.r.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
+                                        start_id="0-0", count=1000, justid=True):
+                    pass
 
     def seek(self, where: StartAt) -> None:
         if where == "committed":
