@@ -43,7 +43,7 @@ def load_mixed(r: redis.Redis, n: int = 200, *, seed: int = 7, prefix: str = "")
             p.zadd(k, {f"z{j}": rnd.choice([j * 1.5, -j / 3, 1e100, 0.1 + j]) for j in range(size)})
         elif kind == 7:
             for j in range(3 + i % 5):
-                p.xadd(k, {"field": f"v{j}", "n": j})
+                p.xadd(k, {"field": f"v{j}", "n": j}, id=f"{1700000000000 + j}-{i}")
             if i % 2:
                 p.xgroup_create(k, "grp", id="0")
         elif kind == 8:
