@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from tests.servers import free_port
+from tests.servers import free_port, tail, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBS = ROOT / ".cache" / "kafka-libs"
@@ -107,19 +106,10 @@ class KafkaBroker:
         raise RuntimeError(f"kafka broker not ready in {START_TIMEOUT_S}s: {self.log_tail()}")
 
     def log_tail(self) -> str:
-        try:
-            return (self.dir / "broker.log").read_text()[-3000:]
-        except OSError:
-            return ""
+        return tail(self.dir / "broker.log", 3000)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 20)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -20,6 +20,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``timeout`` seconds."""
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tail(path: Path, size: int = 2000) -> str:
+    try:
+        return path.read_text()[-size:]
+    except OSError:
+        return ""
+
+
 def redis70_binary() -> str:
     return "/usr/bin/redis-server"
 
@@ -80,19 +98,10 @@ class RedisServer:
         raise RuntimeError(f"{self.binary} did not answer on port {self.port}: {self.log_tail()}")
 
     def log_tail(self) -> str:
-        try:
-            return Path(self.dir, "server.log").read_text()[-2000:]
-        except OSError:
-            return ""
+        return tail(Path(self.dir, "server.log"))
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         self.proc = None
 
     def restart(self) -> None:

@@ -43,7 +43,20 @@ class LogStatus:
         return sum(p.lag for p in self.partitions)
 
 
-class MetaStore(abc.ABC):
+class _Closing:
+    """``with`` support for anything with ``close()``."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MetaStore(_Closing, abc.ABC):
     """Small durable key -> JSON document store next to the log (checkpoints, apply status)."""
 
     @abc.abstractmethod
@@ -52,11 +65,8 @@ class MetaStore(abc.ABC):
     @abc.abstractmethod
     def get(self, name: str) -> dict | None: ...
 
-    def close(self) -> None:
-        pass
 
-
-class LogWriter(abc.ABC):
+class LogWriter(_Closing, abc.ABC):
     """Appends records; ``flush`` returns only when every appended record is durable.
 
     ``flush`` raises LogError if any record since the last flush failed to be stored.
@@ -75,14 +85,8 @@ class LogWriter(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class LogReader(abc.ABC):
+class LogReader(_Closing, abc.ABC):
     """Reads records for a consumer group; records not committed are delivered again
     after a restart (at-least-once)."""
 
@@ -110,9 +114,3 @@ class LogReader(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
