@@ -10,13 +10,13 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import Logs  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
 RAW_COPY = r"""
@@ -108,35 +108,25 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--backends", default="file,redis,kafka")
     a = ap.parse_args()
-    src, dst, buf = start_server(), start_server(), start_server()
-    broker = None
-    tmp = tempfile.mkdtemp(prefix="conveyor-bench-")
+    src, dst = start_server(), start_server()
     try:
-        load(src.client(), a.keys)
-        print(f"source: {src.client().dbsize()} keys, "
-              f"{src.client().info('memory')['used_memory_human']}")
-        wall, rss, out = run_measured([sys.executable, "-c", RAW_COPY, str(src.port), str(dst.port)])
-        n, secs = out.split()
-        raw = int(n) / float(secs)
-        print(f"{'raw DUMP->RESTORE (in-process)':<34} {raw:>10,.0f} keys/s   peak {rss} MiB")
-        for backend in a.backends.split(","):
-            if backend == "file":
-                uri = f"file:{tmp}/log"
-            elif backend == "redis":
-                uri = f"{buf.url}/0"
-            else:
-                from tests.kafka_broker import KafkaBroker
-                broker = broker or KafkaBroker().start()
-                uri = f"kafka://{broker.bootstrap}/bench-{int(time.time())}"
-            r = through(backend, uri, src, dst, a.keys)
-            print(f"{'through ' + backend + ' log':<34} {r['keys_s']:>10,.0f} keys/s "
-                  f"({r['keys_s'] / raw:.0%} of raw)   capture alone {r['capture_keys_s']:,.0f} "
-                  f"keys/s, peak {r['capture_mib']} MiB; apply peak {r['apply_mib']} MiB")
+        with Logs() as logs:
+            load(src.client(), a.keys)
+            print(f"source: {src.client().dbsize()} keys, "
+                  f"{src.client().info('memory')['used_memory_human']}")
+            wall, rss, out = run_measured([sys.executable, "-c", RAW_COPY, str(src.port),
+                                           str(dst.port)])
+            n, secs = out.split()
+            raw = int(n) / float(secs)
+            print(f"{'raw DUMP->RESTORE (in-process)':<34} {raw:>10,.0f} keys/s   peak {rss} MiB")
+            for backend in a.backends.split(","):
+                r = through(backend, logs.uri(backend, "bench"), src, dst, a.keys)
+                print(f"{'through ' + backend + ' log':<34} {r['keys_s']:>10,.0f} keys/s "
+                      f"({r['keys_s'] / raw:.0%} of raw)   capture alone {r['capture_keys_s']:,.0f} "
+                      f"keys/s, peak {r['capture_mib']} MiB; apply peak {r['apply_mib']} MiB")
     finally:
-        for s in (src, dst, buf):
-            s.cleanup()
-        if broker:
-            broker.stop()
+        src.cleanup()
+        dst.cleanup()
 
 
 if __name__ == "__main__":
