@@ -16,10 +16,14 @@ from typing import Callable
 import redis
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
+from apply.writes import (CHUNK_SCRIPT, chunk_kind, convertible, script_args, temp_key)
+from conveyor import values
+from conveyor.endpoints import server_info
 from conveyor.errors import CodecError, LogError
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
+from conveyor.rdb import decode_dump
 
 log = logging.getLogger("conveyor.apply")
 
@@ -47,6 +51,13 @@ class Stopped(Exception):
 class ApplyStats:
     records: int = 0
     restored: int = 0
+    written: int = 0          # typed values written (--type struct events, merge policy)
+    converted: int = 0        # DUMP payloads the target refused, written from their decoded value
+    chunks: int = 0           # parts of keys that arrived in chunks
+    chunked_keys: int = 0     # such keys completed on the target
+    orphan_chunks: int = 0    # parts whose first part was not read (replay started mid-key)
+    duplicate_chunks: int = 0  # parts already applied before a restart
+    pending_dropped: int = 0  # stream consumer-group pending entries plain commands cannot rebuild
     deleted: int = 0
     expired: int = 0          # UPSERTs whose expiry had passed: applied as deletes
     markers: int = 0
@@ -73,6 +84,7 @@ class Applier:
                  meta: MetaStore, codec: Codec, rewriter: KeyRewriter, group: str,
                  batch: int = 2000, idle_timeout: float | None = None,
                  done: Callable[[], bool] | None = None, dry_run: bool = False,
+                 merge_policy: str = "overwrite", stream_ids: str = "keep",
                  on_progress: Callable[[ApplyStats], None] | None = None) -> None:
         """``target_for_db(db)`` gives the client that writes events of source database ``db``;
         ``done()`` (replicate) says the producer finished: the run ends once the log is drained."""
@@ -80,6 +92,8 @@ class Applier:
         self.rewriter, self.group, self.batch = rewriter, group, batch
         self.idle_timeout, self.done, self.dry_run = idle_timeout, done, dry_run
         self.on_progress = on_progress
+        self.merge, self.stream_ids = merge_policy == "merge", stream_ids
+        self._v7: dict[int, bool] = {}
         self.stats = ApplyStats()
         self._stop = threading.Event()
         self._last_status = 0.0
@@ -147,7 +161,12 @@ class Applier:
             except CodecError as e:
                 self._dead_letter(rec, f"undecodable record: {e}")
                 continue
-            if ev.kind in (Kind.UPSERT, Kind.DELETE):
+            if ev.chunk is not None:
+                # Parts of a key are applied one by one, in order. A whole state of the key read
+                # before them is superseded by them (the last part replaces the key).
+                latest.pop((ev.db, ev.key), None)
+                latest[(ev.db, ev.key, ev.chunk["id"], ev.chunk["index"])] = (ev, rec)
+            elif ev.kind in (Kind.UPSERT, Kind.DELETE):
                 latest.pop((ev.db, ev.key), None)   # re-insert: keep log order among keys
                 latest[(ev.db, ev.key)] = (ev, rec)
             else:
@@ -179,8 +198,8 @@ class Applier:
 
     def _write(self, events: dict) -> None:
         by_db: dict[int, list[tuple[Event, Record]]] = {}
-        for (db, _), item in events.items():
-            by_db.setdefault(db, []).append(item)
+        for k, item in events.items():
+            by_db.setdefault(k[0], []).append(item)
         for db, items in by_db.items():
             self._write_db(self.target_for_db(db), items)
 
@@ -188,32 +207,181 @@ class Applier:
         now = now_millis()
         pipe = target.pipeline(transaction=False)
         rename = None if self.rewriter.identity else self.rewriter
-        kinds = []
-        for ev, _ in items:
+        v7 = self._target_v7(target)
+        plan = []            # (event, record, key, what, first reply index, commands, tolerated)
+        failed: list[tuple[Record, str]] = []
+        for ev, rec in items:
             key = rename(ev.key) if rename else ev.key
-            if ev.kind is Kind.UPSERT and not ev.expired(now):
-                pipe.execute_command("RESTORE", key, ev.expire_at_ms or 0, ev.payload,
-                                     "REPLACE", "ABSTTL")
-                kinds.append("restored")
+            start = len(pipe)
+            if ev.kind is Kind.UPSERT and ev.chunk is not None:
+                cmds, tolerated = self._chunk_commands(ev, key, now, v7)
+                what = "chunk"
+            elif ev.kind is not Kind.UPSERT or ev.expired(now):
+                cmds, tolerated = [("DEL", key)], set()
+                what = "expired" if ev.kind is Kind.UPSERT else "deleted"
+            elif ev.payload is not None and not self.merge:
+                cmds, tolerated = [("RESTORE", key, ev.expire_at_ms or 0, ev.payload, "REPLACE",
+                                    "ABSTTL")], set()
+                what = "restored"
             else:
-                pipe.execute_command("DEL", key)
-                kinds.append("expired" if ev.kind is Kind.UPSERT else "deleted")
+                try:
+                    value = ev.value if ev.value is not None else self._decoded(ev)
+                except CodecError as e:
+                    failed.append((rec, f"key {ev.key!r}: {e}"))
+                    continue
+                w = self._typed(key, value, ev.expire_at_ms, v7)
+                cmds, tolerated = w.commands, w.tolerated
+                what = "written" if ev.value is not None else "converted"
+            for c in cmds:
+                pipe.execute_command(*c)
+            plan.append((ev, rec, key, what, start, len(cmds), tolerated))
         try:
-            replies = pipe.execute(raise_on_error=False)
+            replies = pipe.execute(raise_on_error=False) if len(pipe) else []
         except (*TRANSIENT_ERRORS, OSError) as e:
             raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
-        failed, done = [], []
-        for (ev, rec), reply, kind in zip(items, replies, kinds):
-            if not isinstance(reply, Exception):
-                done.append(kind)
-            elif isinstance(reply, TRANSIENT_ERRORS) or str(reply).startswith(TRANSIENT_PREFIXES):
-                raise TargetUnavailable(str(reply))
+        done: list[str] = []
+        convert: list[tuple[Event, Record, bytes, bytes, bytes | None]] = []
+        for ev, rec, key, what, start, n, tolerated in plan:
+            errors = [(i, r) for i, r in enumerate(replies[start:start + n])
+                      if isinstance(r, Exception) and i not in tolerated]
+            for _, r in errors:
+                if isinstance(r, TRANSIENT_ERRORS) or str(r).startswith(TRANSIENT_PREFIXES):
+                    raise TargetUnavailable(str(r))
+            if what == "restored" and errors and convertible(errors[0][1]):
+                convert.append((ev, rec, key, ev.payload, None))
+            elif errors:
+                failed.append((rec, f"target refused key {ev.key!r}: {errors[0][1]}"))
+                if what in ("written", "converted"):
+                    pipe.execute_command("DEL", temp_key(key, b"w"))   # no half-built leftovers
+            elif what == "chunk":
+                self._chunk_done(ev, rec, key, replies[start + n - 1], convert, done)
             else:
-                failed.append((rec, f"target refused key {ev.key!r}: {reply}"))
+                done.append(what)
+                if what in ("written", "converted") and ev.value is not None:
+                    self.stats.pending_dropped += values.pending_dropped(ev.value)
+        if len(pipe):
+            pipe.execute(raise_on_error=False)
+        if convert:
+            failed += self._convert(target, convert, v7, done)
         for rec, why in failed:
             self._dead_letter(rec, why)
-        for kind in done:
-            setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        for what in done:
+            setattr(self.stats, what, getattr(self.stats, what) + 1)
+
+    def _chunk_commands(self, ev: Event, key: bytes, now: int, v7: bool):
+        ch = ev.chunk
+        first, last = ch["index"] == 0, ch["last"]
+        if self.merge and ev.value is not None:
+            # Merge: the parts go straight into the key; nothing to guard, nothing to rename.
+            cmds: list[tuple] = []
+            tolerated: set[int] = set()
+            values.add_value(cmds, tolerated, key, ev.value, stream_ids=self.stream_ids,
+                             merge=True, first=first, v7=v7)
+            if last:
+                if ev.expired(now):
+                    cmds.append(("DEL", key))
+                elif ev.expire_at_ms is not None:
+                    cmds.append(("PEXPIREAT", key, ev.expire_at_ms))
+                else:
+                    cmds.append(("PERSIST", key))
+            return cmds, tolerated
+        tmp = temp_key(key, ch["id"].encode())
+        inner: list[tuple] = []
+        if ev.payload is not None:
+            inner.append(("APPEND", tmp, ev.payload))
+            count = len(ev.payload)
+        else:
+            values.add_value(inner, set(), tmp, ev.value, stream_ids=self.stream_ids, first=first,
+                             v7=v7)
+            count = values.elements(ev.value)
+        expire = -1 if ev.expire_at_ms is None else (0 if ev.expired(now) else ev.expire_at_ms)
+        return [("EVAL", CHUNK_SCRIPT, 2, tmp, key, ch["index"], ch["offset"], count,
+                 1 if last else 0, expire, chunk_kind(ev), *script_args(inner))], set()
+
+    def _chunk_done(self, ev, rec, key, reply, convert, done) -> None:
+        self.stats.chunks += 1
+        if isinstance(reply, list) and reply and reply[0] == b"refused":
+            if convertible(reply[1]):
+                tmp = temp_key(key, ev.chunk["id"].encode())
+                convert.append((ev, rec, key, bytes(reply[2]), tmp))
+            else:
+                self._dead_letter(rec, f"target refused key {ev.key!r}: {reply[1]!r}")
+            return
+        if reply == b"orphan":
+            self.stats.orphan_chunks += 1
+            if ev.chunk["last"]:
+                log.warning("key %r: last part applied without its first part (the log was "
+                            "replayed from the middle of the key); the key is not written", ev.key)
+        elif reply == b"duplicate":
+            self.stats.duplicate_chunks += 1
+        elif ev.chunk["last"]:
+            done.append("chunked_keys")
+            if ev.value is not None:
+                self.stats.pending_dropped += values.pending_dropped(ev.value)
+
+    def _convert(self, target: redis.Redis, items, v7: bool, done: list) -> list:
+        """Write refused DUMP payloads as typed values; returns the records that failed."""
+        failed, plan = [], []
+        pipe = target.pipeline(transaction=False)
+        now = now_millis()
+        for ev, rec, key, payload, chunk_tmp in items:
+            try:
+                value = values.from_rdb(decode_dump(payload))
+            except (CodecError, ValueError) as e:
+                failed.append((rec, f"target refused key {ev.key!r} and its DUMP payload cannot "
+                                    f"be converted: {e}"))
+                continue
+            start = len(pipe)
+            if ev.expired(now):
+                cmds = [("DEL", key)]
+            else:
+                w = self._typed(key, value, ev.expire_at_ms, v7)
+                cmds = w.commands
+            if chunk_tmp is not None:
+                cmds = cmds + [("DEL", chunk_tmp)]
+            for c in cmds:
+                pipe.execute_command(*c)
+            plan.append((ev, rec, key, start, len(cmds), value))
+        try:
+            replies = pipe.execute(raise_on_error=False) if len(pipe) else []
+        except (*TRANSIENT_ERRORS, OSError) as e:
+            raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
+        for ev, rec, key, start, n, value in plan:
+            errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
+            if any(isinstance(r, TRANSIENT_ERRORS) or str(r).startswith(TRANSIENT_PREFIXES)
+                   for r in errors):
+                raise TargetUnavailable(str(errors[0]))
+            if errors:
+                failed.append((rec, f"target refused the converted value of key {ev.key!r}: "
+                                    f"{errors[0]}"))
+                target.delete(temp_key(key, b"w"))
+            else:
+                done.append("converted")
+                self.stats.pending_dropped += values.pending_dropped(value)
+        return failed
+
+    def _decoded(self, ev: Event) -> dict:
+        try:
+            return values.from_rdb(decode_dump(ev.payload))
+        except ValueError as e:
+            raise CodecError(str(e)) from e
+
+    def _typed(self, key: bytes, value: dict, expire_at_ms, v7: bool) -> values.Writes:
+        return values.write_commands(key, value, into=None if self.merge else temp_key(key, b"w"),
+                                     expire_at_ms=expire_at_ms, stream_ids=self.stream_ids, v7=v7)
+
+    def _target_v7(self, target: redis.Redis) -> bool:
+        """Whether the target knows Redis 7.0's stream metadata options."""
+        k = id(target)
+        if k not in self._v7:
+            try:
+                version = server_info(target).version
+            except (*TRANSIENT_ERRORS, OSError) as e:
+                raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
+            except redis.RedisError:
+                version = (0,)
+            self._v7[k] = tuple(version) >= (7, 0)
+        return self._v7[k]
 
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:

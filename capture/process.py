@@ -20,7 +20,7 @@ import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from capture.notifications import DirtySet, Notifications
-from capture.reader import StateReader
+from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from conveyor.endpoints import ServerInfo, mask_uri
 from conveyor.errors import SourceError
 from conveyor.events import Codec, Kind, now_millis
@@ -52,6 +52,7 @@ class CaptureStats:
     dirty_waiting: int = 0
     unseen_reread: int = 0       # keys re-read after a resync because the scan no longer saw them
     untracked: bool = False      # too many keys to track names: deletes in a gap cannot be healed
+    reads: ReadCounts = field(default_factory=ReadCounts)   # big keys, parts, --mem-limit
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -76,6 +77,8 @@ class Capture:
                  mode: str = "snapshot", scan_count: int = 1000, fresh: bool = False,
                  idle_timeout: float | None = None, connect: Callable[[], redis.Redis] | None = None,
                  dirty_limit: int | None = None, max_tracked_keys: int = MAX_TRACKED_KEYS,
+                 value_type: str = "dump", big_key_bytes: int | None = BIG_KEY_BYTES,
+                 mem_limit: int | None = None, mem_limit_skip: bool = False,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
         self.source, self.info, self.writer, self.meta = source, source_info, writer, meta
         self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
@@ -84,7 +87,9 @@ class Capture:
         self.on_progress = on_progress
         self.stats = CaptureStats(mode=mode)
         self.reader = StateReader(source=source, info=source_info, writer=writer, codec=codec,
-                                  type_filter=key_filter.type)
+                                  type_filter=key_filter.type, value_type=value_type,
+                                  big_key_bytes=big_key_bytes, mem_limit=mem_limit,
+                                  mem_limit_skip=mem_limit_skip)
         self.dirty = DirtySet(dirty_limit) if dirty_limit else DirtySet()
         self.max_tracked = max_tracked_keys
         self._stop = threading.Event()
@@ -266,6 +271,7 @@ class Capture:
     def _sync_counts(self) -> None:
         self._track_limit()
         self.stats.keys, self.stats.deletes = self.reader.counts.upserts, self.reader.counts.deletes
+        self.stats.reads = self.reader.counts
         self.stats.dirty_waiting = len(self.dirty)
 
     def _save(self, state: str) -> None:

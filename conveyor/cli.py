@@ -99,14 +99,63 @@ live_options = _options(
 )
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: 1048576, 512KiB, 64MB, 1GiB (K/M/G are powers of 1024)."""
+
+    name = "size"
+    _units = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+              "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m and self._units.get(m.group(2).lower())
+        if not m or unit is None:
+            self.fail(f"{value!r} is not a size (examples: 1048576, 512KiB, 64MB)", param, ctx)
+        return int(float(m.group(1)) * unit)
+
+
+type_options = _options(
+    click.option("--type", "value_type", type=click.Choice(["dump", "struct"]), default="dump",
+                 show_default=True, help="dump: DUMP/RESTORE payloads (converted to type-based writes "
+                 "when the target refuses them); struct: typed reads and type-based writes."),
+    click.option("--big-key-bytes", type=ByteSize(), default="8MiB", show_default=True,
+                 help="Keys whose MEMORY USAGE is above this are read and written in parts "
+                      "(0: never; then no MEMORY USAGE is asked)."),
+    click.option("--mem-limit", type=ByteSize(), metavar="SIZE",
+                 help="Report keys whose MEMORY USAGE is above SIZE (named in the output)."),
+    click.option("--mem-limit-skip", is_flag=True,
+                 help="With --mem-limit: do not migrate those keys (counted and named)."),
+)
+
+write_options = _options(
+    click.option("--merge-policy", type=click.Choice(["overwrite", "merge"]), default="overwrite",
+                 show_default=True, help="overwrite: the target key is replaced atomically; merge: "
+                 "collections are merged into what the target key holds."),
+    click.option("--stream-id", "stream_ids", type=click.Choice(["keep", "drop"]), default="keep",
+                 show_default=True, help="Type-based stream writes: keep the entry ids, or let the "
+                 "target assign new ones."),
+)
+
+
+def _write_opts(kw):
+    from conveyor.commands import ApplyOptions
+    return ApplyOptions(merge_policy=kw["merge_policy"], stream_ids=kw["stream_ids"])
+
+
 def _capture_opts(mode, fresh, kw):
     from conveyor.commands import CaptureOptions
     if kw.get("idle_timeout") is not None and mode == "snapshot":
         raise click.UsageError("--idle-timeout applies to --mode live and liveonly")
+    if kw["mem_limit_skip"] and not kw["mem_limit"]:
+        raise click.UsageError("--mem-limit-skip needs --mem-limit SIZE")
     return CaptureOptions(mode=mode, scan_count=kw["scan_count"], fresh=fresh,
                           idle_timeout=kw.get("idle_timeout"),
                           enable_notifications=kw.get("enable_notifications", False),
-                          max_dirty_keys=kw.get("max_dirty_keys") or 1_000_000)
+                          max_dirty_keys=kw.get("max_dirty_keys") or 1_000_000,
+                          value_type=kw["value_type"], big_key_bytes=kw["big_key_bytes"] or None,
+                          mem_limit=kw["mem_limit"], mem_limit_skip=kw["mem_limit_skip"])
 
 
 progress_option = click.option("--progress/--no-progress", default=None,
@@ -174,6 +223,7 @@ def cli(verbose: int) -> None:
               "notifications; liveonly: notifications only.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
 @live_options
+@type_options
 @_endpoint_options("source")
 @filter_options
 @log_options
@@ -197,6 +247,7 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
               help="End once the log has been drained and idle this long (default: follow forever).")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Read and decode, write nothing, commit nothing.")
+@write_options
 @_endpoint_options("target")
 @rewrite_options
 @log_options
@@ -205,7 +256,8 @@ def apply_cmd(target, log_uri, group, start, idle_timeout, batch, dry_run, log_o
     """Replay the log into TARGET (RESTORE ... REPLACE ABSTTL, DEL)."""
     from conveyor import commands
     ok = commands.apply(_endpoint(target, "target", kw), log_uri, _log_opts(log_opts), group,
-                        start, idle_timeout, batch, dry_run, _rewriter(kw), progress)
+                        start, idle_timeout, batch, dry_run, _rewriter(kw), progress,
+                        _write_opts(kw))
     sys.exit(0 if ok else 1)
 
 
@@ -226,6 +278,9 @@ verify_options = _options(
 @_endpoint_options("source")
 @_endpoint_options("target")
 @verify_options
+@click.option("--stream-id", "stream_ids", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="drop: compare stream entries without their ids (after "
+              "apply --stream-id drop).")
 @filter_options
 @rewrite_options
 @progress_option
@@ -253,6 +308,8 @@ def verify(source, target, progress, **kw):
 @click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
 @live_options
+@type_options
+@write_options
 @_endpoint_options("source")
 @_endpoint_options("target")
 @verify_options
@@ -271,7 +328,7 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
     log_uri = log_uri or _state_log(state_dir, source, target)
     ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,
                             _capture_opts(mode, fresh, kw), dry_run,
-                            not no_verify and not dry_run, kw, progress)
+                            not no_verify and not dry_run, kw, progress, _write_opts(kw))
     sys.exit(0 if ok else 1)
 
 

@@ -28,6 +28,16 @@ class CaptureOptions:
     idle_timeout: float | None = None
     enable_notifications: bool = False
     max_dirty_keys: int = 1_000_000
+    value_type: str = "dump"
+    big_key_bytes: int | None = 8 * 1024 * 1024
+    mem_limit: int | None = None
+    mem_limit_skip: bool = False
+
+
+@dataclass
+class ApplyOptions:
+    merge_policy: str = "overwrite"
+    stream_ids: str = "keep"
 
 
 def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: CaptureOptions, display):
@@ -56,13 +66,15 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
                    key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
                    mode=opts.mode, scan_count=opts.scan_count, fresh=opts.fresh,
                    idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
-                   dirty_limit=opts.max_dirty_keys,
-                   on_progress=progress)
+                   dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
+                   big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
+                   mem_limit_skip=opts.mem_limit_skip, on_progress=progress)
     return proc, (writer, meta)
 
 
 def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
-                   rewriter, display, done=None, source_db=None, first=None):
+                   rewriter, display, done=None, source_db=None, first=None,
+                   wopts: ApplyOptions | None = None):
     from apply import Applier
 
     first = first or dst.connect(db=source_db)
@@ -75,7 +87,9 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
 
     proc = Applier(target_for_db=target_clients(dst, first, source_db), reader=reader, meta=meta,
                    codec=Codec(), rewriter=rewriter, group=group, batch=batch,
-                   idle_timeout=idle_timeout, done=done, dry_run=dry_run, on_progress=progress)
+                   idle_timeout=idle_timeout, done=done, dry_run=dry_run,
+                   merge_policy=(wopts or ApplyOptions()).merge_policy,
+                   stream_ids=(wopts or ApplyOptions()).stream_ids, on_progress=progress)
     return proc, (reader, meta)
 
 
@@ -88,16 +102,32 @@ def _close(*resources) -> None:
 
 
 # -- reporting -----------------------------------------------------------------------------------
+def _read_lines(rc) -> list[str]:
+    lines = []
+    if rc.chunked_keys:
+        lines.append(f"capture: {rc.chunked_keys} keys read in parts ({rc.chunks} part events: "
+                     "big keys and values above the log's record limit)")
+    if rc.over_limit:
+        verb = "SKIPPED, not on the log" if rc.skipped else "migrated"
+        lines.append(f"capture: {rc.over_limit} keys above --mem-limit ({verb}):")
+        for key, size in rc.over_limit_keys:
+            lines.append(f"  {key!r}: {size:,} bytes")
+        if rc.over_limit > len(rc.over_limit_keys):
+            lines.append(f"  ... and {rc.over_limit - len(rc.over_limit_keys)} more")
+    return lines
+
+
 def _capture_lines(st) -> tuple[list[str], bool]:
     if st.mode == "snapshot":
         state = "complete" if st.complete else "interrupted (resumable: run capture again)"
         return [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
                 f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")
-                ], st.complete
+                ] + _read_lines(st.reads), st.complete
     lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
              f"({st.resyncs_done} finished)"]
     lines += [f"  gap: {g}" for g in st.gaps]
+    lines += _read_lines(st.reads)
     if st.unseen_reread:
         lines.append(f"  {st.unseen_reread} keys not seen by a resync scan were re-read "
                      "(deleted or renamed while notifications were lost)")
@@ -115,9 +145,23 @@ def _capture_lines(st) -> tuple[list[str], bool]:
 
 def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
     verb = "would apply" if dry_run else "applied"
-    lines = [f"apply: {verb} {st.records} records ({st.restored} restored, {st.deleted} deleted, "
+    lines = [f"apply: {verb} {st.records} records ({st.restored} restored, {st.written} typed, "
+             f"{st.converted} converted, {st.deleted} deleted, "
              f"{st.expired} expired on arrival), {st.rate:,.0f} records/s, "
              f"{st.retries} target retries, {st.dead_letters} dead letters"]
+    if st.converted:
+        lines.append(f"apply: {st.converted} keys the target refused as DUMP payloads (older "
+                     "server or no RESTORE) were converted to type-based writes")
+    if st.chunks:
+        lines.append(f"apply: {st.chunked_keys} keys completed from {st.chunks} parts"
+                     + (f"; {st.duplicate_chunks} parts already applied were skipped"
+                        if st.duplicate_chunks else ""))
+    if st.orphan_chunks:
+        lines.append(f"apply: {st.orphan_chunks} parts skipped because the replay started after "
+                     "their key's first part (use --from earliest, or capture again)")
+    if st.pending_dropped:
+        lines.append(f"apply: {st.pending_dropped} pending entries of stream consumer groups "
+                     "were not recreated (plain commands cannot); the groups' positions were")
     for why in st.dead_letter_reasons:
         lines.append(f"  dead letter: {why}")
     if st.dead_letters:
@@ -145,11 +189,11 @@ def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, opts: Captu
 
 
 def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
-          rewriter: KeyRewriter, progress) -> bool:
+          rewriter: KeyRewriter, progress, wopts: ApplyOptions | None = None) -> bool:
     interrupts = Interrupts()
     display = Display(progress)
     proc, res = _apply_process(dst, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
-                               rewriter, display)
+                               rewriter, display, wopts=wopts)
     try:
         with interrupts.installed(), display:
             interrupts.register(proc)
@@ -176,7 +220,7 @@ def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress) -> 
     display = Display(progress)
     proc = Verifier(source=source, target=target, key_filter=key_filter, rewriter=rewriter,
                     ttl_tolerance_ms=kw["ttl_tolerance"], recheck_delay=kw["recheck_delay"],
-                    scan_count=kw["scan_count"],
+                    scan_count=kw["scan_count"], stream_ids=kw.get("stream_ids") or "keep",
                     on_progress=lambda n, total: display.update("Verifying", n, total))
     interrupts = Interrupts()
     with interrupts.installed(), display:
@@ -201,7 +245,8 @@ def _print_report(report, kw) -> None:
 
 
 def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter, rewriter,
-              copts: CaptureOptions, dry_run, run_verify, kw, progress) -> bool:
+              copts: CaptureOptions, dry_run, run_verify, kw, progress,
+              wopts: ApplyOptions | None = None) -> bool:
     source = src.connect()
     target_db = default_target_db(src.uri, dst.uri)
     target = dst.connect(db=target_db)
@@ -213,7 +258,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     worker = Worker("capture", cap.run)
     app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
                                rewriter, display, done=lambda: not worker.is_alive(),
-                               source_db=target_db, first=target)
+                               source_db=target_db, first=target, wopts=wopts)
     try:
         with interrupts.installed(), display:
             interrupts.register(cap)

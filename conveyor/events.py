@@ -21,7 +21,8 @@ from conveyor.errors import CodecError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
-CURRENT_SCHEMA = "event.v1.avsc"
+CURRENT_SCHEMA = "event.v2.avsc"
+SCHEMAS = (CURRENT_SCHEMA, "event.v1.avsc")   # the current one first; older ones stay readable
 
 
 class Kind(str, enum.Enum):
@@ -48,6 +49,11 @@ class Event:
     seq: int = 0
     count: int | None = None
     info: dict[str, str] = field(default_factory=dict)
+    # A typed value in the schema's shape: {"type": "HASH", "items": [...], "scores": [...],
+    # "stream": None | {...}} (see conveyor.values), instead of or next to a DUMP payload.
+    value: dict | None = None
+    # Part of a key read in parts: {"id": str, "index": int, "offset": int, "last": bool}.
+    chunk: dict | None = None
 
     @property
     def is_marker(self) -> bool:
@@ -57,6 +63,16 @@ class Event:
         """The log record key: db + Redis key, so every event of a key lands in one partition."""
         if self.is_marker:
             return b"%d:\x00conveyor-marker:%s" % (self.db, self.capture_id.encode())
+        if self.chunk is not None:
+            # Each part keeps its own record key, so a compacted topic keeps every part of the
+            # latest read of a big key (a newer read's parts replace them index by index).
+            return record_key(self.db, self.key) + b"\x00part:%d" % self.chunk["index"]
+        return record_key(self.db, self.key)
+
+    def partition_key(self) -> bytes:
+        """What picks the partition: the key's, for parts too, so per-key order holds."""
+        if self.is_marker:
+            return self.record_key()
         return record_key(self.db, self.key)
 
     def expired(self, now_ms: int | None = None) -> bool:
@@ -90,7 +106,7 @@ def load_schema(name: str) -> dict:
 class Codec:
     """Encodes events with the current schema; decodes any known schema by fingerprint."""
 
-    def __init__(self, schema_names: tuple[str, ...] = (CURRENT_SCHEMA,)) -> None:
+    def __init__(self, schema_names: tuple[str, ...] = SCHEMAS) -> None:
         self._by_fp: dict[bytes, dict] = {}
         for name in schema_names:
             parsed = fastavro.parse_schema(load_schema(name))
@@ -116,6 +132,7 @@ class Codec:
             "kind": ev.kind.value, "db": ev.db, "key": ev.key, "payload": ev.payload,
             "expire_at_ms": ev.expire_at_ms, "read_time_ms": ev.read_time_ms,
             "capture_id": ev.capture_id, "seq": ev.seq, "count": ev.count, "info": ev.info,
+            "value": ev.value, "chunk": ev.chunk,
         })
         return buf.getvalue()
 
@@ -133,6 +150,7 @@ class Codec:
                 d = fastavro.schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer,
                                                self._reader_schema)
             return Event(_KINDS[d["kind"]], d["db"], d["key"], d["payload"], d["expire_at_ms"],
-                         d["read_time_ms"], d["capture_id"], d["seq"], d["count"], d["info"])
+                         d["read_time_ms"], d["capture_id"], d["seq"], d["count"], d["info"],
+                         d["value"], d["chunk"])
         except Exception as e:  # fastavro raises a mix of EOFError, ValueError, KeyError...
             raise CodecError(f"corrupt event record: {type(e).__name__}: {e}") from e

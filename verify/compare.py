@@ -98,11 +98,12 @@ class Verifier:
     def __init__(self, *, source: redis.Redis, target: redis.Redis, key_filter: KeyFilter,
                  rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
                  scan_count: int = 1000, batch: int = 500, check_extra: bool = True,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
+                 stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None) -> None:
         self.filter, self.rewriter = key_filter, rewriter
         self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
         self.scan_count, self.batch, self.check_extra = scan_count, batch, check_extra
         self.on_progress = on_progress
+        self.stream_ids = stream_ids
         self.src = self._side(source, SourceError, "source")
         self.dst = self._side(target, TargetError, "target")
         self._stop = threading.Event()
@@ -188,7 +189,9 @@ class Verifier:
 
     def _same_value(self, key: bytes, name: bytes, type_: str) -> bool:
         try:
-            return read_typed(self.src.client, key, type_) == read_typed(self.dst.client, name, type_)
+            ids = self.stream_ids
+            return (read_typed(self.src.client, key, type_, stream_ids=ids)
+                    == read_typed(self.dst.client, name, type_, stream_ids=ids))
         except redis.ResponseError:
             return False                   # changed type or vanished mid-read: re-checked later
         except redis.RedisError as e:

@@ -1,13 +1,17 @@
 """Typed reads for a logical comparison when DUMP bytes differ (encodings differ between servers)."""
 from __future__ import annotations
 
+import bisect
+
 import redis
 
 PAGE = 1000
 
 
-def read_typed(r: redis.Redis, key: bytes, type_: str):
-    """A comparable value of ``key``; collections are read page by page, not in one command."""
+def read_typed(r: redis.Redis, key: bytes, type_: str, *, stream_ids: str = "keep"):
+    """A comparable value of ``key``; collections are read page by page, not in one command.
+    ``stream_ids="drop"``: stream entries compare without their ids (the target assigned new
+    ones), and a group by how many entries it had read."""
     if type_ == "string":
         v = r.get(key)
         if v is not None and v[:4] == b"HYLL":
@@ -29,12 +33,12 @@ def read_typed(r: redis.Redis, key: bytes, type_: str):
                 return out
             start += PAGE
     if type_ == "stream":
-        return _stream(r, key)
+        return _stream(r, key, stream_ids == "drop")
     # Module types (JSON, TimeSeries...): no generic typed read; DUMP inequality stands.
     return ("opaque", r.dump(key))
 
 
-def _stream(r: redis.Redis, key: bytes):
+def _stream(r: redis.Redis, key: bytes, drop_ids: bool = False):
     entries, start = [], b"-"
     while True:
         page = r.xrange(key, start, b"+", count=PAGE)
@@ -43,4 +47,13 @@ def _stream(r: redis.Redis, key: bytes):
             break
         start = b"(" + page[-1][0]
     groups = sorted((g["name"], g["last-delivered-id"]) for g in r.xinfo_groups(key))
+    if drop_ids:
+        ids = [_id(e[0]) for e in entries]
+        return ([e[1] for e in entries],
+                sorted((name, bisect.bisect_right(ids, _id(last))) for name, last in groups))
     return entries, groups
+
+
+def _id(i: bytes) -> tuple[int, int]:
+    ms, _, seq = i.partition(b"-")
+    return int(ms), int(seq or 0)

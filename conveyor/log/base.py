@@ -69,11 +69,16 @@ class MetaStore(_Closing, abc.ABC):
 class LogWriter(_Closing, abc.ABC):
     """Appends records; ``flush`` returns only when every appended record is durable.
 
-    ``flush`` raises LogError if any record since the last flush failed to be stored.
+    ``flush`` raises LogError if any record since the last flush failed to be stored. Records
+    with the same ``partition_key`` (default: the record key) land in the same partition, in
+    append order. ``max_record_bytes`` is the largest record the backend takes: bigger values are
+    split by capture into parts.
     """
 
+    max_record_bytes: int = 64 * 1024 * 1024
+
     @abc.abstractmethod
-    def append(self, key: bytes, value: bytes) -> None: ...
+    def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None: ...
 
     def append_many(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         for k, v in items:

@@ -149,7 +149,7 @@ class FileLogWriter(LogWriter):
         self._buf = bytearray()
         self._pending = 0
 
-    def append(self, key: bytes, value: bytes) -> None:
+    def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
         ts = time.time_ns() // 1_000_000
         klen = len(key)
         crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(CRC_PART.pack(ts, klen))))

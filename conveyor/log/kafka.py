@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 import time
 from datetime import datetime
 
@@ -31,7 +32,9 @@ OURS = ("partitions", "replication.factor", "consumer")
 METADATA_TIMEOUT_S = 10.0
 PRODUCER_DEFAULTS = {"enable.idempotence": True, "acks": "all", "linger.ms": 10,
                      "batch.size": 1_000_000, "compression.type": "lz4",
-                     "queue.buffering.max.messages": 500_000}
+                     "queue.buffering.max.messages": 500_000,
+                     # bounded memory: at most this much waits in the producer's queue
+                     "queue.buffering.max.kbytes": 65536}
 
 
 def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
@@ -87,8 +90,11 @@ def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
 class KafkaLogWriter(LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         _, self.topic, props, cfg, create = parse(uri, opts)
-        ensure_topic(props, self.topic, cfg, create)
-        self.producer = Producer({**PRODUCER_DEFAULTS, **props})
+        self.partitions = ensure_topic(props, self.topic, cfg, create)
+        conf = {**PRODUCER_DEFAULTS, **props}
+        self.producer = Producer(conf)
+        # Room for the record's key and Kafka's per-record and batch overhead.
+        self.max_record_bytes = int(conf.get("message.max.bytes", 1_000_000)) * 9 // 10
         self._errors: list[str] = []
         self._unflushed = 0
 
@@ -96,10 +102,16 @@ class KafkaLogWriter(LogWriter):
         if err is not None:
             self._errors.append(str(err))
 
-    def append(self, key: bytes, value: bytes) -> None:
+    def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
+        # With several partitions the partition is chosen here (CRC-32 of the partition key, as
+        # librdkafka's consistent partitioner does), so parts of a key stored under their own
+        # record keys still share the key's partition and order.
+        kw = {}
+        if self.partitions > 1:
+            kw["partition"] = zlib.crc32(partition_key or key) % self.partitions
         while True:
             try:
-                self.producer.produce(self.topic, value, key, on_delivery=self._delivered)
+                self.producer.produce(self.topic, value, key, on_delivery=self._delivered, **kw)
                 break
             except BufferError:                    # local queue full: let deliveries drain
                 self.producer.poll(0.05)
@@ -136,6 +148,8 @@ class KafkaLogReader(LogReader):
         self.consumer = Consumer({"group.instance.id":
                                       f"{self.topic}-{group}-{opts.get('consumer', 'apply')}",
                                   "session.timeout.ms": 10_000,
+                                  # bounded memory: prefetch at most this much per partition set
+                                  "queued.max.messages.kbytes": 16384,
                                   **self.props, "group.id": group, "enable.auto.commit": False,
                                   "enable.auto.offset.store": False,
                                   "auto.offset.reset": "earliest"})

@@ -29,6 +29,7 @@ from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, Parti
                                StartAt)
 
 PIPELINE_CHUNK = 1000
+FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
 MAX_SEQ = 18446744073709551615
 
@@ -81,24 +82,26 @@ class StreamLogWriter(LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         self.r = _client(uri)
         self.streams = _streams(opts)
-        self._buf: list[tuple[bytes, bytes]] = []
+        self._buf: list[tuple[bytes, bytes, bytes]] = []
+        self._buf_bytes = 0
 
     def _stream_of(self, key: bytes) -> str:
         n = len(self.streams)
         return self.streams[zlib.crc32(key) % n] if n > 1 else self.streams[0]
 
-    def append(self, key: bytes, value: bytes) -> None:
-        self._buf.append((key, value))
-        if len(self._buf) >= 10 * PIPELINE_CHUNK:
+    def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
+        self._buf.append((key, value, partition_key or key))
+        self._buf_bytes += len(key) + len(value)
+        if len(self._buf) >= 10 * PIPELINE_CHUNK or self._buf_bytes >= FLUSH_BUFFER_BYTES:
             self.flush()
 
     def flush(self, timeout: float = 60.0) -> None:
-        buf, self._buf = self._buf, []
+        buf, self._buf, self._buf_bytes = self._buf, [], 0
         with _converted("XADD"):
             for i in range(0, len(buf), PIPELINE_CHUNK):
                 p = self.r.pipeline(transaction=False)
-                for key, value in buf[i:i + PIPELINE_CHUNK]:
-                    p.execute_command("XADD", self._stream_of(key), "*", "k", key, "v", value)
+                for key, value, pkey in buf[i:i + PIPELINE_CHUNK]:
+                    p.execute_command("XADD", self._stream_of(pkey), "*", "k", key, "v", value)
                 p.execute()
 
     def close(self) -> None:
