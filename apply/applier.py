@@ -30,6 +30,8 @@ log = logging.getLogger("conveyor.apply")
 POLL_TIMEOUT_S = 0.5
 STATUS_INTERVAL_S = 1.0
 RETRY_MAX_WAIT_S = 30.0
+BATCH_BYTES = 1024 * 1024    # record bytes per batch (decoded, a part takes several times more)
+FIRST_POLL = 16                  # records asked first, before their size is known
 # Replies that mean "not now" rather than "never": the batch is retried, never skipped. Auth and
 # permission errors are here too: a target whose password changed is waited for, not written around.
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
@@ -94,6 +96,7 @@ class Applier:
         self.on_progress = on_progress
         self.merge, self.stream_ids = merge_policy == "merge", stream_ids
         self._v7: dict[int, bool] = {}
+        self._poll_n = min(batch, FIRST_POLL)
         self.stats = ApplyStats()
         self._stop = threading.Event()
         self._last_status = 0.0
@@ -107,8 +110,9 @@ class Applier:
         self._status("running", force=True)
         try:
             while not self._stop.is_set():
-                records = self.reader.poll(self.batch, POLL_TIMEOUT_S)
+                records = self.reader.poll(self._poll_n, POLL_TIMEOUT_S)
                 if records:
+                    self._size_batches(records)
                     self._apply(records)
                     last_record = time.monotonic()
                     continue
@@ -124,6 +128,11 @@ class Applier:
             pass
         self._status("stopped", force=True)
         return self.stats
+
+    def _size_batches(self, records: list[Record]) -> None:
+        """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size."""
+        avg = sum(len(r.value) for r in records) / len(records)
+        self._poll_n = max(1, min(self.batch, int(BATCH_BYTES / max(avg, 1.0))))
 
     def _drained(self) -> bool:
         """Nothing left to read: the group's lag on the log is zero. (An empty poll alone is not
@@ -341,12 +350,12 @@ class Applier:
                 cmds = cmds + [("DEL", chunk_tmp)]
             for c in cmds:
                 pipe.execute_command(*c)
-            plan.append((ev, rec, key, start, len(cmds), value))
+            plan.append((ev, rec, key, start, len(cmds), value, chunk_tmp))
         try:
             replies = pipe.execute(raise_on_error=False) if len(pipe) else []
         except (*TRANSIENT_ERRORS, OSError) as e:
             raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
-        for ev, rec, key, start, n, value in plan:
+        for ev, rec, key, start, n, value, chunk_tmp in plan:
             errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
             if any(isinstance(r, TRANSIENT_ERRORS) or str(r).startswith(TRANSIENT_PREFIXES)
                    for r in errors):
@@ -357,6 +366,8 @@ class Applier:
                 target.delete(temp_key(key, b"w"))
             else:
                 done.append("converted")
+                if chunk_tmp is not None:
+                    done.append("chunked_keys")
                 self.stats.pending_dropped += values.pending_dropped(value)
         return failed
 

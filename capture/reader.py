@@ -112,6 +112,8 @@ class StateReader:
             if payload is None or ttl == -2 or (
                     check_type and _text(replies[step * i + 2]) != self.type_filter):
                 self._delete(key, read_ms)
+            elif len(payload) > self.part_bytes:
+                self._split_payload(key, payload, read_ms, self._expire(ttl, read_ms))
             else:
                 self._upsert(key, read_ms, self._expire(ttl, read_ms), payload=payload)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from conveyor.endpoints import mask_text, mask_uri, uri_db
+from conveyor.endpoints import mask_text, mask_uri
 from conveyor.errors import ConfigError, ConveyorError
 from conveyor.keys import REDIS_TYPES, KeyFilter, KeyRewriter, parse_slots
 from conveyor.runner import Endpoint

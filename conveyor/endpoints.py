@@ -7,7 +7,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from conveyor.errors import ConfigError, ConveyorError, SourceError, TargetError
+from conveyor.errors import ConfigError, ConveyorError, SourceError
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 SOCKET_TIMEOUT = 30.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -113,14 +113,41 @@ def _parse(buf, pos: int, end: int, where: str, *, strict: bool = True):
         pos = nxt
 
 
-def _scan_segment(path: Path) -> tuple[int, int]:
-    """(records, bytes of whole valid records) of a segment; stops at the first bad/torn record."""
-    count, good = 0, 0
+def _scan_segment(path: Path, pos: int = 0, count: int = 0, *, verify: bool = True
+                  ) -> tuple[int, int]:
+    """(records, bytes of whole valid records) of a segment, counting on from ``pos`` where
+    ``count`` records end; stops at the first torn record (and, with ``verify``, the first whose
+    CRC does not match). Reads READ_CHUNK at a time: memory stays flat whatever the segment size."""
+    hsize, unpack = HEADER.size, HEADER.unpack_from
     with open(path, "rb") as f:
-        data = f.read()
-    for _, nxt, *_ in _parse(memoryview(data), 0, len(data), str(path), strict=False):
-        count, good = count + 1, nxt
-    return count, good
+        size = os.fstat(f.fileno()).st_size
+        while pos + hsize <= size:
+            f.seek(pos)
+            data = f.read(READ_CHUNK)
+            length = unpack(data, 0)[0]
+            if pos + hsize + length > size:
+                break                                    # torn tail
+            if hsize + length > len(data):               # one record bigger than a chunk
+                if verify:
+                    data += f.read(hsize + length - len(data))
+                else:
+                    pos, count = pos + hsize + length, count + 1
+                    continue
+            start = pos
+            if verify:
+                for _, nxt, *_ in _parse(memoryview(data), 0, len(data), str(path), strict=False):
+                    pos, count = start + nxt, count + 1
+            else:
+                at = 0
+                while at + hsize <= len(data):
+                    nxt = at + hsize + unpack(data, at)[0]
+                    if nxt > len(data):
+                        break
+                    at, count = nxt, count + 1
+                pos = start + at
+            if pos == start:
+                break                                    # a bad record: stop before it
+    return count, pos
 
 
 class FileLogWriter(LogWriter):
@@ -216,6 +243,7 @@ class FileLogReader(LogReader):
         self._pos = 0
         self._offset = 0
         self._positions: dict[int, tuple[int, int]] = {}   # offset after a record -> (segment, byte)
+        self._counted = (-1, 0, 0)       # status(): (segment, byte, records) counted so far
         committed = _read_json(self._group_file)
         if start == "committed" and committed:
             self._goto(committed["segment"], committed["pos"], committed["offset"])
@@ -333,7 +361,13 @@ class FileLogReader(LogReader):
         segs = _segments(self.root)
         end = 0
         if segs:
-            end = segs[-1] + _scan_segment(_seg_path(self.root, segs[-1]))[0]
+            # Count on from where the last call stopped: only new records are read.
+            seg, pos, count = self._counted
+            if seg != segs[-1]:
+                seg, pos, count = segs[-1], 0, 0
+            count, pos = _scan_segment(_seg_path(self.root, seg), pos, count, verify=False)
+            self._counted = (seg, pos, count)
+            end = seg + count
         c = _read_json(self._group_file)
         committed = c["offset"] if c else None
         lag = end - (committed if committed is not None else (segs[0] if segs else 0))
