@@ -8,6 +8,16 @@ import redis
 PAGE = 1000
 
 
+def _raw(r: redis.Redis) -> redis.Redis:
+    """A client on the same pool whose XRANGE replies stay as flat lists."""
+    raw = getattr(r, "_conveyor_raw", None)
+    if raw is None:
+        raw = redis.Redis(connection_pool=r.connection_pool)
+        raw.set_response_callback("XRANGE", lambda response, **_: response)
+        r._conveyor_raw = raw
+    return raw
+
+
 def read_typed(r: redis.Redis, key: bytes, type_: str, *, stream_ids: str = "keep"):
     """A comparable value of ``key``; collections are read page by page, not in one command.
     ``stream_ids="drop"``: stream entries compare without their ids (the target assigned new
@@ -41,7 +51,9 @@ def read_typed(r: redis.Redis, key: bytes, type_: str, *, stream_ids: str = "kee
 def _stream(r: redis.Redis, key: bytes, drop_ids: bool = False):
     entries, start = [], b"-"
     while True:
-        page = r.xrange(key, start, b"+", count=PAGE)
+        # Raw reply: an entry may repeat a field name, which a dict would hide.
+        page = [(e[0], list(e[1])) for e in
+                _raw(r).execute_command("XRANGE", key, start, b"+", "COUNT", PAGE)]
         entries.extend(page)
         if len(page) < PAGE:
             break

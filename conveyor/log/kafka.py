@@ -34,7 +34,7 @@ PRODUCER_DEFAULTS = {"enable.idempotence": True, "acks": "all", "linger.ms": 10,
                      "batch.size": 1_000_000, "compression.type": "lz4",
                      "queue.buffering.max.messages": 500_000,
                      # bounded memory: at most this much waits in the producer's queue
-                     "queue.buffering.max.kbytes": 65536}
+                     "queue.buffering.max.kbytes": 16384}
 
 
 def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
@@ -150,6 +150,7 @@ class KafkaLogReader(LogReader):
                                   "session.timeout.ms": 10_000,
                                   # bounded memory: prefetch at most this much per partition set
                                   "queued.max.messages.kbytes": 16384,
+                                  "fetch.max.bytes": 16 * 1024 * 1024,
                                   **self.props, "group.id": group, "enable.auto.commit": False,
                                   "enable.auto.offset.store": False,
                                   "auto.offset.reset": "earliest"})
