@@ -26,6 +26,31 @@ BIG_KEY_BYTES = 8 * 1024 * 1024     # MEMORY USAGE above which a key is read in 
 PART_BYTES = 1024 * 1024            # bytes of one part (capped by the log's record limit)
 PAGE = 1000                         # elements asked per page of a big key
 REREAD_ATTEMPTS = 5                 # a key that changes type while read is read again
+SCRIPT_BUDGET = 16 * 1024 * 1024    # MEMORY USAGE of the keys one read script DUMPs at most
+
+# One server-side pass over a batch (dump mode with sizing): per key MEMORY USAGE, then DUMP +
+# expiry for keys up to the big-key threshold while the batch stays within its byte budget.
+# Per key it returns: payload, expiry, size[, type]; a key not dumped has payload nil and
+# expiry -2 (gone), -3 (over this call's budget: read it again) or its type (a big key).
+READ_SCRIPT = r"""
+local big, budget, exp, typed = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
+local used, out = 0, {}
+for _, k in ipairs(KEYS) do
+  local m = redis.call('MEMORY', 'USAGE', k)
+  if not m then
+    out[#out + 1] = false; out[#out + 1] = -2; out[#out + 1] = 0
+  elseif m > big then
+    out[#out + 1] = false; out[#out + 1] = redis.call('TYPE', k).ok; out[#out + 1] = m
+  elseif used > 0 and used + m > budget then
+    out[#out + 1] = false; out[#out + 1] = -3; out[#out + 1] = m
+  else
+    used = used + m
+    out[#out + 1] = redis.call('DUMP', k); out[#out + 1] = redis.call(exp, k); out[#out + 1] = m
+  end
+  if typed then out[#out + 1] = m and redis.call('TYPE', k).ok or 'none' end
+end
+return out
+"""
 MAX_NAMED = 20                      # keys named in reports (over --mem-limit)
 
 
@@ -69,6 +94,7 @@ class StateReader:
         # Stream entries may repeat a field name: keep XRANGE replies as flat lists.
         source.set_response_callback("XRANGE", _raw)
         self.counts = ReadCounts()
+        self._script: bool | None = None    # None: not tried yet; False: the source refuses it
         self.seq = 0
         self.capture_id = ""
         # Live modes: names of keys the log says exist, and names read during a resync scan. A key
@@ -90,6 +116,15 @@ class StateReader:
             return len(keys)
         todo = keys
         for _ in range(REREAD_ATTEMPTS):
+            if not self.struct and self._script is not False:
+                res = self._read_scripted(todo, check_type)
+                while res is not None and res[0] and res[1]:
+                    res = self._read_scripted(res[0], check_type)    # over budget: go on
+                if res is not None:
+                    todo = res[0]
+                    if not todo:
+                        return len(keys)
+                    continue                      # changed type meanwhile: another attempt
             todo = self._read_sized(todo, check_type)
             if not todo:
                 return len(keys)
@@ -116,6 +151,64 @@ class StateReader:
                 self._split_payload(key, payload, read_ms, self._expire(ttl, read_ms))
             else:
                 self._upsert(key, read_ms, self._expire(ttl, read_ms), payload=payload)
+
+    # -- sized, one script per batch ------------------------------------------------------------
+    def _read_scripted(self, keys: list[bytes], check_type: bool
+                       ) -> tuple[list[bytes], bool] | None:
+        """(keys to read again, whether only the budget deferred them); None when the source
+        does not run scripts (the pipelined path takes over for good)."""
+        read_ms = now_millis()
+        big = self.big_key_bytes or 2 ** 62
+        expiry = "PEXPIRETIME" if self.info.has_pexpiretime else "PTTL"
+        try:
+            if self._script is None:
+                # Redis 7+: declared read-only, so it also runs on a replica and at maxmemory.
+                body = ("#!lua flags=no-writes\n" + READ_SCRIPT if self.info.version >= (7, 0)
+                        else READ_SCRIPT)
+                self._sha = self.source.script_load(body)
+            reply = self.source.evalsha(self._sha, len(keys), *keys, big, SCRIPT_BUDGET, expiry,
+                                        1 if check_type else 0)
+            self._script = True
+        except redis.ResponseError as e:
+            if self._script and "NOSCRIPT" in str(e):
+                self._script = None               # the source restarted: load it again
+                return keys, True
+            if self._script is None:
+                log.warning("the source does not run scripts (%s); reading with pipelines", e)
+                self._script = False
+                return None
+            raise
+        step = 4 if check_type else 3
+        again, deferred, big_keys = [], [], []
+        for i, key in enumerate(keys):
+            payload, second, size = reply[step * i], reply[step * i + 1], reply[step * i + 2]
+            if payload is None and second == -3:
+                deferred.append(key)
+                continue
+            if payload is None and second == -2 or (
+                    check_type and _text(reply[step * i + 3]) != self.type_filter):
+                self._delete(key, read_ms)
+                continue
+            if self.mem_limit and size > self.mem_limit:
+                self._over_limit(key, size)
+                if self.mem_limit_skip:
+                    continue
+            if payload is None:
+                big_keys.append((key, _text(second)))
+            elif len(payload) > self.part_bytes:
+                self._split_payload(key, payload, read_ms, self._expire(second, read_ms))
+            else:
+                self._upsert(key, read_ms, self._expire(second, read_ms), payload=payload)
+        for key, type_ in big_keys:
+            if type_ not in values.TYPES:         # a module type: no typed form, DUMP it
+                again.append(key)
+            elif not self._read_big(key, type_):
+                again.append(key)
+        if again:
+            # Changed type while read in parts, or a module value above the threshold: the
+            # pipelined path reads it (module values whole, with DUMP).
+            again = self._read_sized(again, check_type)
+        return again + deferred, bool(deferred) and not again
 
     # -- sized / typed path --------------------------------------------------------------------
     def _read_sized(self, keys: list[bytes], check_type: bool) -> list[bytes]:

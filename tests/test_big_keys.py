@@ -201,3 +201,27 @@ def test_parts_written_before_a_crash_are_not_applied_twice(redis_factory, tmp_p
     assert stats.chunked_keys == 1
     out = run("verify", src.url, dst.url).stdout
     assert CLEAN in out, out
+
+
+def test_a_batch_over_the_read_budget_is_read_in_several_passes(redis_factory, tmp_path):
+    from capture.reader import SCRIPT_BUDGET
+    src, dst = redis_factory(), redis_factory()
+    r = src.client()
+    n = 3 * SCRIPT_BUDGET // 600_000 + 1
+    for i in range(n):
+        r.set(f"blob:{i}", os.urandom(600_000))     # under the big-key threshold, many per batch
+    out = run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True).stdout
+    assert f"capture: {n} keys" in out and CLEAN in out, out
+    assert "read in parts" not in out
+
+
+def test_a_source_that_refuses_scripts_is_read_with_pipelines(redis_factory, tmp_path):
+    src = redis_factory(extra=("--rename-command", "EVALSHA", "", "--rename-command", "SCRIPT", ""))
+    dst = redis_factory()
+    r = src.client()
+    r.rpush("big", *range(200_000))
+    r.set("small", "x")
+    p = run("replicate", src.url, dst.url, "--big-key-bytes", "256KiB", "--state-dir",
+            str(tmp_path), check=True)
+    assert "does not run scripts" in p.stderr and "reading with pipelines" in p.stderr, p.stderr
+    assert "1 keys read in parts" in p.stdout and CLEAN in p.stdout, p.stdout
