@@ -209,12 +209,14 @@ def write_commands(key: bytes, v: dict, *, into: bytes | None, expire_at_ms: int
     if into is not None:
         cmds.append(("DEL", into))
     add_value(cmds, tolerated, dest, v, stream_ids=stream_ids, merge=into is None, v7=v7)
-    if expire_at_ms is not None:
-        cmds.append(("PEXPIREAT", dest, expire_at_ms))
-    elif into is None and v["type"] != "STRING":
-        cmds.append(("PERSIST", dest))
     if into is not None:
         cmds.append(("RENAME", into, key))
+    # After the rename: an expiry that passes while the batch is on its way deletes the key
+    # (as on the source) instead of failing the rename.
+    if expire_at_ms is not None:
+        cmds.append(("PEXPIREAT", key, expire_at_ms))
+    elif into is None and v["type"] != "STRING":
+        cmds.append(("PERSIST", key))
     return Writes(cmds, tolerated)
 
 

@@ -5,6 +5,7 @@ import re
 import threading
 import time
 
+import pytest
 import redis
 from redis.crc import key_slot
 
@@ -190,3 +191,21 @@ def test_sigterm_stops_live_capture_with_everything_read_on_the_log(redis_factor
     assert cap.returncode == 0, out + err
     cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
     assert target.client().dbsize() == 300
+
+
+@pytest.mark.parametrize("value_type", ["dump", "struct"])
+def test_live_across_versions_converges_with_either_type(redis_factory, tmp_path, value_type):
+    """Valkey 8.1 -> Redis 7.0 under load: live events converted (dump) or typed (struct)."""
+    source = redis_factory("valkey8.1", extra=("--notify-keyspace-events", "KEA"))
+    target = redis_factory("redis7.0")
+    Workload(source.client(), rate=2000, keyspace=300, seed=3).run(1.0)
+    proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--type", value_type,
+                     "--idle-timeout", "3", "--state-dir", str(tmp_path), "--recheck-delay", "2")
+    wait_for_subscriber(source)
+    Workload(source.client(), rate=1500, keyspace=300, seed=4).run(4.0)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    assert "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out, out
+    typed = int(re.search(r"(\d+) typed", out).group(1))
+    converted = int(re.search(r"(\d+) converted", out).group(1))
+    assert (converted if value_type == "dump" else typed) > 300, out

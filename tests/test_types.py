@@ -170,3 +170,11 @@ def test_dump_and_struct_events_share_a_log(redis_factory, tmp_path):
     p = run("apply", dst.url, "--log", log, "--idle-timeout", "1", check=True)
     assert "1 restored, 1 typed" in p.stdout, p.stdout
     assert dst.client().get("a") == b"1" and dst.client().hgetall("b") == {b"f": b"v"}
+
+
+def test_a_target_without_restore_gets_type_based_writes(redis_factory, tmp_path):
+    src = redis_factory()
+    dst = redis_factory(extra=("--rename-command", "RESTORE", ""))
+    n = load_mixed(src.client(), 100)
+    p = run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
+    assert f"{n} converted" in p.stdout and CLEAN in p.stdout, p.stdout
