@@ -132,3 +132,22 @@ def test_status_shows_lag_and_last_apply_write(redis_factory, log_uri):
     assert after["apply"]["last_write_ms"] > 0
     text = cli.run("status", "--log", log_uri, check=True).stdout
     assert "last wrote" in text and "total lag 0" in text
+
+
+def test_a_log_option_nobody_reads_is_a_usage_error(redis_server, tmp_path):
+    for log, opt in ((f"file:{tmp_path / 'log'}", "partitions=4"),
+                     (f"{redis_server.url}/0", "segment_bytes=1"),
+                     ("kafka://127.0.0.1:9/topic", "no.such.property=1")):
+        p = cli.run("capture", redis_server.url, "--log", log, "--log-opt", opt)
+        line = cli.assert_one_line_error(p, 2)
+        assert opt.split("=")[0] in line, line
+
+
+def test_size_options_take_units_and_refuse_nonsense(redis_server, tmp_path):
+    p = cli.run("capture", redis_server.url, "--log", f"file:{tmp_path / 'l'}", "--mem-limit", "lots")
+    line = cli.assert_one_line_error(p, 2)
+    assert "'lots' is not a size" in line
+    redis_server.client().set("k", "v" * 2000)
+    p = cli.run("capture", redis_server.url, "--log", f"file:{tmp_path / 'l'}", "--mem-limit", "1KiB",
+                check=True)
+    assert "1 keys above --mem-limit" in p.stdout

@@ -17,6 +17,15 @@ __all__ = ["LogReader", "LogWriter", "MetaStore", "LogStatus", "PartitionStatus"
            "StartAt", "open_writer", "open_reader", "open_meta", "split_uri"]
 
 
+# Options each backend reads; anything else is an error, never silently ignored. Kafka passes every
+# other option to librdkafka, which refuses properties it does not know.
+KNOWN_OPTIONS: dict[str, set[str] | None] = {
+    "file": {"segment_bytes"},
+    "redis": {"stream", "partitions", "consumer", "claim_idle_ms", "block_ms", "trim"},
+    "kafka": None,
+}
+
+
 def split_uri(uri: str, options: dict[str, str] | None = None) -> tuple[str, str, dict[str, str]]:
     """(scheme, URI without our query, options merged from the query and ``options``)."""
     if not uri or ":" not in uri:
@@ -31,6 +40,11 @@ def split_uri(uri: str, options: dict[str, str] | None = None) -> tuple[str, str
     if scheme not in ("file", "redis", "rediss", "kafka"):
         raise ConfigError(f"log URI {mask_uri(uri)!r}: unknown scheme {scheme!r} "
                           "(use file:PATH, redis://host:port/db or kafka://host:port/topic)")
+    known = KNOWN_OPTIONS.get("redis" if scheme == "rediss" else scheme)
+    unknown = sorted(set(opts) - known) if known is not None else []
+    if unknown:
+        raise ConfigError(f"log option {unknown[0]!r} means nothing to the {scheme} log "
+                          f"(it knows: {', '.join(sorted(known)) or 'no options'})")
     if scheme == "kafka":
         _check_kafka(uri, base)
     elif scheme != "file":

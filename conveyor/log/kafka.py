@@ -22,7 +22,7 @@ from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError,
                              Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from conveyor.errors import LogError
+from conveyor.errors import ConfigError, LogError
 from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
@@ -60,6 +60,16 @@ def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
     return hosts, topic, props, topic_cfg, create
 
 
+def _made(cls, conf: dict):
+    """A librdkafka client; a property it refuses is a usage error (one line, exit 2)."""
+    try:
+        return cls(conf)
+    except (KafkaException, ValueError, TypeError) as e:
+        err = e.args[0] if e.args else e
+        text = err.str() if isinstance(err, KafkaError) else str(err)
+        raise ConfigError(f"Kafka log settings refused: {text}") from e
+
+
 def _error_cb(err: KafkaError) -> None:
     log.info("kafka client: %s", err)
 
@@ -70,7 +80,7 @@ def _client_props(props: dict) -> dict:
 
 def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
     """Creates ``topic`` if missing; returns its partition count. Unreachable -> LogError."""
-    admin = AdminClient(_client_props(props))
+    admin = _made(AdminClient, _client_props(props))
     try:
         md = admin.list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as e:
@@ -92,7 +102,7 @@ class KafkaLogWriter(LogWriter):
         _, self.topic, props, cfg, create = parse(uri, opts)
         self.partitions = ensure_topic(props, self.topic, cfg, create)
         conf = {**PRODUCER_DEFAULTS, **props}
-        self.producer = Producer(conf)
+        self.producer = _made(Producer, conf)
         # Room for the record's key and Kafka's per-record and batch overhead.
         self.max_record_bytes = int(conf.get("message.max.bytes", 1_000_000)) * 9 // 10
         self._errors: list[str] = []
@@ -145,7 +155,7 @@ class KafkaLogReader(LogReader):
         ensure_topic(self.props, self.topic, cfg, create)
         # Static membership: a restarted apply (after a crash) takes its partitions back at once
         # instead of waiting for the dead member's session to time out.
-        self.consumer = Consumer({"group.instance.id":
+        self.consumer = _made(Consumer, {"group.instance.id":
                                       f"{self.topic}-{group}-{opts.get('consumer', 'apply')}",
                                   "session.timeout.ms": 10_000,
                                   # bounded memory: prefetch at most this much per partition set
@@ -263,7 +273,7 @@ class KafkaLogReader(LogReader):
         topic = f"{self.topic}.dead-letter"
         if self._dlq is None:
             ensure_topic(self.props, topic, {"cleanup.policy": "delete"}, self._create)
-            self._dlq = Producer({**PRODUCER_DEFAULTS, **self.props})
+            self._dlq = _made(Producer, {**PRODUCER_DEFAULTS, **self.props})
         errors: list = []
         self._dlq.produce(topic, record.value, record.key,
                           headers=[("reason", reason.encode()), ("group", self.group.encode()),
@@ -289,7 +299,7 @@ class KafkaMetaStore(MetaStore):
         self.topic = f"{topic}.meta"
         ensure_topic(self.props, self.topic, {"cleanup.policy": "compact"},
                      {**create, "partitions": 1})
-        self.producer = Producer({**PRODUCER_DEFAULTS, **self.props, "linger.ms": 0})
+        self.producer = _made(Producer, {**PRODUCER_DEFAULTS, **self.props, "linger.ms": 0})
 
     def put(self, name: str, doc: dict) -> None:
         errors: list = []
@@ -299,7 +309,7 @@ class KafkaMetaStore(MetaStore):
             raise LogError(f"cannot store {name!r} in {self.topic!r}: {errors or 'timeout'}")
 
     def get(self, name: str) -> dict | None:
-        c = Consumer({**self.props, "group.id": "conveyor-meta-reader",
+        c = _made(Consumer, {**self.props, "group.id": "conveyor-meta-reader",
                       "enable.auto.commit": False})
         try:
             tp = TopicPartition(self.topic, 0)
