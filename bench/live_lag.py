@@ -40,7 +40,14 @@ def measure(src, dst, log_uri: str, rate: int, seconds: float) -> dict:
     s = src.client()
     while s.pubsub_numpat() < 1:
         time.sleep(0.05)
-    time.sleep(2)                                   # apply has joined its group / opened the log
+    # Steady state only: wait until a write goes all the way through (a Kafka consumer group's
+    # first join alone takes group.initial.rebalance.delay.ms, 3 s by default).
+    t, deadline = dst.client(), time.monotonic() + 60
+    while t.get(b"ready") is None:
+        s.set(b"ready", b"1")
+        time.sleep(0.1)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nothing reached the target through {log_uri} within 60 s")
     sent: dict[bytes, float] = {}
     lags: list[tuple[float, float]] = []
     stop = threading.Event()
