@@ -254,7 +254,7 @@ class StateReader:
         spans = []
         for key, type_ in items:
             if self.struct and type_ in values.TYPES:
-                n = values.queue_read(pipe, key, type_, has_stream_meta=True)
+                n = values.queue_read(pipe, key, type_)
             else:
                 pipe.execute_command("DUMP", key)
                 n = 1

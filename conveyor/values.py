@@ -99,7 +99,7 @@ def score_arg(s: float) -> bytes:
 
 
 # -- reading from a source ------------------------------------------------------------------------
-def queue_read(pipe, key: bytes, type_: str, *, has_stream_meta: bool) -> int:
+def queue_read(pipe, key: bytes, type_: str) -> int:
     """Queue the commands that read the whole ``type_`` value of ``key``; returns how many."""
     if type_ == "string":
         pipe.execute_command("GET", key)
