@@ -263,19 +263,21 @@ class Applier:
                 if what in ("written", "converted"):
                     pipe.execute_command("DEL", temp_key(key, b"w"))   # no half-built leftovers
             elif what == "chunk":
-                self._chunk_done(ev, rec, key, replies[start + n - 1], convert, done)
+                self._chunk_done(ev, rec, key, replies[start + n - 1], convert, done, failed)
             else:
                 done.append(what)
                 if what in ("written", "converted") and ev.value is not None:
-                    self.stats.pending_dropped += values.pending_dropped(ev.value)
+                    done.append(("pending_dropped", values.pending_dropped(ev.value)))
         if len(pipe):
             pipe.execute(raise_on_error=False)
         if convert:
             failed += self._convert(target, convert, v7, done)
+        # Counted only now: a TargetUnavailable above retries the whole batch, counting nothing.
         for rec, why in failed:
             self._dead_letter(rec, why)
-        for what in done:
-            setattr(self.stats, what, getattr(self.stats, what) + 1)
+        for item in done:
+            what, n = item if isinstance(item, tuple) else (item, 1)
+            setattr(self.stats, what, getattr(self.stats, what) + n)
 
     def _chunk_commands(self, ev: Event, key: bytes, now: int, v7: bool):
         ch = ev.chunk
@@ -307,26 +309,26 @@ class Applier:
         return [("EVAL", CHUNK_SCRIPT, 2, tmp, key, ch["index"], ch["offset"], count,
                  1 if last else 0, expire, chunk_kind(ev), *script_args(inner))], set()
 
-    def _chunk_done(self, ev, rec, key, reply, convert, done) -> None:
-        self.stats.chunks += 1
+    def _chunk_done(self, ev, rec, key, reply, convert, done, failed) -> None:
+        done.append("chunks")
         if isinstance(reply, list) and reply and reply[0] == b"refused":
             if convertible(reply[1]):
                 tmp = temp_key(key, ev.chunk["id"].encode())
                 convert.append((ev, rec, key, bytes(reply[2]), tmp))
             else:
-                self._dead_letter(rec, f"target refused key {ev.key!r}: {reply[1]!r}")
+                failed.append((rec, f"target refused key {ev.key!r}: {reply[1]!r}"))
             return
         if reply == b"orphan":
-            self.stats.orphan_chunks += 1
+            done.append("orphan_chunks")
             if ev.chunk["last"]:
                 log.warning("key %r: last part applied without its first part (the log was "
                             "replayed from the middle of the key); the key is not written", ev.key)
         elif reply == b"duplicate":
-            self.stats.duplicate_chunks += 1
+            done.append("duplicate_chunks")
         elif ev.chunk["last"]:
             done.append("chunked_keys")
             if ev.value is not None:
-                self.stats.pending_dropped += values.pending_dropped(ev.value)
+                done.append(("pending_dropped", values.pending_dropped(ev.value)))
 
     def _convert(self, target: redis.Redis, items, v7: bool, done: list) -> list:
         """Write refused DUMP payloads as typed values; returns the records that failed."""
@@ -368,7 +370,7 @@ class Applier:
                 done.append("converted")
                 if chunk_tmp is not None:
                     done.append("chunked_keys")
-                self.stats.pending_dropped += values.pending_dropped(value)
+                done.append(("pending_dropped", values.pending_dropped(value)))
         return failed
 
     def _decoded(self, ev: Event) -> dict:
