@@ -277,6 +277,7 @@ class StateReader:
                 if v is None or ttl == -2:
                     self._delete(key, read_ms)
                 else:
+                    self._add_consumers(key, v)
                     self._emit_value(key, v, read_ms, self._expire(ttl, read_ms))
             else:
                 payload = got[0]
@@ -378,7 +379,21 @@ class StateReader:
         info, groups = pipe.execute()
         meta = values._stream([], values._pairs(info), groups, {})
         meta["entries"] = part["stream"]["entries"]
-        return values.value("STREAM", stream=meta)
+        v = values.value("STREAM", stream=meta)
+        self._add_consumers(key, v)
+        return v
+
+    def _add_consumers(self, key: bytes, v: dict) -> None:
+        """The consumer names of a stream's groups (XGROUP CREATECONSUMER recreates them)."""
+        groups = v["stream"]["groups"] if v["type"] == "STREAM" and v["stream"] else []
+        if not groups:
+            return
+        pipe = self.source.pipeline(transaction=False)
+        for g in groups:
+            pipe.execute_command("XINFO", "CONSUMERS", key, g["name"])
+        for g, reply in zip(groups, pipe.execute(raise_on_error=False)):
+            if not isinstance(reply, Exception):     # a group deleted meanwhile: none to add
+                g["consumers"] = [values._bytes(values._pairs(c)["name"]) for c in reply]
 
     def _split(self, v: dict) -> list[dict]:
         """``v`` in parts of at most ``part_bytes`` (an element bigger than that is one part)."""

@@ -71,6 +71,9 @@ def assert_streams_alike(src, dst, keep_ids: bool = True) -> None:
         sg = {g["name"]: g for g in s.xinfo_groups(key)}
         tg = {g["name"]: g for g in t.xinfo_groups(key)}
         assert sorted(sg) == sorted(tg), key
+        for name in sg:
+            assert (sorted(c["name"] for c in s.xinfo_consumers(key, name))
+                    == sorted(c["name"] for c in t.xinfo_consumers(key, name))), (key, name)
         if keep_ids:
             for name in sg:
                 assert sg[name]["last-delivered-id"] == tg[name]["last-delivered-id"], (key, name)
