@@ -222,6 +222,7 @@ class Applier:
         for ev, rec in items:
             key = rename(ev.key) if rename else ev.key
             start = len(pipe)
+            value = None
             if ev.kind is Kind.UPSERT and ev.chunk is not None:
                 cmds, tolerated = self._chunk_commands(ev, key, now, v7)
                 what = "chunk"
@@ -243,14 +244,14 @@ class Applier:
                 what = "written" if ev.value is not None else "converted"
             for c in cmds:
                 pipe.execute_command(*c)
-            plan.append((ev, rec, key, what, start, len(cmds), tolerated))
+            plan.append((ev, rec, key, what, start, len(cmds), tolerated, value))
         try:
             replies = pipe.execute(raise_on_error=False) if len(pipe) else []
         except (*TRANSIENT_ERRORS, OSError) as e:
             raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
         done: list[str] = []
         convert: list[tuple[Event, Record, bytes, bytes, bytes | None]] = []
-        for ev, rec, key, what, start, n, tolerated in plan:
+        for ev, rec, key, what, start, n, tolerated, value in plan:
             errors = [(i, r) for i, r in enumerate(replies[start:start + n])
                       if isinstance(r, Exception) and i not in tolerated]
             for _, r in errors:
@@ -266,8 +267,8 @@ class Applier:
                 self._chunk_done(ev, rec, key, replies[start + n - 1], convert, done, failed)
             else:
                 done.append(what)
-                if what in ("written", "converted") and ev.value is not None:
-                    done.append(("pending_dropped", values.pending_dropped(ev.value)))
+                if value is not None:
+                    done.append(("pending_dropped", values.pending_dropped(value, self.stream_ids)))
         if len(pipe):
             pipe.execute(raise_on_error=False)
         if convert:
@@ -328,7 +329,8 @@ class Applier:
         elif ev.chunk["last"]:
             done.append("chunked_keys")
             if ev.value is not None:
-                done.append(("pending_dropped", values.pending_dropped(ev.value)))
+                done.append(("pending_dropped",
+                             values.pending_dropped(ev.value, self.stream_ids, whole=False)))
 
     def _convert(self, target: redis.Redis, items, v7: bool, done: list) -> list:
         """Write refused DUMP payloads as typed values; returns the records that failed."""
@@ -370,7 +372,7 @@ class Applier:
                 done.append("converted")
                 if chunk_tmp is not None:
                     done.append("chunked_keys")
-                done.append(("pending_dropped", values.pending_dropped(value)))
+                done.append(("pending_dropped", values.pending_dropped(value, self.stream_ids)))
         return failed
 
     def _decoded(self, ev: Event) -> dict:
@@ -394,6 +396,7 @@ class Applier:
             except redis.RedisError:
                 version = (0,)
             self._v7[k] = tuple(version) >= (7, 0)
+            target.set_response_callback("XCLAIM", lambda response, **_: response)
         return self._v7[k]
 
     # -- reporting -----------------------------------------------------------------------------

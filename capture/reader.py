@@ -93,6 +93,7 @@ class StateReader:
         self.part_bytes = max(1024, min(PART_BYTES, writer.max_record_bytes * 8 // 10))
         # Stream entries may repeat a field name: keep XRANGE replies as flat lists.
         source.set_response_callback("XRANGE", _raw)
+        source.set_response_callback("XPENDING", _raw)
         self.counts = ReadCounts()
         self._script: bool | None = None    # None: not tried yet; False: the source refuses it
         self.seq = 0
@@ -384,7 +385,8 @@ class StateReader:
         return v
 
     def _add_consumers(self, key: bytes, v: dict) -> None:
-        """The consumer names of a stream's groups (XGROUP CREATECONSUMER recreates them)."""
+        """The consumer names and pending entries of a stream's groups (XGROUP CREATECONSUMER
+        and XCLAIM ... FORCE recreate them)."""
         groups = v["stream"]["groups"] if v["type"] == "STREAM" and v["stream"] else []
         if not groups:
             return
@@ -394,6 +396,27 @@ class StateReader:
         for g, reply in zip(groups, pipe.execute(raise_on_error=False)):
             if not isinstance(reply, Exception):     # a group deleted meanwhile: none to add
                 g["consumers"] = [values._bytes(values._pairs(c)["name"]) for c in reply]
+        for g in groups:
+            if g["pending"]:
+                g["pel"] = self._pending(key, g["name"])
+
+    def _pending(self, key: bytes, group: bytes) -> list[dict]:
+        """XPENDING's extended form, page by page: id, owner, delivery time, delivery count."""
+        out, start = [], b"-"
+        while True:
+            now = now_millis()
+            try:
+                page = self.source.execute_command("XPENDING", key, group, start, "+", self.page)
+            except redis.ResponseError:
+                return out                       # the group went away meanwhile
+            for p in page:
+                p = p.values() if isinstance(p, dict) else p
+                eid, consumer, idle, count = list(p)[:4]
+                out.append({"id": eid, "consumer": consumer, "delivery_time": now - int(idle),
+                            "delivery_count": int(count)})
+            if len(page) < self.page:
+                return out
+            start = b"(" + out[-1]["id"]
 
     def _split(self, v: dict) -> list[dict]:
         """``v`` in parts of at most ``part_bytes`` (an element bigger than that is one part)."""

@@ -161,8 +161,8 @@ def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
                      "their key's first part (use --from earliest, or capture again)")
     if st.pending_dropped:
         lines.append(f"apply: {st.pending_dropped} pending entries of stream consumer groups "
-                     "were not recreated (plain commands cannot); the groups, their consumers and "
-                     "positions were")
+                     "were not recreated (new stream ids, no owner, or their entry was deleted); "
+                     "the groups, their consumers and positions were")
     for why in st.dead_letter_reasons:
         lines.append(f"  dead letter: {why}")
     if st.dead_letters:

@@ -34,9 +34,12 @@ def stream_doc(entries, last_id=None, entries_added=None, max_deleted_id=None, g
 
 
 def group_doc(name: bytes, last_delivered_id: bytes, entries_read=None, consumers=(),
-              pending: int = 0) -> dict:
+              pending: int = 0, pel=()) -> dict:
+    """``pel``: (id, consumer, delivery time ms, delivery count) of each pending entry."""
     return {"name": name, "last_delivered_id": last_delivered_id, "entries_read": entries_read,
-            "consumers": list(consumers), "pending": pending}
+            "consumers": list(consumers), "pending": pending,
+            "pel": [{"id": i, "consumer": c, "delivery_time": t, "delivery_count": n}
+                    for i, c, t, n in pel]}
 
 
 def _bytes(v) -> bytes:
@@ -72,7 +75,9 @@ def from_rdb(tv: TypedValue) -> dict:
                 flat += (_bytes(f), _bytes(v))
             entries.append((eid, flat))
         groups = [group_doc(g["name"], g["last_delivered_id"], g["entries_read"],
-                            [c["name"] for c in g["consumers"]], len(g["pending"]))
+                            [c["name"] for c in g["consumers"]], len(g["pending"]),
+                            [(p["id"], p["consumer"], p["delivery_time"], p["delivery_count"])
+                             for p in g["pending"] if p["consumer"] is not None])
                   for g in s.groups]
         return value("STREAM", stream=stream_doc(entries, s.last_id, s.entries_added,
                                                  s.max_deleted_id, groups))
@@ -277,6 +282,11 @@ def _add_stream(cmds: list, tolerated: set, dest: bytes, s: dict, *, stream_ids:
                 tolerated.add(len(cmds) - 1)   # BUSYGROUP: the target has it already
             for c in g["consumers"]:
                 cmds.append(("XGROUP", "CREATECONSUMER", dest, g["name"], c))
+            for p in g.get("pel", ()):
+                # FORCE creates the pending entry; TIME/RETRYCOUNT keep its delivery history.
+                cmds.append(("XCLAIM", dest, g["name"], p["consumer"], 0, p["id"], "TIME",
+                             p["delivery_time"], "RETRYCOUNT", p["delivery_count"], "FORCE",
+                             "JUSTID"))
         return
     # New ids: a group is created at "$" right after the entries it had read were added, so it
     # points at the same entry as on the source.
@@ -308,8 +318,17 @@ def _id_tuple(i: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def pending_dropped(v: dict) -> int:
-    """Pending entries of the stream's groups, which plain commands cannot recreate."""
+def pending_dropped(v: dict, stream_ids: str = "keep", whole: bool = True) -> int:
+    """Pending entries of the stream's groups that are not recreated: all of them when the ids
+    change, else those with no owner or pointing at an entry no longer in the stream (a whole
+    value only: the entries of a value in parts are not all at hand)."""
     if v["type"] != "STREAM" or not v["stream"]:
         return 0
-    return sum(g["pending"] for g in v["stream"]["groups"])
+    groups = v["stream"]["groups"]
+    if stream_ids != "keep":
+        return sum(g["pending"] for g in groups)
+    dropped = sum(g["pending"] - len(g.get("pel", ())) for g in groups)
+    if whole and any(g.get("pel") for g in groups):
+        ids = {e["id"] for e in v["stream"]["entries"]}
+        dropped += sum(1 for g in groups for p in g.get("pel", ()) if p["id"] not in ids)
+    return dropped

@@ -112,12 +112,15 @@ def test_every_type_in_parts_across_versions(redis_factory, tmp_path, pair, valu
     p.pexpire("h", 3_600_000)
     p.execute()
     r.xgroup_create("x", "g", id="4000-1")
+    r.xreadgroup("g", "reader", {"x": ">"}, count=5)          # 5 pending entries
     out = run("replicate", src.url, dst.url, "--type", value_type, "--big-key-bytes", "64KiB",
               "--state-dir", str(tmp_path), check=True).stdout
     assert CLEAN in out, out
     assert "7 keys read in parts" in out, out
     assert "7 keys completed from" in out, out
     assert dst.client().pttl("h") > 3_500_000
+    pending = [src.client().xpending("x", "g"), dst.client().xpending("x", "g")]
+    assert pending[0] == pending[1] and pending[0]["pending"] == 5, pending
 
 
 @pytest.mark.parametrize("value_type", ["dump", "struct"])
