@@ -151,3 +151,10 @@ def test_size_options_take_units_and_refuse_nonsense(redis_server, tmp_path):
     p = cli.run("capture", redis_server.url, "--log", f"file:{tmp_path / 'l'}", "--mem-limit", "1KiB",
                 check=True)
     assert "1 keys above --mem-limit" in p.stdout
+
+
+def test_quickstart_demo_migrates_and_verifies():
+    """The README's first Quickstart command (after setup): a real migration, verified."""
+    p = cli.run("demo", "--keys", "500", check=True)
+    assert "verify: 0 missing, 0 type, 0 value, 0 ttl, 0 extra (503 keys checked)" in p.stdout, p.stdout
+    assert "demo: the target is identical to the source" in p.stdout
