@@ -190,3 +190,38 @@ def test_a_target_without_restore_gets_type_based_writes(redis_factory, tmp_path
     n = load_mixed(src.client(), 100)
     p = run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
     assert f"{n} converted" in p.stdout and CLEAN in p.stdout, p.stdout
+
+
+def test_module_value_the_target_cannot_load_is_dead_lettered_not_dropped(redis_factory, tmp_path):
+    # No module server is installable here, so the value is a ReJSON-RL DUMP payload built by hand
+    # (RDB 10, valid CRC): the real target refuses it ("Bad data format"), apply cannot convert a
+    # module value, and the record is dead-lettered, named, and fails the run.
+    import struct
+
+    from conveyor.events import Codec, Event, Kind, record_key
+    from conveyor.log import open_writer
+    from conveyor.rdb import crc64
+
+    charset = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    module_id = 0
+    for ch in "ReJSON-RL":
+        module_id = (module_id << 6) | charset.index(ch)
+    body = b"\x07\x81" + ((module_id << 10) | 3).to_bytes(8, "big") + b"\x00" + b"\x0a\x00"
+    payload = body + struct.pack("<Q", crc64(body))
+    log = f"file:{tmp_path / 'log'}"
+    codec, w = Codec(), open_writer(log)
+    for key, value in ((b"doc", payload), (b"plain", None)):
+        ev = Event(Kind.UPSERT, 0, key, payload=value)
+        if value is None:
+            ev.value = {"type": "STRING", "items": [b"ok"], "scores": [], "stream": None}
+        w.append(record_key(0, key), codec.encode(ev))
+    w.flush()
+    w.close()
+    target = redis_factory()
+    p = run("apply", target.url, "--log", log, "--idle-timeout", "1")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "1 dead letters" in p.stdout
+    assert "ReJSON-RL" in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    client = target.client()
+    assert client.exists("doc") == 0 and client.get("plain") == b"ok"
