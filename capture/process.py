@@ -22,7 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from capture.notifications import DirtySet, Notifications
 from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from conveyor.endpoints import ServerInfo, mask_uri
-from conveyor.errors import SourceError
+from conveyor.errors import CodecError, SourceError
 from conveyor.events import Codec, Kind, now_millis
 from conveyor.keys import KeyFilter
 from conveyor.log import LogWriter, MetaStore
@@ -50,8 +50,12 @@ class CaptureStats:
     resyncs: int = 0             # catch-up scans started
     resyncs_done: int = 0        # ... and finished
     dirty_waiting: int = 0
+    notifications: int = 0       # keyspace notifications received (a key waiting is read once)
     unseen_reread: int = 0       # keys re-read after a resync because the scan no longer saw them
     untracked: bool = False      # too many keys to track names: deletes in a gap cannot be healed
+    history_records: int = 0     # live: records read back from the log to learn which keys exist
+    history_gap: str = ""        # ... and why that history is not everything ever appended
+    incomplete_why: str = ""     # live: why convergence cannot be claimed
     reads: ReadCounts = field(default_factory=ReadCounts)   # big keys, parts, --mem-limit
     started: float = field(default_factory=time.monotonic)
 
@@ -97,6 +101,7 @@ class Capture:
         self._gap_lock = threading.Lock()
         self._cursor: int | None = None     # None: no scan in progress
         self._scan_is_resync = False
+        self._catch_up = False               # live: the first scan also looks for deleted keys
 
     def stop(self) -> None:
         self._stop.set()
@@ -144,7 +149,7 @@ class Capture:
         st.total_hint = self._retry(self.source.dbsize)
         previous = None if self.fresh else self.meta.get(self.checkpoint)
         self._new_capture_id()
-        self.reader.known = set()
+        self._learn_known_keys()
         notes = Notifications(connect=self.connect or (lambda: self.source), db=self.info.db,
                               dirty=self.dirty, key_filter=self.filter, on_gap=self._gap)
         try:
@@ -155,15 +160,26 @@ class Capture:
             if self.mode == "live":
                 self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
                 self._cursor = 0
-            elif previous and previous.get("mode") in ("live", "liveonly"):
-                self._gap(f"capture restarted (previous run {previous.get('capture_id')} "
-                          "could not see changes made while it was down)")
+                # After an earlier capture, keys the log holds that this scan does not see were
+                # deleted while none ran: they are re-read.
+                self._catch_up = bool(previous or st.history_records or st.history_gap)
+                if self._catch_up:
+                    self.reader.seen = set()
+            elif previous:
+                self._gap(f"capture restarted (changes made since the previous run "
+                          f"{previous.get('capture_id')} were not seen)")
             self._save("live")
             self._live_loop()
         finally:
             notes.stop()
-        st.complete = (not self._resync.is_set() and self._cursor is None
-                       and not (st.untracked and st.gaps))
+        blind = (st.untracked or bool(st.history_gap)) and bool(st.gaps or self._catch_up)
+        st.complete = not self._resync.is_set() and self._cursor is None and not blind
+        if not st.complete:
+            st.incomplete_why = (
+                "keys deleted while changes were not seen may be missing from the log (see above); "
+                "check the target with verify" if blind and self._cursor is None
+                else "stopped before the last resync finished; run again (the restart triggers "
+                     "a catch-up scan)")
         self._save("live" if not st.complete else "stopped")
         self._progress()
         return st
@@ -230,8 +246,9 @@ class Capture:
 
     def _scan_done(self) -> None:
         self._cursor = None
-        if self._scan_is_resync:
+        if self._scan_is_resync or self._catch_up:
             self._reread_unseen()
+        if self._scan_is_resync:
             self.stats.resyncs_done += 1
         self.reader.marker(Kind.SNAPSHOT_END, self.stats.keys)
         self._scan_is_resync = False
@@ -247,6 +264,47 @@ class Capture:
         for i in range(0, len(unseen), self.scan_count):
             self._retry(lambda b=unseen[i:i + self.scan_count]: self.reader.read(b, check_type=True))
         self.stats.unseen_reread += len(unseen)
+
+    def _learn_known_keys(self) -> None:
+        """Which keys of this db exist according to the log, from what it holds: a key deleted on
+        the source while no capture ran (or while notifications were lost) is one of them that a
+        scan no longer sees."""
+        st, codec, db = self.stats, self.reader.codec, self.info.db
+        known: set[bytes] | None = set()
+        history = self.writer.history()
+        if not history.complete:
+            st.history_gap = history.why
+        records = history.records
+        try:
+            for key, value in records:
+                st.history_records += 1
+                try:
+                    ev = codec.decode(value)
+                except CodecError:
+                    continue                      # apply dead-letters it; it wrote nothing
+                if ev.is_marker or ev.db != db:
+                    continue
+                if ev.kind == Kind.DELETE:
+                    known.discard(ev.key)
+                else:
+                    known.add(ev.key)             # a part too: the key may be half-replaced
+                if len(known) > self.max_tracked:
+                    known = None
+                    st.untracked = True
+                    break
+                if st.history_records % 1_000_000 == 0:
+                    log.info("read %d records of the log's history", st.history_records)
+        finally:
+            close = getattr(records, "close", None)
+            if close:
+                close()
+        if known is not None and (self.filter.checks_names or self.filter.match):
+            accepts = self.filter.accepts_name
+            known = {k for k in known if accepts(k, check_glob=True)}
+        self.reader.known = known
+        if st.history_records:
+            log.info("the log holds %d records; %s keys of db %d exist according to it",
+                     st.history_records, "too many" if known is None else len(known), db)
 
     def _track_limit(self) -> None:
         known = self.reader.known
@@ -273,6 +331,7 @@ class Capture:
         self.stats.keys, self.stats.deletes = self.reader.counts.upserts, self.reader.counts.deletes
         self.stats.reads = self.reader.counts
         self.stats.dirty_waiting = len(self.dirty)
+        self.stats.notifications = self.dirty.marked
 
     def _save(self, state: str) -> None:
         """Flush first: the cursor is saved only once everything before it is durable on the log."""

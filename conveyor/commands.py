@@ -125,21 +125,25 @@ def _capture_lines(st) -> tuple[list[str], bool]:
                 ] + _read_lines(st.reads), st.complete
     lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
-             f"({st.resyncs_done} finished)"]
+             f"({st.resyncs_done} finished)",
+             f"  {st.notifications} keyspace notifications (a key already waiting is read once)"]
     lines += [f"  gap: {g}" for g in st.gaps]
     lines += _read_lines(st.reads)
     if st.unseen_reread:
-        lines.append(f"  {st.unseen_reread} keys not seen by a resync scan were re-read "
-                     "(deleted or renamed while notifications were lost)")
+        lines.append(f"  {st.unseen_reread} keys on the log but not seen by the scan were re-read "
+                     "(deleted or renamed while changes were not seen)")
     if st.untracked and st.gaps:
         lines.append("  too many keys to track names: deletes made during a gap may be missing "
                      "on the target")
+    if st.history_gap:
+        lines.append(f"  the log no longer holds every key's last event ({st.history_gap}): "
+                     "keys deleted while no capture ran cannot be found; check the target with "
+                     "verify")
     if st.complete:
         lines.append("capture: converged: every change read from the source is on the log"
                      + (f"; {len(st.gaps)} gaps were healed by resyncs" if st.gaps else ""))
     else:
-        lines.append("capture: CANNOT claim convergence: stopped before the last resync "
-                     "finished; run again (the restart triggers a catch-up scan)")
+        lines.append(f"capture: CANNOT claim convergence: {st.incomplete_why}")
     return lines, st.complete
 
 

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import redis
 from redis.crc import key_slot
 
 from conveyor.workload import Workload
@@ -209,3 +208,111 @@ def test_live_across_versions_converges_with_either_type(redis_factory, tmp_path
     typed = int(re.search(r"(\d+) typed", out).group(1))
     converted = int(re.search(r"(\d+) converted", out).group(1))
     assert (converted if value_type == "dump" else typed) > 300, out
+
+
+def log_events(log_uri: str) -> list:
+    """Every event on a log, in log order (a file log has one partition)."""
+    from conveyor.events import Codec
+    from conveyor.log import open_reader
+
+    codec, reader, out = Codec(), open_reader(log_uri, "inspect", start="earliest"), []
+    try:
+        while batch := reader.poll(1000, 1.0):
+            out += [codec.decode(r.value) for r in batch]
+    finally:
+        reader.close()
+    return out
+
+
+def test_hot_key_is_read_once_per_wait_and_never_goes_back_in_time(redis_factory, tmp_path):
+    # given a source with enough keys that the scan is still running while a key is hammered
+    from conveyor.events import Kind
+    from conveyor.rdb import decode_dump
+
+    source = notifying_source(redis_factory)
+    client = source.client()
+    pipe = client.pipeline(transaction=False)
+    for i in range(30000):
+        pipe.set(f"filler:{i}", i)
+    pipe.set("hot", 0)
+    pipe.execute()
+    log_uri = f"file:{tmp_path / 'log'}"
+    cap = cli.start("capture", source.url, "--log", log_uri, "--mode", "live", "--idle-timeout", "2",
+                    "--scan-count", "100")
+    wait_for_subscriber(source)
+    # when it is incremented 20,000 times during the scan and after it
+    writes = 20000
+    for _ in range(writes // 50):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(50):
+            pipe.incr("hot")
+        pipe.execute()
+    out, err = cap.communicate(timeout=120)
+    assert cap.returncode == 0, out + err
+    # then its values on the log only ever go forward, end at the last write, and the
+    # notifications of a key already waiting cost no extra read
+    hot = [int(decode_dump(ev.payload).value) for ev in log_events(log_uri)
+           if ev.kind == Kind.UPSERT and ev.key == b"hot"]
+    assert hot == sorted(hot), "a stale value landed after a newer one"
+    assert hot[-1] == writes
+    assert len(hot) < writes // 2, len(hot)
+    notified = int(re.search(r"(\d+) keyspace notifications", out).group(1))
+    assert notified >= writes, out
+
+
+def test_liveonly_restart_is_a_counted_gap_healed_by_a_resync(redis_factory, tmp_path):
+    # given a liveonly capture that ran and stopped
+    source = notifying_source(redis_factory)
+    target = redis_factory()
+    log_uri = f"file:{tmp_path / 'log'}"
+    first = cli.start("capture", source.url, "--log", log_uri, "--mode", "liveonly",
+                      "--idle-timeout", "1")
+    wait_for_subscriber(source)
+    source.client().set("during-first", 1)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0 and "0 gaps" in out, out + err
+    # when keys change while no capture runs
+    source.client().set("while-down", 2)
+    source.client().delete("during-first")
+    # then the next run reports the restart as a gap, resyncs, and the log holds both changes
+    p = cli.run("capture", source.url, "--log", log_uri, "--mode", "liveonly", "--idle-timeout", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 gaps, 1 resyncs (1 finished)" in p.stdout and "capture restarted" in p.stdout, p.stdout
+    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    assert target.client().keys("*") == [b"while-down"]
+
+
+def test_keys_deleted_before_a_live_run_are_deleted_on_the_target(redis_factory, log_uri):
+    # given a snapshot on the log, then deletes on the source while no capture runs
+    source, target = notifying_source(redis_factory), redis_factory()
+    client = source.client()
+    for i in range(200):
+        client.set(f"k{i}", i)
+    cli.run("capture", source.url, "--log", log_uri, check=True)
+    client.delete("k7", "k42")
+    client.rename("k99", "renamed")
+    # when a live capture starts on the same log
+    p = cli.run("capture", source.url, "--log", log_uri, "--mode", "live", "--idle-timeout", "1")
+    # then the keys the log holds but its scan no longer saw are re-read as deletes
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 keys on the log but not seen by the scan were re-read" in p.stdout, p.stdout
+    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    t = target.client()
+    assert t.dbsize() == 198 and t.exists("k7", "k42", "k99") == 0 and t.get("renamed") == b"99"
+
+
+def test_a_trimmed_log_makes_a_restarted_live_capture_say_it_cannot_claim_convergence(
+        redis_factory, tmp_path):
+    from conveyor.log import open_reader
+
+    source, target, buffer = notifying_source(redis_factory), redis_factory(), redis_factory()
+    log_uri = f"{buffer.url}/0"
+    source.client().set("a", 1)
+    cli.run("capture", source.url, "--log", log_uri, check=True)
+    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    r = open_reader(log_uri, "apply")
+    r.trim()                                      # what apply does every few seconds
+    r.close()
+    p = cli.run("capture", source.url, "--log", log_uri, "--mode", "liveonly", "--idle-timeout", "1")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "trimmed" in p.stdout and "CANNOT claim convergence" in p.stdout, p.stdout

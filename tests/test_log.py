@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 
-from conveyor.errors import LogError
 from conveyor.log import open_meta, open_reader, open_writer
 
 
@@ -131,3 +130,46 @@ def test_reader_follows_records_appended_while_it_waits(log_uri):
     write(log_uri, [(b"0:x", b"1")])
     assert [x.value for x in drain(r, 1)] == [b"1"]
     r.close()
+
+
+def test_history_holds_every_record_in_order_without_joining_a_group(log_uri):
+    opts = {"partitions": "3"} if not log_uri.startswith("file") else {}
+    items = [(b"0:key%d" % (i % 11), b"%d" % i) for i in range(500)]
+    write(log_uri, items, opts=opts)
+    w = open_writer(log_uri, opts)
+    w.append(b"0:unflushed", b"x")             # history() flushes first: it is there too
+    h = w.history()
+    got = list(h.records)
+    w.close()
+    assert h.complete and h.why == ""
+    assert sorted(got) == sorted(items + [(b"0:unflushed", b"x")])
+    for k in {k for k, _ in items}:
+        assert [v for kk, v in got if kk == k] == [v for kk, v in items if kk == k]
+    r = open_reader(log_uri, "apply", opts)     # history took nothing from a group
+    assert r.status().lag == 501
+    r.close()
+
+
+@pytest.mark.parametrize("log_uri", ["redis", "kafka"], indirect=True)   # a file log never trims
+def test_history_of_a_trimmed_log_says_it_is_incomplete(log_uri):
+    if log_uri.startswith("kafka"):
+        log_uri += "?topic.cleanup.policy=delete"      # Kafka deletes records of those only
+    write(log_uri, BINARY)
+    if log_uri.startswith("redis"):
+        r = open_reader(log_uri, "apply")
+        r.commit(drain(r, 50))
+        r.trim()                                 # trim=acked: every group is past them
+        r.close()
+    else:
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        host, topic = log_uri.split("?")[0].split("://")[1].split("/")
+        admin = AdminClient({"bootstrap.servers": host})
+        admin.delete_records([TopicPartition(topic, 0, 20)])[TopicPartition(topic, 0, 20)].result(30)
+    w = open_writer(log_uri)
+    h = w.history()
+    left = list(h.records)
+    w.close()
+    assert not h.complete and h.why
+    assert len(left) < 50

@@ -1,7 +1,6 @@
 """What only one backend does: file framing and locking, stream trimming and claiming, Kafka topics."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

@@ -6,9 +6,7 @@ import json
 import signal
 import time
 
-import redis
 
-from conveyor.events import Codec
 from conveyor.log import open_meta, open_writer
 from tests import cli
 from tests.datasets import load_mixed

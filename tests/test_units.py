@@ -115,3 +115,26 @@ def test_log_uris_dispatch_and_merge_query_options():
     assert (scheme, base, opts) == ("kafka", "kafka://a:1,b:2/topic", {"partitions": "6", "acks": "all"})
     with pytest.raises(ConfigError):
         split_uri("s3://bucket/x")
+
+
+# -- dirty-key set (live capture) ------------------------------------------------------------------
+def test_a_key_already_waiting_is_not_queued_twice():
+    from capture.notifications import DirtySet
+
+    d = DirtySet(limit=10)
+    for k in (b"a", b"b", b"a", b"a", b"c", b"b"):
+        assert d.add(k)
+    assert len(d) == 3 and d.marked == 6
+    assert d.take(2) == [b"a", b"b"]          # first marked, first read
+    assert d.add(b"a")                        # read since: a new change queues it again
+    assert d.take(10) == [b"c", b"a"] and len(d) == 0
+
+
+def test_a_full_dirty_set_refuses_new_keys_but_not_waiting_ones():
+    from capture.notifications import DirtySet
+
+    d = DirtySet(limit=2)
+    assert d.add(b"a") and d.add(b"b")
+    assert d.add(b"a")                        # already waiting: no room needed
+    assert not d.add(b"c")                    # full: the caller turns this into a gap
+    assert d.clear() == 2 and d.add(b"c")

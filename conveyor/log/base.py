@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 # Where a reader starts: committed position of its group, the oldest record, the end, or a time.
 StartAt = Union[str, datetime]  # "committed" | "earliest" | "latest" | datetime (tz-aware)
@@ -66,6 +66,16 @@ class MetaStore(_Closing, abc.ABC):
     def get(self, name: str) -> dict | None: ...
 
 
+@dataclass
+class History:
+    """What a log still holds, read without a consumer group (capture rebuilds from it the names
+    of the keys the log says exist). ``records`` yields (key, value) in append order within each
+    partition; ``complete`` is False when records were removed (trimmed, expired), ``why`` says how."""
+    complete: bool
+    records: Iterator[tuple[bytes, bytes]]
+    why: str = ""
+
+
 class LogWriter(_Closing, abc.ABC):
     """Appends records; ``flush`` returns only when every appended record is durable.
 
@@ -86,6 +96,10 @@ class LogWriter(_Closing, abc.ABC):
 
     @abc.abstractmethod
     def flush(self, timeout: float = 60.0) -> None: ...
+
+    @abc.abstractmethod
+    def history(self) -> History:
+        """Every record the log holds now (see History). Raises LogError if it cannot be read."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

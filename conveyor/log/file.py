@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from conveyor.errors import LogError
-from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
+from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
 HEADER = struct.Struct("<IIqI")          # length, crc32, timestamp ms, key length
@@ -220,6 +220,24 @@ class FileLogWriter(LogWriter):
             os.fsync(self._file.fileno())
         except OSError as e:
             raise LogError(f"cannot fsync log {self.root}: {e}") from e
+
+    def history(self) -> History:
+        self.flush()
+        return History(True, self._history())
+
+    def _history(self):
+        """Every record of every segment; a file log never removes one."""
+        for base in _segments(self.root):
+            path = _seg_path(self.root, base)
+            with open(path, "rb") as f:
+                held = b""
+                while data := f.read(READ_CHUNK):
+                    held = held + data if held else data
+                    mv, pos = memoryview(held), 0
+                    for _, pos, _, key, value in _parse(mv, 0, len(held), str(path)):
+                        yield key, value
+                    mv.release()
+                    held = held[pos:]
 
     def close(self) -> None:
         if self._file.closed:

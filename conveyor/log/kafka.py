@@ -23,7 +23,7 @@ from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError,
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conveyor.errors import ConfigError, LogError
-from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
+from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
 log = logging.getLogger("conveyor.kafka")
@@ -97,9 +97,20 @@ def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
     return create["partitions"]
 
 
+def _data(msgs, topic: str):
+    """The data messages of a consume() batch; an error other than end-of-partition is LogError."""
+    for m in msgs:
+        err = m.error()
+        if err is None:
+            yield m
+        elif err.code() != KafkaError._PARTITION_EOF:
+            raise LogError(f"Kafka consume from {topic!r} failed: {err}")
+
+
 class KafkaLogWriter(LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         _, self.topic, props, cfg, create = parse(uri, opts)
+        self._props = props
         self.partitions = ensure_topic(props, self.topic, cfg, create)
         conf = {**PRODUCER_DEFAULTS, **props}
         self.producer = _made(Producer, conf)
@@ -141,6 +152,54 @@ class KafkaLogWriter(LogWriter):
             raise LogError(f"{left} records not acknowledged by Kafka within {timeout:.0f}s "
                            f"(topic {self.topic!r})")
         self._unflushed = 0
+
+    def history(self) -> History:
+        self.flush()
+        consumer = _made(Consumer, {**self._props, "group.id": f"{self.topic}-history",
+                                    "enable.auto.commit": False, "enable.auto.offset.store": False,
+                                    "queued.max.messages.kbytes": 16384,
+                                    "fetch.max.bytes": 16 * 1024 * 1024})
+        ends, starts, removed = {}, [], 0
+        try:
+            for p in range(self.partitions):
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(self.topic, p),
+                                                        timeout=METADATA_TIMEOUT_S)
+                removed += lo
+                if hi > lo:
+                    ends[p] = hi
+                    starts.append(TopicPartition(self.topic, p, lo))
+        except KafkaException as e:
+            consumer.close()
+            raise LogError(f"cannot read the offsets of Kafka topic {self.topic!r}: {e.args[0]}") from e
+        why = (f"{removed} records removed from the start of {self.topic!r} by retention"
+               if removed else "")
+        return History(not removed, self._history(consumer, starts, ends), why)
+
+    def _history(self, consumer, starts: list, ends: dict):
+        """Reads each partition up to the end it had when asked, without joining a group."""
+        try:
+            consumer.assign(starts)
+            idle_since = time.monotonic()
+            while ends:
+                try:
+                    msgs = consumer.consume(1000, 1.0)
+                except KafkaException as e:
+                    raise LogError(f"Kafka consume from {self.topic!r} failed: {e.args[0]}") from e
+                for m in _data(msgs, self.topic):
+                    if m.partition() in ends:
+                        yield m.key() or b"", m.value() or b""
+                if msgs:
+                    idle_since = time.monotonic()
+                # Done with a partition once its position reached the end (compaction may have
+                # removed the records just before it).
+                for tp in consumer.position([TopicPartition(self.topic, p) for p in ends]):
+                    if tp.offset >= ends[tp.partition]:
+                        del ends[tp.partition]
+                if ends and time.monotonic() - idle_since > 10 * METADATA_TIMEOUT_S:
+                    raise LogError(f"reading Kafka topic {self.topic!r} from the start stalled "
+                                   f"(partitions {sorted(ends)} not read to their end)")
+        finally:
+            consumer.close()
 
     def close(self) -> None:
         self.flush()
@@ -228,12 +287,7 @@ class KafkaLogReader(LogReader):
         except KafkaException as e:
             raise LogError(f"Kafka consume from {self.topic!r} failed: {e.args[0]}") from e
         out = []
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise LogError(f"Kafka consume from {self.topic!r} failed: {err}")
+        for m in _data(msgs, self.topic):
             out.append(Record(str(m.partition()), m.offset(), m.key() or b"", m.value() or b"",
                               m.timestamp()[1]))
         return out

@@ -25,7 +25,7 @@ import redis
 
 from conveyor.endpoints import connect, mask_uri
 from conveyor.errors import ConveyorError, LogError
-from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
+from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
 PIPELINE_CHUNK = 1000
@@ -103,6 +103,38 @@ class StreamLogWriter(LogWriter):
                 for key, value, pkey in buf[i:i + PIPELINE_CHUNK]:
                     p.execute_command("XADD", self._stream_of(pkey), "*", "k", key, "v", value)
                 p.execute()
+
+    def history(self) -> History:
+        self.flush()
+        why = []
+        with _converted("XINFO STREAM"):
+            for s in self.streams:
+                if not self.r.exists(s):
+                    continue
+                info = _info(self.r.execute_command("XINFO", "STREAM", s))
+                added, length = info.get("entries-added"), int(info.get("length", 0))
+                if added is None and _s(info.get("last-generated-id", b"0-0")) == "0-0":
+                    continue                       # nothing was ever added to it
+                if added is None:
+                    why.append(f"{s}: the buffer Redis is older than 7.0 and cannot tell whether "
+                               "entries were trimmed")
+                elif int(added) != length:
+                    why.append(f"{s}: {int(added) - length} entries trimmed after apply acknowledged "
+                               "them (trim=acked)")
+        return History(not why, self._history(), "; ".join(why))
+
+    def _history(self):
+        for s in self.streams:
+            start = "-"
+            while True:
+                with _converted("XRANGE"):
+                    entries = self.r.execute_command("XRANGE", s, start, "+", "COUNT", PIPELINE_CHUNK)
+                for entry_id, fields in entries:
+                    f = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+                    yield f[b"k"], f[b"v"]
+                if len(entries) < PIPELINE_CHUNK:
+                    break
+                start = "(" + _s(entries[-1][0])
 
     def close(self) -> None:
         try:
