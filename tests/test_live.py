@@ -316,3 +316,44 @@ def test_a_trimmed_log_makes_a_restarted_live_capture_say_it_cannot_claim_conver
     p = cli.run("capture", source.url, "--log", log_uri, "--mode", "liveonly", "--idle-timeout", "1")
     assert p.returncode == 1, p.stdout + p.stderr
     assert "trimmed" in p.stdout and "CANNOT claim convergence" in p.stdout, p.stdout
+
+
+def test_live_filters_select_changes_and_never_drop_a_delete(redis_factory, tmp_path):
+    # given matching and non-matching keys, and a live run with a pattern, a type and an exclude
+    source, target = notifying_source(redis_factory), redis_factory()
+    s = source.client()
+    s.mset({"user:1": "a", "user:2": "b", "user:3": "c", "other:1": "x"})
+    proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "2",
+                     "--state-dir", str(tmp_path), "--no-verify", "--scan-match", "user:*",
+                     "--scan-type", "string", "--key-exclude", "^user:secret")
+    wait_for_subscriber(source)
+    time.sleep(1)                                     # the initial scan has copied user:1-3
+    # when matching keys change, are deleted or change type, and others are written
+    s.set("user:new", "n")
+    s.delete("user:1")
+    s.delete("user:2")
+    s.hset("user:2", "f", "v")                        # now a hash: out of --scan-type string
+    s.hset("user:hash", "f", "v")
+    s.set("user:secret1", "s")
+    s.set("other:2", "y")
+    out, err = proc.communicate(timeout=60)
+    # then exactly the selected keys are on the target, and the deletes arrived
+    assert proc.returncode == 0, out + err
+    assert set(target.client().keys("*")) == {b"user:3", b"user:new"}
+
+
+def test_evicted_keys_are_deleted_on_the_target(redis_factory, tmp_path):
+    source = notifying_source(redis_factory, extra=("--maxmemory", "3mb",
+                                                    "--maxmemory-policy", "allkeys-random"))
+    target = redis_factory()
+    proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "3",
+                     "--state-dir", str(tmp_path), "--recheck-delay", "1")
+    wait_for_subscriber(source)
+    s = source.client()
+    for i in range(6000):
+        s.set(f"k{i}", "v" * 1000)
+    out, err = proc.communicate(timeout=120)
+    assert int(s.info("stats")["evicted_keys"]) > 1000
+    assert proc.returncode == 0, out + err
+    assert "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out, out
+    assert target.client().dbsize() == s.dbsize() < 6000
