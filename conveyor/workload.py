@@ -94,18 +94,23 @@ class Workload:
         self.stats.commands += n
 
     def run(self, seconds: float) -> WorkloadStats:
-        """Run at a steady rate for ``seconds`` (or until ``stop()``)."""
+        """Run at a steady rate for ``seconds`` (or until ``stop()``).
+
+        What is owed is computed from the time elapsed, so a slow tick (a loaded machine, a slow
+        server) is made up in the next ones instead of silently lowering the rate; a catch-up is
+        capped at ten ticks' worth so a long stall does not turn into one huge burst.
+        """
         start = time.monotonic()
-        owed = 0.0
+        sent = 0
+        burst = max(1, int(self.rate * TICK_S * 10))
         while not self._stop.is_set():
             now = time.monotonic()
             if now - start >= seconds:
                 break
-            owed += self.rate * TICK_S
-            n = int(owed)
-            if n:
+            n = min(int(self.rate * (now - start)) - sent, burst)
+            if n > 0:
                 self.step(n)
-                owed -= n
+                sent += n
             time.sleep(max(0.0, TICK_S - (time.monotonic() - now)))
         self.stats.seconds = time.monotonic() - start
         return self.stats
