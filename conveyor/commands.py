@@ -11,7 +11,7 @@ from conveyor.endpoints import mask_uri
 from conveyor.errors import ConveyorError, LogError
 from conveyor.events import Codec
 from conveyor.keys import KeyFilter, KeyRewriter
-from conveyor.log import open_meta, open_reader, open_writer
+from conveyor.log import log_exists, open_meta, open_reader, open_writer
 from conveyor.progress import Display, echo
 from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, refuse_same_database,
                              target_clients)
@@ -297,7 +297,10 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
 def status(log_uri, log_opts, group, as_json: bool) -> None:
     from apply.applier import status_name
 
-    reader = open_reader(log_uri, group, log_opts)
+    if not log_exists(log_uri, log_opts):      # status is read-only: it must not create the log
+        raise LogError(f"no log at {mask_uri(log_uri)}: nothing has captured to it or applied "
+                       "from it yet (check --log and --log-opt)")
+    reader = open_reader(log_uri, group, log_opts, observe=True)
     meta = open_meta(log_uri, log_opts)
     try:
         st = reader.status()

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import re
 
+import redis
 from redis.crc import key_slot
+
+from conveyor.log import log_exists
 
 from tests import cli
 from tests.datasets import load_mixed
@@ -132,6 +135,27 @@ def test_status_shows_lag_and_last_apply_write(redis_factory, log_uri):
     assert after["apply"]["last_write_ms"] > 0
     text = cli.run("status", "--log", log_uri, check=True).stdout
     assert "last wrote" in text and "total lag 0" in text
+
+
+def test_status_of_a_log_nothing_wrote_is_an_error_and_creates_nothing(log_uri):
+    # a mistyped --log must not look like an empty, caught-up log, nor create one
+    p = cli.run("status", "--log", log_uri)
+    assert "no log at" in cli.assert_one_line_error(p, 1)
+    assert not log_exists(log_uri)
+
+
+def test_status_of_an_unknown_group_creates_no_group(redis_factory, log_uri):
+    # a Redis Stream group that nobody reads would hold back trimming for good
+    source = redis_factory()
+    load_mixed(source.client(), 20)
+    cli.run("capture", source.url, "--log", log_uri, check=True)
+    st = json.loads(cli.run("status", "--log", log_uri, "--group", "typo", "--json",
+                            check=True).stdout)
+    assert st["lag"] > 0 and all(p["committed"] is None for p in st["partitions"])
+    if log_uri.startswith("redis://"):
+        buffer = redis.Redis.from_url(log_uri)
+        assert [g for s in buffer.scan_iter(_type="stream")
+                for g in buffer.xinfo_groups(s)] == []
 
 
 def test_a_log_option_nobody_reads_is_a_usage_error(redis_server, tmp_path):

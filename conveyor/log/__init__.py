@@ -14,7 +14,7 @@ from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, Parti
                                Record, StartAt)
 
 __all__ = ["LogReader", "LogWriter", "MetaStore", "LogStatus", "PartitionStatus", "Record",
-           "StartAt", "open_writer", "open_reader", "open_meta", "split_uri"]
+           "StartAt", "open_writer", "open_reader", "open_meta", "split_uri", "log_exists"]
 
 
 # Options each backend reads; anything else is an error, never silently ignored. Kafka passes every
@@ -81,18 +81,22 @@ def open_writer(uri: str, options: dict[str, str] | None = None) -> LogWriter:
 
 
 def open_reader(uri: str, group: str, options: dict[str, str] | None = None,
-                start: StartAt = "committed") -> LogReader:
+                start: StartAt = "committed", *, observe: bool = False) -> LogReader:
     """A reader for consumer ``group``, positioned at ``start`` (the group's committed position by
-    default; where the group has none yet, the earliest record)."""
+    default; where the group has none yet, the earliest record).
+
+    ``observe``: the reader only answers ``status()`` and must not create or move the group (a
+    Redis Stream group created by a mistyped ``status --group`` would hold back trimming for good).
+    A Kafka consumer joins no group until it subscribes, which ``status()`` never does."""
     scheme, base, opts = split_uri(uri, options)
     if scheme == "file":
         from conveyor.log.file import FileLogReader
-        return FileLogReader(base, group, opts, start)
+        return FileLogReader(base, group, opts, start, observe=observe)
     if scheme == "kafka":
         from conveyor.log.kafka import KafkaLogReader
         return KafkaLogReader(base, group, opts, start)
     from conveyor.log.redis_stream import StreamLogReader
-    return StreamLogReader(base, group, opts, start)
+    return StreamLogReader(base, group, opts, start, observe=observe)
 
 
 def open_meta(uri: str, options: dict[str, str] | None = None) -> MetaStore:
@@ -105,3 +109,15 @@ def open_meta(uri: str, options: dict[str, str] | None = None) -> MetaStore:
         return KafkaMetaStore(base, opts)
     from conveyor.log.redis_stream import StreamMetaStore
     return StreamMetaStore(base, opts)
+
+
+def log_exists(uri: str, options: dict[str, str] | None = None) -> bool:
+    """Whether anything (capture, apply) has created this log yet; creates nothing itself."""
+    scheme, base, opts = split_uri(uri, options)
+    if scheme == "file":
+        from conveyor.log.file import log_exists as exists
+    elif scheme == "kafka":
+        from conveyor.log.kafka import log_exists as exists
+    else:
+        from conveyor.log.redis_stream import log_exists as exists
+    return exists(base, opts)

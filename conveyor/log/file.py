@@ -84,6 +84,10 @@ def _open_dir(uri: str) -> Path:
     return root
 
 
+def log_exists(uri: str, opts: dict[str, str]) -> bool:
+    return _path(uri).is_dir()
+
+
 def _segments(root: Path) -> list[int]:
     try:
         return sorted(int(m.group(1)) for n in os.listdir(root) if (m := SEGMENT_RE.match(n)))
@@ -251,7 +255,8 @@ class FileLogWriter(LogWriter):
 
 
 class FileLogReader(LogReader):
-    def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed") -> None:
+    def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
+                 *, observe: bool = False) -> None:
         self.root = _open_dir(uri)
         self.uri = uri
         self.group = group
@@ -263,6 +268,8 @@ class FileLogReader(LogReader):
         self._positions: dict[int, tuple[int, int]] = {}   # offset after a record -> (segment, byte)
         self._counted = (-1, 0, 0)       # status(): (segment, byte, records) counted so far
         committed = _read_json(self._group_file)
+        if observe:                      # status() only: positioning would save the group
+            return
         if start == "committed" and committed:
             self._goto(committed["segment"], committed["pos"], committed["offset"])
         else:

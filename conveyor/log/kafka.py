@@ -97,6 +97,16 @@ def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
     return create["partitions"]
 
 
+def log_exists(uri: str, opts: dict[str, str]) -> bool:
+    _hosts, topic, props, _cfg, _create = parse(uri, opts)
+    admin = _made(AdminClient, _client_props(props))
+    try:
+        md = admin.list_topics(timeout=METADATA_TIMEOUT_S)
+    except KafkaException as e:
+        raise LogError(f"cannot reach Kafka at {props['bootstrap.servers']}: {e.args[0]}") from e
+    return topic in md.topics and not md.topics[topic].error
+
+
 def _data(msgs, topic: str):
     """The data messages of a consume() batch; an error other than end-of-partition is LogError."""
     for m in msgs:

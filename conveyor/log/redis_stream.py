@@ -64,6 +64,15 @@ def _streams(opts: dict[str, str]) -> list[str]:
     return [f"{prefix}:{i}" for i in range(n)]
 
 
+def log_exists(uri: str, opts: dict[str, str]) -> bool:
+    r = _client(uri)
+    try:
+        with _converted("looking for the log's streams"):
+            return bool(r.exists(*_streams(opts)))
+    finally:
+        r.close()
+
+
 def _id_ms(entry_id: bytes | str) -> int:
     s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(s.split("-")[0])
@@ -144,7 +153,8 @@ class StreamLogWriter(LogWriter):
 
 
 class StreamLogReader(LogReader):
-    def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed") -> None:
+    def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
+                 *, observe: bool = False) -> None:
         self.r = _client(uri)
         self.uri = mask_uri(uri)
         self.group = group
@@ -158,7 +168,7 @@ class StreamLogReader(LogReader):
             raise LogError(f"trim={self.trim_mode!r}: use acked or none")
         self._last_trim = 0.0
         with _converted("creating the consumer group"):
-            for s in self.streams:
+            for s in self.streams if not observe else ():
                 try:
                     self.r.execute_command("XGROUP", "CREATE", s, group, "0", "MKSTREAM")
                 except redis.ResponseError as e:
@@ -166,6 +176,8 @@ class StreamLogReader(LogReader):
                         raise
         # Pending entries (delivered before a crash, never acknowledged) come first.
         self._pending_from: dict[str, str] = {s: "0" for s in self.streams}
+        if observe:
+            return
         if start != "committed":
             self.seek(start)
         else:
