@@ -203,14 +203,20 @@ def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, d
         with interrupts.installed(), display:
             interrupts.register(proc)
             st = proc.run()
+            empty = False
             try:
-                lag = f"{res[0].status().lag} records"
+                ls = res[0].status()
+                lag = f"{ls.lag} records"
+                empty = all(not p.end or p.end in ("0-0", "0") for p in ls.partitions)
             except LogError as e:
                 lag = f"unknown ({e})"
     finally:
         _close(*res)
     lines, ok = _apply_lines(st, dry_run)
     lines.append(f"apply: log lag {lag} for group {group!r}")
+    if empty:
+        lines.append(f"apply: the log {mask_uri(log_uri)} holds no records: nothing has captured "
+                     "to it yet (check --log if capture ran)")
     for line in lines:
         echo(line)
     return ok

@@ -129,7 +129,8 @@ def test_status_shows_lag_and_last_apply_write(redis_factory, log_uri):
     cli.run("capture", source.url, "--log", log_uri, check=True)
     before = json.loads(cli.run("status", "--log", log_uri, "--json", check=True).stdout)
     assert before["lag"] > 0
-    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    p = cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    assert "holds no records" not in p.stdout
     after = json.loads(cli.run("status", "--log", log_uri, "--json", check=True).stdout)
     assert after["lag"] == 0
     assert after["apply"]["last_write_ms"] > 0
@@ -142,6 +143,13 @@ def test_status_of_a_log_nothing_wrote_is_an_error_and_creates_nothing(log_uri):
     p = cli.run("status", "--log", log_uri)
     assert "no log at" in cli.assert_one_line_error(p, 1)
     assert not log_exists(log_uri)
+
+
+def test_apply_from_a_log_nothing_captured_to_says_so(redis_server, log_uri):
+    # apply may start before capture; when it ends on an empty log it says so instead of a bare 0
+    p = cli.run("apply", redis_server.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    assert "applied 0 records" in p.stdout
+    assert "holds no records: nothing has captured to it yet" in p.stdout, p.stdout
 
 
 def test_status_of_an_unknown_group_creates_no_group(redis_factory, log_uri):
