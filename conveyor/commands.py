@@ -206,8 +206,7 @@ def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, d
             empty = False
             try:
                 ls = res[0].status()
-                lag = f"{ls.lag} records"
-                empty = all(not p.end or p.end in ("0-0", "0") for p in ls.partitions)
+                lag, empty = f"{ls.lag} records", ls.empty
             except LogError as e:
                 lag = f"unknown ({e})"
     finally:

@@ -42,6 +42,11 @@ class LogStatus:
     def lag(self) -> int:
         return sum(p.lag for p in self.partitions)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing was ever appended (an end of 0, or a stream's last-generated-id 0-0)."""
+        return all(not p.end or p.end in ("0-0", "0") for p in self.partitions)
+
 
 class _Closing:
     """``with`` support for anything with ``close()``."""

@@ -78,13 +78,18 @@ def _client_props(props: dict) -> dict:
     return {k: v for k, v in props.items()}
 
 
-def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
-    """Creates ``topic`` if missing; returns its partition count. Unreachable -> LogError."""
+def _cluster(props: dict):
+    """(admin client, cluster metadata). Unreachable -> LogError."""
     admin = _made(AdminClient, _client_props(props))
     try:
-        md = admin.list_topics(timeout=METADATA_TIMEOUT_S)
+        return admin, admin.list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as e:
         raise LogError(f"cannot reach Kafka at {props['bootstrap.servers']}: {e.args[0]}") from e
+
+
+def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
+    """Creates ``topic`` if missing; returns its partition count. Unreachable -> LogError."""
+    admin, md = _cluster(props)
     if topic in md.topics and not md.topics[topic].error:
         return len(md.topics[topic].partitions)
     fut = admin.create_topics([NewTopic(topic, create["partitions"], create["replication.factor"],
@@ -99,11 +104,7 @@ def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
     _hosts, topic, props, _cfg, _create = parse(uri, opts)
-    admin = _made(AdminClient, _client_props(props))
-    try:
-        md = admin.list_topics(timeout=METADATA_TIMEOUT_S)
-    except KafkaException as e:
-        raise LogError(f"cannot reach Kafka at {props['bootstrap.servers']}: {e.args[0]}") from e
+    _admin, md = _cluster(props)
     return topic in md.topics and not md.topics[topic].error
 
 
