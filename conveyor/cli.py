@@ -244,6 +244,10 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
               help="Where to start replaying.")
 @click.option("--idle-timeout", type=click.FloatRange(0), metavar="SECONDS",
               help="End once the log has been drained and idle this long (default: follow forever).")
+@click.option("--consumer", metavar="NAME",
+              help="This process's member name in the group (default: unique per process). "
+                   "Kafka: a name makes the membership static, so a restart takes its partitions "
+                   "back at once; never give two live processes the same name.")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Read and decode, write nothing, commit nothing.")
 @write_options
@@ -251,10 +255,14 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
 @rewrite_options
 @log_options
 @progress_option
-def apply_cmd(target, log_uri, group, start, idle_timeout, batch, dry_run, log_opts, progress, **kw):
+def apply_cmd(target, log_uri, group, start, idle_timeout, consumer, batch, dry_run, log_opts,
+              progress, **kw):
     """Replay the log into TARGET (RESTORE ... REPLACE ABSTTL, DEL)."""
     from conveyor import commands
-    ok = commands.apply(_endpoint(target, "target", kw), log_uri, _log_opts(log_opts), group,
+    opts = _log_opts(log_opts)
+    if consumer:
+        opts["consumer"] = consumer
+    ok = commands.apply(_endpoint(target, "target", kw), log_uri, opts, group,
                         start, idle_timeout, batch, dry_run, _rewriter(kw), progress,
                         _write_opts(kw))
     sys.exit(0 if ok else 1)

@@ -18,6 +18,24 @@ class LogError(ConveyorError):
     """The durable log cannot be reached, written or read."""
 
 
+class LogUnavailable(LogError):
+    """A transient log failure (buffer Redis restarting, broker down, connection reset): the
+    operation that raised it can be called again unchanged once the log is back. Processes wait
+    these out with backoff, for as long as it takes, and say so."""
+
+
+class LogLost(LogError):
+    """The log was reset or emptied under us (a buffer restarted without persistence, a topic
+    deleted, a log directory removed): records appended earlier are gone. The message starts with
+    LOG_LOST so users and tests can find it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{LOG_LOST}: {detail}")
+
+
+LOG_LOST = "the log lost records"
+
+
 class CodecError(ConveyorError):
     """A log record cannot be decoded."""
 

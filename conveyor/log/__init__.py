@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from conveyor.endpoints import mask_uri
 from conveyor.errors import ConfigError
+from conveyor.errors import LogLost, LogUnavailable  # noqa: F401 - re-exported
 from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus,
                                Record, StartAt)
 

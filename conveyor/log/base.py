@@ -61,6 +61,30 @@ class _Closing:
         self.close()
 
 
+class Identity:
+    """Every log has an identity: an id written when the log is created, kept where its records
+    are (a key on the buffer Redis, a record of the Kafka meta topic plus the topic id, a file in
+    the log directory), so that it disappears with them.
+
+    ``log_id`` is the id found (or created) when the writer/reader was opened. ``check_identity()``
+    raises LogLost when the log now has another id or none (reset, emptied, deleted and
+    recreated), LogUnavailable when it cannot be asked right now; backends also call it themselves
+    after recovering from a connection failure. ``adopt_new_log()`` takes the log as it is now as
+    ours (creating its id if it has none) after a LogLost was handled.
+    ``warnings`` are one-line things the user should be told at start (e.g. a buffer Redis without
+    persistence); the processes print them.
+    """
+
+    log_id: str = ""
+    warnings: "list[str] | tuple" = ()      # backends assign a list of their own
+
+    def check_identity(self) -> None:
+        """Raise LogLost if the log is no longer the one opened. Backends override."""
+
+    def adopt_new_log(self) -> None:
+        """After LogLost: accept the log as it is now. Backends override."""
+
+
 class MetaStore(_Closing, abc.ABC):
     """Small durable key -> JSON document store next to the log (checkpoints, apply status)."""
 
@@ -81,7 +105,7 @@ class History:
     why: str = ""
 
 
-class LogWriter(_Closing, abc.ABC):
+class LogWriter(Identity, _Closing, abc.ABC):
     """Appends records; ``flush`` returns only when every appended record is durable.
 
     ``flush`` raises LogError if any record since the last flush failed to be stored. Records
@@ -110,11 +134,34 @@ class LogWriter(_Closing, abc.ABC):
     def close(self) -> None: ...
 
 
-class LogReader(_Closing, abc.ABC):
+class LogReader(Identity, _Closing, abc.ABC):
     """Reads records for a consumer group; records not committed are delivered again
-    after a restart (at-least-once)."""
+    after a restart (at-least-once).
+
+    Several readers (processes) may share a group: each key is only ever delivered to one of them
+    at a time (Kafka: partitions; Redis Streams: whole partition streams under a lease; the file
+    log refuses a second reader of a group). ``status().lag`` is always the whole group's lag.
+    ``consumer`` names this member (unique per process unless the user named it).
+
+    Errors: LogUnavailable for transient failures (call again), LogLost when the log was reset.
+    """
 
     group: str
+    consumer: str = ""
+    # Corrupt stretches of the log the reader skipped: each was dead-lettered by the reader itself
+    # (with its real position) and its reason appended here; apply counts them as dead letters.
+    damaged: "list[str] | tuple" = ()       # backends assign a list of their own
+
+    def keepalive(self) -> None:
+        """Called often (about once a second) while apply holds a batch it cannot write yet (the
+        target is down): keep this member's place in the group (Kafka: pause and poll; Redis
+        Streams: renew leases) without delivering new records."""
+
+    def owned(self, records: list[Record]) -> list[Record]:
+        """Those of ``records`` whose partition this member still holds. After a rebalance during
+        a long wait, the others belong to another member, which replays them from the committed
+        position: apply drops them unwritten so that a late write never overtakes a newer one."""
+        return records
 
     @abc.abstractmethod
     def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
