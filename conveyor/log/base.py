@@ -157,6 +157,12 @@ class LogReader(Identity, _Closing, abc.ABC):
         target is down): keep this member's place in the group (Kafka: pause and poll; Redis
         Streams: renew leases) without delivering new records."""
 
+    def replayable(self) -> tuple[bool, str]:
+        """Whether the log still holds every key's latest state, so that replaying it from its
+        earliest record rebuilds a wiped target; when not, why (trimmed after acknowledgement,
+        segments or records removed by retention). Backends override."""
+        return False, "this log cannot tell whether it still holds every record"
+
     def owned(self, records: list[Record]) -> list[Record]:
         """Those of ``records`` whose partition this member still holds. After a rebalance during
         a long wait, the others belong to another member, which replays them from the committed
