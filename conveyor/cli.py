@@ -331,6 +331,9 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
     src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
     flt, rw = _filter(kw), _rewriter(kw)
     if mode == "compare":
+        if dry_run or no_verify:
+            raise click.UsageError("--mode compare only verifies: --dry-run and --no-verify "
+                                   "mean nothing to it")
         sys.exit(0 if commands.verify(src, dst, flt, rw, kw, progress) else 1)
     log_uri = log_uri or _state_log(state_dir, source, target)
     ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,

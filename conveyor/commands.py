@@ -13,8 +13,8 @@ from conveyor.events import Codec
 from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
 from conveyor.progress import Display, echo
-from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, refuse_same_database,
-                             target_clients)
+from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, refuse_log_on,
+                             refuse_same_database, target_clients)
 
 log = logging.getLogger("conveyor")
 
@@ -46,6 +46,7 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
 
     client = src.connect()
     info = src.info(client)
+    refuse_log_on(client, src, log_uri, log_opts)
     if opts.mode != "snapshot":
         warning = check_notifications(client, enable=opts.enable_notifications,
                                       where=f"source {src.masked}")
@@ -78,6 +79,7 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
     from apply import Applier
 
     first = first or dst.connect(db=source_db)
+    refuse_log_on(first, dst, log_uri, log_opts)
     reader = open_reader(log_uri, group, log_opts, start)
     meta = open_meta(log_uri, log_opts)
 

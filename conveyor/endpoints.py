@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 
@@ -15,33 +15,32 @@ CONNECT_TIMEOUT = 5.0
 
 
 def mask_uri(uri: str) -> str:
-    """The URI with any password replaced by ``***`` (safe to print and log)."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", uri)
-    if parts.password is None:
+    """The URI with any password replaced by ``***`` (safe to print and log).
+
+    The user info ends at the LAST ``@``: a password may hold ``@`` or ``/`` (``redis://:p@ss@h``,
+    ``redis://:pa/ss@h``), which a URL parser splits elsewhere. Masking too much is safe; too little
+    is not."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
         return uri
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    try:
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    except ValueError:
-        pass
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    at = rest.rfind("@")
+    if at < 0 or ":" not in rest[:at]:
+        return uri
+    user = rest[:at].split(":", 1)[0]
+    return f"{scheme}://{user}:***@{rest[at + 1:]}"
 
 
 def mask_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Mask URIs with passwords, and any given secret, inside free text (driver messages)."""
-    text = re.sub(r"(\w+://[^:/@\s]*):[^@/\s]*@", r"\1:***@", text)
+    text = re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):\S*@", r"\1:***@", text)
     for s in secrets:
         if s:
             text = text.replace(s, "***")
     return text
+
+
+ENCODE_HINT = ("a password holding '/', '@' or ':' must be percent-encoded in the URI, or given "
+               "with --{what}-password or CONVEYOR_{WHAT}_PASSWORD")
 
 
 def validate_redis_uri(uri: str, what: str) -> None:
@@ -49,7 +48,12 @@ def validate_redis_uri(uri: str, what: str) -> None:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
-        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: {e}") from e
+        # The parser's own words may quote part of a password ("... as 'pa'"): never shown.
+        detail = ENCODE_HINT.format(what=what, WHAT=what.upper()) if mask_uri(uri) != uri else e
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: {detail}") from None
+    if "@" in parts.path:
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: "
+                          + ENCODE_HINT.format(what=what, WHAT=what.upper()))
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(
             f"{what} URI {mask_uri(uri)!r} must start with redis://, rediss:// or unix://")
@@ -105,7 +109,13 @@ def connect(uri: str, what: str, *, password: str | None = None, username: str |
         raise error_cls(f"{what} {mask_uri(uri)}: cannot connect: "
                         f"{mask_text(str(e), (password or '',))}") from e
     except ValueError as e:
-        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: {e}") from e
+        raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: "
+                          f"{mask_text(str(e), (password or '',))}") from e
+    except redis.RedisError as e:
+        # e.g. InvalidResponse: the port answers, but not in the Redis protocol (HTTP, TLS...).
+        raise error_cls(f"{what} {mask_uri(uri)}: does not answer as a Redis server "
+                        f"({type(e).__name__}: {mask_text(str(e), (password or '',))}); "
+                        "check the host, port and scheme (rediss:// for TLS)") from e
     return r
 
 

@@ -72,6 +72,28 @@ def refuse_same_database(source: redis.Redis, target: redis.Redis, target_ep: En
                           "database): refusing to migrate a database onto itself")
 
 
+def refuse_log_on(client: redis.Redis, ep: Endpoint, log_uri: str, log_opts: dict) -> None:
+    """A Redis Streams log must live on a buffer Redis: on the source or the target database
+    itself, conveyor would write its streams into the data it migrates."""
+    from conveyor.log import split_uri
+
+    scheme, base, _ = split_uri(log_uri, log_opts)     # bad options are reported first
+    if scheme not in ("redis", "rediss"):
+        return
+    try:
+        buffer = connect(base, "log", error_cls=ConveyorError)
+    except ConveyorError:
+        return                      # unreachable: the log backend says so in its own words
+    try:
+        if same_database(client, buffer):
+            raise ConfigError(f"log {mask_uri(log_uri)} is the {ep.what} database itself: the "
+                              "Redis Streams log needs a buffer Redis (another server or database)")
+    except redis.RedisError:
+        return
+    finally:
+        buffer.close()
+
+
 class Interrupts:
     """SIGINT/SIGTERM call ``stop()`` on every registered process: they finish the batch at hand,
     flush and save their position. A second signal ends the process at once."""
