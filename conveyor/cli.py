@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from conveyor.endpoints import mask_text, mask_uri
+from conveyor.endpoints import Tls, mask_text, mask_uri
 from conveyor.errors import ConfigError, ConveyorError
 from conveyor.keys import REDIS_TYPES, KeyFilter, KeyRewriter, parse_slots
 from conveyor.runner import Endpoint
@@ -58,6 +58,16 @@ def _endpoint_options(side: str):
                      help=f"ACL user for the {side} (or in the URI)."),
         click.option(f"--{side}-password", envvar=f"CONVEYOR_{env}_PASSWORD",
                      help=f"Password for the {side}; prefer the env var CONVEYOR_{env}_PASSWORD."),
+        click.option(f"--{side}-cacert", metavar="PATH", envvar=f"CONVEYOR_{env}_CACERT",
+                     help=f"CA certificate(s) that signed the {side}'s TLS certificate "
+                          "(rediss://; default: the system's CAs)."),
+        click.option(f"--{side}-cert", metavar="PATH", envvar=f"CONVEYOR_{env}_CERT",
+                     help=f"Client certificate for the {side} (mutual TLS), with --{side}-key."),
+        click.option(f"--{side}-key", metavar="PATH", envvar=f"CONVEYOR_{env}_KEY",
+                     help=f"Private key of --{side}-cert."),
+        click.option(f"--{side}-insecure", is_flag=True,
+                     help=f"Accept the {side}'s TLS certificate without verifying it or its host "
+                          "name (encrypted, but not authenticated)."),
     )
 
 
@@ -181,7 +191,9 @@ def _log_opts(pairs) -> dict[str, str]:
 
 
 def _endpoint(uri: str, side: str, kw) -> Endpoint:
-    return Endpoint(uri, side, kw.get(f"{side}_user"), kw.get(f"{side}_password"))
+    tls = Tls(kw.get(f"{side}_cacert"), kw.get(f"{side}_cert"), kw.get(f"{side}_key"),
+              bool(kw.get(f"{side}_insecure")))
+    return Endpoint(uri, side, kw.get(f"{side}_user"), kw.get(f"{side}_password"), tls)
 
 
 def _start_at(ctx, param, value: str):

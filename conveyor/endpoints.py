@@ -1,6 +1,7 @@
 """Redis endpoints: URL validation, masking, connections with errors turned into one clear line."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -83,12 +84,83 @@ class ServerInfo:
         return self.version >= (7, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """TLS settings named as redis-cli names them (--cacert, --cert, --key, --insecure)."""
+
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+
+    @property
+    def given(self) -> bool:
+        return bool(self.cacert or self.cert or self.key or self.insecure)
+
+    def redis_kwargs(self, uri: str, what: str) -> dict:
+        """redis-py's own SSL settings; verification (CA and host name) stays on unless
+        ``insecure``."""
+        if not self.given:
+            return {}
+        if not uri.lower().startswith("rediss://"):
+            raise ConfigError(f"TLS options for the {what} need a rediss:// URI "
+                              f"(got {mask_uri(uri)})")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError(f"--{what}-cert and --{what}-key go together (a client certificate "
+                              "and its private key)")
+        for path in (self.cacert, self.cert, self.key):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{what} TLS file {path!r} does not exist")
+        kw: dict = {}
+        if self.cacert:
+            kw["ssl_ca_certs"] = self.cacert
+        if self.cert:
+            kw.update(ssl_certfile=self.cert, ssl_keyfile=self.key)
+        if self.insecure:
+            kw.update(ssl_cert_reqs="none", ssl_check_hostname=False)
+        return kw
+
+
+# What a failed TLS handshake says, and the cause named in our one line.
+TLS_CAUSES = (
+    ("certificate has expired", "the server's certificate has expired"),
+    ("Hostname mismatch", "the server's certificate is not for this host name"),
+    ("IP address mismatch", "the server's certificate is not for this address"),
+    ("unable to get local issuer certificate", "the server's certificate is signed by a CA we do "
+     "not trust (give it with --{what}-cacert)"),
+    ("self-signed certificate in certificate chain", "the server's certificate is signed by a CA "
+     "we do not trust (give it with --{what}-cacert)"),
+    ("self-signed certificate", "the server's certificate is self-signed and not trusted (give "
+     "its CA with --{what}-cacert)"),
+    ("certificate verify failed", "the server's certificate could not be verified"),
+    ("certificate required", "the server requires a client certificate (--{what}-cert and "
+     "--{what}-key)"),
+    ("unknown ca", "the server does not trust our client certificate"),
+    ("wrong version number", "the server does not speak TLS on this port (use redis://)"),
+)
+
+
+def tls_cause(message: str, what: str, tls: Tls | None, uri: str) -> str | None:
+    for needle, cause in TLS_CAUSES:
+        if needle.lower() in message.lower():
+            return cause.format(what=what)
+    # With TLS 1.3 a server that wants a client certificate completes the handshake and then
+    # closes the connection: all we see is an EOF.
+    if (uri.lower().startswith("rediss://") and not (tls and tls.cert)
+            and "EOF occurred in violation of protocol" in message):
+        return (f"the server closed the connection; it most likely requires a client "
+                f"certificate (--{what}-cert and --{what}-key)")
+    return None
+
+
 def connect(uri: str, what: str, *, password: str | None = None, username: str | None = None,
-            error_cls: type[ConveyorError] = SourceError, **kwargs) -> redis.Redis:
+            error_cls: type[ConveyorError] = SourceError, tls: Tls | None = None,
+            **kwargs) -> redis.Redis:
     """A checked connection (PING answered) to the Redis at ``uri``; ``what`` names it in errors."""
     validate_redis_uri(uri, what)
     opts = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
                 health_check_interval=30)
+    opts.update((tls or Tls()).redis_kwargs(uri, what))
     if password is not None:
         opts["password"] = password
     if username is not None:
@@ -106,8 +178,12 @@ def connect(uri: str, what: str, *, password: str | None = None, username: str |
             raise error_cls(f"{what} {mask_uri(uri)}: authentication failed: {msg}") from e
         raise error_cls(f"{what} {mask_uri(uri)}: {msg}") from e
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise error_cls(f"{what} {mask_uri(uri)}: cannot connect: "
-                        f"{mask_text(str(e), (password or '',))}") from e
+        text = mask_text(str(e), (password or '',))
+        cause = tls_cause(text, what, tls, uri)
+        if cause:
+            raise error_cls(f"{what} {mask_uri(uri)}: TLS handshake failed: {cause} "
+                            f"({text.strip()})") from e
+        raise error_cls(f"{what} {mask_uri(uri)}: cannot connect: {text}") from e
     except ValueError as e:
         raise ConfigError(f"{what} URI {mask_uri(uri)!r} is malformed: "
                           f"{mask_text(str(e), (password or '',))}") from e

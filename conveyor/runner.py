@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import redis
 
-from conveyor.endpoints import ServerInfo, connect, mask_uri, same_database, server_info, uri_db
+from conveyor.endpoints import ServerInfo, Tls, connect, mask_uri, same_database, server_info, uri_db
 from conveyor.errors import ConfigError, ConveyorError, SourceError, TargetError
 
 log = logging.getLogger("conveyor")
@@ -24,6 +24,7 @@ class Endpoint:
     what: str                       # "source" / "target", used in messages
     username: str | None = None
     password: str | None = None
+    tls: Tls = Tls()
 
     @property
     def masked(self) -> str:
@@ -33,7 +34,7 @@ class Endpoint:
         err = SourceError if self.what == "source" else TargetError
         kw = {} if db is None else {"db": db}
         return connect(self.uri, self.what, username=self.username, password=self.password,
-                       error_cls=err, **kw)
+                       error_cls=err, tls=self.tls, **kw)
 
     def info(self, client: redis.Redis) -> ServerInfo:
         err = SourceError if self.what == "source" else TargetError

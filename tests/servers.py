@@ -67,14 +67,33 @@ class RedisServer:
     extra: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
     dir: str = ""
+    # TLS only (no plain port): (server cert, server key, CA) and whether clients need a certificate
+    # (then ``tls_client`` is the (cert, key) test clients present).
+    tls: tuple[str, str, str] | None = None
+    tls_client: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}localhost:{self.port}"
         return f"redis://{auth}127.0.0.1:{self.port}"
 
     def client(self, db: int = 0, **kw) -> redis.Redis:
+        if self.tls:
+            kw = {"ssl": True, "ssl_ca_certs": self.tls[2], "ssl_check_hostname": True, **kw}
+            if self.tls_client:
+                kw.update(ssl_certfile=self.tls_client[0], ssl_keyfile=self.tls_client[1])
+            return redis.Redis(host="localhost", port=self.port, db=db, password=self.password, **kw)
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password, **kw)
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key, ca = self.tls
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                "--tls-auth-clients", "yes" if self.tls_client else "no"]
 
     def start(self) -> "RedisServer":
         if not self.dir:
@@ -84,14 +103,15 @@ class RedisServer:
                 "--logfile", os.path.join(self.dir, "server.log")]
         if self.password:
             args += ["--requirepass", self.password]
-        args += list(self.extra)
+        args += self._tls_args() + list(self.extra)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                self.client(socket_connect_timeout=0.5).ping()
+                unverified = dict(ssl_cert_reqs="none", ssl_check_hostname=False) if self.tls else {}
+                self.client(socket_connect_timeout=0.5, **unverified).ping()
                 return self
-            except redis.ConnectionError:
+            except (redis.ConnectionError, OSError):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.binary} exited: {self.log_tail()}")
                 time.sleep(0.05)
