@@ -58,6 +58,9 @@ def _endpoint_options(side: str):
                      help=f"ACL user for the {side} (or in the URI)."),
         click.option(f"--{side}-password", envvar=f"CONVEYOR_{env}_PASSWORD",
                      help=f"Password for the {side}; prefer the env var CONVEYOR_{env}_PASSWORD."),
+        click.option(f"--{side}-password-file", metavar="PATH", envvar=f"CONVEYOR_{env}_PASSWORD_FILE",
+                     type=click.Path(exists=True, dir_okay=False),
+                     help=f"Read the {side}'s password from this file (a mounted secret)."),
         click.option(f"--{side}-cacert", metavar="PATH", envvar=f"CONVEYOR_{env}_CACERT",
                      help=f"CA certificate(s) that signed the {side}'s TLS certificate "
                           "(rediss://; default: the system's CAs)."),
@@ -191,9 +194,18 @@ def _log_opts(pairs) -> dict[str, str]:
 
 
 def _endpoint(uri: str, side: str, kw) -> Endpoint:
+    password = kw.get(f"{side}_password")
+    path = kw.get(f"{side}_password_file")
+    if path:
+        if password:
+            raise click.UsageError(f"--{side}-password and --{side}-password-file: give one")
+        try:
+            password = Path(path).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"cannot read --{side}-password-file {path}: {e.strerror}") from e
     tls = Tls(kw.get(f"{side}_cacert"), kw.get(f"{side}_cert"), kw.get(f"{side}_key"),
               bool(kw.get(f"{side}_insecure")))
-    return Endpoint(uri, side, kw.get(f"{side}_user"), kw.get(f"{side}_password"), tls)
+    return Endpoint(uri, side, kw.get(f"{side}_user"), password, tls)
 
 
 def _start_at(ctx, param, value: str):
@@ -373,6 +385,21 @@ def demo(keys, progress):
     """Migrate sample data between two throwaway local Redis servers, then verify."""
     from conveyor import demo as demo_mod
     sys.exit(0 if demo_mod.run(keys, progress) else 1)
+
+
+def _env_names(group: click.Group) -> None:
+    """Every option can also come from CONVEYOR_<COMMAND>_<OPTION>, named after its flag
+    (CONVEYOR_APPLY_IDLE_TIMEOUT=30, CONVEYOR_CAPTURE_LOG=...), so one image runs under compose or
+    Kubernetes without a shell. Options with a name of their own (CONVEYOR_SOURCE_PASSWORD) keep it."""
+    for name, command in group.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.envvar and param.opts[0].startswith("--"):
+                flag = param.opts[0][2:].replace("-", "_").upper()
+                param.envvar = f"CONVEYOR_{name.upper()}_{flag}"
+                param.show_envvar = False
+
+
+_env_names(cli)
 
 
 def main() -> None:

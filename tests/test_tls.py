@@ -83,3 +83,22 @@ def test_tls_options_need_a_rediss_uri(certs, tmp_path):
     p = cli.run("capture", "redis://127.0.0.1:1/0", "--log", f"file:{tmp_path / 'log'}",
                 "--source-cacert", str(certs.ca))
     assert "need a rediss:// URI" in cli.assert_one_line_error(p, 2)
+
+
+def test_password_from_a_file_and_options_from_the_environment(certs, servers, tmp_path):
+    source = RedisServer(redis70_binary(), password="file-secret").start()
+    try:
+        source.client().set("k", "v")
+        secret = tmp_path / "source-password"
+        secret.write_text("file-secret\n")
+        env = {**cli.env(), "CONVEYOR_CAPTURE_LOG": f"file:{tmp_path / 'log'}"}  # --log
+        p = cli.run("capture", f"redis://127.0.0.1:{source.port}/0", "--source-password-file",
+                    str(secret), env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "capture: 1 keys" in p.stdout
+        assert "file-secret" not in p.stdout + p.stderr
+        both = cli.run("capture", f"redis://127.0.0.1:{source.port}/0", "--source-password-file",
+                       str(secret), "--source-password", "x", env=env)
+        assert "give one" in cli.assert_one_line_error(both, 2)
+    finally:
+        source.cleanup()
