@@ -23,7 +23,7 @@ from typing import Callable
 
 import redis
 
-from capture.notifications import DirtySet, Notifications
+from capture.notifications import DirtySet, Notifications, check_notifications
 from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from capture.supervise import Interrupted, Supervisor, SupervisedWriter
 from capture.watch import SourceFacts, SourceWatch, read_facts
@@ -93,6 +93,7 @@ class Capture:
                  dirty_limit: int | None = None, max_tracked_keys: int = MAX_TRACKED_KEYS,
                  value_type: str = "dump", big_key_bytes: int | None = BIG_KEY_BYTES,
                  mem_limit: int | None = None, mem_limit_skip: bool = False,
+                 enable_notifications: bool = False,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
         self._stop = threading.Event()
         self.sup = Supervisor(self._stop, on_wait=self._waiting)
@@ -101,6 +102,7 @@ class Capture:
         self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
         self.scan_count, self.fresh, self.idle_timeout = scan_count, fresh, idle_timeout
         self.connect = connect
+        self.enable_notifications = enable_notifications
         self.on_progress = on_progress
         self.stats = CaptureStats(mode=mode)
         self.reader = StateReader(source=source, info=source_info, writer=self.writer, codec=codec,
@@ -296,11 +298,24 @@ class Capture:
             self._next_watch = now + WATCH_INTERVAL_S
             facts = self._facts() if self._watch is not None else None
             if facts is not None and self._watch is not None:
+                restarted = facts.run_id != self._watch.last.run_id
                 for why in self._watch.changes(facts):
                     self._gap(why)
+                if restarted:
+                    self._recheck_notifications()
         if now >= self._next_identity:
             self._next_identity = now + IDENTITY_INTERVAL_S
             self.writer.check_identity()
+
+    def _recheck_notifications(self) -> None:
+        """A restarted source may have lost notify-keyspace-events set with CONFIG SET: without
+        them no change would arrive, silently. Set them again (--enable-notifications) or stop."""
+        warning = self._read(lambda: check_notifications(self.source,
+                                                         enable=self.enable_notifications,
+                                                         where="the restarted source"),
+                             "CONFIG GET notify-keyspace-events")
+        if warning:
+            log.warning("%s", warning)
 
     def _facts(self) -> SourceFacts | None:
         try:
@@ -490,7 +505,15 @@ class Capture:
 
     def _read(self, fn, what: str):
         """A source read, waited out while the source is away."""
-        return self.sup.source(fn, what)
+        try:
+            return self.sup.source(fn, what)
+        except SourceError as e:
+            if not isinstance(e.__cause__, redis.exceptions.NoScriptError):
+                raise
+            # A restarted source forgot the read script. StateReader loads it again when it has
+            # none (its own check looks for "NOSCRIPT" in the text, which redis-py 8 strips).
+            self.reader._script = None
+            return self.sup.source(fn, what)
 
     def _progress(self) -> None:
         if self.on_progress:

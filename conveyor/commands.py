@@ -68,7 +68,8 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
                    idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
                    dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
                    big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
-                   mem_limit_skip=opts.mem_limit_skip, on_progress=progress)
+                   mem_limit_skip=opts.mem_limit_skip,
+                   enable_notifications=opts.enable_notifications, on_progress=progress)
     return proc, (writer, meta)
 
 
@@ -128,6 +129,9 @@ def _capture_lines(st) -> tuple[list[str], bool]:
              f"({st.resyncs_done} finished)",
              f"  {st.notifications} keyspace notifications (a key already waiting is read once)"]
     lines += [f"  gap: {g}" for g in st.gaps]
+    if st.source_waits or st.log_waits:
+        lines.append(f"  waited out {st.source_waits} source and {st.log_waits} log failures "
+                     "(see the warnings above)")
     lines += _read_lines(st.reads)
     if st.unseen_reread:
         lines.append(f"  {st.unseen_reread} keys on the log but not seen by the scan were re-read "
