@@ -157,7 +157,8 @@ class Capture:
         st = self.stats
         st.total_hint = self._read(self.source.dbsize, "DBSIZE")
         cp = None if self.fresh else self._meta_get()
-        if cp and cp.get("phase", cp.get("state")) == "scanning" and cp.get("mode", "snapshot") == "snapshot":
+        phase = cp and cp.get("phase", cp.get("state"))      # "state" may name a wait
+        if cp and phase == "scanning" and cp.get("mode", "snapshot") == "snapshot":
             st.capture_id, st.resumed = cp["capture_id"], True
             st.keys, st.deletes, self.reader.seq = cp["keys"], cp["deletes"], cp["seq"]
             self.reader.counts.upserts, self.reader.counts.deletes = st.keys, st.deletes
@@ -495,8 +496,8 @@ class Capture:
         self.stats.waiting = msg or ""
         self.stats.source_waits, self.stats.log_waits = self.sup.source_waits, self.sup.log_waits
         self._progress()
-        if not self._doc:
-            return
+        if not self._doc or (msg or "").startswith("waiting for the log"):
+            return                           # the checkpoint lives on the log that is away
         doc = {**self._doc, "state": msg or self._doc["phase"], "saved_ms": now_millis()}
         try:
             self.meta.put(self.checkpoint, doc)

@@ -99,7 +99,8 @@ class Supervisor:
             result = retrying(fn)
         except Exception as e:  # noqa: BLE001 - only a transient one turns into Interrupted
             if transient(e) and self.stop.is_set():
-                raise Interrupted(f"stopped while waiting for the {whom} ({what}): {short(e)}") from e
+                raise Interrupted(f"stopped while waiting for the {whom} ({what}): "
+                                  f"{short(e)}") from e
             raise
         log.warning("the %s is back after %.0fs (%s)", whom, time.monotonic() - started, what)
         self.on_wait(None)

@@ -58,9 +58,9 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
         if st.mode == "snapshot" or proc._cursor is not None:
             display.update("Scanning", st.events, st.total_hint, st.rate)
         if st.mode != "snapshot":
-            display.update("Live", st.events, None, st.rate, unit="events",
-                           note=f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
-                                f"resyncs {st.resyncs_done}/{st.resyncs}")
+            note = st.waiting[:60] or (f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
+                                       f"resyncs {st.resyncs_done}/{st.resyncs}")
+            display.update("Live", st.events, None, st.rate, unit="events", note=note)
 
     proc = Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
                    key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),

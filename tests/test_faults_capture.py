@@ -16,7 +16,7 @@ import redis
 from capture import Capture, checkpoint_name
 from capture.supervise import Interrupted, Supervisor
 from conveyor.endpoints import server_info
-from conveyor.errors import LogLost, LogUnavailable, SourceError
+from conveyor.errors import ConveyorError, LogLost, LogUnavailable, SourceError
 from conveyor.events import Codec, Kind
 from conveyor.keys import KeyFilter
 from conveyor.log import open_meta
@@ -29,7 +29,7 @@ from tests.test_live import log_events, notifying_source, wait_for_subscriber
 TTL_TOLERANCE_MS = 3000
 
 
-# -- the independent compare ------------------------------------------------------------------------
+# -- the independent compare -----------------------------------------------------------------------
 def _value(r: redis.Redis, key: bytes, type_: str):
     if type_ == "string":
         return r.get(key)
@@ -91,7 +91,7 @@ def wait_until_same(source: redis.Redis, target: redis.Redis, timeout: float = 3
                          f"e.g. {diffs[:3]}")
 
 
-# -- helpers --------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 class Writer:
     """A steady mixed workload that outlives the source going away (it waits and goes on)."""
 
@@ -172,7 +172,7 @@ def checkpoint_doc(log_dir: Path) -> dict:
     return json.loads(docs[0].read_text()) if docs else {}
 
 
-# -- the source goes away and comes back ------------------------------------------------------------
+# -- the source goes away and comes back -----------------------------------------------------------
 def test_live_run_waits_out_the_source_down_15s_and_converges(redis_factory, tmp_path):
     # given a live replicate of a source with AOF under a steady mixed write load
     source = notifying_source(redis_factory, extra=("--appendonly", "yes"))
@@ -241,7 +241,7 @@ def test_killed_subscriber_while_the_source_is_down_is_waited_out(redis_factory,
     assert differences(source.client(), target.client()) == []
 
 
-# -- commands that send no notification -------------------------------------------------------------
+# -- commands that send no notification ------------------------------------------------------------
 def test_flushdb_swapdb_and_flushall_on_the_source_are_gaps_healed_on_the_target(
         redis_factory, tmp_path):
     # given db 0 and db 1 with different data, and a live run of db 0
@@ -308,7 +308,7 @@ def test_stop_interrupts_a_wait_for_the_source_and_says_the_state(redis_factory,
     assert "CANNOT claim convergence" in out, out
 
 
-# -- the log: unavailable for a while, or lost ------------------------------------------------------
+# -- the log: unavailable for a while, or lost -----------------------------------------------------
 class FlakyFileWriter(FileLogWriter):
     """The real file log, whose flush is unavailable ``times`` times (as a buffer Redis restarting
     would be); the records stay buffered and the next flush writes them."""
@@ -344,8 +344,8 @@ def make_capture(source, log_dir: Path, writer, mode: str = "snapshot", **kw) ->
     client = source.client()
     info = server_info(client)
     flt = KeyFilter()
-    return Capture(source=client, source_info=info, writer=writer, meta=open_meta(f"file:{log_dir}"),
-                   codec=Codec(), key_filter=flt, mode=mode, connect=source.client,
+    return Capture(source=client, source_info=info, writer=writer,
+                   meta=open_meta(f"file:{log_dir}"), codec=Codec(), key_filter=flt, mode=mode, connect=source.client,
                    checkpoint=checkpoint_name(source.url, info.db, flt), **kw)
 
 
@@ -420,7 +420,80 @@ def test_log_directory_recreated_under_a_live_capture_is_resynced(redis_factory,
     assert differences(s, target.client()) == []
 
 
-# -- the supervisor itself ----------------------------------------------------------------------------
+def _stream_log_waits() -> bool:
+    """Whether the Redis Stream backend reports a buffer restart as LogUnavailable yet (another
+    branch changes it from a plain LogError)."""
+    import inspect
+
+    from conveyor.log import redis_stream
+    return "LogUnavailable" in inspect.getsource(redis_stream)
+
+
+@pytest.mark.skipif(not _stream_log_waits(),
+                    reason="the Redis Stream log raises LogUnavailable on another branch")
+def test_live_capture_waits_out_a_restarting_stream_buffer(redis_factory):
+    # given a live capture to a Redis Stream buffer with AOF, under load
+    source, target = notifying_source(redis_factory), redis_factory()
+    buffer = redis_factory(extra=("--appendonly", "yes", "--appendfsync", "always"))
+    log_uri = f"{buffer.url}/0"
+    proc = cli.start("capture", source.url, "--log", log_uri, "--mode", "live",
+                     "--idle-timeout", "3")
+    wait_for_subscriber(source)
+    writer = Writer(source, seed=31).start()
+    time.sleep(1)
+    # when the buffer is stopped for 5 s and started again on the same port
+    buffer.stop()
+    time.sleep(5)
+    buffer.start()
+    time.sleep(1)
+    writer.stop()
+    # then capture waited for the log and converged; the log rebuilds the source on a target
+    out, err = finish(proc)
+    assert proc.returncode == 0, out + err
+    assert "waiting for the log" in err and "converged" in out, out + err
+    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "2", check=True)
+    assert differences(source.client(), target.client()) == []
+
+
+class SubscriberBug(KeyFilter):
+    """A filter that fails only on the subscriber's thread: a bug there, nowhere else."""
+
+    def accepts_name(self, key: bytes, check_glob: bool = False) -> bool:
+        if threading.current_thread().name == "notifications":
+            raise RuntimeError("boom")
+        return super().accepts_name(key, check_glob=check_glob)
+
+
+def test_a_bug_in_the_subscriber_thread_ends_the_run_with_it_never_a_hang(redis_factory,
+                                                                           tmp_path):
+    source = notifying_source(redis_factory)
+    client = source.client()
+    info = server_info(client)
+    writer = FileLogWriter(f"file:{tmp_path / 'log'}", {})
+    cap = Capture(source=client, source_info=info, writer=writer,
+                  meta=open_meta(f"file:{tmp_path / 'log'}"), codec=Codec(),
+                  key_filter=SubscriberBug(), mode="liveonly", connect=source.client,
+                  checkpoint="bug", idle_timeout=30)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cap.run()
+        except Exception as e:  # noqa: BLE001 - what the test looks at
+            errors.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    wait_for_subscriber(source)
+    client.set("k", 1)                          # the notification reaches the buggy filter
+    worker.join(15)
+    writer.close()
+    assert not worker.is_alive(), "the run hung after its subscriber thread failed"
+    assert len(errors) == 1 and isinstance(errors[0], ConveyorError), errors
+    assert str(errors[0]) == ("subscribing to keyspace notifications failed: RuntimeError: boom")
+
+
+# -- the supervisor itself -------------------------------------------------------------------------
 def test_supervisor_gives_up_only_on_stop_and_never_on_a_refusal():
     stop = threading.Event()
     sup = Supervisor(stop)
