@@ -144,6 +144,19 @@ class Heartbeat:
         self._thread.join(5)
 
 
+def outage_under_load(server, *, down_s: float, load_on, seed: int) -> Writer:
+    """``server`` stopped for ``down_s`` and started again on its port, while ``load_on`` takes
+    writes (from 2 s before until 2 s after)."""
+    writer = Writer(load_on, seed=seed).start()
+    time.sleep(2)
+    server.stop()
+    time.sleep(down_s)
+    server.start()
+    time.sleep(2)
+    writer.stop()
+    return writer
+
+
 def finish(proc, timeout: float = 90) -> tuple[str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -180,14 +193,8 @@ def test_live_run_waits_out_the_source_down_15s_and_converges(redis_factory, tmp
     Workload(source.client(), rate=2000, keyspace=300, seed=11).run(0.5)
     proc = replicate_live(source, target, tmp_path)
     wait_for_subscriber(source)
-    writer = Writer(source, seed=12).start()
-    time.sleep(2)
     # when the source is stopped for 15 s and started again on the same port
-    source.stop()
-    time.sleep(15)
-    source.start()
-    time.sleep(2)
-    writer.stop()
+    writer = outage_under_load(source, down_s=15, load_on=source, seed=12)
     # then the run waited, healed the gap, and ends converged with a target equal to the source
     out, err = finish(proc)
     assert proc.returncode == 0, out + err
@@ -439,14 +446,8 @@ def test_live_capture_waits_out_a_restarting_stream_buffer(redis_factory):
     proc = cli.start("capture", source.url, "--log", log_uri, "--mode", "live",
                      "--idle-timeout", "3")
     wait_for_subscriber(source)
-    writer = Writer(source, seed=31).start()
-    time.sleep(1)
     # when the buffer is stopped for 5 s and started again on the same port
-    buffer.stop()
-    time.sleep(5)
-    buffer.start()
-    time.sleep(1)
-    writer.stop()
+    outage_under_load(buffer, down_s=5, load_on=source, seed=31)
     # then capture waited for the log and converged; the log rebuilds the source on a target
     out, err = finish(proc)
     assert proc.returncode == 0, out + err
