@@ -64,6 +64,7 @@ class CaptureStats:
     history_gap: str = ""        # ... and why that history is not everything ever appended
     incomplete_why: str = ""     # live: why convergence cannot be claimed
     waiting: str = ""            # what the run waits for now ("" when nothing)
+    rescans: int = 0             # snapshot: scans started over because the source restarted
     source_waits: int = 0        # retries after transient source failures
     log_waits: int = 0           # retries after the log was unavailable
     reads: ReadCounts = field(default_factory=ReadCounts)   # big keys, parts, --mem-limit
@@ -114,6 +115,7 @@ class Capture:
         self._resync = threading.Event()
         self._gap_lock = threading.Lock()
         self._cursor: int | None = None     # None: no scan in progress
+        self._scan_run_id = ""               # snapshot: the source's run_id when its scan began
         self._scan_is_resync = False
         self._catch_up = False               # live: the first scan also looks for deleted keys
         self._doc: dict = {}                 # the checkpoint as last saved
@@ -164,12 +166,15 @@ class Capture:
             self.reader.counts.upserts, self.reader.counts.deletes = st.keys, st.deletes
             self.reader.capture_id = st.capture_id
             self._cursor = int(cp["cursor"])
+            self._scan_run_id = cp.get("run_id", "")
+            self._restart_scan_if_source_restarted()
             log.info("resuming snapshot %s at cursor %s after %d keys", st.capture_id,
                      self._cursor, st.keys)
             return
         self._new_capture_id()
         self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
         self._cursor = 0
+        self._scan_run_id = self._run_id()
         self._save("scanning")
 
     def _run_live(self) -> CaptureStats:
@@ -372,10 +377,29 @@ class Capture:
             self._read(lambda: self.reader.read(keys), "reading scanned keys")
             self._sync_counts()
             self._progress()
+        if cursor == 0 and self.mode == "snapshot" and self._restart_scan_if_source_restarted():
+            return
         if cursor == 0:
             self._scan_done()
         else:
             self._cursor = cursor
+
+    def _run_id(self) -> str:
+        return str(self._read(lambda: self.source.info("server"), "INFO server").get("run_id", ""))
+
+    def _restart_scan_if_source_restarted(self) -> bool:
+        """A SCAN cursor means nothing to a restarted server (its tables were rebuilt): keys
+        can be skipped. A snapshot whose source restarted since its scan began starts over (keys
+        already on the log are read again, which is harmless). Live modes resync instead."""
+        now = self._run_id()
+        if not self._scan_run_id or now == self._scan_run_id:
+            self._scan_run_id = now
+            return False
+        log.warning("the source restarted during the scan (run_id %s -> %s): scanning again from "
+                    "the start", self._scan_run_id[:12], now[:12])
+        self.stats.rescans += 1
+        self._scan_run_id, self._cursor = now, 0
+        return True
 
     def _scan_done(self) -> None:
         self._cursor = None
@@ -476,7 +500,7 @@ class Capture:
         st = self.stats
         doc = {"state": phase, "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
                "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
-               "deletes": st.deletes, "saved_ms": now_millis()}
+               "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis()}
         self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
         self._doc = doc
 
