@@ -549,3 +549,15 @@ def test_supervisor_gives_up_only_on_stop_and_never_on_a_refusal():
     stop.set()
     with pytest.raises(Interrupted, match="stopped while waiting for the source"):
         sup.source(loading, "a read")
+
+
+def test_source_watch_names_each_change_and_a_reset_of_the_counters():
+    from capture.watch import SourceFacts, SourceWatch
+
+    calls = {"flushdb": 2, "flushall": 0, "swapdb": 1}
+    watch = SourceWatch(SourceFacts("a" * 40, calls))
+    assert watch.changes(SourceFacts("a" * 40, calls)) == []
+    assert watch.changes(SourceFacts("a" * 40, {**calls, "swapdb": 3})) == [
+        "SWAPDB on the source (2 calls)"]
+    assert "CONFIG RESETSTAT" in watch.changes(SourceFacts("a" * 40, {"flushdb": 0}))[0]
+    assert watch.changes(SourceFacts("b" * 40, {}))[0].startswith("source restarted (run_id aaaa")
