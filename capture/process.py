@@ -233,16 +233,19 @@ class Capture:
         st.complete = (not self._resync.is_set() and self._cursor is None and not blind
                        and healthy)
         if not st.complete:
-            st.incomplete_why = (
-                "keys deleted while changes were not seen may be missing from the log (see above); "
-                "check the target with verify" if blind and self._cursor is None
-                else "the keyspace subscription was down when the run stopped (changes since "
-                     "then were not seen); run again (the restart triggers a catch-up scan)"
-                if not healthy and self._cursor is None
-                else "stopped before the last resync finished; run again (the restart triggers "
-                     "a catch-up scan)")
+            st.incomplete_why = self._why_incomplete(blind, healthy)
         self._final_save("live" if not st.complete else "stopped")
         self._progress()
+
+    def _why_incomplete(self, blind: bool, healthy: bool) -> str:
+        if self._cursor is not None or self._resync.is_set():
+            return ("stopped before the last resync finished; run again (the restart triggers "
+                    "a catch-up scan)")
+        if blind:
+            return ("keys deleted while changes were not seen may be missing from the log (see "
+                    "above); check the target with verify")
+        return ("the keyspace subscription was down when the run stopped (changes since then "
+                "were not seen); run again (the restart triggers a catch-up scan)")
 
     def _healthy(self) -> bool:
         """The subscription is up now and has not broken since the last resync started."""
