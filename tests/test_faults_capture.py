@@ -323,6 +323,22 @@ def test_a_refused_read_is_one_line_naming_it_not_a_wait(redis_factory, tmp_path
     assert "pw@" not in line
 
 
+def test_a_subscriber_refused_after_a_reconnect_ends_the_run_in_one_line(redis_factory, tmp_path):
+    # given a live capture whose user then loses the right to PSUBSCRIBE
+    source = notifying_source(redis_factory)
+    proc = cli.start("capture", source.url, "--log", f"file:{tmp_path / 'log'}", "--mode", "live")
+    wait_for_subscriber(source)
+    admin = source.client()
+    admin.execute_command("ACL", "SETUSER", "default", "-psubscribe")
+    # when its subscriber connection is killed and it subscribes again
+    admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    # then the refusal is not waited for: exit 1, the last line names it, no traceback
+    out, err = finish(proc, timeout=30)
+    assert proc.returncode == 1, out + err
+    last = err.strip().splitlines()[-1]
+    assert "refused subscribing to keyspace notifications" in last and "psubscribe" in last, err
+
+
 def test_stop_interrupts_a_wait_for_the_source_and_says_the_state(redis_factory, tmp_path):
     # given a live capture whose source went away
     source = notifying_source(redis_factory)
