@@ -45,7 +45,8 @@ def transient_source_error(e: BaseException) -> bool:
 
 
 def short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    """A driver error with its class (ConnectionError, BusyLoadingError...); ours as they are."""
+    return str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
 
 
 class Supervisor:

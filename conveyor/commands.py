@@ -121,9 +121,12 @@ def _read_lines(rc) -> list[str]:
 def _capture_lines(st) -> tuple[list[str], bool]:
     if st.mode == "snapshot":
         state = "complete" if st.complete else "interrupted (resumable: run capture again)"
-        return [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
-                f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")
-                ] + _read_lines(st.reads), st.complete
+        lines = [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
+                 f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")]
+        if st.rescans:
+            lines.append(f"capture: the source restarted during the scan: scanned again from the "
+                         f"start ({st.rescans} times)")
+        return lines + _read_lines(st.reads), st.complete
     lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
              f"({st.resyncs_done} finished)",
