@@ -295,7 +295,9 @@ class Capture:
         idle = time.monotonic() - self._last_activity
         if (self.idle_timeout is not None and idle >= self.idle_timeout
                 and not self._resync.is_set() and self._healthy()):
-            return True
+            self._watch_source()             # a last look: a FLUSHDB just now is not missed
+            if not self._resync.is_set():
+                return True
         self.dirty.wait(0.1)
         return False
 
@@ -304,17 +306,22 @@ class Capture:
         log's identity (LogLost from it is handled by the loop)."""
         now = time.monotonic()
         if now >= self._next_watch:
-            self._next_watch = now + WATCH_INTERVAL_S
-            facts = self._facts() if self._watch is not None else None
-            if facts is not None and self._watch is not None:
-                restarted = facts.run_id != self._watch.last.run_id
-                for why in self._watch.changes(facts):
-                    self._gap(why)
-                if restarted:
-                    self._recheck_notifications()
+            self._watch_source()
         if now >= self._next_identity:
             self._next_identity = now + IDENTITY_INTERVAL_S
             self.writer.check_identity()
+
+    def _watch_source(self) -> None:
+        """A restart, FLUSHDB, FLUSHALL or SWAPDB since the last look is a gap."""
+        self._next_watch = time.monotonic() + WATCH_INTERVAL_S
+        facts = self._facts() if self._watch is not None else None
+        if facts is None or self._watch is None:
+            return
+        restarted = facts.run_id != self._watch.last.run_id
+        for why in self._watch.changes(facts):
+            self._gap(why)
+        if restarted:
+            self._recheck_notifications()
 
     def _recheck_notifications(self) -> None:
         """A restarted source may have lost notify-keyspace-events set with CONFIG SET: without
