@@ -23,12 +23,13 @@ from typing import Callable
 
 import redis
 
+from capture.known import known_keys
 from capture.notifications import DirtySet, Notifications, check_notifications
 from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from capture.supervise import Interrupted, Supervisor, SupervisedWriter
 from capture.watch import SourceFacts, SourceWatch, read_facts
 from conveyor.endpoints import ServerInfo, mask_uri
-from conveyor.errors import LOG_LOST, CodecError, LogError, LogLost, SourceError
+from conveyor.errors import LOG_LOST, LogError, LogLost, SourceError
 from conveyor.events import Codec, Kind, now_millis
 from conveyor.keys import KeyFilter
 from conveyor.log import LogWriter, MetaStore
@@ -434,46 +435,17 @@ class Capture:
         self.stats.unseen_reread += len(unseen)
 
     def _learn_known_keys(self) -> None:
-        """Which keys of this db exist according to the log, from what it holds: a key deleted on
-        the source while no capture ran (or while notifications were lost) is one of them that a
-        scan no longer sees."""
-        st, codec, db = self.stats, self.reader.codec, self.info.db
-        st.history_records, st.history_gap, st.untracked = 0, "", False
-        known: set[bytes] | None = set()
-        history = self.writer.history()
-        if not history.complete:
-            st.history_gap = history.why
-        records = history.records
-        try:
-            for key, value in records:
-                st.history_records += 1
-                try:
-                    ev = codec.decode(value)
-                except CodecError:
-                    continue                      # apply dead-letters it; it wrote nothing
-                if ev.is_marker or ev.db != db:
-                    continue
-                if ev.kind == Kind.DELETE:
-                    known.discard(ev.key)
-                else:
-                    known.add(ev.key)             # a part too: the key may be half-replaced
-                if len(known) > self.max_tracked:
-                    known = None
-                    st.untracked = True
-                    break
-                if st.history_records % 1_000_000 == 0:
-                    log.info("read %d records of the log's history", st.history_records)
-        finally:
-            close = getattr(records, "close", None)
-            if close:
-                close()
-        if known is not None and (self.filter.checks_names or self.filter.match):
-            accepts = self.filter.accepts_name
-            known = {k for k in known if accepts(k, check_glob=True)}
-        self.reader.known = known
-        if st.history_records:
+        """Which keys of this db exist according to the log (see capture/known.py)."""
+        st = self.stats
+        found = known_keys(self.writer.history(), self.reader.codec, self.info.db, self.filter,
+                           self.max_tracked)
+        st.history_records, st.history_gap = found.records, found.gap
+        st.untracked = found.keys is None
+        self.reader.known = found.keys
+        if found.records:
             log.info("the log holds %d records; %s keys of db %d exist according to it",
-                     st.history_records, "too many" if known is None else len(known), db)
+                     found.records, "too many" if found.keys is None else len(found.keys),
+                     self.info.db)
 
     def _track_limit(self) -> None:
         known = self.reader.known
