@@ -202,7 +202,7 @@ def test_live_run_waits_out_the_source_down_15s_and_converges(redis_factory, tmp
     assert proc.returncode == 0, out + err
     assert "waiting for source" in err, err
     assert "source restarted" in out and "converged" in out and "CANNOT" not in out, out
-    assert writer.load.stats.commands > 1000
+    assert writer.load.stats.commands > 500       # the load did run around the outage
     assert differences(source.client(), target.client()) == []
 
 
