@@ -1,8 +1,8 @@
 """Keyspace notifications -> a bounded set of dirty keys, with every gap detected.
 
 redis-py's PubSub reconnects and resubscribes on its own after a lost connection, which is exactly
-how a client-side tool loses changes without noticing. Here every subscription confirmation after
-the first one, and every error, is a gap: changes made while we were not subscribed were missed, so
+how a client-side tool loses changes without noticing. Here the automatic reconnect is switched off,
+and every error is a gap: changes made while we were not subscribed were missed, so
 the capture is asked to resync (a catch-up scan) once the subscription is live again.
 """
 from __future__ import annotations
@@ -14,13 +14,18 @@ from collections import OrderedDict
 from typing import Callable
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from capture.supervise import fatal, short, transient_source_error
+from conveyor.errors import ConveyorError
 from conveyor.keys import KeyFilter
 
 log = logging.getLogger("conveyor.capture")
 
 DIRTY_LIMIT = 1_000_000          # keys waiting to be read; beyond it the set is dropped for a resync
-RECONNECT_MAX_WAIT_S = 10.0
+RECONNECT_FIRST_WAIT_S = 0.1
+RECONNECT_MAX_WAIT_S = 5.0
 READY_TIMEOUT_S = 10.0
 REQUIRED_FLAGS = "KA"            # keyspace channel + every generic and type event (incl. expired, evicted)
 
@@ -79,15 +84,26 @@ def missing_flags(config_value: str) -> str:
 
 
 class Notifications:
-    """Subscribes to ``__keyspace@DB__:*`` on its own thread and marks keys dirty."""
+    """Subscribes to ``__keyspace@DB__:*`` on its own thread and marks keys dirty.
+
+    The thread never dies quietly: any connection failure is waited out (reconnect with backoff,
+    the time unsubscribed reported as a gap once subscribed again); anything else (a refusal, a
+    bug) is kept in ``fatal`` for the main loop to raise. ``up`` says whether the subscription is
+    live now; ``epoch`` counts subscriptions confirmed, so a caller can tell whether it has been
+    up without a break since a given moment.
+    """
 
     def __init__(self, *, connect: Callable[[], redis.Redis], db: int, dirty: DirtySet,
                  key_filter: KeyFilter, on_gap: Callable[[str], None]) -> None:
         self.connect, self.db, self.dirty, self.filter = connect, db, dirty, key_filter
         self.on_gap = on_gap
         self.ready = threading.Event()
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
+        self.fatal: ConveyorError | None = None
+        self.up = False
+        self.epoch = 0
         self.last_message = time.monotonic()
+        self._pending_gap: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notifications", daemon=True)
         self._prefix = f"__keyspace@{db}__:".encode()
@@ -97,31 +113,49 @@ class Notifications:
         if not self.ready.wait(READY_TIMEOUT_S):
             raise TimeoutError(f"no subscription confirmation within {READY_TIMEOUT_S}s: "
                                f"{self.error or 'source did not answer PSUBSCRIBE'}")
+        if self.fatal is not None:
+            raise self.fatal
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
 
+    @property
+    def healthy(self) -> bool:
+        return self.up and self.fatal is None and self._pending_gap is None
+
     def _run(self) -> None:
-        pending_gap: str | None = None
-        wait = 0.1
+        wait = RECONNECT_FIRST_WAIT_S
         while not self._stop.is_set():
             try:
-                pending_gap = self._listen(pending_gap)
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                self._listen()
+                return
+            except Exception as e:  # noqa: BLE001 - sorted below: wait it out, or hand it over
+                self.up = False
                 self.error = e
-                pending_gap = f"subscriber connection lost ({type(e).__name__}: {e})"
-                log.warning("%s; reconnecting in %.1fs", pending_gap, wait)
+                if not transient_source_error(e):
+                    self._give_up(e)
+                    return
+                if self._pending_gap is None:
+                    self._pending_gap = f"subscriber connection lost ({short(e)})"
+                log.warning("waiting for source: keyspace subscription: %s; reconnecting in %.1fs",
+                            short(e), wait)
                 self._stop.wait(wait)
                 wait = min(wait * 2, RECONNECT_MAX_WAIT_S)
-                continue
-            wait = 0.1
 
-    def _listen(self, pending_gap: str | None) -> None:
+    def _give_up(self, e: BaseException) -> None:
+        log.debug("keyspace subscriber stopped", exc_info=e)
+        self.fatal = fatal(e, "subscribing to keyspace notifications")
+        self.ready.set()                     # start() must not wait for a confirmation now
+        self.dirty._event.set()              # wake the main loop, which raises it
+
+    def _listen(self) -> None:
         pubsub = self.connect().pubsub(ignore_subscribe_messages=False)
         try:
             pubsub.psubscribe(self._prefix + b"*")
-            confirmations = 0
+            # redis-py would reconnect and resubscribe by itself, hiding the time we were not
+            # subscribed: every failure comes to us instead.
+            pubsub.connection.retry = Retry(NoBackoff(), 0, supported_errors=())
             prefix_len = len(self._prefix)
             while not self._stop.is_set():
                 msg = pubsub.get_message(timeout=0.5)
@@ -136,18 +170,22 @@ class Notifications:
                         self.on_gap(f"dirty-key set full ({self.dirty.limit} keys, "
                                     f"{dropped} dropped for a resync)")
                 elif kind == "psubscribe":
-                    confirmations += 1
-                    if confirmations > 1:      # redis-py reconnected and resubscribed by itself
-                        self.on_gap("subscriber reconnected (connection lost or killed by the server)")
-                    elif pending_gap:
-                        self.on_gap(pending_gap)
-                        pending_gap = None
-                    self.ready.set()
+                    self._subscribed()
         finally:
             try:
                 pubsub.close()
             except Exception:  # noqa: BLE001 - the connection may already be gone
                 pass
+
+    def _subscribed(self) -> None:
+        # Up (and a new epoch) before the gap is reported: a caller that sees the gap's resync
+        # start also sees the epoch it belongs to.
+        self.epoch += 1
+        self.up = True
+        gap, self._pending_gap = self._pending_gap, None
+        if gap:
+            self.on_gap(gap)
+        self.ready.set()
 
 
 def check_notifications(client: redis.Redis, *, enable: bool, where: str) -> str | None:

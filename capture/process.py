@@ -5,6 +5,11 @@ notifications), ``liveonly`` (subscribe and follow). Everything is read and appe
 so events of a key land on the log in the order their values were read: a scan read and a
 notification read of the same key can never overtake each other. The scan cursor is saved only
 after a flush confirmed the events before it durable.
+
+Supervision (capture/supervise.py): every source read and every log call waits out transient
+failures for as long as it takes. In live modes the source's identity and its FLUSHDB / FLUSHALL /
+SWAPDB counters are watched (capture/watch.py), a lost log is resynced into the new one, and
+"converged" needs the keyspace subscription up and unbroken since the last resync started.
 """
 from __future__ import annotations
 
@@ -17,22 +22,25 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import redis
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from capture.notifications import DirtySet, Notifications
+from capture.known import known_keys
+from capture.notifications import DirtySet, Notifications, check_notifications
 from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
+from capture.supervise import Interrupted, Supervisor, SupervisedWriter
+from capture.watch import SourceFacts, SourceWatch, read_facts
 from conveyor.endpoints import ServerInfo, mask_uri
-from conveyor.errors import CodecError, SourceError
+from conveyor.errors import LOG_LOST, LogError, LogLost, SourceError
 from conveyor.events import Codec, Kind, now_millis
 from conveyor.keys import KeyFilter
 from conveyor.log import LogWriter, MetaStore
+from conveyor.progress import echo
 
 log = logging.getLogger("conveyor.capture")
 
 CHECKPOINT_INTERVAL_S = 1.0      # snapshot: flush the log and save the cursor at most this often
 LIVE_FLUSH_INTERVAL_S = 0.05     # live: how long an event may wait in the producer's buffer
-SOURCE_RETRY_ATTEMPTS = 6        # a source that stays unreachable this long ends the run
-SOURCE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+WATCH_INTERVAL_S = 1.0           # live: how often the source's run_id and flush counters are read
+IDENTITY_INTERVAL_S = 5.0        # live: how often the log is asked whether it is still ours
 MODES = ("snapshot", "live", "liveonly")
 MAX_TRACKED_KEYS = 20_000_000    # live: key names kept to find keys deleted during a gap
 
@@ -56,6 +64,10 @@ class CaptureStats:
     history_records: int = 0     # live: records read back from the log to learn which keys exist
     history_gap: str = ""        # ... and why that history is not everything ever appended
     incomplete_why: str = ""     # live: why convergence cannot be claimed
+    waiting: str = ""            # what the run waits for now ("" when nothing)
+    rescans: int = 0             # snapshot: scans started over because the source restarted
+    source_waits: int = 0        # retries after transient source failures
+    log_waits: int = 0           # retries after the log was unavailable
     reads: ReadCounts = field(default_factory=ReadCounts)   # big keys, parts, --mem-limit
     started: float = field(default_factory=time.monotonic)
 
@@ -83,25 +95,37 @@ class Capture:
                  dirty_limit: int | None = None, max_tracked_keys: int = MAX_TRACKED_KEYS,
                  value_type: str = "dump", big_key_bytes: int | None = BIG_KEY_BYTES,
                  mem_limit: int | None = None, mem_limit_skip: bool = False,
+                 enable_notifications: bool = False,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
-        self.source, self.info, self.writer, self.meta = source, source_info, writer, meta
+        self._stop = threading.Event()
+        self.sup = Supervisor(self._stop, on_wait=self._waiting)
+        self.source, self.info, self.meta = source, source_info, meta
+        self.writer = SupervisedWriter(writer, self.sup)
         self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
         self.scan_count, self.fresh, self.idle_timeout = scan_count, fresh, idle_timeout
         self.connect = connect
+        self.enable_notifications = enable_notifications
         self.on_progress = on_progress
         self.stats = CaptureStats(mode=mode)
-        self.reader = StateReader(source=source, info=source_info, writer=writer, codec=codec,
+        self.reader = StateReader(source=source, info=source_info, writer=self.writer, codec=codec,
                                   type_filter=key_filter.type, value_type=value_type,
                                   big_key_bytes=big_key_bytes, mem_limit=mem_limit,
                                   mem_limit_skip=mem_limit_skip)
         self.dirty = DirtySet(dirty_limit) if dirty_limit else DirtySet()
         self.max_tracked = max_tracked_keys
-        self._stop = threading.Event()
         self._resync = threading.Event()
         self._gap_lock = threading.Lock()
         self._cursor: int | None = None     # None: no scan in progress
+        self._scan_run_id = ""               # snapshot: the source's run_id when its scan began
         self._scan_is_resync = False
         self._catch_up = False               # live: the first scan also looks for deleted keys
+        self._doc: dict = {}                 # the checkpoint as last saved
+        self._notes: Notifications | None = None
+        self._sub_epoch = 0                  # the subscription the last resync started under
+        self._watch: SourceWatch | None = None
+        self._next_watch = self._next_identity = 0.0
+        self._pending = False                # live: events appended and not flushed yet
+        self._last_activity = self._last_flush = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,116 +133,221 @@ class Capture:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> CaptureStats:
+        for warning in self.writer.warnings:
+            echo(f"capture: warning: {warning}")
         if self.mode == "snapshot":
             return self._run_snapshot()
         return self._run_live()
 
     def _run_snapshot(self) -> CaptureStats:
-        self._begin_snapshot()
-        last_save = time.monotonic()
-        while not self._stop.is_set() and self._cursor is not None:
-            self._scan_step()
-            if self._cursor is not None and time.monotonic() - last_save >= CHECKPOINT_INTERVAL_S:
-                self._save("scanning")
-                last_save = time.monotonic()
-        self.stats.complete = self._cursor is None
-        self._save("done" if self.stats.complete else "scanning")
+        try:
+            self._begin_snapshot()
+            last_save = time.monotonic()
+            while not self._stop.is_set() and self._cursor is not None:
+                self._scan_step()
+                if self._cursor is not None and time.monotonic() - last_save >= CHECKPOINT_INTERVAL_S:
+                    self._save("scanning")
+                    last_save = time.monotonic()
+        except Interrupted as e:
+            log.warning("%s", e)
+        self.stats.complete = self._cursor is None and bool(self.stats.capture_id)
+        if self.stats.capture_id:
+            self._final_save("done" if self.stats.complete else "scanning")
         self._progress()
         return self.stats
 
     def _begin_snapshot(self) -> None:
         st = self.stats
-        st.total_hint = self._retry(self.source.dbsize)
-        cp = None if self.fresh else self.meta.get(self.checkpoint)
-        if cp and cp.get("state") == "scanning" and cp.get("mode", "snapshot") == "snapshot":
+        st.total_hint = self._read(self.source.dbsize, "DBSIZE")
+        cp = None if self.fresh else self._meta_get()
+        phase = cp and cp.get("phase", cp.get("state"))      # "state" may name a wait
+        if cp and phase == "scanning" and cp.get("mode", "snapshot") == "snapshot":
             st.capture_id, st.resumed = cp["capture_id"], True
             st.keys, st.deletes, self.reader.seq = cp["keys"], cp["deletes"], cp["seq"]
             self.reader.counts.upserts, self.reader.counts.deletes = st.keys, st.deletes
             self.reader.capture_id = st.capture_id
             self._cursor = int(cp["cursor"])
+            self._scan_run_id = cp.get("run_id", "")
+            self._restart_scan_if_source_restarted()
             log.info("resuming snapshot %s at cursor %s after %d keys", st.capture_id,
                      self._cursor, st.keys)
             return
         self._new_capture_id()
         self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
         self._cursor = 0
+        self._scan_run_id = self._run_id()
         self._save("scanning")
 
     def _run_live(self) -> CaptureStats:
         st = self.stats
-        st.total_hint = self._retry(self.source.dbsize)
-        previous = None if self.fresh else self.meta.get(self.checkpoint)
-        self._new_capture_id()
-        self._learn_known_keys()
+        notes = None
+        try:
+            st.total_hint = self._read(self.source.dbsize, "DBSIZE")
+            previous = None if self.fresh else self._meta_get()
+            self._new_capture_id()
+            self.sup.log(self._learn_known_keys, "reading its history")
+            notes = self._notes = self._subscribe()
+            self._sub_epoch = notes.epoch
+            facts = self._facts()
+            self._watch = SourceWatch(facts) if facts else None
+            self._begin_live(previous)
+            self._live_loop()
+        except Interrupted as e:
+            log.warning("%s", e)
+        finally:
+            if notes is not None:
+                notes.stop()
+        self._end_live()
+        return st
+
+    def _subscribe(self) -> Notifications:
         notes = Notifications(connect=self.connect or (lambda: self.source), db=self.info.db,
                               dirty=self.dirty, key_filter=self.filter, on_gap=self._gap)
         try:
             notes.start()                    # subscribed before the scan starts
         except TimeoutError as e:
-            raise SourceError(f"cannot subscribe to keyspace notifications: {e}") from e
-        try:
-            if self.mode == "live":
-                self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
-                self._cursor = 0
-                # After an earlier capture, keys the log holds that this scan does not see were
-                # deleted while none ran: they are re-read.
-                self._catch_up = bool(previous or st.history_records or st.history_gap)
-                if self._catch_up:
-                    self.reader.seen = set()
-            elif previous:
-                self._gap(f"capture restarted (changes made since the previous run "
-                          f"{previous.get('capture_id')} were not seen)")
-            self._save("live")
-            self._live_loop()
-        finally:
             notes.stop()
-        blind = (st.untracked or bool(st.history_gap)) and bool(st.gaps or self._catch_up)
-        st.complete = not self._resync.is_set() and self._cursor is None and not blind
-        if not st.complete:
-            st.incomplete_why = (
-                "keys deleted while changes were not seen may be missing from the log (see above); "
-                "check the target with verify" if blind and self._cursor is None
-                else "stopped before the last resync finished; run again (the restart triggers "
-                     "a catch-up scan)")
-        self._save("live" if not st.complete else "stopped")
-        self._progress()
-        return st
+            raise SourceError(f"cannot subscribe to keyspace notifications: {e}") from e
+        return notes
 
+    def _begin_live(self, previous: dict | None) -> None:
+        st = self.stats
+        if self.mode == "live":
+            self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
+            self._cursor = 0
+            # After an earlier capture, keys the log holds that this scan does not see were
+            # deleted while none ran: they are re-read.
+            self._catch_up = bool(previous or st.history_records or st.history_gap)
+            if self._catch_up:
+                self.reader.seen = set()
+        elif previous:
+            self._gap(f"capture restarted (changes made since the previous run "
+                      f"{previous.get('capture_id')} were not seen)")
+        self._save("live")
+
+    def _end_live(self) -> None:
+        st = self.stats
+        if not st.capture_id:
+            return                           # stopped before anything was written
+        blind = (st.untracked or bool(st.history_gap)) and bool(st.gaps or self._catch_up)
+        healthy = self._healthy()
+        st.complete = (not self._resync.is_set() and self._cursor is None and not blind
+                       and healthy)
+        if not st.complete:
+            st.incomplete_why = self._why_incomplete(blind, healthy)
+        self._final_save("live" if not st.complete else "stopped")
+        self._progress()
+
+    def _why_incomplete(self, blind: bool, healthy: bool) -> str:
+        if self._cursor is not None or self._resync.is_set():
+            return ("stopped before the last resync finished; run again (the restart triggers "
+                    "a catch-up scan)")
+        if blind:
+            return ("keys deleted while changes were not seen may be missing from the log (see "
+                    "above); check the target with verify")
+        return ("the keyspace subscription was down when the run stopped (changes since then "
+                "were not seen); run again (the restart triggers a catch-up scan)")
+
+    def _healthy(self) -> bool:
+        """The subscription is up now and has not broken since the last resync started."""
+        notes = self._notes
+        return notes is not None and notes.healthy and notes.epoch == self._sub_epoch
+
+    # -- the live loop -------------------------------------------------------------------------
     def _live_loop(self) -> None:
-        last_activity = time.monotonic()
-        last_flush = time.monotonic()
-        pending = False
+        self._pending = False
+        self._last_activity = self._last_flush = time.monotonic()
         while not self._stop.is_set():
-            if self._resync.is_set() and self._cursor is None:
-                self._start_resync()
-            worked = False
-            keys = self.dirty.take(self.scan_count)
-            if keys:
-                self._retry(lambda: self.reader.read(keys, check_type=True))
-                worked = True
-            if self._cursor is not None:
-                self._scan_step()
-                worked = True
-            if worked:
-                pending = True
-                last_activity = time.monotonic()
-                self._sync_counts()
-            if pending and (not worked or time.monotonic() - last_flush >= LIVE_FLUSH_INTERVAL_S):
-                self.writer.flush()
-                pending, last_flush = False, time.monotonic()
-                self._progress()
-            if worked:
-                continue
-            idle = time.monotonic() - last_activity
-            if self.idle_timeout is not None and idle >= self.idle_timeout and not self._resync.is_set():
-                break
-            self.dirty.wait(0.1)
-        if pending:
+            try:
+                if self._live_step():
+                    break
+            except LogLost as e:
+                self._log_lost(e)
+        if self._pending:
             self.writer.flush()
+            self._pending = False
+
+    def _live_step(self) -> bool:
+        """One round: watch, read dirty keys, scan, flush; True when the idle timeout ends the run."""
+        if self._notes is not None and self._notes.fatal is not None:
+            raise self._notes.fatal
+        self._supervise()
+        if self._resync.is_set() and self._cursor is None:
+            self._start_resync()
+        worked = False
+        keys = self.dirty.take(self.scan_count)
+        if keys:
+            self._read(lambda: self.reader.read(keys, check_type=True), "reading changed keys")
+            worked = True
+        if self._cursor is not None:
+            self._scan_step()
+            worked = True
+        if worked:
+            self._pending = True
+            self._last_activity = time.monotonic()
+            self._sync_counts()
+        if self._pending and (not worked
+                              or time.monotonic() - self._last_flush >= LIVE_FLUSH_INTERVAL_S):
+            self.writer.flush()
+            self._pending, self._last_flush = False, time.monotonic()
+            self._progress()
+        if worked:
+            return False
+        idle = time.monotonic() - self._last_activity
+        if (self.idle_timeout is not None and idle >= self.idle_timeout
+                and not self._resync.is_set() and self._healthy()):
+            self._watch_source()             # a last look: a FLUSHDB just now is not missed
+            if not self._resync.is_set():
+                return True
+        self.dirty.wait(0.1)
+        return False
+
+    def _supervise(self) -> None:
+        """About once a second the source's identity and flush counters; every few seconds the
+        log's identity (LogLost from it is handled by the loop)."""
+        now = time.monotonic()
+        if now >= self._next_watch:
+            self._watch_source()
+        if now >= self._next_identity:
+            self._next_identity = now + IDENTITY_INTERVAL_S
+            self.writer.check_identity()
+
+    def _watch_source(self) -> None:
+        """A restart, FLUSHDB, FLUSHALL or SWAPDB since the last look is a gap."""
+        self._next_watch = time.monotonic() + WATCH_INTERVAL_S
+        facts = self._facts() if self._watch is not None else None
+        if facts is None or self._watch is None:
+            return
+        restarted = facts.run_id != self._watch.last.run_id
+        for why in self._watch.changes(facts):
+            self._gap(why)
+        if restarted:
+            self._recheck_notifications()
+
+    def _recheck_notifications(self) -> None:
+        """A restarted source may have lost notify-keyspace-events set with CONFIG SET: without
+        them no change would arrive, silently. Set them again (--enable-notifications) or stop."""
+        warning = self._read(lambda: check_notifications(self.source,
+                                                         enable=self.enable_notifications,
+                                                         where="the restarted source"),
+                             "CONFIG GET notify-keyspace-events")
+        if warning:
+            log.warning("%s", warning)
+
+    def _facts(self) -> SourceFacts | None:
+        try:
+            return self._read(lambda: read_facts(self.source, self.info.version),
+                              "INFO (run_id and FLUSHDB/FLUSHALL/SWAPDB counters)")
+        except SourceError as e:
+            # INFO refused (a managed service): the rest of the capture works; say what is blind.
+            log.warning("%s: restarts, FLUSHDB, FLUSHALL and SWAPDB on the source cannot be "
+                        "detected in this run", e)
+            self._watch = None
+            return None
 
     # -- gaps ----------------------------------------------------------------------------------
     def _gap(self, why: str) -> None:
-        """Called from the notification thread: changes may have been missed; resync."""
+        """Changes may have been missed (called from either thread): count it and resync."""
         with self._gap_lock:
             self.stats.gaps.append(why)
         log.warning("gap detected: %s; a resync (catch-up scan) will heal it", why)
@@ -227,22 +356,61 @@ class Capture:
 
     def _start_resync(self) -> None:
         self._resync.clear()
+        self._sub_epoch = self._notes.epoch if self._notes else 0
         self.stats.resyncs += 1
         self.reader.seen = set()
         self.reader.marker(Kind.RESYNC, None, {"reason": self.stats.gaps[-1] if self.stats.gaps else ""})
         self._cursor, self._scan_is_resync = 0, True
 
+    def _log_lost(self, e: LogLost) -> None:
+        """The log was reset under us: take the new one and write the whole source into it. The
+        known-key set is kept, so keys deleted meanwhile become deletes at the end of the scan."""
+        detail = str(e).removeprefix(LOG_LOST).lstrip(": ")
+        why = f"{LOG_LOST} ({detail})"
+        with self._gap_lock:
+            self.stats.gaps.append(why)
+        log.warning("%s; resyncing the whole source into the new log", why)
+        self.writer.adopt_new_log()
+        self._pending = False
+        self._resync.clear()                 # this full scan heals every gap reported so far
+        self._sub_epoch = self._notes.epoch if self._notes else 0
+        self.stats.resyncs += 1
+        self.reader.seen = set()
+        self.reader.marker(Kind.SNAPSHOT_BEGIN, self.stats.total_hint,
+                           {**self._source_facts(), "reason": why})
+        self._cursor, self._scan_is_resync = 0, True
+        self._save("live")
+
     # -- scanning ------------------------------------------------------------------------------
     def _scan_step(self) -> None:
-        cursor, keys = self._retry(lambda: self._scan(self._cursor))
+        cursor, keys = self._read(lambda: self._scan(self._cursor), "SCAN")
         if keys:
-            self._retry(lambda: self.reader.read(keys))
+            self._read(lambda: self.reader.read(keys), "reading scanned keys")
             self._sync_counts()
             self._progress()
+        if cursor == 0 and self.mode == "snapshot" and self._restart_scan_if_source_restarted():
+            return
         if cursor == 0:
             self._scan_done()
         else:
             self._cursor = cursor
+
+    def _run_id(self) -> str:
+        return str(self._read(lambda: self.source.info("server"), "INFO server").get("run_id", ""))
+
+    def _restart_scan_if_source_restarted(self) -> bool:
+        """A SCAN cursor means nothing to a restarted server (its tables were rebuilt): keys
+        can be skipped. A snapshot whose source restarted since its scan began starts over (keys
+        already on the log are read again, which is harmless). Live modes resync instead."""
+        now = self._run_id()
+        if not self._scan_run_id or now == self._scan_run_id:
+            self._scan_run_id = now
+            return False
+        log.warning("the source restarted during the scan (run_id %s -> %s): scanning again from "
+                    "the start", self._scan_run_id[:12], now[:12])
+        self.stats.rescans += 1
+        self._scan_run_id, self._cursor = now, 0
+        return True
 
     def _scan_done(self) -> None:
         self._cursor = None
@@ -262,49 +430,22 @@ class Capture:
             return
         unseen = [k for k in known if k not in seen]
         for i in range(0, len(unseen), self.scan_count):
-            self._retry(lambda b=unseen[i:i + self.scan_count]: self.reader.read(b, check_type=True))
+            batch = unseen[i:i + self.scan_count]
+            self._read(lambda: self.reader.read(batch, check_type=True), "re-reading unseen keys")
         self.stats.unseen_reread += len(unseen)
 
     def _learn_known_keys(self) -> None:
-        """Which keys of this db exist according to the log, from what it holds: a key deleted on
-        the source while no capture ran (or while notifications were lost) is one of them that a
-        scan no longer sees."""
-        st, codec, db = self.stats, self.reader.codec, self.info.db
-        known: set[bytes] | None = set()
-        history = self.writer.history()
-        if not history.complete:
-            st.history_gap = history.why
-        records = history.records
-        try:
-            for key, value in records:
-                st.history_records += 1
-                try:
-                    ev = codec.decode(value)
-                except CodecError:
-                    continue                      # apply dead-letters it; it wrote nothing
-                if ev.is_marker or ev.db != db:
-                    continue
-                if ev.kind == Kind.DELETE:
-                    known.discard(ev.key)
-                else:
-                    known.add(ev.key)             # a part too: the key may be half-replaced
-                if len(known) > self.max_tracked:
-                    known = None
-                    st.untracked = True
-                    break
-                if st.history_records % 1_000_000 == 0:
-                    log.info("read %d records of the log's history", st.history_records)
-        finally:
-            close = getattr(records, "close", None)
-            if close:
-                close()
-        if known is not None and (self.filter.checks_names or self.filter.match):
-            accepts = self.filter.accepts_name
-            known = {k for k in known if accepts(k, check_glob=True)}
-        self.reader.known = known
-        if st.history_records:
+        """Which keys of this db exist according to the log (see capture/known.py)."""
+        st = self.stats
+        found = known_keys(self.writer.history(), self.reader.codec, self.info.db, self.filter,
+                           self.max_tracked)
+        st.history_records, st.history_gap = found.records, found.gap
+        st.untracked = found.keys is None
+        self.reader.known = found.keys
+        if found.records:
             log.info("the log holds %d records; %s keys of db %d exist according to it",
-                     st.history_records, "too many" if known is None else len(known), db)
+                     found.records, "too many" if found.keys is None else len(found.keys),
+                     self.info.db)
 
     def _track_limit(self) -> None:
         known = self.reader.known
@@ -332,35 +473,54 @@ class Capture:
         self.stats.reads = self.reader.counts
         self.stats.dirty_waiting = len(self.dirty)
         self.stats.notifications = self.dirty.marked
+        self.stats.source_waits, self.stats.log_waits = self.sup.source_waits, self.sup.log_waits
 
-    def _save(self, state: str) -> None:
+    def _save(self, phase: str) -> None:
         """Flush first: the cursor is saved only once everything before it is durable on the log."""
         self._sync_counts()
         self.writer.flush()
         st = self.stats
-        self.meta.put(self.checkpoint, {
-            "state": state, "mode": self.mode, "cursor": self._cursor or 0,
-            "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
-            "deletes": st.deletes, "saved_ms": now_millis()})
+        doc = {"state": phase, "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
+               "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
+               "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis()}
+        self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
+        self._doc = doc
 
-    def _retry(self, fn):
+    def _final_save(self, phase: str) -> None:
+        """The last save of a run; a stop while the log is away leaves the last checkpoint."""
         try:
-            for attempt in Retrying(retry=retry_if_exception_type(SOURCE_ERRORS),
-                                    wait=wait_exponential(multiplier=0.5, max=10),
-                                    stop=stop_after_attempt(SOURCE_RETRY_ATTEMPTS),
-                                    before_sleep=self._log_retry, reraise=True):
-                with attempt:
-                    return fn()
-        except SOURCE_ERRORS as e:
-            raise SourceError(f"source unreachable after {SOURCE_RETRY_ATTEMPTS} attempts: "
-                              f"{type(e).__name__}: {e}") from e
-        except redis.ResponseError as e:
-            raise SourceError(f"source refused a read: {e}") from e
+            self._save(phase)
+        except Interrupted as e:
+            log.warning("%s; the checkpoint keeps its last saved position", e)
 
-    @staticmethod
-    def _log_retry(state) -> None:
-        log.warning("source read failed (%s), retrying in %.1fs", state.outcome.exception(),
-                    state.next_action.sleep)
+    def _meta_get(self) -> dict | None:
+        return self.sup.log(lambda: self.meta.get(self.checkpoint), "reading the checkpoint")
+
+    def _waiting(self, msg: str | None) -> None:
+        """Every wait shows in the checkpoint's ``state`` (best effort: the log may be the one
+        that is away), with the position as last saved; ``None`` ends the wait."""
+        self.stats.waiting = msg or ""
+        self.stats.source_waits, self.stats.log_waits = self.sup.source_waits, self.sup.log_waits
+        self._progress()
+        if not self._doc or (msg or "").startswith("waiting for the log"):
+            return                           # the checkpoint lives on the log that is away
+        doc = {**self._doc, "state": msg or self._doc["phase"], "saved_ms": now_millis()}
+        try:
+            self.meta.put(self.checkpoint, doc)
+        except LogError as e:
+            log.debug("cannot record the wait in the checkpoint: %s", e)
+
+    def _read(self, fn, what: str):
+        """A source read, waited out while the source is away."""
+        try:
+            return self.sup.source(fn, what)
+        except SourceError as e:
+            if not isinstance(e.__cause__, redis.exceptions.NoScriptError):
+                raise
+            # A restarted source forgot the read script. StateReader loads it again when it has
+            # none (its own check looks for "NOSCRIPT" in the text, which redis-py 8 strips).
+            self.reader._script = None
+            return self.sup.source(fn, what)
 
     def _progress(self) -> None:
         if self.on_progress:

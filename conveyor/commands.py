@@ -59,9 +59,9 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
         if st.mode == "snapshot" or proc._cursor is not None:
             display.update("Scanning", st.events, st.total_hint, st.rate)
         if st.mode != "snapshot":
-            display.update("Live", st.events, None, st.rate, unit="events",
-                           note=f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
-                                f"resyncs {st.resyncs_done}/{st.resyncs}")
+            note = st.waiting[:60] or (f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
+                                       f"resyncs {st.resyncs_done}/{st.resyncs}")
+            display.update("Live", st.events, None, st.rate, unit="events", note=note)
 
     proc = Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
                    key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
@@ -69,7 +69,8 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
                    idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
                    dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
                    big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
-                   mem_limit_skip=opts.mem_limit_skip, on_progress=progress)
+                   mem_limit_skip=opts.mem_limit_skip,
+                   enable_notifications=opts.enable_notifications, on_progress=progress)
     return proc, (writer, meta)
 
 
@@ -122,14 +123,20 @@ def _read_lines(rc) -> list[str]:
 def _capture_lines(st) -> tuple[list[str], bool]:
     if st.mode == "snapshot":
         state = "complete" if st.complete else "interrupted (resumable: run capture again)"
-        return [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
-                f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")
-                ] + _read_lines(st.reads), st.complete
+        lines = [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
+                 f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")]
+        if st.rescans:
+            lines.append(f"capture: the source restarted during the scan: scanned again from the "
+                         f"start ({st.rescans} times)")
+        return lines + _read_lines(st.reads), st.complete
     lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
              f"({st.resyncs_done} finished)",
              f"  {st.notifications} keyspace notifications (a key already waiting is read once)"]
     lines += [f"  gap: {g}" for g in st.gaps]
+    if st.source_waits or st.log_waits:
+        lines.append(f"  waited out {st.source_waits} source and {st.log_waits} log failures "
+                     "(see the warnings above)")
     lines += _read_lines(st.reads)
     if st.unseen_reread:
         lines.append(f"  {st.unseen_reread} keys on the log but not seen by the scan were re-read "

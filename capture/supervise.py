@@ -1,0 +1,162 @@
+"""Waiting out transient failures of the source and of the log, for as long as it takes.
+
+One place decides what is transient (connection refused or reset, timeout, LOADING; the log's
+LogUnavailable) and what is not (authentication, NOPERM, any other refusal: one line, exit 1).
+Every wait is reported on stderr and through ``on_wait`` (capture puts it in its checkpoint's
+``state``); stop() interrupts a wait, which then raises Interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Iterable, TypeVar
+
+import redis
+from tenacity import (Retrying, retry_if_exception, stop_when_event_set, wait_exponential)
+
+from conveyor.errors import ConveyorError, LogUnavailable, SourceError
+from conveyor.log.base import History, LogWriter
+
+log = logging.getLogger("conveyor.capture")
+
+T = TypeVar("T")
+
+WAIT_FIRST_S = 0.2          # first pause after a transient failure; doubles up to WAIT_MAX_S
+WAIT_MAX_S = 5.0            # a long outage is retried (and reported) this often
+TRANSIENT_REPLIES = ("LOADING", "MASTERDOWN", "TRYAGAIN")   # the server is there, not ready yet
+
+
+class Interrupted(Exception):
+    """stop() was called while waiting: the run ends without the call having succeeded."""
+
+
+def transient_source_error(e: BaseException) -> bool:
+    """A failure that waiting cures: the server is down, restarting or loading its data."""
+    if isinstance(e, redis.AuthenticationError):
+        return False                              # a ConnectionError in redis-py, but final
+    if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return True                               # BusyLoadingError (LOADING) is one of these
+    if isinstance(e, redis.ResponseError):
+        return str(e).startswith(TRANSIENT_REPLIES)
+    if isinstance(e, SourceError) and e.__cause__ is not None:
+        return transient_source_error(e.__cause__)   # Endpoint.connect wraps the driver's error
+    return False
+
+
+def short(e: BaseException) -> str:
+    """A driver error with its class (ConnectionError, BusyLoadingError...); ours as they are."""
+    return str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
+
+
+class Supervisor:
+    """Calls a function until it stops failing transiently; ``stop`` (an Event) interrupts.
+
+    ``on_wait(message)`` is told about every wait, and ``on_wait(None)`` once the call succeeded
+    after waiting."""
+
+    def __init__(self, stop: threading.Event,
+                 on_wait: Callable[[str | None], None] | None = None) -> None:
+        self.stop = stop
+        self.on_wait = on_wait or (lambda _msg: None)
+        self.source_waits = 0
+        self.log_waits = 0
+
+    def source(self, fn: Callable[[], T], what: str) -> T:
+        """``fn`` reads the source; a final refusal becomes one SourceError naming ``what``."""
+        try:
+            return self._call(fn, what, "source", transient_source_error)
+        except SourceError:
+            raise
+        except redis.RedisError as e:
+            raise SourceError(f"the source refused {what}: {short(e)}") from e
+
+    def log(self, fn: Callable[[], T], what: str) -> T:
+        """``fn`` uses the log; LogUnavailable is waited out, LogLost and other errors pass."""
+        return self._call(fn, what, "log", lambda e: isinstance(e, LogUnavailable))
+
+    def _call(self, fn: Callable[[], T], what: str, whom: str,
+              transient: Callable[[BaseException], bool]) -> T:
+        try:
+            return fn()                           # the common case costs one try
+        except Exception as e:  # noqa: BLE001 - sorted by ``transient``; the rest re-raised
+            if not transient(e):
+                raise
+            first = e
+        return self._wait(fn, what, whom, transient, first)
+
+    def _wait(self, fn, what, whom, transient, first: BaseException):
+        started = time.monotonic()
+        self._report(whom, what, first, WAIT_FIRST_S)
+        retrying = Retrying(retry=retry_if_exception(transient),
+                            wait=wait_exponential(multiplier=WAIT_FIRST_S, min=WAIT_FIRST_S,
+                                                  max=WAIT_MAX_S),
+                            stop=stop_when_event_set(self.stop), sleep=self.stop.wait,
+                            before_sleep=lambda rs: self._report(
+                                whom, what, rs.outcome.exception(), rs.next_action.sleep),
+                            reraise=True)
+        self.stop.wait(WAIT_FIRST_S)
+        try:
+            result = retrying(fn)
+        except Exception as e:  # noqa: BLE001 - only a transient one turns into Interrupted
+            if transient(e) and self.stop.is_set():
+                raise Interrupted(f"stopped while waiting for the {whom} ({what}): "
+                                  f"{short(e)}") from e
+            raise
+        log.warning("the %s is back after %.0fs (%s)", whom, time.monotonic() - started, what)
+        self.on_wait(None)
+        return result
+
+    def _report(self, whom: str, what: str, e: BaseException | None, delay: float) -> None:
+        if whom == "source":
+            self.source_waits += 1
+        else:
+            self.log_waits += 1
+        msg = f"waiting for {'the log' if whom == 'log' else 'source'}: {what}: {short(e)}"
+        log.warning("%s; trying again in %.1fs", msg, delay)
+        self.on_wait(msg)
+
+
+class SupervisedWriter(LogWriter):
+    """The capture's view of its log writer: LogUnavailable from any call is waited out and the
+    call made again unchanged (the writer keeps its buffered records until a flush succeeds).
+    LogLost passes through. The process that opened the writer closes it."""
+
+    def __init__(self, inner: LogWriter, supervisor: Supervisor) -> None:
+        self.inner, self.sup = inner, supervisor
+        self.max_record_bytes = inner.max_record_bytes
+
+    @property
+    def log_id(self) -> str:  # type: ignore[override]
+        return self.inner.log_id
+
+    @property
+    def warnings(self) -> Iterable[str]:  # type: ignore[override]
+        return self.inner.warnings
+
+    def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
+        self.sup.log(lambda: self.inner.append(key, value, partition_key), "appending")
+
+    def flush(self, timeout: float = 60.0) -> None:
+        self.sup.log(lambda: self.inner.flush(timeout), "flushing")
+
+    def history(self) -> History:
+        return self.sup.log(self.inner.history, "reading its history")
+
+    def check_identity(self) -> None:
+        self.sup.log(self.inner.check_identity, "checking its identity")
+
+    def adopt_new_log(self) -> None:
+        self.sup.log(self.inner.adopt_new_log, "adopting the new log")
+
+    def close(self) -> None:
+        pass
+
+
+def fatal(e: BaseException, where: str) -> ConveyorError:
+    """An error a helper thread cannot wait out, as the one line the main loop raises."""
+    if isinstance(e, ConveyorError):
+        return e
+    if isinstance(e, redis.RedisError):
+        return SourceError(f"the source refused {where}: {short(e)}")
+    return ConveyorError(f"{where} failed: {short(e)}")
