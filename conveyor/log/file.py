@@ -293,19 +293,33 @@ class FileLogWriter(LogWriter):
             self._write()
 
     def _write(self) -> None:
-        if not self._buf:
-            return
-        try:
+        """Write the buffer out, rolling to a new segment whenever the next records do not fit
+        (a segment holds at least one record, however big)."""
+        while self._buf:
             if self._size and self._size + len(self._buf) > self.segment_bytes:
                 self._roll()
-            self._file.write(self._buf)
-            self._file.flush()
-        except OSError as e:
-            raise LogError(f"cannot write log {self.root}: {e}") from e
-        self._size += len(self._buf)
-        self._next += self._pending
-        self._buf = bytearray()
-        self._pending = 0
+            cut, n = self._fitting()
+            try:
+                self._file.write(self._buf if cut == len(self._buf) else self._buf[:cut])
+                self._file.flush()
+            except OSError as e:
+                raise LogError(f"cannot write log {self.root}: {e}") from e
+            self._size += cut
+            self._next += n
+            self._pending -= n
+            del self._buf[:cut]
+
+    def _fitting(self) -> tuple[int, int]:
+        """(bytes, records) at the start of the buffer that fit in the current segment."""
+        if self._size + len(self._buf) <= self.segment_bytes:
+            return len(self._buf), self._pending
+        cut = n = 0
+        while cut < len(self._buf):
+            end = cut + segment.HEADER.size + segment.HEADER.unpack_from(self._buf, cut)[0]
+            if n and self._size + end > self.segment_bytes:
+                break
+            cut, n = end, n + 1
+        return cut, n
 
     def _roll(self) -> None:
         os.fsync(self._file.fileno())
@@ -397,6 +411,7 @@ class FileLogReader(LogReader):
                            "a file log has one reader per group (stop it, or use another --group)")
         self.log_id = _ensure_id(self.root)
         self.seek(start)
+        _retire(self.root, self.retention_s)
 
     def check_identity(self) -> None:
         _check_identity(self.root, self.log_id)
