@@ -310,3 +310,59 @@ def test_a_log_removed_and_recreated_is_a_lost_log(tmp_path):
     assert r.warnings == [] and r.owned([]) == []
     r.close()
     w.close()
+
+
+# -- the log layer's own guarantees ---------------------------------------------------------------------
+ITEMS = [(b"0:key%d" % i, b"value %d " % i + bytes(range(256))) for i in range(60)]
+
+
+def test_a_reader_waiting_at_a_torn_tail_reads_on_once_a_writer_repaired_it(tmp_path):
+    # given a reader that read every record and waits at a torn tail
+    uri = f"file:{tmp_path / 'log'}"
+    w = open_writer(uri)
+    w.append_many(ITEMS[:10])
+    w.close()
+    with open(segments(tmp_path / "log")[0], "ab") as f:
+        f.write(b"\x50\x00\x00\x00 a record torn by a crash")
+    r = open_reader(uri, "g")
+    assert [x.key for x in r.poll(100, 0.5)] == [k for k, _ in ITEMS[:10]]
+    assert r.poll(100, 0.3) == []
+    # when the next writer cuts the torn bytes and appends where they were
+    w = open_writer(uri)
+    w.append_many(ITEMS[10:20])
+    w.close()
+    # then the reader reads the new records, none of them taken for damage
+    got = r.poll(100, 2)
+    assert [x.key for x in got] == [k for k, _ in ITEMS[10:20]]
+    assert r.damaged == []
+    r.commit(got)
+    assert r.status().lag == 0
+    r.close()
+
+
+def test_damage_at_the_end_of_a_sealed_segment_is_skipped_and_lag_reaches_zero(tmp_path):
+    # given small segments, the last record of the first one damaged
+    uri, log_dir = f"file:{tmp_path / 'log'}", tmp_path / "log"
+    w = open_writer(uri, {"segment_bytes": "2000"})
+    for item in ITEMS:
+        w.append(*item)
+        w.flush()
+    w.close()
+    first = segments(log_dir)[0]
+    start, end, key = frames(first)[-1]
+    flip(first, end - 1, b"\x01")
+    # when a group reads everything, committing as it goes
+    r = open_reader(uri, "g")
+    got = []
+    while batch := r.poll(7, 0.5):
+        got += batch
+        r.commit(batch)
+    # then it has every other record, one damage report, and nothing left to read
+    assert [x.key for x in got] == [k for k, _ in ITEMS if k != key]
+    assert len(r.damaged) == 1 and first.name in r.damaged[0] and f"at byte {start}" in r.damaged[0]
+    assert r.status().lag == 0
+    r.close()
+    # and a reader of the group that starts again has nothing more to read, and reports nothing
+    r = open_reader(uri, "g")
+    assert r.poll(10, 0.3) == [] and r.damaged == []
+    r.close()

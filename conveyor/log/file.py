@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -100,7 +101,6 @@ def _size_option(opts: dict[str, str], name: str, default: int) -> int:
 def _atomic_json(path: Path, doc: dict) -> None:
     tmp = path.with_suffix(".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
             json.dump(doc, f)
             f.flush()
@@ -152,17 +152,29 @@ def _seg_path(root: Path, base: int) -> Path:
 def _lock(path: Path, refusal: str):
     """An exclusive flock on ``path`` (released when the process ends), holding our pid."""
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    if not _try_lock(f):
         f.seek(0)
         holder = f.read().strip()
-        f.close()
-        raise LogError(refusal.format(holder=holder or "another process")) from None
+        # A reader or writer of this process dropped without close() (a crash inside a library
+        # caller) holds the lock until it is collected: collect it, then try once more.
+        if holder == me:
+            gc.collect()
+        if holder != me or not _try_lock(f):
+            f.close()
+            raise LogError(refusal.format(holder=holder or "another process"))
     f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.write(me)
     f.flush()
     return f
+
+
+def _try_lock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _unlock(f) -> None:
@@ -396,6 +408,7 @@ class FileLogReader(LogReader):
         self._seg, self._pos, self._offset = -1, 0, 0
         # offset after a polled record -> (offset, segment, byte) a commit of it saves
         self._positions: dict[int, tuple[int, int, int]] = {}
+        self._last: int | None = None    # key of the last polled record in _positions
         self._counted = (-1, 0, 0)       # status(): (segment, byte, records) counted so far
         self._checked = time.monotonic()
         self._saved_seg = -1
@@ -435,7 +448,7 @@ class FileLogReader(LogReader):
 
     def seek(self, where: StartAt) -> None:
         segs = _segments(self.root)
-        self._positions.clear()
+        self._last = None
         if where == "committed":
             c = _read_json(self._group_file)
             if c:
@@ -506,6 +519,7 @@ class FileLogReader(LogReader):
             self._offset += 1
             self._pos = end
             self._positions[self._offset] = (self._offset, self._seg, end)
+            self._last = self._offset
             if len(out) >= max_records:
                 return
 
@@ -537,8 +551,8 @@ class FileLogReader(LogReader):
         """The reader moved past something that is not a record (a damaged stretch, the end of a
         segment): committing the last record polled commits past it too; with nothing polled and
         not committed, the group's position moves now (so that lag can reach 0)."""
-        if self._positions:
-            self._positions[max(self._positions)] = (self._offset, self._seg, self._pos)
+        if self._last in self._positions:
+            self._positions[self._last] = (self._offset, self._seg, self._pos)
         else:
             self._save()
 
@@ -624,6 +638,10 @@ class FileMetaStore(MetaStore):
         self.dir = _path(uri) / "meta"
 
     def put(self, name: str, doc: dict) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LogError(f"cannot use log directory {self.dir.parent}: {e}") from e
         _atomic_json(self.dir / f"{_safe(name)}.json", doc)
 
     def get(self, name: str) -> dict | None:

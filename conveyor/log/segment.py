@@ -96,6 +96,11 @@ class SegmentScan:
         size = self.size()
         while pos < size:
             rec = self.record_at(pos, size)
+            if rec is None:
+                # Bytes read ahead past the last valid record may have been a torn tail that a
+                # writer cut and wrote again since: judge with a fresh read.
+                self._buf = memoryview(b"")
+                rec = self.record_at(pos, size)
             if rec is not None:
                 end, ts, klen, body = rec
                 yield pos, end, ts, klen, body
