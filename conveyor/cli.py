@@ -13,6 +13,7 @@ import click
 
 from conveyor.endpoints import Tls, mask_text, mask_uri
 from conveyor.errors import ConfigError, ConveyorError
+from conveyor.progress import LOG_FORMATS, setup_logging
 from conveyor.keys import REDIS_TYPES, KeyFilter, KeyRewriter, parse_slots
 from conveyor.runner import Endpoint
 
@@ -171,7 +172,8 @@ def _capture_opts(mode, fresh, kw):
 
 
 progress_option = click.option("--progress/--no-progress", default=None,
-                               help="Progress bars on stderr (default: when stderr is a terminal).")
+                               help="Progress on stderr (default: bars on a terminal, otherwise a "
+                                    "line every few seconds; --no-progress: none).")
 
 
 def _filter(kw) -> KeyFilter:
@@ -230,12 +232,15 @@ def _state_log(state_dir: str, source: str, target: str) -> str:
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"],
                                         "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              envvar="CONVEYOR_LOG_FORMAT",
+              help="json: one JSON object per line on stderr (log records and progress reports), "
+                   "for log shippers.")
 @click.version_option(package_name="conveyor")
-def cli(verbose: int) -> None:
+def cli(verbose: int, log_format: str) -> None:
     """Migrate Redis data from a source to a target through a durable log."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    setup_logging(level, log_format)
 
 
 @cli.command()

@@ -1,25 +1,71 @@
-"""Progress display (rich) on stderr: Scanning with % of DBSIZE and keys/s, apply records/s."""
+"""Progress and log output on stderr.
+
+On a terminal: rich progress bars. Elsewhere (a container, a pipe): one line per process every
+``LINE_INTERVAL_S`` seconds, so a container log shows movement long before the end. With
+``--log-format json`` every log record and every progress report is one JSON object per line,
+for log shippers. The final report lines of each command stay on stdout.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import time
+from datetime import datetime, timezone
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn)
 
+LINE_INTERVAL_S = 5.0
+LOG_FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, plus any ``extra`` fields."""
+
+    _plain = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        doc.update({k: v for k, v in vars(record).items() if k not in self._plain and k != "message"})
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: int, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    Display.json = fmt == "json"
+
 
 class Display:
-    """A no-op when disabled, so processes report progress without caring whether it is shown."""
+    """Progress of the processes of one command; callers report without caring how it shows."""
+
+    json = False                    # set by setup_logging(); one format per command line
 
     def __init__(self, enabled: bool | None = None) -> None:
         console = Console(stderr=True)
-        self.enabled = console.is_terminal if enabled is None else enabled
+        self.bars = console.is_terminal and not self.json if enabled is None else enabled
+        self.lines = enabled is None and not self.bars     # the default off a terminal
         self._progress = Progress(
             TextColumn("[bold]{task.description:<10}"), BarColumn(), TaskProgressColumn(),
             MofNCompleteColumn(), TextColumn("{task.fields[rate]:>10.0f} {task.fields[unit]}/s"),
             TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-            console=console, transient=False, disable=not self.enabled, refresh_per_second=4)
+            console=console, transient=False, disable=not self.bars, refresh_per_second=4)
         self._tasks: dict[str, int] = {}
+        self._last_line: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.bars or self.lines
 
     def __enter__(self) -> "Display":
         self._progress.start()
@@ -30,7 +76,9 @@ class Display:
 
     def update(self, name: str, completed: int, total: int | None = None, rate: float = 0.0,
                unit: str = "keys", note: str = "") -> None:
-        if not self.enabled:
+        if self.lines:
+            self._line(name, completed, total, rate, unit, note)
+        if not self.bars:
             return
         if name not in self._tasks:
             self._tasks[name] = self._progress.add_task(name, total=total, rate=0.0, unit=unit,
@@ -39,6 +87,30 @@ class Display:
                               total=max(total, completed) if total is not None else None,
                               rate=rate, unit=unit, note=note)
 
+    def _line(self, name, completed, total, rate, unit, note) -> None:
+        now = time.monotonic()
+        first = self._last_line.setdefault(name, now)
+        if now - first < LINE_INTERVAL_S or now - self._last_line.get(f"{name}:shown", 0) < LINE_INTERVAL_S:
+            return
+        self._last_line[f"{name}:shown"] = now
+        if self.json:
+            doc = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                   "event": "progress", "stage": name.lower(), unit: completed,
+                   "rate_per_s": round(rate, 1)}
+            if total:
+                doc["total"] = total
+            if note:
+                doc["note"] = note
+            print(json.dumps(doc), file=sys.stderr, flush=True)
+            return
+        of = f"/{total:,}" if total else ""
+        print(f"progress: {name} {completed:,}{of} {unit}, {rate:,.0f} {unit}/s"
+              + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
+
 
 def echo(msg: str) -> None:
+    """A report line on stdout; with --log-format json also a ``report`` event on stderr."""
     print(msg, file=sys.stdout, flush=True)
+    if Display.json:
+        print(json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                          "event": "report", "message": msg}), file=sys.stderr, flush=True)

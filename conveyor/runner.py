@@ -5,7 +5,7 @@ import logging
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import redis
@@ -25,6 +25,7 @@ class Endpoint:
     username: str | None = None
     password: str | None = None
     tls: Tls = Tls()
+    _checked: bool = field(default=False, repr=False, compare=False)
 
     @property
     def masked(self) -> str:
@@ -33,8 +34,12 @@ class Endpoint:
     def connect(self, db: int | None = None) -> redis.Redis:
         err = SourceError if self.what == "source" else TargetError
         kw = {} if db is None else {"db": db}
-        return connect(self.uri, self.what, username=self.username, password=self.password,
-                       error_cls=err, tls=self.tls, **kw)
+        client = connect(self.uri, self.what, username=self.username, password=self.password,
+                         error_cls=err, tls=self.tls, **kw)
+        if not self._checked:
+            refuse_cluster_node(client, self)
+            self._checked = True
+        return client
 
     def info(self, client: redis.Redis) -> ServerInfo:
         err = SourceError if self.what == "source" else TargetError
@@ -42,6 +47,20 @@ class Endpoint:
             return server_info(client)
         except redis.RedisError as e:
             raise err(f"{self.what} {self.masked}: INFO failed: {e}") from e
+
+
+def refuse_cluster_node(client: redis.Redis, ep: Endpoint) -> None:
+    """A node of a Redis Cluster holds only its own slots: copied as a plain server, the other
+    nodes' keys would be missing (and verify, reading the same node, would agree). Until cluster
+    mode is supported, such a node is refused in one line."""
+    try:
+        enabled = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except redis.RedisError:
+        return                      # INFO refused (ACL): nothing to tell; the copy goes on
+    if enabled:
+        raise ConfigError(f"{ep.what} {ep.masked} is a node of a Redis Cluster: conveyor does not "
+                          "migrate clusters yet, and a single node holds only its own slots; "
+                          "refusing rather than copying part of the data")
 
 
 def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None
