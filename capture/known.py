@@ -49,6 +49,8 @@ def known_keys(history: History, codec: Codec, db: int, key_filter: KeyFilter,
         close = getattr(history.records, "close", None)
         if close:
             close()
+    if not history.complete:          # a backend may learn of damage only while reading
+        found.gap = history.why
     if found.keys is not None and (key_filter.checks_names or key_filter.match):
         found.keys = {k for k in found.keys if key_filter.accepts_name(k, check_glob=True)}
     return found

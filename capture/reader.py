@@ -171,7 +171,8 @@ class StateReader:
                                         1 if check_type else 0)
             self._script = True
         except redis.ResponseError as e:
-            if self._script and "NOSCRIPT" in str(e):
+            if self._script and (isinstance(e, redis.exceptions.NoScriptError)
+                                 or "NOSCRIPT" in str(e)):
                 self._script = None               # the source restarted: load it again
                 return keys, True
             if self._script is None:

@@ -216,8 +216,10 @@ def test_parts_written_before_a_crash_are_not_applied_twice(redis_factory, tmp_p
                        codec=Codec(), rewriter=KeyRewriter(), group="apply", batch=4,
                        idle_timeout=0.5)
 
+    crashed = applier(3)
     with pytest.raises(SystemExit):
-        applier(3).run()                       # three batches committed, the fourth written only
+        crashed.run()                          # three batches committed, the fourth written only
+    crashed.reader.close()                     # the dead process's group lock goes with it
     assert t.exists("k") == 0                  # still building in the temporary key
     stats = applier().run()
     assert stats.duplicate_chunks >= 1, stats  # the written-but-uncommitted parts were skipped
