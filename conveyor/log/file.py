@@ -347,7 +347,7 @@ class FileLogWriter(LogWriter):
         _retire(self.root, self.retention_s)
 
     def flush(self, timeout: float = 60.0) -> None:
-        self.check_identity()            # never write on into a directory that was removed
+        _check_identity(self.root, self.log_id)   # never write on into a directory that was removed
         self._write()
         try:
             os.fsync(self._file.fileno())
