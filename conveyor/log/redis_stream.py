@@ -2,36 +2,57 @@
 
 Options (``--log-opt`` or URI query): ``stream`` name prefix (default ``conveyor``), ``partitions``
 (default 1: records are spread over streams ``{stream}:0..N-1`` by a hash of their key, so each
-key's events stay in order in one stream), ``consumer`` (default ``apply``), ``claim_idle_ms``
-(default 30000: pending entries of another consumer idle this long are claimed at start), ``trim``
-(``acked``, the default: drop entries every group has acknowledged, so the buffer Redis does not
-grow without end; ``none``: keep everything, so a wiped target can be rebuilt with ``--from
-earliest``).
+key's events stay in order in one stream), ``consumer`` (this apply process's member name; default
+unique per process: host-pid-random), ``lease_ms`` (default 10000: how long a partition stream
+stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``retention``, the
+default: drop entries older than ``retention`` (default ``7d``; units s, m, h, d) that no group
+still needs, so ``apply --from earliest`` can rebuild a wiped target; ``acked``: drop entries every
+group has acknowledged; ``none``: keep everything).
 
 Records are stream entries with fields ``k`` (key) and ``v`` (value); a record's position is its
 entry id. Reading uses a consumer group; ``commit`` is XACK. Entries delivered but not acknowledged
-(a crash) are read again at the next start. Streams are trimmed (XTRIM MINID) only below the oldest
-entry that some group of that stream still needs.
+(a crash) are read again. Several apply processes may share a group: each partition stream is
+leased to one of them at a time (see ``stream_leases``).
+
+Faults: a buffer Redis that is restarting, loading or unreachable raises LogUnavailable, and every
+call can be made again (the writer keeps its records until a flush stored them all; XACK repeats
+harmlessly). The log's identity is a random id in ``{stream}:id``; when it is gone or another (a
+restart without persistence, FLUSHALL, deleted streams), or a stream ends before records we stored,
+or our group vanished, the log lost records: LogLost.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 import zlib
 from contextlib import contextmanager
 from datetime import datetime
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
-from conveyor.endpoints import connect, mask_uri
-from conveyor.errors import ConveyorError, LogError
+from conveyor.endpoints import connect, mask_uri, server_info
+from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
+from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
 
 PIPELINE_CHUNK = 1000
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
 MAX_SEQ = 18446744073709551615
+DEFAULT_RETENTION = "7d"
+# redis-py retries a command this often on a dropped connection before we say LogUnavailable: the
+# processes wait out longer outages themselves (one retry policy, theirs).
+CLIENT_RETRIES = 1
+CLIENT_BACKOFF = ExponentialBackoff(cap=0.5, base=0.1)
+# Replies meaning "not now": the buffer is loading its data, a replica, or a failover is under way.
+TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
+TRIM_MODES = ("retention", "acked", "none")
+UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 @contextmanager
@@ -40,13 +61,23 @@ def _converted(what: str):
         yield
     except ConveyorError:
         raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is unavailable: {e}") from e
+    except redis.ResponseError as e:
+        msg = str(e)
+        if isinstance(e, redis.ReadOnlyError) or msg.startswith(TRANSIENT_REPLIES):
+            raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is not ready: {e}") from e
+        if msg.startswith("NOGROUP"):
+            raise LogLost(f"the consumer group is gone from the buffer Redis ({msg}): it was "
+                          "restarted without persistence, flushed, or the streams were deleted") from e
+        raise LogError(f"Redis Streams log: {what} failed: {e}") from e
     except redis.RedisError as e:
         raise LogError(f"Redis Streams log: {what} failed: {e}") from e
 
 
 def _client(uri: str) -> redis.Redis:
     try:
-        return connect(uri, "log", error_cls=LogError)
+        return connect(uri, "log", error_cls=LogError, retry=Retry(CLIENT_BACKOFF, CLIENT_RETRIES))
     except ConveyorError as e:
         if isinstance(e, LogError):
             raise
@@ -64,6 +95,13 @@ def _streams(opts: dict[str, str]) -> list[str]:
     return [f"{prefix}:{i}" for i in range(n)]
 
 
+def _duration_ms(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m:
+        raise LogError(f"retention={text!r}: use a number with a unit s, m, h or d (e.g. 7d)")
+    return int(m.group(1)) * UNITS_MS[m.group(2) or "s"]
+
+
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
     r = _client(uri)
     try:
@@ -78,6 +116,11 @@ def _id_ms(entry_id: bytes | str) -> int:
     return int(s.split("-")[0])
 
 
+def _id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _s(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _next_id(entry_id: str) -> str:
     ms, seq = (int(x) for x in entry_id.split("-"))
     return f"{ms}-{seq + 1}" if seq < MAX_SEQ else f"{ms + 1}-0"
@@ -87,12 +130,122 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-class StreamLogWriter(LogWriter):
-    def __init__(self, uri: str, opts: dict[str, str]) -> None:
+def _fields(fields) -> dict:
+    return fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+
+
+def _persistence_warning(r: redis.Redis) -> str | None:
+    """A buffer Redis that keeps nothing across a restart loses every record not yet applied."""
+    try:
+        aof = _s(next(iter(r.config_get("appendonly").values()), ""))
+        save = _s(next(iter(r.config_get("save").values()), ""))
+    except redis.ResponseError:                 # CONFIG renamed or not permitted
+        try:
+            if int(r.info("persistence").get("aof_enabled", 0)):
+                return None
+        except redis.ResponseError:
+            return None
+        return ("the buffer Redis of the log does not use AOF and its save points cannot be read "
+                "(CONFIG refused): a restart of it may lose records not yet applied")
+    if aof == "yes" or save.strip():
+        return None
+    return ("the buffer Redis of the log has no persistence (appendonly no, no save points): a "
+            "restart of it loses every record not yet applied; use appendonly yes")
+
+
+def _trimmed_why(r: redis.Redis, streams: list[str]) -> list[str]:
+    """Why the streams no longer hold every entry ever added (empty: they do)."""
+    why = []
+    for s in streams:
+        if not r.exists(s):
+            continue
+        info = _info(r.execute_command("XINFO", "STREAM", s))
+        added, length = info.get("entries-added"), int(info.get("length", 0))
+        if added is None and _s(info.get("last-generated-id", b"0-0")) == "0-0":
+            continue                            # nothing was ever added to it
+        if added is None:
+            why.append(f"{s}: the buffer Redis is older than 7.0 and cannot tell whether entries "
+                       "were trimmed")
+        elif int(added) != length:
+            why.append(f"{s}: {int(added) - length} entries were trimmed (trim=acked, or older "
+                       "than the retention)")
+    return why
+
+
+class _StreamLog:
+    """What the writer and the reader share: the client, the log's id, recovery after an outage."""
+
+    r: redis.Redis
+    log_id: str
+    warnings: list[str]
+
+    def _open(self, uri: str, opts: dict[str, str], *, create: bool = True) -> None:
         self.r = _client(uri)
+        self.uri = mask_uri(uri)
+        self.prefix = opts.get("stream", "conveyor")
         self.streams = _streams(opts)
+        self.id_key = f"{self.prefix}:id"
+        self._down = False
+        self.warnings = []
+        with _converted("opening the log"):
+            if create:
+                self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
+            self.log_id = _s(self.r.get(self.id_key) or b"")
+            if create:
+                warning = _persistence_warning(self.r)
+                if warning:
+                    self.warnings.append(warning)
+
+    @contextmanager
+    def _op(self, what: str):
+        """One operation on the buffer. The first one after an outage checks first that the
+        buffer still holds our log (it may have come back empty)."""
+        if self._down:
+            self.check_identity()
+            self._down = False
+        try:
+            with _converted(what):
+                yield
+        except LogUnavailable:
+            self._down = True
+            raise
+
+    def check_identity(self) -> None:
+        with _converted("checking the log's identity"):
+            now = self.r.get(self.id_key)
+            if now is None:
+                raise LogLost(f"{self.id_key} is gone from the buffer Redis {self.uri}: it was "
+                              "restarted without persistence, flushed, or the log's keys deleted")
+            if _s(now) != self.log_id:
+                raise LogLost(f"the buffer Redis {self.uri} now holds another log (id {_s(now)}, "
+                              f"ours was {self.log_id})")
+            self._check_streams()
+
+    def _check_streams(self) -> None:
+        """Backend part of check_identity (inside _converted)."""
+
+    def adopt_new_log(self) -> None:
+        with _converted("adopting the log as it is now"):
+            self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
+            self.log_id = _s(self.r.get(self.id_key))
+            self._adopted()
+        self._down = False
+
+    def _adopted(self) -> None:
+        """Backend part of adopt_new_log (inside _converted)."""
+
+
+class StreamLogWriter(_StreamLog, LogWriter):
+    def __init__(self, uri: str, opts: dict[str, str]) -> None:
+        self._open(uri, opts)
         self._buf: list[tuple[bytes, bytes, bytes]] = []
         self._buf_bytes = 0
+        self._last_added: dict[str, str] = {}
+        with _converted("opening the log"):
+            # XADD NOMKSTREAM (6.2+) to a stream that exists: a deleted stream is noticed, not
+            # silently recreated empty.
+            self._nomkstream = tuple(server_info(self.r).version) >= (6, 2)
+            self._existing = {s for s in self.streams if self.r.exists(s)}
 
     def _stream_of(self, key: bytes) -> str:
         n = len(self.streams)
@@ -102,48 +255,78 @@ class StreamLogWriter(LogWriter):
         self._buf.append((key, value, partition_key or key))
         self._buf_bytes += len(key) + len(value)
         if len(self._buf) >= 10 * PIPELINE_CHUNK or self._buf_bytes >= FLUSH_BUFFER_BYTES:
-            self.flush()
+            try:
+                self.flush()
+            except LogError:
+                # Not taken: the caller appends this record again (earlier ones stay buffered).
+                self._buf.pop()
+                self._buf_bytes -= len(key) + len(value)
+                raise
 
     def flush(self, timeout: float = 60.0) -> None:
-        buf, self._buf, self._buf_bytes = self._buf, [], 0
-        with _converted("XADD"):
-            for i in range(0, len(buf), PIPELINE_CHUNK):
+        """Store the buffered records, a pipeline chunk at a time; a chunk leaves the buffer only
+        once stored, so after LogUnavailable flush() again re-sends the rest in order (a chunk
+        stored in part is sent again whole: events are whole states, duplicates are harmless)."""
+        with self._op("XADD"):
+            while self._buf:
+                chunk = self._buf[:PIPELINE_CHUNK]
                 p = self.r.pipeline(transaction=False)
-                for key, value, pkey in buf[i:i + PIPELINE_CHUNK]:
-                    p.execute_command("XADD", self._stream_of(pkey), "*", "k", key, "v", value)
-                p.execute()
+                p.get(self.id_key)
+                targets = []
+                for key, value, pkey in chunk:
+                    s = self._stream_of(pkey)
+                    targets.append(s)
+                    guard = ("NOMKSTREAM",) if self._nomkstream and s in self._existing else ()
+                    p.execute_command("XADD", s, *guard, "*", "k", key, "v", value)
+                replies = p.execute()
+                self._stored(replies, targets)
+                del self._buf[:len(chunk)]
+                self._buf_bytes -= sum(len(k) + len(v) for k, v, _ in chunk)
+
+    def _stored(self, replies: list, targets: list[str]) -> None:
+        if replies[0] is None or _s(replies[0]) != self.log_id:
+            self._down = True                    # stays lost until adopt_new_log()
+            self.check_identity()
+        for s, entry_id in zip(targets, replies[1:]):
+            if entry_id is None:
+                self._down = True
+                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri} (deleted, or "
+                              "the buffer was flushed)")
+            self._existing.add(s)
+            self._last_added[s] = _s(entry_id)
+
+    def _check_streams(self) -> None:
+        for s, last in self._last_added.items():
+            try:
+                end = _s(_info(self.r.execute_command("XINFO", "STREAM", s))["last-generated-id"])
+            except redis.ResponseError:
+                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
+            if _id(end) < _id(last):
+                raise LogLost(f"stream {s} ends at {end} but {last} was stored: the buffer Redis "
+                              "restarted from older data")
+
+    def _adopted(self) -> None:
+        self._last_added = {}
+        self._existing = {s for s in self.streams if self.r.exists(s)}
 
     def history(self) -> History:
         self.flush()
-        why = []
-        with _converted("XINFO STREAM"):
-            for s in self.streams:
-                if not self.r.exists(s):
-                    continue
-                info = _info(self.r.execute_command("XINFO", "STREAM", s))
-                added, length = info.get("entries-added"), int(info.get("length", 0))
-                if added is None and _s(info.get("last-generated-id", b"0-0")) == "0-0":
-                    continue                       # nothing was ever added to it
-                if added is None:
-                    why.append(f"{s}: the buffer Redis is older than 7.0 and cannot tell whether "
-                               "entries were trimmed")
-                elif int(added) != length:
-                    why.append(f"{s}: {int(added) - length} entries trimmed after apply acknowledged "
-                               "them (trim=acked)")
+        with self._op("XINFO STREAM"):
+            why = _trimmed_why(self.r, self.streams)
         return History(not why, self._history(), "; ".join(why))
 
     def _history(self):
         for s in self.streams:
             start = "-"
             while True:
-                with _converted("XRANGE"):
+                with self._op("XRANGE"):
                     entries = self.r.execute_command("XRANGE", s, start, "+", "COUNT", PIPELINE_CHUNK)
                 for entry_id, fields in entries:
-                    f = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+                    f = _fields(fields)
                     yield f[b"k"], f[b"v"]
                 if len(entries) < PIPELINE_CHUNK:
                     break
-                start = "(" + _s(entries[-1][0])
+                start = _next_id(_s(entries[-1][0]))
 
     def close(self) -> None:
         try:
@@ -152,46 +335,60 @@ class StreamLogWriter(LogWriter):
             self.r.close()
 
 
-class StreamLogReader(LogReader):
+class StreamLogReader(_StreamLog, LogReader):
     def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
                  *, observe: bool = False) -> None:
-        self.r = _client(uri)
-        self.uri = mask_uri(uri)
+        self._open(uri, opts, create=not observe)
+        # the raw reply: redis-py's parser drops XAUTOCLAIM's cursor with JUSTID
+        self.r.set_response_callback("XAUTOCLAIM", lambda response, **_: response)
         self.group = group
-        self.streams = _streams(opts)
-        self.consumer = opts.get("consumer", "apply")
-        self.claim_idle_ms = int(opts.get("claim_idle_ms", "30000"))
-        self.block_ms = int(opts.get("block_ms", "500"))
-        self.prefix = opts.get("stream", "conveyor")
-        self.trim_mode = opts.get("trim", "acked")
-        if self.trim_mode not in ("acked", "none"):
-            raise LogError(f"trim={self.trim_mode!r}: use acked or none")
+        self.observe = observe
+        self.consumer = opts.get("consumer") or default_consumer()
+        self.trim_mode = opts.get("trim", "retention")
+        if self.trim_mode not in TRIM_MODES:
+            raise LogError(f"trim={self.trim_mode!r}: use {', '.join(TRIM_MODES)}")
+        self.retention_ms = _duration_ms(opts.get("retention", DEFAULT_RETENTION))
+        if "claim_idle_ms" in opts:
+            self.warnings.append("log option claim_idle_ms is no longer used: a stream's pending "
+                                 "entries are taken over with its lease (see lease_ms)")
+        self.damaged = []
         self._last_trim = 0.0
-        with _converted("creating the consumer group"):
-            for s in self.streams if not observe else ():
-                try:
-                    self.r.execute_command("XGROUP", "CREATE", s, group, "0", "MKSTREAM")
-                except redis.ResponseError as e:
-                    if "BUSYGROUP" not in str(e):
-                        raise
-        # Pending entries (delivered before a crash, never acknowledged) come first.
-        self._pending_from: dict[str, str] = {s: "0" for s in self.streams}
+        self._leases = Leases(self.r, self.prefix, group, self.consumer, self.streams,
+                              int(opts.get("lease_ms", LEASE_MS)))
+        # Streams whose pending entries (delivered, never acknowledged) are read first.
+        self._pending_from: dict[str, str] = {}
         if observe:
             return
+        with _converted("creating the consumer group"):
+            self._create_groups()
         if start != "committed":
             self.seek(start)
-        else:
-            self._claim_idle()
 
-    def _claim_idle(self) -> None:
-        """Take over entries another consumer of the group received but never acknowledged."""
-        with _converted("XAUTOCLAIM"):
-            for s in self.streams:
-                # Claimed entries are no longer idle, so asking again from the start returns the
-                # rest (redis-py's JUSTID reply drops the cursor).
-                while self.r.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
-                                        start_id="0-0", count=1000, justid=True):
-                    pass
+    def _create_groups(self) -> None:
+        for s in self.streams:
+            try:
+                self.r.execute_command("XGROUP", "CREATE", s, self.group, "0", "MKSTREAM")
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _check_streams(self) -> None:
+        if self.observe:
+            return
+        for s in self.streams:
+            try:
+                groups = self.r.execute_command("XINFO", "GROUPS", s)
+            except redis.ResponseError:
+                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
+            if not any(_s(_info(g)["name"]) == self.group for g in groups):
+                raise LogLost(f"consumer group {self.group!r} is gone from stream {s} on the "
+                              f"buffer Redis {self.uri}")
+
+    def _adopted(self) -> None:
+        # The new log is read from its beginning.
+        self._create_groups()
+        self._pending_from = {}
+        self._leases.owned = {}
 
     def seek(self, where: StartAt) -> None:
         if where == "committed":
@@ -205,23 +402,60 @@ class StreamLogReader(LogReader):
             target = f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0"
         else:
             raise LogError(f"cannot seek to {where!r}")
-        with _converted("seek"):
+        with self._op("seek"):
             for s in self.streams:
                 # Recreating the group drops its pending entries too: the position is what was asked.
                 self.r.execute_command("XGROUP", "DESTROY", s, self.group)
                 self.r.execute_command("XGROUP", "CREATE", s, self.group, target, "MKSTREAM")
         self._pending_from = {}
 
+    # -- membership ---------------------------------------------------------------------------
+    def _balance(self) -> None:
+        """Renew this member's leases, give up streams above its share, take free ones (with the
+        entries their previous owner received and never acknowledged)."""
+        for s in self._leases.update("balance"):
+            self._claim(s)
+            self._pending_from[s] = "0"
+        for s in list(self._pending_from):
+            if s not in self._leases.owned:
+                del self._pending_from[s]
+
+    def _claim(self, stream: str) -> None:
+        """The stream is ours alone now: every pending entry of it moves to us, however recent."""
+        cursor = "0-0"
+        while True:
+            reply = self.r.execute_command("XAUTOCLAIM", stream, self.group, self.consumer, 0,
+                                           cursor, "COUNT", PIPELINE_CHUNK, "JUSTID")
+            cursor = _s(reply[0])
+            if cursor == "0-0":
+                return
+
+    def keepalive(self) -> None:
+        try:
+            with self._op("renewing leases"):
+                self._leases.update("renew")
+        except LogUnavailable:
+            pass        # the leases lapse on their own; poll() says what happened once it is back
+
+    def owned(self, records: list[Record]) -> list[Record]:
+        mine = self._leases.current()
+        return [r for r in records if r.partition in mine]
+
+    # -- reading ------------------------------------------------------------------------------
     def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
-        with _converted("XREADGROUP"):
-            if self._pending_from:
-                out = self._read_pending(max_records)
-                if out:
-                    return out
+        with self._op("XREADGROUP"):
+            if self._leases.due():
+                self._balance()
+            owned = sorted(self._leases.current())
+            if not owned:                   # every stream is leased to other members
+                time.sleep(timeout)
+                return []
+            out = self._read_pending(max_records)
+            if out:
+                return out
             reply = self.r.execute_command(
                 "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
-                "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *self.streams,
-                *([">"] * len(self.streams)))
+                "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned)))
         return self._records(reply)
 
     def _read_pending(self, max_records: int) -> list[Record]:
@@ -246,51 +480,66 @@ class StreamLogReader(LogReader):
             for entry_id, fields in entries:
                 if fields is None:                 # entry trimmed while pending
                     continue
-                f = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+                f = _fields(fields)
                 eid = _s(entry_id)
                 out.append(Record(stream, eid, f[b"k"], f[b"v"], _id_ms(eid)))
         return out
 
     def commit(self, records: list[Record]) -> None:
+        """XACK: acknowledging again what is already acknowledged is harmless, so after
+        LogUnavailable the same call can simply be made again."""
         by_stream: dict[str, list[str]] = {}
         for rec in records:
             by_stream.setdefault(rec.partition, []).append(rec.offset)
-        with _converted("XACK"):
+        with self._op("XACK"):
             p = self.r.pipeline(transaction=False)
             for s, ids in by_stream.items():
                 for i in range(0, len(ids), PIPELINE_CHUNK):
                     p.execute_command("XACK", s, self.group, *ids[i:i + PIPELINE_CHUNK])
             p.execute()
-        if self.trim_mode == "acked" and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
-            self.trim()
+        if self.trim_mode != "none" and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
+            self.trim(self.trim_mode)
 
-    def trim(self) -> None:
-        """XTRIM MINID each stream to the oldest entry any group still needs."""
+    # -- retention ----------------------------------------------------------------------------
+    def trim(self, policy: str = "acked") -> None:
+        """XTRIM MINID each stream: ``acked`` to the oldest entry any group still needs;
+        ``retention`` to entries older than the retention period, but never past what a group
+        still needs."""
         self._last_trim = time.monotonic()
-        with _converted("XTRIM"):
+        with self._op("XTRIM"):
+            cut = None
+            if policy == "retention":
+                sec, usec = self.r.time()        # entry ids are the buffer's clock
+                cut = (sec * 1000 + usec // 1000 - self.retention_ms, 0)
             for s in self.streams:
                 needed = self._oldest_needed(s)
-                if needed is not None:
-                    self.r.execute_command("XTRIM", s, "MINID", needed)
+                minid = min((x for x in (needed, cut) if x is not None), default=None)
+                if minid is not None and minid > (0, 0):
+                    self.r.execute_command("XTRIM", s, "MINID", f"{minid[0]}-{minid[1]}")
 
-    def _oldest_needed(self, stream: str) -> str | None:
+    def _oldest_needed(self, stream: str) -> tuple[int, int] | None:
         groups = self.r.execute_command("XINFO", "GROUPS", stream)
-        if not groups:
-            return None                            # nobody reads this stream yet: keep everything
         oldest: tuple[int, int] | None = None
         for g in groups:
             g = _info(g)
             if int(g["pending"]):
-                first = _s(self.r.xpending(stream, g["name"])["min"])
+                first = _id(self.r.xpending(stream, g["name"])["min"])
             else:
-                first = _next_id(_s(g["last-delivered-id"]))
-            ms, seq = (int(x) for x in first.split("-"))
-            oldest = (ms, seq) if oldest is None else min(oldest, (ms, seq))
-        return f"{oldest[0]}-{oldest[1]}"
+                first = _id(_next_id(_s(g["last-delivered-id"])))
+            oldest = first if oldest is None else min(oldest, first)
+        return oldest
 
+    def replayable(self) -> tuple[bool, str]:
+        with self._op("XINFO STREAM"):
+            why = _trimmed_why(self.r, self.streams)
+        return (not why, "; ".join(why))
+
+    # -- status -------------------------------------------------------------------------------
     def status(self) -> LogStatus:
+        """The whole group's lag: entries not yet delivered to any member plus entries delivered
+        and not acknowledged."""
         parts = []
-        with _converted("XINFO"):
+        with self._op("XINFO"):
             for s in self.streams:
                 info = _info(self.r.execute_command("XINFO", "STREAM", s))
                 end = _s(info["last-generated-id"])
@@ -302,28 +551,51 @@ class StreamLogReader(LogReader):
                 pending = int(g["pending"])
                 delivered = _s(g["last-delivered-id"])
                 committed = _s(self.r.xpending(s, self.group)["min"]) if pending else delivered
-                parts.append(PartitionStatus(s, committed, end, self._undelivered(s, g, delivered)
-                                             + pending))
+                parts.append(PartitionStatus(s, committed, end,
+                                             self._undelivered(s, info, g) + pending))
         return LogStatus(self.uri, self.group, parts)
 
-    def _undelivered(self, stream: str, g: dict, delivered: str) -> int:
-        lag = g.get("lag")
-        if lag is not None:
+    def _undelivered(self, stream: str, info: dict, g: dict) -> int:
+        """Entries after the group's last-delivered-id. Redis's own ``lag`` is used only when its
+        bookkeeping is intact: after an AOF reload or a trim its entries-read is unknown or
+        stale, and a lag that never falls would keep ``apply --idle-timeout`` running forever."""
+        delivered = _id(g["last-delivered-id"])
+        if delivered >= _id(info["last-generated-id"]):
+            return 0
+        length = int(info["length"])
+        first = info.get("first-entry")
+        if not length or (first and _id(first[0]) > delivered):
+            return length                       # everything the stream holds is still to come
+        lag, read = g.get("lag"), g.get("entries-read")
+        if lag is not None and read is not None and 0 < int(lag) <= length:
             return int(lag)
-        # Redis < 7.0 (or a lag Redis cannot compute): count the entries after the position.
-        start = "-" if delivered in ("0-0", "0") else f"({delivered}"
-        if start != "-" and self.r.info("server")["redis_version"] < "6.2":
-            start = _next_id(delivered)
-        return len(self.r.execute_command("XRANGE", stream, start, "+"))
+        return self._count_after(stream, _next_id(f"{delivered[0]}-{delivered[1]}"))
+
+    def _count_after(self, stream: str, start: str) -> int:
+        """Count entries from ``start`` a page at a time (bounded memory on a big backlog)."""
+        n = 0
+        while True:
+            page = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", PIPELINE_CHUNK)
+            n += len(page)
+            if len(page) < PIPELINE_CHUNK:
+                return n
+            start = _next_id(_s(page[-1][0]))
 
     def dead_letter(self, record: Record, reason: str) -> None:
-        with _converted("XADD to the dead-letter stream"):
+        with self._op("XADD to the dead-letter stream"):
             self.r.execute_command("XADD", f"{self.prefix}:dead-letter", "*", "k", record.key,
                                    "v", record.value, "reason", reason, "group", self.group,
                                    "from", f"{record.partition}/{record.offset}")
 
     def close(self) -> None:
-        self.r.close()
+        try:
+            if not self.observe and self._leases.owned:
+                with _converted("releasing leases"):
+                    self._leases.update("leave")   # the other members take them over at once
+        except LogError:
+            pass                                   # they lapse on their own
+        finally:
+            self.r.close()
 
 
 def _info(reply) -> dict:
