@@ -176,6 +176,32 @@ def test_flushall_and_deleted_streams_are_lost_logs_even_without_a_restart(redis
     r.close()
 
 
+def test_a_buffer_restarted_from_an_older_snapshot_is_a_lost_log(redis_factory):
+    # given a buffer that saves RDB snapshots, killed after records written since the last one
+    buf = redis_factory(extra=("--save", "3600 1"))
+    uri = f"{buf.url}/0"
+    w = open_writer(uri)
+    r = open_reader(uri, "g")
+    w.append_many(items(10))
+    w.flush()
+    buf.client().save()
+    w.append_many(items(10, "b"))
+    w.flush()
+    assert len(take(r, 20)) == 20
+    buf.proc.kill()                                 # SIGKILL: no save at shutdown
+    buf.proc.wait()
+    buf.start()                                     # back with the first 10 records only
+    # then both notice, though redis-py reconnected by itself and the id is the same
+    w.append(b"0:after", b"x")
+    with pytest.raises(LogLost, match="restarted from older data"):
+        w.flush()
+    with pytest.raises(LogLost, match="restarted from older data"):
+        r.poll(10, 0.2)
+    with pytest.raises(LogLost):
+        w.close()                                   # closing does not hide it either
+    r.close()
+
+
 # -- persistence warning ---------------------------------------------------------------------------
 def test_a_buffer_without_persistence_is_warned_about_at_open(redis_factory):
     bare, aof, rdb = redis_factory(), redis_factory(extra=AOF), redis_factory(extra=("--save", "60 1"))

@@ -45,6 +45,8 @@ FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
 MAX_SEQ = 18446744073709551615
 DEFAULT_RETENTION = "7d"
+COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog
+COUNT_CAP = 10_000          # a backlog up to this long is counted exactly
 # redis-py retries a command this often on a dropped connection before we say LogUnavailable: the
 # processes wait out longer outages themselves (one retry policy, theirs).
 CLIENT_RETRIES = 1
@@ -75,9 +77,11 @@ def _converted(what: str):
         raise LogError(f"Redis Streams log: {what} failed: {e}") from e
 
 
-def _client(uri: str) -> redis.Redis:
+def _client(uri: str, on_connect=None) -> redis.Redis:
+    """``on_connect(connection)`` runs for every new connection, reconnections included."""
     try:
-        return connect(uri, "log", error_cls=LogError, retry=Retry(CLIENT_BACKOFF, CLIENT_RETRIES))
+        return connect(uri, "log", error_cls=LogError, retry=Retry(CLIENT_BACKOFF, CLIENT_RETRIES),
+                       **({"redis_connect_func": on_connect} if on_connect else {}))
     except ConveyorError as e:
         if isinstance(e, LogError):
             raise
@@ -180,7 +184,8 @@ class _StreamLog:
     warnings: list[str]
 
     def _open(self, uri: str, opts: dict[str, str], *, create: bool = True) -> None:
-        self.r = _client(uri)
+        self._ready = False
+        self.r = _client(uri, self._connected)
         self.uri = mask_uri(uri)
         self.prefix = opts.get("stream", "conveyor")
         self.streams = _streams(opts)
@@ -196,10 +201,27 @@ class _StreamLog:
                 if warning:
                     self.warnings.append(warning)
 
+    def _connected(self, connection) -> None:
+        """Every new connection: redis-py reconnects by itself, so a buffer that restarted between
+        two calls is only seen here. Its data are checked on that connection before the call
+        that needed it is sent (a call sent first could hide the loss: a new XADD moves the
+        stream's end past the records that were lost)."""
+        connection.on_connect()
+        if not self._ready:
+            return
+
+        def run(*args):
+            connection.send_command(*args)
+            return connection.read_response()
+        try:
+            self._verify(run)
+        except LogLost:
+            self._down = True               # lost until adopt_new_log()
+            raise
+
     @contextmanager
     def _op(self, what: str):
-        """One operation on the buffer. The first one after an outage checks first that the
-        buffer still holds our log (it may have come back empty)."""
+        """One operation on the buffer; after an outage (or a LogLost) the log is checked first."""
         if self._down:
             self.check_identity()
             self._down = False
@@ -209,26 +231,35 @@ class _StreamLog:
         except LogUnavailable:
             self._down = True
             raise
+        except LogLost:
+            self._down = True
+            raise
 
     def check_identity(self) -> None:
         with _converted("checking the log's identity"):
-            now = self.r.get(self.id_key)
-            if now is None:
-                raise LogLost(f"{self.id_key} is gone from the buffer Redis {self.uri}: it was "
-                              "restarted without persistence, flushed, or the log's keys deleted")
-            if _s(now) != self.log_id:
-                raise LogLost(f"the buffer Redis {self.uri} now holds another log (id {_s(now)}, "
-                              f"ours was {self.log_id})")
-            self._check_streams()
+            self._verify(self.r.execute_command)
 
-    def _check_streams(self) -> None:
-        """Backend part of check_identity (inside _converted)."""
+    def _verify(self, run) -> None:
+        """LogLost unless the buffer still holds our log; ``run(*command)`` asks it."""
+        now = run("GET", self.id_key)
+        if now is None:
+            raise LogLost(f"{self.id_key} is gone from the buffer Redis {self.uri}: it was "
+                          "restarted without persistence, flushed, or the log's keys deleted")
+        if _s(now) != self.log_id:
+            raise LogLost(f"the buffer Redis {self.uri} now holds another log (id {_s(now)}, "
+                          f"ours was {self.log_id})")
+        self._check_streams(run)
+
+    def _check_streams(self, run) -> None:
+        """Backend part of _verify."""
 
     def adopt_new_log(self) -> None:
         with _converted("adopting the log as it is now"):
+            self._ready = False
             self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
             self.log_id = _s(self.r.get(self.id_key))
             self._adopted()
+            self._ready = True
         self._down = False
 
     def _adopted(self) -> None:
@@ -246,6 +277,7 @@ class StreamLogWriter(_StreamLog, LogWriter):
             # silently recreated empty.
             self._nomkstream = tuple(server_info(self.r).version) >= (6, 2)
             self._existing = {s for s in self.streams if self.r.exists(s)}
+        self._ready = True
 
     def _stream_of(self, key: bytes) -> str:
         n = len(self.streams)
@@ -295,10 +327,10 @@ class StreamLogWriter(_StreamLog, LogWriter):
             self._existing.add(s)
             self._last_added[s] = _s(entry_id)
 
-    def _check_streams(self) -> None:
+    def _check_streams(self, run) -> None:
         for s, last in self._last_added.items():
             try:
-                end = _s(_info(self.r.execute_command("XINFO", "STREAM", s))["last-generated-id"])
+                end = _s(_info(run("XINFO", "STREAM", s))["last-generated-id"])
             except redis.ResponseError:
                 raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
             if _id(end) < _id(last):
@@ -357,6 +389,9 @@ class StreamLogReader(_StreamLog, LogReader):
                               int(opts.get("lease_ms", LEASE_MS)))
         # Streams whose pending entries (delivered, never acknowledged) are read first.
         self._pending_from: dict[str, str] = {}
+        self._first_balance = True
+        self._seen: dict[str, tuple[int, int]] = {}     # newest entry read per stream
+        self._ready = True
         if observe:
             return
         with _converted("creating the consumer group"):
@@ -372,23 +407,31 @@ class StreamLogReader(_StreamLog, LogReader):
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def _check_streams(self) -> None:
+    def _check_streams(self, run) -> None:
         if self.observe:
             return
         for s in self.streams:
             try:
-                groups = self.r.execute_command("XINFO", "GROUPS", s)
+                groups = run("XINFO", "GROUPS", s)
             except redis.ResponseError:
                 raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
             if not any(_s(_info(g)["name"]) == self.group for g in groups):
                 raise LogLost(f"consumer group {self.group!r} is gone from stream {s} on the "
                               f"buffer Redis {self.uri}")
+            seen = self._seen.get(s)
+            if seen:
+                end = _s(_info(run("XINFO", "STREAM", s))["last-generated-id"])
+                if _id(end) < seen:
+                    raise LogLost(f"stream {s} ends at {end} but {seen[0]}-{seen[1]} was read "
+                                  "from it: the buffer Redis restarted from older data")
 
     def _adopted(self) -> None:
         # The new log is read from its beginning.
         self._create_groups()
         self._pending_from = {}
         self._leases.owned = {}
+        self._seen = {}
+        self._first_balance = True
 
     def seek(self, where: StartAt) -> None:
         if where == "committed":
@@ -413,7 +456,10 @@ class StreamLogReader(_StreamLog, LogReader):
     def _balance(self) -> None:
         """Renew this member's leases, give up streams above its share, take free ones (with the
         entries their previous owner received and never acknowledged)."""
-        for s in self._leases.update("balance"):
+        acquired = self._leases.update("balance")
+        if self._first_balance:             # a restarted --consumer NAME may hold its own leases
+            acquired, self._first_balance = list(self._leases.owned), False
+        for s in acquired:
             self._claim(s)
             self._pending_from[s] = "0"
         for s in list(self._pending_from):
@@ -451,12 +497,14 @@ class StreamLogReader(_StreamLog, LogReader):
                 time.sleep(timeout)
                 return []
             out = self._read_pending(max_records)
-            if out:
-                return out
-            reply = self.r.execute_command(
-                "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
-                "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned)))
-        return self._records(reply)
+            if not out:
+                out = self._records(self.r.execute_command(
+                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
+                    "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned))))
+        newest = {rec.partition: rec.offset for rec in out}       # in order within a stream
+        for stream, offset in newest.items():
+            self._seen[stream] = max(self._seen.get(stream, (0, 0)), _id(offset))
+        return out
 
     def _read_pending(self, max_records: int) -> list[Record]:
         for s, start in list(self._pending_from.items()):
@@ -556,9 +604,11 @@ class StreamLogReader(_StreamLog, LogReader):
         return LogStatus(self.uri, self.group, parts)
 
     def _undelivered(self, stream: str, info: dict, g: dict) -> int:
-        """Entries after the group's last-delivered-id. Redis's own ``lag`` is used only when its
-        bookkeeping is intact: after an AOF reload or a trim its entries-read is unknown or
-        stale, and a lag that never falls would keep ``apply --idle-timeout`` running forever."""
+        """Entries after the group's last-delivered-id. Redis's own ``lag`` cannot be trusted
+        after an AOF reload (entries-read comes back stale from the rewritten base file and stays
+        so: a lag that never falls kept ``apply --idle-timeout`` running forever), so the
+        backlog is counted, a page at a time, up to COUNT_CAP; only a longer backlog reports
+        Redis's figure (or the stream's length when that is implausible): 0 is always exact."""
         delivered = _id(g["last-delivered-id"])
         if delivered >= _id(info["last-generated-id"]):
             return 0
@@ -566,20 +616,22 @@ class StreamLogReader(_StreamLog, LogReader):
         first = info.get("first-entry")
         if not length or (first and _id(first[0]) > delivered):
             return length                       # everything the stream holds is still to come
-        lag, read = g.get("lag"), g.get("entries-read")
-        if lag is not None and read is not None and 0 < int(lag) <= length:
-            return int(lag)
-        return self._count_after(stream, _next_id(f"{delivered[0]}-{delivered[1]}"))
+        n = self._count_after(stream, _next_id(f"{delivered[0]}-{delivered[1]}"), COUNT_CAP)
+        if n < COUNT_CAP:
+            return n
+        lag = g.get("lag")
+        return int(lag) if lag is not None and COUNT_CAP <= int(lag) <= length else length
 
-    def _count_after(self, stream: str, start: str) -> int:
-        """Count entries from ``start`` a page at a time (bounded memory on a big backlog)."""
+    def _count_after(self, stream: str, start: str, cap: int) -> int:
+        """Entries from ``start`` on, counted a page at a time (bounded memory), at most ``cap``."""
         n = 0
-        while True:
-            page = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", PIPELINE_CHUNK)
+        while n < cap:
+            page = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", COUNT_PAGE)
             n += len(page)
-            if len(page) < PIPELINE_CHUNK:
-                return n
+            if len(page) < COUNT_PAGE:
+                break
             start = _next_id(_s(page[-1][0]))
+        return min(n, cap)
 
     def dead_letter(self, record: Record, reason: str) -> None:
         with self._op("XADD to the dead-letter stream"):
