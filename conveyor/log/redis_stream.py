@@ -317,11 +317,9 @@ class StreamLogWriter(_StreamLog, LogWriter):
 
     def _stored(self, replies: list, targets: list[str]) -> None:
         if replies[0] is None or _s(replies[0]) != self.log_id:
-            self._down = True                    # stays lost until adopt_new_log()
-            self.check_identity()
+            self.check_identity()                # flushed under us: says how
         for s, entry_id in zip(targets, replies[1:]):
             if entry_id is None:
-                self._down = True
                 raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri} (deleted, or "
                               "the buffer was flushed)")
             self._existing.add(s)
