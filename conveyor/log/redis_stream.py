@@ -23,256 +23,45 @@ or our group vanished, the log lost records: LogLost.
 from __future__ import annotations
 
 import json
-import re
 import time
-import uuid
 import zlib
-from contextlib import contextmanager
 from datetime import datetime
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from conveyor.endpoints import connect, mask_uri, server_info
-from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
+from conveyor.endpoints import server_info
+from conveyor.errors import LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
+from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
+                                      info_map, next_id, parse_id, stream_names, text, trimmed_why)
 from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
 
 PIPELINE_CHUNK = 1000
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
-MAX_SEQ = 18446744073709551615
 DEFAULT_RETENTION = "7d"
 COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog
 COUNT_CAP = 10_000          # a backlog up to this long is counted exactly
-# redis-py retries a command this often on a dropped connection before we say LogUnavailable: the
-# processes wait out longer outages themselves (one retry policy, theirs).
-CLIENT_RETRIES = 1
-CLIENT_BACKOFF = ExponentialBackoff(cap=0.5, base=0.1)
-# Replies meaning "not now": the buffer is loading its data, a replica, or a failover is under way.
-TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
 TRIM_MODES = ("retention", "acked", "none")
-UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-@contextmanager
-def _converted(what: str):
-    try:
-        yield
-    except ConveyorError:
-        raise
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is unavailable: {e}") from e
-    except redis.ResponseError as e:
-        msg = str(e)
-        if isinstance(e, redis.ReadOnlyError) or msg.startswith(TRANSIENT_REPLIES):
-            raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is not ready: {e}") from e
-        if msg.startswith("NOGROUP"):
-            raise LogLost(f"the consumer group is gone from the buffer Redis ({msg}): it was "
-                          "restarted without persistence, flushed, or the streams were deleted") from e
-        raise LogError(f"Redis Streams log: {what} failed: {e}") from e
-    except redis.RedisError as e:
-        raise LogError(f"Redis Streams log: {what} failed: {e}") from e
-
-
-def _client(uri: str, on_connect=None) -> redis.Redis:
-    """``on_connect(connection)`` runs for every new connection, reconnections included."""
-    try:
-        return connect(uri, "log", error_cls=LogError, retry=Retry(CLIENT_BACKOFF, CLIENT_RETRIES),
-                       **({"redis_connect_func": on_connect} if on_connect else {}))
-    except ConveyorError as e:
-        if isinstance(e, LogError):
-            raise
-        raise LogError(str(e)) from e
-
-
-def _streams(opts: dict[str, str]) -> list[str]:
-    prefix = opts.get("stream", "conveyor")
-    try:
-        n = int(opts.get("partitions", "1"))
-    except ValueError:
-        raise LogError(f"partitions={opts['partitions']!r} is not a number") from None
-    if n < 1:
-        raise LogError("partitions must be at least 1")
-    return [f"{prefix}:{i}" for i in range(n)]
-
-
-def _duration_ms(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
-    if not m:
-        raise LogError(f"retention={text!r}: use a number with a unit s, m, h or d (e.g. 7d)")
-    return int(m.group(1)) * UNITS_MS[m.group(2) or "s"]
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
-    r = _client(uri)
+    r = client(uri)
     try:
-        with _converted("looking for the log's streams"):
-            return bool(r.exists(*_streams(opts)))
+        with converted("looking for the log's streams"):
+            return bool(r.exists(*stream_names(opts)))
     finally:
         r.close()
 
 
-def _id_ms(entry_id: bytes | str) -> int:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(s.split("-")[0])
-
-
-def _id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _s(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _next_id(entry_id: str) -> str:
-    ms, seq = (int(x) for x in entry_id.split("-"))
-    return f"{ms}-{seq + 1}" if seq < MAX_SEQ else f"{ms + 1}-0"
-
-
-def _s(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _fields(fields) -> dict:
-    return fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
-
-
-def _persistence_warning(r: redis.Redis) -> str | None:
-    """A buffer Redis that keeps nothing across a restart loses every record not yet applied."""
-    try:
-        aof = _s(next(iter(r.config_get("appendonly").values()), ""))
-        save = _s(next(iter(r.config_get("save").values()), ""))
-    except redis.ResponseError:                 # CONFIG renamed or not permitted
-        try:
-            if int(r.info("persistence").get("aof_enabled", 0)):
-                return None
-        except redis.ResponseError:
-            return None
-        return ("the buffer Redis of the log does not use AOF and its save points cannot be read "
-                "(CONFIG refused): a restart of it may lose records not yet applied")
-    if aof == "yes" or save.strip():
-        return None
-    return ("the buffer Redis of the log has no persistence (appendonly no, no save points): a "
-            "restart of it loses every record not yet applied; use appendonly yes")
-
-
-def _trimmed_why(r: redis.Redis, streams: list[str]) -> list[str]:
-    """Why the streams no longer hold every entry ever added (empty: they do)."""
-    why = []
-    for s in streams:
-        if not r.exists(s):
-            continue
-        info = _info(r.execute_command("XINFO", "STREAM", s))
-        added, length = info.get("entries-added"), int(info.get("length", 0))
-        if added is None and _s(info.get("last-generated-id", b"0-0")) == "0-0":
-            continue                            # nothing was ever added to it
-        if added is None:
-            why.append(f"{s}: the buffer Redis is older than 7.0 and cannot tell whether entries "
-                       "were trimmed")
-        elif int(added) != length:
-            why.append(f"{s}: {int(added) - length} entries were trimmed (trim=acked, or older "
-                       "than the retention)")
-    return why
-
-
-class _StreamLog:
-    """What the writer and the reader share: the client, the log's id, recovery after an outage."""
-
-    r: redis.Redis
-    log_id: str
-    warnings: list[str]
-
-    def _open(self, uri: str, opts: dict[str, str], *, create: bool = True) -> None:
-        self._ready = False
-        self.r = _client(uri, self._connected)
-        self.uri = mask_uri(uri)
-        self.prefix = opts.get("stream", "conveyor")
-        self.streams = _streams(opts)
-        self.id_key = f"{self.prefix}:id"
-        self._down = False
-        self.warnings = []
-        with _converted("opening the log"):
-            if create:
-                self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
-            self.log_id = _s(self.r.get(self.id_key) or b"")
-            if create:
-                warning = _persistence_warning(self.r)
-                if warning:
-                    self.warnings.append(warning)
-
-    def _connected(self, connection) -> None:
-        """Every new connection: redis-py reconnects by itself, so a buffer that restarted between
-        two calls is only seen here. Its data are checked on that connection before the call
-        that needed it is sent (a call sent first could hide the loss: a new XADD moves the
-        stream's end past the records that were lost)."""
-        connection.on_connect()
-        if not self._ready:
-            return
-
-        def run(*args):
-            connection.send_command(*args)
-            return connection.read_response()
-        try:
-            self._verify(run)
-        except LogLost:
-            self._down = True               # lost until adopt_new_log()
-            raise
-
-    @contextmanager
-    def _op(self, what: str):
-        """One operation on the buffer; after an outage (or a LogLost) the log is checked first."""
-        if self._down:
-            self.check_identity()
-            self._down = False
-        try:
-            with _converted(what):
-                yield
-        except LogUnavailable:
-            self._down = True
-            raise
-        except LogLost:
-            self._down = True
-            raise
-
-    def check_identity(self) -> None:
-        with _converted("checking the log's identity"):
-            self._verify(self.r.execute_command)
-
-    def _verify(self, run) -> None:
-        """LogLost unless the buffer still holds our log; ``run(*command)`` asks it."""
-        now = run("GET", self.id_key)
-        if now is None:
-            raise LogLost(f"{self.id_key} is gone from the buffer Redis {self.uri}: it was "
-                          "restarted without persistence, flushed, or the log's keys deleted")
-        if _s(now) != self.log_id:
-            raise LogLost(f"the buffer Redis {self.uri} now holds another log (id {_s(now)}, "
-                          f"ours was {self.log_id})")
-        self._check_streams(run)
-
-    def _check_streams(self, run) -> None:
-        """Backend part of _verify."""
-
-    def adopt_new_log(self) -> None:
-        with _converted("adopting the log as it is now"):
-            self._ready = False
-            self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
-            self.log_id = _s(self.r.get(self.id_key))
-            self._adopted()
-            self._ready = True
-        self._down = False
-
-    def _adopted(self) -> None:
-        """Backend part of adopt_new_log (inside _converted)."""
-
-
-class StreamLogWriter(_StreamLog, LogWriter):
+class StreamLogWriter(StreamLog, LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         self._open(uri, opts)
         self._buf: list[tuple[bytes, bytes, bytes]] = []
         self._buf_bytes = 0
         self._last_added: dict[str, str] = {}
-        with _converted("opening the log"):
+        with converted("opening the log"):
             # XADD NOMKSTREAM (6.2+) to a stream that exists: a deleted stream is noticed, not
             # silently recreated empty.
             self._nomkstream = tuple(server_info(self.r).version) >= (6, 2)
@@ -316,22 +105,22 @@ class StreamLogWriter(_StreamLog, LogWriter):
                 self._buf_bytes -= sum(len(k) + len(v) for k, v, _ in chunk)
 
     def _stored(self, replies: list, targets: list[str]) -> None:
-        if replies[0] is None or _s(replies[0]) != self.log_id:
+        if replies[0] is None or text(replies[0]) != self.log_id:
             self.check_identity()                # flushed under us: says how
         for s, entry_id in zip(targets, replies[1:]):
             if entry_id is None:
                 raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri} (deleted, or "
                               "the buffer was flushed)")
             self._existing.add(s)
-            self._last_added[s] = _s(entry_id)
+            self._last_added[s] = text(entry_id)
 
     def _check_streams(self, run) -> None:
         for s, last in self._last_added.items():
             try:
-                end = _s(_info(run("XINFO", "STREAM", s))["last-generated-id"])
+                end = text(info_map(run("XINFO", "STREAM", s))["last-generated-id"])
             except redis.ResponseError:
                 raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
-            if _id(end) < _id(last):
+            if parse_id(end) < parse_id(last):
                 raise LogLost(f"stream {s} ends at {end} but {last} was stored: the buffer Redis "
                               "restarted from older data")
 
@@ -342,7 +131,7 @@ class StreamLogWriter(_StreamLog, LogWriter):
     def history(self) -> History:
         self.flush()
         with self._op("XINFO STREAM"):
-            why = _trimmed_why(self.r, self.streams)
+            why = trimmed_why(self.r, self.streams)
         return History(not why, self._history(), "; ".join(why))
 
     def _history(self):
@@ -352,11 +141,11 @@ class StreamLogWriter(_StreamLog, LogWriter):
                 with self._op("XRANGE"):
                     entries = self.r.execute_command("XRANGE", s, start, "+", "COUNT", PIPELINE_CHUNK)
                 for entry_id, fields in entries:
-                    f = _fields(fields)
+                    f = field_map(fields)
                     yield f[b"k"], f[b"v"]
                 if len(entries) < PIPELINE_CHUNK:
                     break
-                start = _next_id(_s(entries[-1][0]))
+                start = next_id(text(entries[-1][0]))
 
     def close(self) -> None:
         try:
@@ -365,7 +154,7 @@ class StreamLogWriter(_StreamLog, LogWriter):
             self.r.close()
 
 
-class StreamLogReader(_StreamLog, LogReader):
+class StreamLogReader(StreamLog, LogReader):
     def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
                  *, observe: bool = False) -> None:
         self._open(uri, opts, create=not observe)
@@ -377,7 +166,7 @@ class StreamLogReader(_StreamLog, LogReader):
         self.trim_mode = opts.get("trim", "retention")
         if self.trim_mode not in TRIM_MODES:
             raise LogError(f"trim={self.trim_mode!r}: use {', '.join(TRIM_MODES)}")
-        self.retention_ms = _duration_ms(opts.get("retention", DEFAULT_RETENTION))
+        self.retention_ms = duration_ms(opts.get("retention", DEFAULT_RETENTION))
         if "claim_idle_ms" in opts:
             self.warnings.append("log option claim_idle_ms is no longer used: a stream's pending "
                                  "entries are taken over with its lease (see lease_ms)")
@@ -392,7 +181,7 @@ class StreamLogReader(_StreamLog, LogReader):
         self._ready = True
         if observe:
             return
-        with _converted("creating the consumer group"):
+        with converted("creating the consumer group"):
             self._create_groups()
         if start != "committed":
             self.seek(start)
@@ -413,13 +202,13 @@ class StreamLogReader(_StreamLog, LogReader):
                 groups = run("XINFO", "GROUPS", s)
             except redis.ResponseError:
                 raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
-            if not any(_s(_info(g)["name"]) == self.group for g in groups):
+            if not any(text(info_map(g)["name"]) == self.group for g in groups):
                 raise LogLost(f"consumer group {self.group!r} is gone from stream {s} on the "
                               f"buffer Redis {self.uri}")
             seen = self._seen.get(s)
             if seen:
-                end = _s(_info(run("XINFO", "STREAM", s))["last-generated-id"])
-                if _id(end) < seen:
+                end = text(info_map(run("XINFO", "STREAM", s))["last-generated-id"])
+                if parse_id(end) < seen:
                     raise LogLost(f"stream {s} ends at {end} but {seen[0]}-{seen[1]} was read "
                                   "from it: the buffer Redis restarted from older data")
 
@@ -470,7 +259,7 @@ class StreamLogReader(_StreamLog, LogReader):
         while True:
             reply = self.r.execute_command("XAUTOCLAIM", stream, self.group, self.consumer, 0,
                                            cursor, "COUNT", PIPELINE_CHUNK, "JUSTID")
-            cursor = _s(reply[0])
+            cursor = text(reply[0])
             if cursor == "0-0":
                 return
 
@@ -501,7 +290,7 @@ class StreamLogReader(_StreamLog, LogReader):
                     "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned))))
         newest = {rec.partition: rec.offset for rec in out}       # in order within a stream
         for stream, offset in newest.items():
-            self._seen[stream] = max(self._seen.get(stream, (0, 0)), _id(offset))
+            self._seen[stream] = max(self._seen.get(stream, (0, 0)), parse_id(offset))
         return out
 
     def _read_pending(self, max_records: int) -> list[Record]:
@@ -522,13 +311,13 @@ class StreamLogReader(_StreamLog, LogReader):
             return out
         items = reply.items() if isinstance(reply, dict) else reply
         for stream, entries in items:
-            stream = _s(stream)
+            stream = text(stream)
             for entry_id, fields in entries:
                 if fields is None:                 # entry trimmed while pending
                     continue
-                f = _fields(fields)
-                eid = _s(entry_id)
-                out.append(Record(stream, eid, f[b"k"], f[b"v"], _id_ms(eid)))
+                f = field_map(fields)
+                eid = text(entry_id)
+                out.append(Record(stream, eid, f[b"k"], f[b"v"], id_ms(eid)))
         return out
 
     def commit(self, records: list[Record]) -> None:
@@ -567,17 +356,17 @@ class StreamLogReader(_StreamLog, LogReader):
         groups = self.r.execute_command("XINFO", "GROUPS", stream)
         oldest: tuple[int, int] | None = None
         for g in groups:
-            g = _info(g)
+            g = info_map(g)
             if int(g["pending"]):
-                first = _id(self.r.xpending(stream, g["name"])["min"])
+                first = parse_id(self.r.xpending(stream, g["name"])["min"])
             else:
-                first = _id(_next_id(_s(g["last-delivered-id"])))
+                first = parse_id(next_id(text(g["last-delivered-id"])))
             oldest = first if oldest is None else min(oldest, first)
         return oldest
 
     def replayable(self) -> tuple[bool, str]:
         with self._op("XINFO STREAM"):
-            why = _trimmed_why(self.r, self.streams)
+            why = trimmed_why(self.r, self.streams)
         return (not why, "; ".join(why))
 
     # -- status -------------------------------------------------------------------------------
@@ -587,16 +376,16 @@ class StreamLogReader(_StreamLog, LogReader):
         parts = []
         with self._op("XINFO"):
             for s in self.streams:
-                info = _info(self.r.execute_command("XINFO", "STREAM", s))
-                end = _s(info["last-generated-id"])
-                g = next((_info(x) for x in self.r.execute_command("XINFO", "GROUPS", s)
-                          if _s(_info(x)["name"]) == self.group), None)
+                info = info_map(self.r.execute_command("XINFO", "STREAM", s))
+                end = text(info["last-generated-id"])
+                g = next((info_map(x) for x in self.r.execute_command("XINFO", "GROUPS", s)
+                          if text(info_map(x)["name"]) == self.group), None)
                 if g is None:
                     parts.append(PartitionStatus(s, None, end, int(info["length"])))
                     continue
                 pending = int(g["pending"])
-                delivered = _s(g["last-delivered-id"])
-                committed = _s(self.r.xpending(s, self.group)["min"]) if pending else delivered
+                delivered = text(g["last-delivered-id"])
+                committed = text(self.r.xpending(s, self.group)["min"]) if pending else delivered
                 parts.append(PartitionStatus(s, committed, end,
                                              self._undelivered(s, info, g) + pending))
         return LogStatus(self.uri, self.group, parts)
@@ -607,14 +396,14 @@ class StreamLogReader(_StreamLog, LogReader):
         so: a lag that never falls kept ``apply --idle-timeout`` running forever), so the
         backlog is counted, a page at a time, up to COUNT_CAP; only a longer backlog reports
         Redis's figure (or the stream's length when that is implausible): 0 is always exact."""
-        delivered = _id(g["last-delivered-id"])
-        if delivered >= _id(info["last-generated-id"]):
+        delivered = parse_id(g["last-delivered-id"])
+        if delivered >= parse_id(info["last-generated-id"]):
             return 0
         length = int(info["length"])
         first = info.get("first-entry")
-        if not length or (first and _id(first[0]) > delivered):
+        if not length or (first and parse_id(first[0]) > delivered):
             return length                       # everything the stream holds is still to come
-        n = self._count_after(stream, _next_id(f"{delivered[0]}-{delivered[1]}"), COUNT_CAP)
+        n = self._count_after(stream, next_id(f"{delivered[0]}-{delivered[1]}"), COUNT_CAP)
         if n < COUNT_CAP:
             return n
         lag = g.get("lag")
@@ -628,7 +417,7 @@ class StreamLogReader(_StreamLog, LogReader):
             n += len(page)
             if len(page) < COUNT_PAGE:
                 break
-            start = _next_id(_s(page[-1][0]))
+            start = next_id(text(page[-1][0]))
         return min(n, cap)
 
     def dead_letter(self, record: Record, reason: str) -> None:
@@ -640,7 +429,7 @@ class StreamLogReader(_StreamLog, LogReader):
     def close(self) -> None:
         try:
             if not self.observe and self._leases.owned:
-                with _converted("releasing leases"):
+                with converted("releasing leases"):
                     self._leases.update("leave")   # the other members take them over at once
         except LogError:
             pass                                   # they lapse on their own
@@ -648,23 +437,17 @@ class StreamLogReader(_StreamLog, LogReader):
             self.r.close()
 
 
-def _info(reply) -> dict:
-    if isinstance(reply, dict):
-        return {_s(k): v for k, v in reply.items()}
-    return {_s(reply[i]): reply[i + 1] for i in range(0, len(reply), 2)}
-
-
 class StreamMetaStore(MetaStore):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
-        self.r = _client(uri)
+        self.r = client(uri)
         self.key = f"{opts.get('stream', 'conveyor')}:meta"
 
     def put(self, name: str, doc: dict) -> None:
-        with _converted("HSET meta"):
+        with converted("HSET meta"):
             self.r.hset(self.key, name, json.dumps(doc))
 
     def get(self, name: str) -> dict | None:
-        with _converted("HGET meta"):
+        with converted("HGET meta"):
             v = self.r.hget(self.key, name)
         return json.loads(v) if v is not None else None
 
