@@ -320,6 +320,49 @@ def applied(out: str) -> int:
     return int(m.group(1))
 
 
+def test_keepalive_holds_the_streams_and_a_lapsed_lease_is_taken_over_with_its_pending_entries(
+        redis_factory):
+    buf = redis_factory()
+    uri, opts = f"{buf.url}/0", {"partitions": "2", "lease_ms": "1500"}
+    w = open_writer(uri, opts)
+    w.append_many(items(40))
+    w.close()
+    a, b = open_reader(uri, "g", opts), open_reader(uri, "g", opts)
+    assert a.consumer != b.consumer                # unique per reader by default
+    held = take(a, 40)                              # a alone: it leases both streams
+    # while a waits (for a down target, say) and keeps alive, b gets nothing
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        a.keepalive()
+        assert b.poll(10, 0.2) == []
+    assert a.owned(held) == held
+    # when a stops renewing, b takes both streams over with the entries a never acknowledged
+    got = take(b, 40, timeout=10)
+    assert sorted(x.offset for x in got) == sorted(x.offset for x in held)
+    assert a.owned(held) == []                      # a drops its batch unwritten
+    b.commit(got)
+    assert b.status().lag == 0
+    a.close()
+    b.close()
+
+
+def test_a_named_consumer_restarted_after_a_crash_reads_its_own_pending_entries_at_once(
+        redis_factory):
+    buf = redis_factory()
+    uri = f"{buf.url}/0"
+    w = open_writer(uri)
+    w.append_many(items(10))
+    w.close()
+    crashed = open_reader(uri, "g", {"consumer": "apply-1"})
+    assert len(take(crashed, 10)) == 10
+    crashed.r.close()                               # gone without releasing its lease
+    again = open_reader(uri, "g", {"consumer": "apply-1"})
+    t0 = time.monotonic()
+    assert len(take(again, 10)) == 10
+    assert time.monotonic() - t0 < 5                # its own lease: no wait for it to lapse
+    again.close()
+
+
 class PendingWatch(threading.Thread):
     """Samples each partition stream's pending entries while apply runs: entries delivered to two
     live consumers of one stream at once would mean a key applied by two of them."""
