@@ -336,6 +336,7 @@ def test_keepalive_holds_the_streams_and_a_lapsed_lease_is_taken_over_with_its_p
         a.keepalive()
         assert b.poll(10, 0.2) == []
     assert a.owned(held) == held
+    assert b.status().lag == 40                     # the whole group's, not b's share
     # when a stops renewing, b takes both streams over with the entries a never acknowledged
     got = take(b, 40, timeout=10)
     assert sorted(x.offset for x in got) == sorted(x.offset for x in held)
