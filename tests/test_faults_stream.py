@@ -120,6 +120,69 @@ def test_commit_while_the_buffer_is_down_can_be_repeated_after_it_returns(redis_
     r.close()
 
 
+WAITS: list[str] = []
+
+
+def again(call, *args, until: float = 60.0):
+    """What capture and apply do with LogUnavailable: wait, then make the same call again."""
+    deadline = time.monotonic() + until
+    while True:
+        try:
+            return call(*args)
+        except LogUnavailable as e:
+            WAITS.append(str(e))
+            assert time.monotonic() < deadline, "the log never came back"
+            time.sleep(0.1)
+
+
+def test_records_flow_through_buffer_restarts_in_the_middle_of_writing_and_reading(redis_factory):
+    # given a writer and a reader working while the buffer (AOF) restarts twice under them
+    buf = redis_factory(extra=AOF)
+    uri, opts = f"{buf.url}/0", {"partitions": "3"}
+    sent = items(30_000, keys=50)
+    WAITS.clear()
+    w, r = open_writer(uri, opts), open_reader(uri, "g", opts)
+    got: list[tuple[bytes, bytes]] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not (done.is_set() and again(lambda: r.status().lag) == 0):
+            batch = again(r.poll, 500, 0.2)
+            got.extend((x.key, x.value) for x in batch)
+            again(r.commit, batch)
+
+    written = [0]
+
+    def restart_twice() -> None:          # from outside: calls are cut off in the middle
+        for at in (8_000, 20_000):
+            wait_until(lambda: written[0] >= at, 60, f"{at} records written")
+            buf.stop()
+            time.sleep(1)                   # longer than redis-py's own reconnect attempt
+            buf.start()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (read, restart_twice)]
+    for t in threads:
+        t.start()
+    for i, (k, v) in enumerate(sent):
+        again(w.append, k, v)
+        if i % 500 == 499:
+            again(w.flush)
+        written[0] = i + 1
+    again(w.flush)
+    threads[1].join(60)
+    done.set()
+    threads[0].join(30)
+    # then every record arrived, each key's in order, and the log is the same log
+    assert not any(t.is_alive() for t in threads)
+    assert_per_key_order(got, sent)
+    assert any("XADD" in x for x in WAITS)         # the restarts did interrupt both
+    assert any("XREADGROUP" in x or "XACK" in x for x in WAITS)
+    w.check_identity()
+    r.check_identity()
+    w.close()
+    r.close()
+
+
 # -- identity --------------------------------------------------------------------------------------
 def test_a_buffer_restarted_empty_is_a_lost_log_for_writer_and_reader_until_adopted(redis_factory):
     buf = redis_factory()                           # no persistence

@@ -212,6 +212,11 @@ class StreamLogReader(StreamLog, LogReader):
                     raise LogLost(f"stream {s} ends at {end} but {seen[0]}-{seen[1]} was read "
                                   "from it: the buffer Redis restarted from older data")
 
+    def _reconnected(self) -> None:
+        # Entries an XREADGROUP delivered just before the connection was cut are pending for us
+        # with their reply lost: read our pending entries again before anything newer.
+        self._pending_from = {s: "0" for s in self._leases.owned}
+
     def _adopted(self) -> None:
         # The new log is read from its beginning.
         self._create_groups()
@@ -288,6 +293,10 @@ class StreamLogReader(StreamLog, LogReader):
                 out = self._records(self.r.execute_command(
                     "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
                     "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned))))
+                if self._pending_from:
+                    # Reconnected under this call: entries of a lost reply come before these,
+                    # which are pending too now; all are read again in order by the next poll.
+                    out = []
         newest = {rec.partition: rec.offset for rec in out}       # in order within a stream
         for stream, offset in newest.items():
             self._seen[stream] = max(self._seen.get(stream, (0, 0)), parse_id(offset))

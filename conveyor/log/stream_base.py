@@ -168,6 +168,7 @@ class StreamLog:
         connection.on_connect()
         if not self._ready:
             return
+        self._reconnected()
 
         def run(*args):
             connection.send_command(*args)
@@ -211,6 +212,9 @@ class StreamLog:
 
     def _check_streams(self, run) -> None:
         """Backend part of _verify."""
+
+    def _reconnected(self) -> None:
+        """Backend hook: a new connection replaced one that was cut (replies may be lost)."""
 
     def adopt_new_log(self) -> None:
         with converted("adopting the log as it is now"):
