@@ -22,7 +22,8 @@ __all__ = ["LogReader", "LogWriter", "MetaStore", "LogStatus", "PartitionStatus"
 # other option to librdkafka, which refuses properties it does not know.
 KNOWN_OPTIONS: dict[str, set[str] | None] = {
     "file": {"segment_bytes", "retention", "consumer"},
-    "redis": {"stream", "partitions", "consumer", "claim_idle_ms", "block_ms", "trim"},
+    "redis": {"stream", "partitions", "consumer", "claim_idle_ms", "block_ms", "trim", "retention",
+              "lease_ms"},
     "kafka": None,
 }
 

@@ -2,97 +2,71 @@
 
 Options (``--log-opt`` or URI query): ``stream`` name prefix (default ``conveyor``), ``partitions``
 (default 1: records are spread over streams ``{stream}:0..N-1`` by a hash of their key, so each
-key's events stay in order in one stream), ``consumer`` (default ``apply``), ``claim_idle_ms``
-(default 30000: pending entries of another consumer idle this long are claimed at start), ``trim``
-(``acked``, the default: drop entries every group has acknowledged, so the buffer Redis does not
-grow without end; ``none``: keep everything, so a wiped target can be rebuilt with ``--from
-earliest``).
+key's events stay in order in one stream), ``consumer`` (this apply process's member name; default
+unique per process: host-pid-random), ``lease_ms`` (default 10000: how long a partition stream
+stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``retention``, the
+default: drop entries older than ``retention`` (default ``7d``; units s, m, h, d) that no group
+still needs, so ``apply --from earliest`` can rebuild a wiped target; ``acked``: drop entries every
+group has acknowledged; ``none``: keep everything).
 
 Records are stream entries with fields ``k`` (key) and ``v`` (value); a record's position is its
 entry id. Reading uses a consumer group; ``commit`` is XACK. Entries delivered but not acknowledged
-(a crash) are read again at the next start. Streams are trimmed (XTRIM MINID) only below the oldest
-entry that some group of that stream still needs.
+(a crash) are read again. Several apply processes may share a group: each partition stream is
+leased to one of them at a time (see ``stream_leases``).
+
+Faults: a buffer Redis that is restarting, loading or unreachable raises LogUnavailable, and every
+call can be made again (the writer keeps its records until a flush stored them all; XACK repeats
+harmlessly). The log's identity is a random id in ``{stream}:id``; when it is gone or another (a
+restart without persistence, FLUSHALL, deleted streams), or a stream ends before records we stored,
+or our group vanished, the log lost records: LogLost.
 """
 from __future__ import annotations
 
 import json
 import time
 import zlib
-from contextlib import contextmanager
 from datetime import datetime
 
 import redis
 
-from conveyor.endpoints import connect, mask_uri
-from conveyor.errors import ConveyorError, LogError
+from conveyor.endpoints import server_info
+from conveyor.errors import LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
+from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
+                                      info_map, next_id, parse_id, stream_names, text, trimmed_why)
+from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
 
 PIPELINE_CHUNK = 1000
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
-MAX_SEQ = 18446744073709551615
-
-
-@contextmanager
-def _converted(what: str):
-    try:
-        yield
-    except ConveyorError:
-        raise
-    except redis.RedisError as e:
-        raise LogError(f"Redis Streams log: {what} failed: {e}") from e
-
-
-def _client(uri: str) -> redis.Redis:
-    try:
-        return connect(uri, "log", error_cls=LogError)
-    except ConveyorError as e:
-        if isinstance(e, LogError):
-            raise
-        raise LogError(str(e)) from e
-
-
-def _streams(opts: dict[str, str]) -> list[str]:
-    prefix = opts.get("stream", "conveyor")
-    try:
-        n = int(opts.get("partitions", "1"))
-    except ValueError:
-        raise LogError(f"partitions={opts['partitions']!r} is not a number") from None
-    if n < 1:
-        raise LogError("partitions must be at least 1")
-    return [f"{prefix}:{i}" for i in range(n)]
+DEFAULT_RETENTION = "7d"
+COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog
+COUNT_CAP = 10_000          # a backlog up to this long is counted exactly
+TRIM_MODES = ("retention", "acked", "none")
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
-    r = _client(uri)
+    r = client(uri)
     try:
-        with _converted("looking for the log's streams"):
-            return bool(r.exists(*_streams(opts)))
+        with converted("looking for the log's streams"):
+            return bool(r.exists(*stream_names(opts)))
     finally:
         r.close()
 
 
-def _id_ms(entry_id: bytes | str) -> int:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(s.split("-")[0])
-
-
-def _next_id(entry_id: str) -> str:
-    ms, seq = (int(x) for x in entry_id.split("-"))
-    return f"{ms}-{seq + 1}" if seq < MAX_SEQ else f"{ms + 1}-0"
-
-
-def _s(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-class StreamLogWriter(LogWriter):
+class StreamLogWriter(StreamLog, LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
-        self.r = _client(uri)
-        self.streams = _streams(opts)
+        self._open(uri, opts)
         self._buf: list[tuple[bytes, bytes, bytes]] = []
         self._buf_bytes = 0
+        self._last_added: dict[str, str] = {}
+        with converted("opening the log"):
+            # XADD NOMKSTREAM (6.2+) to a stream that exists: a deleted stream is noticed, not
+            # silently recreated empty.
+            self._nomkstream = tuple(server_info(self.r).version) >= (6, 2)
+            self._existing = {s for s in self.streams if self.r.exists(s)}
+        self._ready = True
 
     def _stream_of(self, key: bytes) -> str:
         n = len(self.streams)
@@ -102,48 +76,76 @@ class StreamLogWriter(LogWriter):
         self._buf.append((key, value, partition_key or key))
         self._buf_bytes += len(key) + len(value)
         if len(self._buf) >= 10 * PIPELINE_CHUNK or self._buf_bytes >= FLUSH_BUFFER_BYTES:
-            self.flush()
+            try:
+                self.flush()
+            except LogError:
+                # Not taken: the caller appends this record again (earlier ones stay buffered).
+                self._buf.pop()
+                self._buf_bytes -= len(key) + len(value)
+                raise
 
     def flush(self, timeout: float = 60.0) -> None:
-        buf, self._buf, self._buf_bytes = self._buf, [], 0
-        with _converted("XADD"):
-            for i in range(0, len(buf), PIPELINE_CHUNK):
+        """Store the buffered records, a pipeline chunk at a time; a chunk leaves the buffer only
+        once stored, so after LogUnavailable flush() again re-sends the rest in order (a chunk
+        stored in part is sent again whole: events are whole states, duplicates are harmless)."""
+        with self._op("XADD"):
+            while self._buf:
+                chunk = self._buf[:PIPELINE_CHUNK]
                 p = self.r.pipeline(transaction=False)
-                for key, value, pkey in buf[i:i + PIPELINE_CHUNK]:
-                    p.execute_command("XADD", self._stream_of(pkey), "*", "k", key, "v", value)
-                p.execute()
+                p.get(self.id_key)
+                targets = []
+                for key, value, pkey in chunk:
+                    s = self._stream_of(pkey)
+                    targets.append(s)
+                    guard = ("NOMKSTREAM",) if self._nomkstream and s in self._existing else ()
+                    p.execute_command("XADD", s, *guard, "*", "k", key, "v", value)
+                replies = p.execute()
+                self._stored(replies, targets)
+                del self._buf[:len(chunk)]
+                self._buf_bytes -= sum(len(k) + len(v) for k, v, _ in chunk)
+
+    def _stored(self, replies: list, targets: list[str]) -> None:
+        if replies[0] is None or text(replies[0]) != self.log_id:
+            self.check_identity()                # flushed under us: says how
+        for s, entry_id in zip(targets, replies[1:]):
+            if entry_id is None:
+                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri} (deleted, or "
+                              "the buffer was flushed)")
+            self._existing.add(s)
+            self._last_added[s] = text(entry_id)
+
+    def _check_streams(self, run) -> None:
+        for s, last in self._last_added.items():
+            try:
+                end = text(info_map(run("XINFO", "STREAM", s))["last-generated-id"])
+            except redis.ResponseError:
+                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
+            if parse_id(end) < parse_id(last):
+                raise LogLost(f"stream {s} ends at {end} but {last} was stored: the buffer Redis "
+                              "restarted from older data")
+
+    def _adopted(self) -> None:
+        self._last_added = {}
+        self._existing = {s for s in self.streams if self.r.exists(s)}
 
     def history(self) -> History:
         self.flush()
-        why = []
-        with _converted("XINFO STREAM"):
-            for s in self.streams:
-                if not self.r.exists(s):
-                    continue
-                info = _info(self.r.execute_command("XINFO", "STREAM", s))
-                added, length = info.get("entries-added"), int(info.get("length", 0))
-                if added is None and _s(info.get("last-generated-id", b"0-0")) == "0-0":
-                    continue                       # nothing was ever added to it
-                if added is None:
-                    why.append(f"{s}: the buffer Redis is older than 7.0 and cannot tell whether "
-                               "entries were trimmed")
-                elif int(added) != length:
-                    why.append(f"{s}: {int(added) - length} entries trimmed after apply acknowledged "
-                               "them (trim=acked)")
+        with self._op("XINFO STREAM"):
+            why = trimmed_why(self.r, self.streams)
         return History(not why, self._history(), "; ".join(why))
 
     def _history(self):
         for s in self.streams:
             start = "-"
             while True:
-                with _converted("XRANGE"):
+                with self._op("XRANGE"):
                     entries = self.r.execute_command("XRANGE", s, start, "+", "COUNT", PIPELINE_CHUNK)
                 for entry_id, fields in entries:
-                    f = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+                    f = field_map(fields)
                     yield f[b"k"], f[b"v"]
                 if len(entries) < PIPELINE_CHUNK:
                     break
-                start = "(" + _s(entries[-1][0])
+                start = next_id(text(entries[-1][0]))
 
     def close(self) -> None:
         try:
@@ -152,46 +154,76 @@ class StreamLogWriter(LogWriter):
             self.r.close()
 
 
-class StreamLogReader(LogReader):
+class StreamLogReader(StreamLog, LogReader):
     def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
                  *, observe: bool = False) -> None:
-        self.r = _client(uri)
-        self.uri = mask_uri(uri)
+        self._open(uri, opts, create=not observe)
+        # the raw reply: redis-py's parser drops XAUTOCLAIM's cursor with JUSTID
+        self.r.set_response_callback("XAUTOCLAIM", lambda response, **_: response)
         self.group = group
-        self.streams = _streams(opts)
-        self.consumer = opts.get("consumer", "apply")
-        self.claim_idle_ms = int(opts.get("claim_idle_ms", "30000"))
-        self.block_ms = int(opts.get("block_ms", "500"))
-        self.prefix = opts.get("stream", "conveyor")
-        self.trim_mode = opts.get("trim", "acked")
-        if self.trim_mode not in ("acked", "none"):
-            raise LogError(f"trim={self.trim_mode!r}: use acked or none")
+        self.observe = observe
+        self.consumer = opts.get("consumer") or default_consumer()
+        self.trim_mode = opts.get("trim", "retention")
+        if self.trim_mode not in TRIM_MODES:
+            raise LogError(f"trim={self.trim_mode!r}: use {', '.join(TRIM_MODES)}")
+        self.retention_ms = duration_ms(opts.get("retention", DEFAULT_RETENTION))
+        if "claim_idle_ms" in opts:
+            self.warnings.append("log option claim_idle_ms is no longer used: a stream's pending "
+                                 "entries are taken over with its lease (see lease_ms)")
+        self.damaged = []
         self._last_trim = 0.0
-        with _converted("creating the consumer group"):
-            for s in self.streams if not observe else ():
-                try:
-                    self.r.execute_command("XGROUP", "CREATE", s, group, "0", "MKSTREAM")
-                except redis.ResponseError as e:
-                    if "BUSYGROUP" not in str(e):
-                        raise
-        # Pending entries (delivered before a crash, never acknowledged) come first.
-        self._pending_from: dict[str, str] = {s: "0" for s in self.streams}
+        self._leases = Leases(self.r, self.prefix, group, self.consumer, self.streams,
+                              int(opts.get("lease_ms", LEASE_MS)))
+        # Streams whose pending entries (delivered, never acknowledged) are read first.
+        self._pending_from: dict[str, str] = {}
+        self._first_balance = True
+        self._seen: dict[str, tuple[int, int]] = {}     # newest entry read per stream
+        self._ready = True
         if observe:
             return
+        with converted("creating the consumer group"):
+            self._create_groups()
         if start != "committed":
             self.seek(start)
-        else:
-            self._claim_idle()
 
-    def _claim_idle(self) -> None:
-        """Take over entries another consumer of the group received but never acknowledged."""
-        with _converted("XAUTOCLAIM"):
-            for s in self.streams:
-                # Claimed entries are no longer idle, so asking again from the start returns the
-                # rest (redis-py's JUSTID reply drops the cursor).
-                while self.r.xautoclaim(s, self.group, self.consumer, self.claim_idle_ms,
-                                        start_id="0-0", count=1000, justid=True):
-                    pass
+    def _create_groups(self) -> None:
+        for s in self.streams:
+            try:
+                self.r.execute_command("XGROUP", "CREATE", s, self.group, "0", "MKSTREAM")
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _check_streams(self, run) -> None:
+        if self.observe:
+            return
+        for s in self.streams:
+            try:
+                groups = run("XINFO", "GROUPS", s)
+            except redis.ResponseError:
+                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
+            if not any(text(info_map(g)["name"]) == self.group for g in groups):
+                raise LogLost(f"consumer group {self.group!r} is gone from stream {s} on the "
+                              f"buffer Redis {self.uri}")
+            seen = self._seen.get(s)
+            if seen:
+                end = text(info_map(run("XINFO", "STREAM", s))["last-generated-id"])
+                if parse_id(end) < seen:
+                    raise LogLost(f"stream {s} ends at {end} but {seen[0]}-{seen[1]} was read "
+                                  "from it: the buffer Redis restarted from older data")
+
+    def _reconnected(self) -> None:
+        # Entries an XREADGROUP delivered just before the connection was cut are pending for us
+        # with their reply lost: read our pending entries again before anything newer.
+        self._pending_from = {s: "0" for s in self._leases.owned}
+
+    def _adopted(self) -> None:
+        # The new log is read from its beginning.
+        self._create_groups()
+        self._pending_from = {}
+        self._leases.owned = {}
+        self._seen = {}
+        self._first_balance = True
 
     def seek(self, where: StartAt) -> None:
         if where == "committed":
@@ -205,24 +237,70 @@ class StreamLogReader(LogReader):
             target = f"{ms - 1}-{MAX_SEQ}" if ms > 0 else "0"
         else:
             raise LogError(f"cannot seek to {where!r}")
-        with _converted("seek"):
+        with self._op("seek"):
             for s in self.streams:
                 # Recreating the group drops its pending entries too: the position is what was asked.
                 self.r.execute_command("XGROUP", "DESTROY", s, self.group)
                 self.r.execute_command("XGROUP", "CREATE", s, self.group, target, "MKSTREAM")
         self._pending_from = {}
 
+    # -- membership ---------------------------------------------------------------------------
+    def _balance(self) -> None:
+        """Renew this member's leases, give up streams above its share, take free ones (with the
+        entries their previous owner received and never acknowledged)."""
+        acquired = self._leases.update("balance")
+        if self._first_balance:             # a restarted --consumer NAME may hold its own leases
+            acquired, self._first_balance = list(self._leases.owned), False
+        for s in acquired:
+            self._claim(s)
+            self._pending_from[s] = "0"
+        for s in list(self._pending_from):
+            if s not in self._leases.owned:
+                del self._pending_from[s]
+
+    def _claim(self, stream: str) -> None:
+        """The stream is ours alone now: every pending entry of it moves to us, however recent."""
+        cursor = "0-0"
+        while True:
+            reply = self.r.execute_command("XAUTOCLAIM", stream, self.group, self.consumer, 0,
+                                           cursor, "COUNT", PIPELINE_CHUNK, "JUSTID")
+            cursor = text(reply[0])
+            if cursor == "0-0":
+                return
+
+    def keepalive(self) -> None:
+        try:
+            with self._op("renewing leases"):
+                self._leases.update("renew")
+        except LogUnavailable:
+            pass        # the leases lapse on their own; poll() says what happened once it is back
+
+    def owned(self, records: list[Record]) -> list[Record]:
+        mine = self._leases.current()
+        return [r for r in records if r.partition in mine]
+
+    # -- reading ------------------------------------------------------------------------------
     def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
-        with _converted("XREADGROUP"):
-            if self._pending_from:
-                out = self._read_pending(max_records)
-                if out:
-                    return out
-            reply = self.r.execute_command(
-                "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
-                "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *self.streams,
-                *([">"] * len(self.streams)))
-        return self._records(reply)
+        with self._op("XREADGROUP"):
+            if self._leases.due():
+                self._balance()
+            owned = sorted(self._leases.current())
+            if not owned:                   # every stream is leased to other members
+                time.sleep(timeout)
+                return []
+            out = self._read_pending(max_records)
+            if not out:
+                out = self._records(self.r.execute_command(
+                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
+                    "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned))))
+                if self._pending_from:
+                    # Reconnected under this call: entries of a lost reply come before these,
+                    # which are pending too now; all are read again in order by the next poll.
+                    out = []
+        newest = {rec.partition: rec.offset for rec in out}       # in order within a stream
+        for stream, offset in newest.items():
+            self._seen[stream] = max(self._seen.get(stream, (0, 0)), parse_id(offset))
+        return out
 
     def _read_pending(self, max_records: int) -> list[Record]:
         for s, start in list(self._pending_from.items()):
@@ -242,107 +320,143 @@ class StreamLogReader(LogReader):
             return out
         items = reply.items() if isinstance(reply, dict) else reply
         for stream, entries in items:
-            stream = _s(stream)
+            stream = text(stream)
             for entry_id, fields in entries:
                 if fields is None:                 # entry trimmed while pending
                     continue
-                f = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
-                eid = _s(entry_id)
-                out.append(Record(stream, eid, f[b"k"], f[b"v"], _id_ms(eid)))
+                f = field_map(fields)
+                eid = text(entry_id)
+                out.append(Record(stream, eid, f[b"k"], f[b"v"], id_ms(eid)))
         return out
 
     def commit(self, records: list[Record]) -> None:
+        """XACK: acknowledging again what is already acknowledged is harmless, so after
+        LogUnavailable the same call can simply be made again."""
         by_stream: dict[str, list[str]] = {}
         for rec in records:
             by_stream.setdefault(rec.partition, []).append(rec.offset)
-        with _converted("XACK"):
+        with self._op("XACK"):
             p = self.r.pipeline(transaction=False)
             for s, ids in by_stream.items():
                 for i in range(0, len(ids), PIPELINE_CHUNK):
                     p.execute_command("XACK", s, self.group, *ids[i:i + PIPELINE_CHUNK])
             p.execute()
-        if self.trim_mode == "acked" and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
-            self.trim()
+        if self.trim_mode != "none" and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
+            self.trim(self.trim_mode)
 
-    def trim(self) -> None:
-        """XTRIM MINID each stream to the oldest entry any group still needs."""
+    # -- retention ----------------------------------------------------------------------------
+    def trim(self, policy: str = "acked") -> None:
+        """XTRIM MINID each stream: ``acked`` to the oldest entry any group still needs;
+        ``retention`` to entries older than the retention period, but never past what a group
+        still needs."""
         self._last_trim = time.monotonic()
-        with _converted("XTRIM"):
+        with self._op("XTRIM"):
+            cut = None
+            if policy == "retention":
+                sec, usec = self.r.time()        # entry ids are the buffer's clock
+                cut = (sec * 1000 + usec // 1000 - self.retention_ms, 0)
             for s in self.streams:
                 needed = self._oldest_needed(s)
-                if needed is not None:
-                    self.r.execute_command("XTRIM", s, "MINID", needed)
+                minid = min((x for x in (needed, cut) if x is not None), default=None)
+                if minid is not None and minid > (0, 0):
+                    self.r.execute_command("XTRIM", s, "MINID", f"{minid[0]}-{minid[1]}")
 
-    def _oldest_needed(self, stream: str) -> str | None:
+    def _oldest_needed(self, stream: str) -> tuple[int, int] | None:
         groups = self.r.execute_command("XINFO", "GROUPS", stream)
-        if not groups:
-            return None                            # nobody reads this stream yet: keep everything
         oldest: tuple[int, int] | None = None
         for g in groups:
-            g = _info(g)
+            g = info_map(g)
             if int(g["pending"]):
-                first = _s(self.r.xpending(stream, g["name"])["min"])
+                first = parse_id(self.r.xpending(stream, g["name"])["min"])
             else:
-                first = _next_id(_s(g["last-delivered-id"]))
-            ms, seq = (int(x) for x in first.split("-"))
-            oldest = (ms, seq) if oldest is None else min(oldest, (ms, seq))
-        return f"{oldest[0]}-{oldest[1]}"
+                first = parse_id(next_id(text(g["last-delivered-id"])))
+            oldest = first if oldest is None else min(oldest, first)
+        return oldest
 
+    def replayable(self) -> tuple[bool, str]:
+        with self._op("XINFO STREAM"):
+            why = trimmed_why(self.r, self.streams)
+        return (not why, "; ".join(why))
+
+    # -- status -------------------------------------------------------------------------------
     def status(self) -> LogStatus:
+        """The whole group's lag: entries not yet delivered to any member plus entries delivered
+        and not acknowledged."""
         parts = []
-        with _converted("XINFO"):
+        with self._op("XINFO"):
             for s in self.streams:
-                info = _info(self.r.execute_command("XINFO", "STREAM", s))
-                end = _s(info["last-generated-id"])
-                g = next((_info(x) for x in self.r.execute_command("XINFO", "GROUPS", s)
-                          if _s(_info(x)["name"]) == self.group), None)
+                info = info_map(self.r.execute_command("XINFO", "STREAM", s))
+                end = text(info["last-generated-id"])
+                g = next((info_map(x) for x in self.r.execute_command("XINFO", "GROUPS", s)
+                          if text(info_map(x)["name"]) == self.group), None)
                 if g is None:
                     parts.append(PartitionStatus(s, None, end, int(info["length"])))
                     continue
                 pending = int(g["pending"])
-                delivered = _s(g["last-delivered-id"])
-                committed = _s(self.r.xpending(s, self.group)["min"]) if pending else delivered
-                parts.append(PartitionStatus(s, committed, end, self._undelivered(s, g, delivered)
-                                             + pending))
+                delivered = text(g["last-delivered-id"])
+                committed = text(self.r.xpending(s, self.group)["min"]) if pending else delivered
+                parts.append(PartitionStatus(s, committed, end,
+                                             self._undelivered(s, info, g) + pending))
         return LogStatus(self.uri, self.group, parts)
 
-    def _undelivered(self, stream: str, g: dict, delivered: str) -> int:
+    def _undelivered(self, stream: str, info: dict, g: dict) -> int:
+        """Entries after the group's last-delivered-id. Redis's own ``lag`` cannot be trusted
+        after an AOF reload (entries-read comes back stale from the rewritten base file and stays
+        so: a lag that never falls kept ``apply --idle-timeout`` running forever), so the
+        backlog is counted, a page at a time, up to COUNT_CAP; only a longer backlog reports
+        Redis's figure (or the stream's length when that is implausible): 0 is always exact."""
+        delivered = parse_id(g["last-delivered-id"])
+        if delivered >= parse_id(info["last-generated-id"]):
+            return 0
+        length = int(info["length"])
+        first = info.get("first-entry")
+        if not length or (first and parse_id(first[0]) > delivered):
+            return length                       # everything the stream holds is still to come
+        n = self._count_after(stream, next_id(f"{delivered[0]}-{delivered[1]}"), COUNT_CAP)
+        if n < COUNT_CAP:
+            return n
         lag = g.get("lag")
-        if lag is not None:
-            return int(lag)
-        # Redis < 7.0 (or a lag Redis cannot compute): count the entries after the position.
-        start = "-" if delivered in ("0-0", "0") else f"({delivered}"
-        if start != "-" and self.r.info("server")["redis_version"] < "6.2":
-            start = _next_id(delivered)
-        return len(self.r.execute_command("XRANGE", stream, start, "+"))
+        return int(lag) if lag is not None and COUNT_CAP <= int(lag) <= length else length
+
+    def _count_after(self, stream: str, start: str, cap: int) -> int:
+        """Entries from ``start`` on, counted a page at a time (bounded memory), at most ``cap``."""
+        n = 0
+        while n < cap:
+            page = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", COUNT_PAGE)
+            n += len(page)
+            if len(page) < COUNT_PAGE:
+                break
+            start = next_id(text(page[-1][0]))
+        return min(n, cap)
 
     def dead_letter(self, record: Record, reason: str) -> None:
-        with _converted("XADD to the dead-letter stream"):
+        with self._op("XADD to the dead-letter stream"):
             self.r.execute_command("XADD", f"{self.prefix}:dead-letter", "*", "k", record.key,
                                    "v", record.value, "reason", reason, "group", self.group,
                                    "from", f"{record.partition}/{record.offset}")
 
     def close(self) -> None:
-        self.r.close()
-
-
-def _info(reply) -> dict:
-    if isinstance(reply, dict):
-        return {_s(k): v for k, v in reply.items()}
-    return {_s(reply[i]): reply[i + 1] for i in range(0, len(reply), 2)}
+        try:
+            if not self.observe and self._leases.owned:
+                with converted("releasing leases"):
+                    self._leases.update("leave")   # the other members take them over at once
+        except LogError:
+            pass                                   # they lapse on their own
+        finally:
+            self.r.close()
 
 
 class StreamMetaStore(MetaStore):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
-        self.r = _client(uri)
+        self.r = client(uri)
         self.key = f"{opts.get('stream', 'conveyor')}:meta"
 
     def put(self, name: str, doc: dict) -> None:
-        with _converted("HSET meta"):
+        with converted("HSET meta"):
             self.r.hset(self.key, name, json.dumps(doc))
 
     def get(self, name: str) -> dict | None:
-        with _converted("HGET meta"):
+        with converted("HGET meta"):
             v = self.r.hget(self.key, name)
         return json.loads(v) if v is not None else None
 

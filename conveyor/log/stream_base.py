@@ -1,0 +1,235 @@
+"""What the Redis Streams log's writer and reader share: the client, error conversion (a buffer
+that is restarting or loading is LogUnavailable), entry ids, and the log's identity: a random id
+in ``{stream}:id``, checked on every new connection (redis-py reconnects silently) and after an
+outage, so that a buffer that came back empty, flushed or from older data is LogLost."""
+from __future__ import annotations
+
+import re
+import uuid
+from contextlib import contextmanager
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from conveyor.endpoints import connect, mask_uri
+from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
+
+MAX_SEQ = 18446744073709551615
+UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+# redis-py retries a command this often on a dropped connection before we say LogUnavailable: the
+# processes wait out longer outages themselves (one retry policy, theirs).
+CLIENT_RETRIES = 1
+CLIENT_BACKOFF = ExponentialBackoff(cap=0.5, base=0.1)
+# Replies meaning "not now": the buffer is loading its data, a replica, or a failover is under way.
+TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
+
+
+@contextmanager
+def converted(what: str):
+    try:
+        yield
+    except ConveyorError:
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is unavailable: {e}") from e
+    except redis.ResponseError as e:
+        msg = str(e)
+        if isinstance(e, redis.ReadOnlyError) or msg.startswith(TRANSIENT_REPLIES):
+            raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is not ready: {e}") from e
+        if msg.startswith("NOGROUP"):
+            raise LogLost(f"the consumer group is gone from the buffer Redis ({msg}): it was "
+                          "restarted without persistence, flushed, or the streams were deleted") from e
+        raise LogError(f"Redis Streams log: {what} failed: {e}") from e
+    except redis.RedisError as e:
+        raise LogError(f"Redis Streams log: {what} failed: {e}") from e
+
+
+def client(uri: str, on_connect=None) -> redis.Redis:
+    """``on_connect(connection)`` runs for every new connection, reconnections included."""
+    try:
+        return connect(uri, "log", error_cls=LogError, retry=Retry(CLIENT_BACKOFF, CLIENT_RETRIES),
+                       **({"redis_connect_func": on_connect} if on_connect else {}))
+    except ConveyorError as e:
+        if isinstance(e, LogError):
+            raise
+        raise LogError(str(e)) from e
+
+
+def stream_names(opts: dict[str, str]) -> list[str]:
+    prefix = opts.get("stream", "conveyor")
+    try:
+        n = int(opts.get("partitions", "1"))
+    except ValueError:
+        raise LogError(f"partitions={opts['partitions']!r} is not a number") from None
+    if n < 1:
+        raise LogError("partitions must be at least 1")
+    return [f"{prefix}:{i}" for i in range(n)]
+
+
+def duration_ms(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m:
+        raise LogError(f"retention={text!r}: use a number with a unit s, m, h or d (e.g. 7d)")
+    return int(m.group(1)) * UNITS_MS[m.group(2) or "s"]
+
+
+def id_ms(entry_id: bytes | str) -> int:
+    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(s.split("-")[0])
+
+
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    ms, seq = (int(x) for x in entry_id.split("-"))
+    return f"{ms}-{seq + 1}" if seq < MAX_SEQ else f"{ms + 1}-0"
+
+
+def text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def field_map(fields) -> dict:
+    return fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+
+
+def persistence_warning(r: redis.Redis) -> str | None:
+    """A buffer Redis that keeps nothing across a restart loses every record not yet applied."""
+    try:
+        aof = text(next(iter(r.config_get("appendonly").values()), ""))
+        save = text(next(iter(r.config_get("save").values()), ""))
+    except redis.ResponseError:                 # CONFIG renamed or not permitted
+        try:
+            if int(r.info("persistence").get("aof_enabled", 0)):
+                return None
+        except redis.ResponseError:
+            return None
+        return ("the buffer Redis of the log does not use AOF and its save points cannot be read "
+                "(CONFIG refused): a restart of it may lose records not yet applied")
+    if aof == "yes" or save.strip():
+        return None
+    return ("the buffer Redis of the log has no persistence (appendonly no, no save points): a "
+            "restart of it loses every record not yet applied; use appendonly yes")
+
+
+def trimmed_why(r: redis.Redis, streams: list[str]) -> list[str]:
+    """Why the streams no longer hold every entry ever added (empty: they do)."""
+    why = []
+    for s in streams:
+        if not r.exists(s):
+            continue
+        info = info_map(r.execute_command("XINFO", "STREAM", s))
+        added, length = info.get("entries-added"), int(info.get("length", 0))
+        if added is None and text(info.get("last-generated-id", b"0-0")) == "0-0":
+            continue                            # nothing was ever added to it
+        if added is None:
+            why.append(f"{s}: the buffer Redis is older than 7.0 and cannot tell whether entries "
+                       "were trimmed")
+        elif int(added) != length:
+            why.append(f"{s}: {int(added) - length} entries were trimmed (trim=acked, or older "
+                       "than the retention)")
+    return why
+
+
+class StreamLog:
+    """What the writer and the reader share: the client, the log's id, recovery after an outage."""
+
+    r: redis.Redis
+    log_id: str
+    warnings: list[str]
+
+    def _open(self, uri: str, opts: dict[str, str], *, create: bool = True) -> None:
+        self._ready = False
+        self.r = client(uri, self._connected)
+        self.uri = mask_uri(uri)
+        self.prefix = opts.get("stream", "conveyor")
+        self.streams = stream_names(opts)
+        self.id_key = f"{self.prefix}:id"
+        self._down = False
+        self.warnings = []
+        with converted("opening the log"):
+            if create:
+                self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
+            self.log_id = text(self.r.get(self.id_key) or b"")
+            if create:
+                warning = persistence_warning(self.r)
+                if warning:
+                    self.warnings.append(warning)
+
+    def _connected(self, connection) -> None:
+        """Every new connection: redis-py reconnects by itself, so a buffer that restarted between
+        two calls is only seen here. Its data are checked on that connection before the call
+        that needed it is sent (a call sent first could hide the loss: a new XADD moves the
+        stream's end past the records that were lost)."""
+        connection.on_connect()
+        if not self._ready:
+            return
+        self._reconnected()
+
+        def run(*args):
+            connection.send_command(*args)
+            return connection.read_response()
+        try:
+            self._verify(run)
+        except LogLost:
+            self._down = True               # lost until adopt_new_log()
+            raise
+
+    @contextmanager
+    def _op(self, what: str):
+        """One operation on the buffer; after an outage (or a LogLost) the log is checked first."""
+        if self._down:
+            self.check_identity()
+            self._down = False
+        try:
+            with converted(what):
+                yield
+        except LogUnavailable:
+            self._down = True
+            raise
+        except LogLost:
+            self._down = True
+            raise
+
+    def check_identity(self) -> None:
+        with converted("checking the log's identity"):
+            self._verify(self.r.execute_command)
+
+    def _verify(self, run) -> None:
+        """LogLost unless the buffer still holds our log; ``run(*command)`` asks it."""
+        now = run("GET", self.id_key)
+        if now is None:
+            raise LogLost(f"{self.id_key} is gone from the buffer Redis {self.uri}: it was "
+                          "restarted without persistence, flushed, or the log's keys deleted")
+        if text(now) != self.log_id:
+            raise LogLost(f"the buffer Redis {self.uri} now holds another log (id {text(now)}, "
+                          f"ours was {self.log_id})")
+        self._check_streams(run)
+
+    def _check_streams(self, run) -> None:
+        """Backend part of _verify."""
+
+    def _reconnected(self) -> None:
+        """Backend hook: a new connection replaced one that was cut (replies may be lost)."""
+
+    def adopt_new_log(self) -> None:
+        with converted("adopting the log as it is now"):
+            self._ready = False
+            self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
+            self.log_id = text(self.r.get(self.id_key))
+            self._adopted()
+            self._ready = True
+        self._down = False
+
+    def _adopted(self) -> None:
+        """Backend part of adopt_new_log (inside converted)."""
+
+
+def info_map(reply) -> dict:
+    if isinstance(reply, dict):
+        return {text(k): v for k, v in reply.items()}
+    return {text(reply[i]): reply[i + 1] for i in range(0, len(reply), 2)}
