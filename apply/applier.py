@@ -404,8 +404,9 @@ class Applier:
         return True
 
     def _sweep_temp_keys(self) -> None:
-        """On a drained log: temporary keys of part sequences that can no longer complete."""
-        if self.dry_run:
+        """On a drained log: temporary keys of part sequences that can no longer complete. Only
+        after a run that applied parts: a SCAN of a whole target is not free."""
+        if self.dry_run or not (self.stats.chunks or self.writer.open_parts):
             return
         ours: dict[int, set[bytes]] = {}
         for (db, _), tmp in self.writer.open_parts.items():
