@@ -310,7 +310,8 @@ class FlakyLog:
     raise LogUnavailable first (then the same call succeeds), and once the log is 'reset' under
     apply (LogLost from check_identity), after which it reads the log again from the start."""
 
-    def __init__(self, reader, unavailable: int, lost_after_commits: int | None) -> None:
+    def __init__(self, reader, unavailable: int = 0, lost_after_commits: int | None = None,
+                 new_log_empty: bool = False) -> None:
         self.reader, self.unavailable, self.lost_after = reader, unavailable, lost_after_commits
         self.commits = self.adopted = self.keepalives = 0
         self.damaged: list[str] = []
@@ -343,18 +344,27 @@ class FlakyLog:
         self.keepalives += 1
 
 
-def test_log_unavailable_is_waited_for_and_a_lost_log_is_read_again(redis_factory, tmp_path,
-                                                                     monkeypatch):
-    src, dst = redis_factory(), redis_factory()
+def through_flaky_log(src, dst, tmp_path, monkeypatch, **flaws):
+    """Capture a source, then apply it through a FlakyLog; (reader, stats)."""
     load_keys(src.client(), 3000)
     log = f"file:{tmp_path / 'log'}"
     run("capture", src.url, "--log", log, check=True)
     t = dst.client()
-    reader = FlakyLog(open_reader(log, "a", {}), unavailable=3, lost_after_commits=2)
-    applier = Applier(target_for_db=lambda db: t, reader=reader, meta=open_meta(log, {}),
-                      codec=Codec(), rewriter=KeyRewriter(), group="a", batch=100, idle_timeout=1)
+    reader = FlakyLog(open_reader(log, "a", {}), **flaws)
+    if flaws.get("new_log_empty"):
+        reader.seek = lambda where: reader.reader.seek("latest")
     monkeypatch.setattr("apply.applier.IDENTITY_INTERVAL_S", 0)   # checked before every poll
-    stats = applier.run()
+    stats = Applier(target_for_db=lambda db: t, reader=reader, meta=open_meta(log, {}),
+                    codec=Codec(), rewriter=KeyRewriter(), group="a", batch=100,
+                    idle_timeout=1).run()
+    return reader, stats
+
+
+def test_log_unavailable_is_waited_for_and_a_lost_log_is_read_again(redis_factory, tmp_path,
+                                                                     monkeypatch):
+    src, dst = redis_factory(), redis_factory()
+    reader, stats = through_flaky_log(src, dst, tmp_path, monkeypatch, unavailable=3,
+                                      lost_after_commits=2)
     assert stats.log_waits == 3 and reader.adopted == 1, stats
     assert len(stats.log_lost) == 1 and stats.log_lost[0].startswith("the log lost records")
     assert stats.pass_after_loss and stats.log_loss_healed     # the whole snapshot came again
@@ -366,16 +376,8 @@ def test_a_lost_log_without_a_whole_pass_afterwards_fails_the_run(redis_factory,
     """The log is 'reset' mid-snapshot and the new log holds nothing yet: no complete pass
     follows the loss, so the run cannot succeed."""
     src, dst = redis_factory(), redis_factory()
-    load_keys(src.client(), 3000)
-    log = f"file:{tmp_path / 'log'}"
-    run("capture", src.url, "--log", log, check=True)
-    t = dst.client()
-    reader = FlakyLog(open_reader(log, "a", {}), unavailable=0, lost_after_commits=2)
-    reader.seek = lambda where: reader.reader.seek("latest")     # the new log is empty
-    monkeypatch.setattr("apply.applier.IDENTITY_INTERVAL_S", 0)
-    stats = Applier(target_for_db=lambda db: t, reader=reader, meta=open_meta(log, {}),
-                    codec=Codec(), rewriter=KeyRewriter(), group="a", batch=100,
-                    idle_timeout=1).run()
+    _, stats = through_flaky_log(src, dst, tmp_path, monkeypatch, lost_after_commits=2,
+                                 new_log_empty=True)
     assert len(stats.log_lost) == 1 and not stats.log_loss_healed
     from conveyor.commands import _apply_lines
     lines, ok = _apply_lines(stats, False)
@@ -402,7 +404,7 @@ def test_waiting_for_the_target_keeps_the_member_alive_and_drops_what_it_no_long
         s.set(f"k:{i}", i)
     log = f"file:{tmp_path / 'log'}"
     run("capture", src.url, "--log", log, check=True)
-    reader = HandedOver(open_reader(log, "a", {}), unavailable=0, lost_after_commits=None)
+    reader = HandedOver(open_reader(log, "a", {}))
     reader.damaged = ["corrupt record at byte 123 of segment 0 (test)"]
     t = dst.client()
     applier = Applier(target_for_db=lambda db: t, reader=reader, meta=open_meta(log, {}),
