@@ -266,6 +266,8 @@ class BatchWriter:
             t.chunked_keys += 1
             if p.value is not None:
                 t.pending_dropped += values.pending_dropped(p.value, self.stream_ids, whole=False)
+                if self.merge and p.value["type"] in REPLACED_ON_MERGE:
+                    t.lists_replaced += 1
 
     def _count(self, p: Planned, how: How, value: dict | None, t: Tally) -> None:
         if how is How.RESTORE:
