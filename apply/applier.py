@@ -141,7 +141,8 @@ class Applier:
                     continue
                 self._watch_targets()
                 if self._may_end(last_record):
-                    if self._drained() and not self._watch_targets(force=True):
+                    if (self._drained() and not self._watch_targets(force=True)
+                            and self._targets_checked()):
                         self._sweep_temp_keys()
                         return
                     last_record = time.monotonic()
@@ -376,6 +377,16 @@ class Applier:
         for found in findings:
             if self._target_lost(found):
                 return
+
+    def _targets_checked(self) -> bool:
+        """The run ends only once every target could be read: one that is down right now may
+        have lost what apply wrote."""
+        down = [w.unreadable for w in self._watches.values() if w.unreadable]
+        if down:
+            log.warning("waiting for the target before ending (it may have lost data): %s", down[0])
+            self._status(f"waiting for target: {down[0]}", force=True)
+            self._sleep(WATCH_INTERVAL_S)
+        return not down
 
     def _target_lost(self, found: Finding) -> bool:
         """Replay the log from its earliest record when it still holds every key; True when

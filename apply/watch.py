@@ -43,6 +43,7 @@ class TargetWatch:
         self.base: Reading | None = None
         self.carry = 0             # keys apply removed after the last reading (conversions)
         self.disabled = ""         # why the target cannot be watched (e.g. INFO not permitted)
+        self.unreadable = ""       # why the last check could not read the target
 
     def queue(self, pipe) -> bool:
         """Queue a reading at the end of ``pipe`` (a batch's pipeline); False when not watching."""
@@ -93,7 +94,9 @@ class TargetWatch:
             now = self.read()
         except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
             log.debug("target not readable for the data-loss check: %s", e)
+            self.unreadable = f"{type(e).__name__}: {e}"
             return None
+        self.unreadable = ""
         found = self._compare(now, self.carry)
         self.carry = 0
         return found

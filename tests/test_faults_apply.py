@@ -105,6 +105,12 @@ def test_target_restarted_empty_mid_apply_is_rebuilt_from_the_log(redis_factory,
     dst.stop()
     time.sleep(0.5)
     dst.start()                                   # same port, empty
+    assert_healed_or_stopped(proc, can_replay, src, dst, log)
+
+
+def assert_healed_or_stopped(proc, can_replay: bool, src, dst, log: str) -> None:
+    """apply replayed the log and the target matches (exit 0), or, on a log that cannot tell it
+    holds every key, it stopped with one line naming the command to run (exit 1)."""
     out, err = proc.communicate(timeout=180)
     if can_replay:
         assert proc.returncode == 0, (out, err)
@@ -112,11 +118,28 @@ def test_target_restarted_empty_mid_apply_is_rebuilt_from_the_log(redis_factory,
         assert "the log was replayed from its earliest record" in out, out
         assert_same(src, dst)
     else:
-        assert proc.returncode == 1, (out, err)
+        assert proc.returncode == 1, err
         line = [ln for ln in err.splitlines() if "conveyor: error:" in ln]
         assert len(line) == 1 and "the target lost writes (the target restarted" in line[0], err
         assert f"conveyor capture SOURCE --log {log}" in line[0] and "--fresh" in line[0], err
         assert "Traceback" not in err
+
+
+def test_a_target_down_when_apply_would_end_is_waited_for_and_checked(redis_factory, tmp_path):
+    """The log is drained and idle, but the target is down: apply does not end before it could
+    see what the target kept."""
+    src, dst = redis_factory(), redis_factory()
+    load_keys(src.client(), 2000)
+    log = f"file:{tmp_path / 'log'}"
+    run("capture", src.url, "--log", log, check=True)
+    proc = start("apply", dst.url, "--log", log, "--idle-timeout", "1")
+    t = dst.client()
+    wait_for(lambda: t.dbsize() == len(contents(src.client())), 60, "every key applied")
+    dst.stop()
+    time.sleep(3)
+    assert proc.poll() is None, proc.communicate()
+    dst.start()                                   # empty
+    assert_healed_or_stopped(proc, replayable(log, {}), src, dst, log)
 
 
 class DeclaredReplayable:
