@@ -168,39 +168,14 @@ def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
         lines.append(f"apply: {st.pending_dropped} pending entries of stream consumer groups "
                      "were not recreated (new stream ids, no owner, or their entry was deleted); "
                      "the groups, their consumers and positions were")
-    lines += _fault_lines(st)
+    from apply.report import fault_lines
+    lines += fault_lines(st)
     for why in st.dead_letter_reasons:
         lines.append(f"  dead letter: {why}")
     if st.dead_letters:
         lines.append(f"apply: {st.dead_letters} records were dead-lettered (kept in the log's "
                      "dead-letter place); the target is NOT complete")
     return lines, st.dead_letters == 0 and st.log_loss_healed
-
-
-def _fault_lines(st) -> list[str]:
-    """What apply survived: a target that lost data, a log that lost records, waits."""
-    lines = [f"apply: the target lost data ({why}): the log was replayed from its earliest record"
-             for why in st.replays]
-    lines += [f"apply: {why}: the log cannot be replayed; check the target with `conveyor verify "
-              "SOURCE TARGET`" for why in st.unsure_restarts]
-    if st.lists_replaced:
-        lines.append(f"apply: merge policy: {st.lists_replaced} lists were replaced whole (a list "
-                     "cannot be merged idempotently: a replay would append its elements again)")
-    if st.temp_cleaned:
-        lines.append(f"apply: {st.temp_cleaned} temporary keys of big keys whose parts can no "
-                     "longer complete were deleted from the target")
-    if st.log_waits:
-        lines.append(f"apply: waited {st.log_waits} times for the log to be available again")
-    if st.handed_over:
-        lines.append(f"apply: {st.handed_over} records were handed to another member of the "
-                     "group while the target was down (left to it, unwritten here)")
-    for why in st.log_lost:
-        lines.append(f"apply: {why}; read the new log from its earliest record")
-    if not st.log_loss_healed:
-        lines.append("apply: no whole capture pass was applied since the log lost records: the "
-                     "target may miss keys; run a live capture (it resyncs) or capture again "
-                     "with --fresh, then apply")
-    return lines
 
 
 # -- commands ------------------------------------------------------------------------------------
