@@ -108,6 +108,7 @@ class Applier:
         self._dbs: dict[int, set[int]] = {}                # id(client) -> source dbs it writes
         self._open_passes: set[str] = set()                # capture ids of passes under way
         self._findings: list[Finding] = []                 # target data losses seen in a batch
+        self._previous: dict[str, dict] = {}               # db -> the previous run's last reading
         self._damaged_seen = 0
         self._last_status = self._last_watch = self._last_identity = 0.0
         self.state = "starting"
@@ -116,6 +117,7 @@ class Applier:
         self._stop.set()
 
     def run(self) -> ApplyStats:
+        self._previous = self._previous_targets()
         self._status("running", force=True)
         for w in self.reader.warnings:
             log.warning("log: %s", w)
@@ -139,6 +141,7 @@ class Applier:
                     self._apply(records)
                     last_record = time.monotonic()
                     continue
+                self._meet_previous_targets()
                 self._watch_targets()
                 if self._may_end(last_record):
                     if (self._drained() and not self._watch_targets(force=True)
@@ -150,6 +153,15 @@ class Applier:
             except LogLost as e:
                 self._log_lost(e)
                 last_record = time.monotonic()
+
+    def _previous_targets(self) -> dict[str, dict]:
+        """What the previous apply of this group last read of its targets (run_id, DBSIZE)."""
+        try:
+            doc = self.meta.get(status_name(self.group)) or {}
+        except Exception as e:  # noqa: BLE001 - status is informative: never stop apply for it
+            log.warning("could not read the previous apply status: %s", e)
+            return {}
+        return {} if self.dry_run else dict(doc.get("targets") or {})
 
     def _may_end(self, last_record: float) -> bool:
         producer_done = self.done is not None and self.done()
@@ -355,7 +367,32 @@ class Applier:
                 watch.start()           # the baseline, before our first write
             except Exception as e:  # noqa: BLE001 - classified in one place
                 raise_for_connection(e)
+        self._since_last_run(db, watch)
         return watch
+
+    def _meet_previous_targets(self) -> None:
+        """With nothing to write, the targets of the previous run are still checked."""
+        for db in [int(d) for d in self._previous]:
+            try:
+                self._watch_for(db, self.target_for_db(db))
+            except TargetUnavailable as e:
+                log.warning("target unavailable (%s): checking it once it is back", e)
+                self._sleep(WATCH_INTERVAL_S)
+                return
+        self._handle_findings()
+
+    def _since_last_run(self, db: int, watch: TargetWatch) -> None:
+        """The target the previous apply of this group wrote to restarted since (or this is
+        another target): what it kept is judged as for a restart seen while running."""
+        before = self._previous.pop(str(db), None)
+        if not before or watch.base is None or before.get("run_id") == watch.base.run_id:
+            return
+        found = watch.judge_restart(Finding(
+            f"the target restarted since the last apply of group {self.group!r} (run_id "
+            f"{str(before.get('run_id'))[:8]} -> {watch.base.run_id[:8]}; "
+            f"{before.get('dbsize')} keys then, {watch.base.dbsize} now)", False))
+        if found:
+            self._findings.append(found)
 
     def _watch_targets(self, force: bool = False) -> bool:
         """Check the targets while idle (about once a second); True when one lost data and the
@@ -382,6 +419,8 @@ class Applier:
         """The run ends only once every target could be read: one that is down right now may
         have lost what apply wrote."""
         down = [w.unreadable for w in self._watches.values() if w.unreadable]
+        if self._previous and not self.dry_run:
+            down.append("the target the previous run wrote to was not read yet")
         if down:
             log.warning("waiting for the target before ending (it may have lost data): %s", down[0])
             self._status(f"waiting for target: {down[0]}", force=True)
@@ -435,6 +474,16 @@ class Applier:
             self.stats.temp_cleaned += n
         self.writer.open_parts.clear()
 
+    def _targets_doc(self) -> dict[str, dict]:
+        """run_id and DBSIZE of each target database at its last reading, for the next run
+        (a target that was not written in this run keeps what the previous run saw)."""
+        doc = dict(self._previous)
+        for k, watch in self._watches.items():
+            if watch.base is not None:
+                for db in self._dbs.get(k, ()):
+                    doc[str(db)] = {"run_id": watch.base.run_id, "dbsize": watch.base.dbsize}
+        return doc
+
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:
         self.reader.dead_letter(rec, reason)
@@ -458,6 +507,7 @@ class Applier:
                 "state": state, "last_write_ms": st.last_write_ms, "records": st.records,
                 "dead_letters": st.dead_letters, "retries": st.retries,
                 "log_waits": st.log_waits, "replays": len(st.replays),
-                "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run})
+                "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run,
+                "targets": self._targets_doc()})
         except Exception as e:  # status is informative; never let it stop apply
             log.warning("could not record apply status: %s", e)

@@ -104,11 +104,11 @@ class TargetWatch:
     def _compare(self, now: Reading, removals: int) -> Finding | None:
         found = lost(self.base, now, removals) if self.base is not None else None
         if found and not found.certain:
-            found = self._judge_restart(found)
+            found = self.judge_restart(found)
         self.base = now
         return found
 
-    def _judge_restart(self, found: Finding) -> Finding | None:
+    def judge_restart(self, found: Finding) -> Finding | None:
         """A restart whose DBSIZE did not fall: what the target's persistence says it kept."""
         persistence = self._persistence()
         if persistence == "always":

@@ -142,6 +142,18 @@ def test_a_target_down_when_apply_would_end_is_waited_for_and_checked(redis_fact
     assert_healed_or_stopped(proc, replayable(log, {}), src, dst, log)
 
 
+def test_a_target_restarted_empty_between_two_runs_is_noticed(redis_factory, tmp_path):
+    """The next apply of the group compares the target with what the previous run last read."""
+    src, dst = redis_factory(), redis_factory()
+    load_keys(src.client(), 2000)
+    log = f"file:{tmp_path / 'log'}"
+    run("capture", src.url, "--log", log, check=True)
+    run("apply", dst.url, "--log", log, "--idle-timeout", "1", check=True)
+    dst.restart()                                 # empty; the log has nothing new
+    proc = start("apply", dst.url, "--log", log, "--idle-timeout", "1")
+    assert_healed_or_stopped(proc, replayable(log, {}), src, dst, log)
+
+
 class DeclaredReplayable:
     """A real file-log reader that declares it holds every record (what the file backend says
     once its retention is merged; here, to drive the replay path of this branch)."""
