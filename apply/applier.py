@@ -22,8 +22,9 @@ import redis
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from apply.batch import BatchResult, BatchWriter, Tally
-from apply.replies import TargetUnavailable, raise_for_connection
-from apply.watch import Finding, TargetWatch, sweep_temp_keys
+from apply.guard import TargetGuard
+from apply.replies import TargetUnavailable
+from apply.watch import Finding, TargetWatch
 from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
@@ -104,11 +105,8 @@ class Applier:
         self._poll_n = min(batch, FIRST_POLL)
         self.stats = ApplyStats()
         self._stop = threading.Event()
-        self._watches: dict[int, TargetWatch] = {}         # id(client) -> its watch
-        self._dbs: dict[int, set[int]] = {}                # id(client) -> source dbs it writes
+        self.guard = TargetGuard(group, {})
         self._open_passes: set[str] = set()                # capture ids of passes under way
-        self._findings: list[Finding] = []                 # target data losses seen in a batch
-        self._previous: dict[str, dict] = {}               # db -> the previous run's last reading
         self._damaged_seen = 0
         self._last_status = self._last_watch = self._last_identity = 0.0
         self.state = "starting"
@@ -117,7 +115,7 @@ class Applier:
         self._stop.set()
 
     def run(self) -> ApplyStats:
-        self._previous = self._previous_targets()
+        self.guard = TargetGuard(self.group, self._previous_targets())
         self._status("running", force=True)
         for w in self.reader.warnings:
             log.warning("log: %s", w)
@@ -267,7 +265,7 @@ class Applier:
         out = []
         for db, items in by_db.items():
             target = self.target_for_db(db)
-            watch = self._watch_for(db, target)
+            watch = self.guard.watch_for(db, target)
             out.append((watch, self.writer.write(target, db, items, probe=watch)))
         return out
 
@@ -276,10 +274,7 @@ class Applier:
         self.stats.add(res.tally)
         for rec, why in res.failed:
             self._dead_letter(rec, why)
-        if res.probe is not None:
-            found = watch.observe(res.probe, res.removals, res.late_removals)
-            if found:
-                self._findings.append(found)
+        self.guard.observe(watch, res)
 
     def _still_owned(self, records: list[Record], events: dict) -> tuple[list[Record], dict]:
         owned = self._log_call(self.reader.owned, records)
@@ -356,43 +351,17 @@ class Applier:
             self._count_dead_letter(f"corrupt log records: {why}")
 
     # -- a target that lost data -----------------------------------------------------------------
-    def _watch_for(self, db: int, target: redis.Redis) -> TargetWatch:
-        k = id(target)
-        watch = self._watches.get(k)
-        if watch is None:
-            watch = self._watches[k] = TargetWatch(target)
-        self._dbs.setdefault(k, set()).add(db)
-        if watch.base is None:
-            try:
-                watch.start()           # the baseline, before our first write
-            except Exception as e:  # noqa: BLE001 - classified in one place
-                raise_for_connection(e)
-        self._since_last_run(db, watch)
-        return watch
-
     def _meet_previous_targets(self) -> None:
         """With nothing to write, the targets of the previous run are still checked."""
-        for db in [int(d) for d in self._previous]:
-            try:
-                self._watch_for(db, self.target_for_db(db))
-            except TargetUnavailable as e:
-                log.warning("target unavailable (%s): checking it once it is back", e)
-                self._sleep(WATCH_INTERVAL_S)
-                return
-        self._handle_findings()
-
-    def _since_last_run(self, db: int, watch: TargetWatch) -> None:
-        """The target the previous apply of this group wrote to restarted since (or this is
-        another target): what it kept is judged as for a restart seen while running."""
-        before = self._previous.pop(str(db), None)
-        if not before or watch.base is None or before.get("run_id") == watch.base.run_id:
+        if not self.guard.previous:
             return
-        found = watch.judge_restart(Finding(
-            f"the target restarted since the last apply of group {self.group!r} (run_id "
-            f"{str(before.get('run_id'))[:8]} -> {watch.base.run_id[:8]}; "
-            f"{before.get('dbsize')} keys then, {watch.base.dbsize} now)", False))
-        if found:
-            self._findings.append(found)
+        try:
+            self.guard.meet_previous(self.target_for_db)
+        except TargetUnavailable as e:
+            log.warning("target unavailable (%s): checking it once it is back", e)
+            self._sleep(WATCH_INTERVAL_S)
+            return
+        self._handle_findings()
 
     def _watch_targets(self, force: bool = False) -> bool:
         """Check the targets while idle (about once a second); True when one lost data and the
@@ -401,26 +370,18 @@ class Applier:
         if self.dry_run or (not force and now - self._last_watch < WATCH_INTERVAL_S):
             return False
         self._last_watch = now
-        for watch in self._watches.values():
-            found = watch.check()
-            if found and self._target_lost(found):
-                return True
-        return False
+        self.guard.check()
+        return self._handle_findings()
 
-    def _handle_findings(self) -> None:
-        """After the batch was committed: the first loss its readings showed is healed (the
-        replay rewrites everything, later findings included)."""
-        findings, self._findings = self._findings, []
-        for found in findings:
-            if self._target_lost(found):
-                return
+    def _handle_findings(self) -> bool:
+        """After the batch was committed: the first loss the readings showed is healed (the
+        replay rewrites everything, later findings included). True when a replay started."""
+        return any(self._target_lost(found) for found in self.guard.take_findings())
 
     def _targets_checked(self) -> bool:
         """The run ends only once every target could be read: one that is down right now may
         have lost what apply wrote."""
-        down = [w.unreadable for w in self._watches.values() if w.unreadable]
-        if self._previous and not self.dry_run:
-            down.append("the target the previous run wrote to was not read yet")
+        down = [] if self.dry_run else self.guard.unreadable()
         if down:
             log.warning("waiting for the target before ending (it may have lost data): %s", down[0])
             self._status(f"waiting for target: {down[0]}", force=True)
@@ -449,8 +410,7 @@ class Applier:
         self.writer.forget_targets()
         self.writer.open_parts.clear()
         self._open_passes.clear()
-        for watch in self._watches.values():
-            watch.base = None             # a new baseline before the next write
+        self.guard.rebase()
         return True
 
     def _sweep_temp_keys(self) -> None:
@@ -458,31 +418,12 @@ class Applier:
         after a run that applied parts: a SCAN of a whole target is not free."""
         if self.dry_run or not (self.stats.chunks or self.writer.open_parts):
             return
-        ours: dict[int, set[bytes]] = {}
-        for (db, _), tmp in self.writer.open_parts.items():
-            ours.setdefault(db, set()).add(tmp)
-        for k, watch in self._watches.items():
-            mine = set().union(*(ours.get(db, set()) for db in self._dbs.get(k, ())))
-            try:
-                n = sweep_temp_keys(watch.client, mine)
-            except redis.RedisError as e:
-                log.warning("could not clean temporary keys on the target: %s", e)
-                continue
-            if n:
-                log.warning("deleted %d temporary keys of keys whose parts can no longer complete "
-                            "(a capture stopped in the middle of a big key)", n)
-            self.stats.temp_cleaned += n
+        n = self.guard.sweep(self.writer.open_parts)
+        if n:
+            log.warning("deleted %d temporary keys of keys whose parts can no longer complete "
+                        "(a capture stopped in the middle of a big key)", n)
+        self.stats.temp_cleaned += n
         self.writer.open_parts.clear()
-
-    def _targets_doc(self) -> dict[str, dict]:
-        """run_id and DBSIZE of each target database at its last reading, for the next run
-        (a target that was not written in this run keeps what the previous run saw)."""
-        doc = dict(self._previous)
-        for k, watch in self._watches.items():
-            if watch.base is not None:
-                for db in self._dbs.get(k, ()):
-                    doc[str(db)] = {"run_id": watch.base.run_id, "dbsize": watch.base.dbsize}
-        return doc
 
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:
@@ -508,6 +449,6 @@ class Applier:
                 "dead_letters": st.dead_letters, "retries": st.retries,
                 "log_waits": st.log_waits, "replays": len(st.replays),
                 "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run,
-                "targets": self._targets_doc()})
+                "targets": self.guard.doc()})
         except Exception as e:  # status is informative; never let it stop apply
             log.warning("could not record apply status: %s", e)
