@@ -2,8 +2,13 @@
 and commit the log position only after the target acknowledged the whole batch.
 
 A target that is down, loading, out of memory or read-only is waited for, with backoff, for as
-long as it takes; nothing is skipped. A record that cannot be decoded, or that the target refuses
-for good, goes to the log's dead-letter place, is counted, and makes the run end non-zero.
+long as it takes; nothing is skipped. A target that refuses a permission or our credentials stops
+apply with one line. A target that lost data (restarted empty, flushed) is noticed and rebuilt by
+replaying the log from its earliest record when the log still holds every key; otherwise apply
+stops and says what to run. A log that is unavailable is waited for; a log that lost records is
+read again from its new beginning and the run ends non-zero unless a whole capture pass followed.
+A record that cannot be decoded, or that the target refuses for good, goes to the log's
+dead-letter place, is counted, and makes the run end non-zero.
 """
 from __future__ import annotations
 
@@ -16,58 +21,49 @@ from typing import Callable
 import redis
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from apply.writes import (CHUNK_SCRIPT, chunk_kind, convertible, script_args, temp_key)
-from conveyor import values
-from conveyor.endpoints import server_info
-from conveyor.errors import CodecError, LogError
+from apply.batch import BatchResult, BatchWriter, Tally
+from apply.guard import TargetGuard
+from apply.replies import TargetUnavailable
+from apply.watch import Finding, TargetWatch
+from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
-from conveyor.rdb import decode_dump
 
 log = logging.getLogger("conveyor.apply")
 
 POLL_TIMEOUT_S = 0.5
 STATUS_INTERVAL_S = 1.0
-RETRY_MAX_WAIT_S = 30.0
-BATCH_BYTES = 1024 * 1024    # record bytes per batch (decoded, a part takes several times more)
+RETRY_MAX_WAIT_S = 30.0          # longest wait between two attempts at a batch (target down)
+LOG_RETRY_MAX_WAIT_S = 30.0      # longest wait between two calls to a log that is unavailable
+KEEPALIVE_S = 1.0                # how often the group hears from us while we wait for the target
+WATCH_INTERVAL_S = 1.0           # how often the target is checked for lost data
+IDENTITY_INTERVAL_S = 5.0        # how often the log is checked for having been reset
+BATCH_BYTES = 1024 * 1024        # record bytes per batch (decoded, a part takes several times more)
 FIRST_POLL = 16                  # records asked first, before their size is known
-# Replies that mean "not now" rather than "never": the batch is retried, never skipped. Auth and
-# permission errors are here too: a target whose password changed is waited for, not written around.
-TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                    redis.exceptions.OutOfMemoryError, redis.ReadOnlyError, redis.exceptions.TryAgainError,
-                    redis.exceptions.ClusterDownError, redis.exceptions.MasterDownError,
-                    redis.AuthenticationError, redis.exceptions.NoPermissionError)
-TRANSIENT_PREFIXES = ("BUSY ", "NOREPLICAS", "MISCONF", "NOAUTH", "LOADING", "OOM")
-
-
-class TargetUnavailable(Exception):
-    """The batch could not be written now; retried (internal, never escapes the Applier)."""
+MAX_REASONS = 20
+PASS_OPENERS = (Kind.SNAPSHOT_BEGIN, Kind.RESYNC)
 
 
 class Stopped(Exception):
-    """stop() was called while waiting for the target."""
+    """stop() was called while waiting for the target or the log."""
 
 
 @dataclass
-class ApplyStats:
+class ApplyStats(Tally):
     records: int = 0
-    restored: int = 0
-    written: int = 0          # typed values written (--type struct events, merge policy)
-    converted: int = 0        # DUMP payloads the target refused, written from their decoded value
-    chunks: int = 0           # parts of keys that arrived in chunks
-    chunked_keys: int = 0     # such keys completed on the target
-    orphan_chunks: int = 0    # parts whose first part was not read (replay started mid-key)
-    duplicate_chunks: int = 0  # parts already applied before a restart
-    pending_dropped: int = 0  # stream consumer-group pending entries plain commands cannot rebuild
-    deleted: int = 0
-    expired: int = 0          # UPSERTs whose expiry had passed: applied as deletes
     markers: int = 0
-    dead_letters: int = 0     # undecodable records + keys the target refused for good
-    retries: int = 0
+    dead_letters: int = 0     # undecodable records, keys refused for good, corrupt log stretches
+    retries: int = 0          # waits for the target
+    log_waits: int = 0        # waits for the log
     snapshot_ends: int = 0
+    handed_over: int = 0      # records given to another group member while the target was down
     last_write_ms: int = 0
     dead_letter_reasons: list[str] = field(default_factory=list)
+    replays: list[str] = field(default_factory=list)    # why the target lost data, each time
+    log_lost: list[str] = field(default_factory=list)   # each time the log lost records
+    unsure_restarts: list[str] = field(default_factory=list)  # restarts that may have lost writes
+    pass_after_loss: bool = False   # a whole capture pass was applied after the last log loss
     started: float = field(default_factory=time.monotonic)
     last_active: float = 0.0
 
@@ -75,6 +71,10 @@ class ApplyStats:
     def rate(self) -> float:
         """Records/s while there was work (idle time waiting for the log does not count)."""
         return self.records / max((self.last_active or time.monotonic()) - self.started, 1e-9)
+
+    @property
+    def log_loss_healed(self) -> bool:
+        return not self.log_lost or self.pass_after_loss
 
 
 def status_name(group: str) -> str:
@@ -87,47 +87,85 @@ class Applier:
                  batch: int = 2000, idle_timeout: float | None = None,
                  done: Callable[[], bool] | None = None, dry_run: bool = False,
                  merge_policy: str = "overwrite", stream_ids: str = "keep",
-                 on_progress: Callable[[ApplyStats], None] | None = None) -> None:
+                 on_progress: Callable[[ApplyStats], None] | None = None,
+                 log_name: str = "URI") -> None:
         """``target_for_db(db)`` gives the client that writes events of source database ``db``;
-        ``done()`` (replicate) says the producer finished: the run ends once the log is drained."""
+        ``done()`` (replicate) says the producer finished: the run ends once the log is drained.
+        ``log_name``: the log's (masked) URI, for the commands apply tells the user to run."""
+        if merge_policy == "merge" and stream_ids != "keep":
+            raise ConfigError("--merge-policy merge with --stream-id drop is refused: stream "
+                              "entries would get new ids on every replay and be added again "
+                              "(use --stream-id keep, or --merge-policy overwrite)")
         self.target_for_db, self.reader, self.meta, self.codec = target_for_db, reader, meta, codec
-        self.rewriter, self.group, self.batch = rewriter, group, batch
+        self.group, self.batch, self.log_name = group, batch, log_name
         self.idle_timeout, self.done, self.dry_run = idle_timeout, done, dry_run
         self.on_progress = on_progress
-        self.merge, self.stream_ids = merge_policy == "merge", stream_ids
-        self._v7: dict[int, bool] = {}
+        self.writer = BatchWriter(rewriter=rewriter, merge=merge_policy == "merge",
+                                  stream_ids=stream_ids)
         self._poll_n = min(batch, FIRST_POLL)
         self.stats = ApplyStats()
         self._stop = threading.Event()
-        self._last_status = 0.0
+        self.guard = TargetGuard(group, {})
+        self._open_passes: set[str] = set()                # capture ids of passes under way
+        self._damaged_seen = 0
+        self._last_status = self._last_watch = self._last_identity = 0.0
         self.state = "starting"
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> ApplyStats:
-        last_record = time.monotonic()
+        self.guard = TargetGuard(self.group, self._previous_targets())
         self._status("running", force=True)
+        for w in self.reader.warnings:
+            log.warning("log: %s", w)
         try:
-            while not self._stop.is_set():
-                records = self.reader.poll(self._poll_n, POLL_TIMEOUT_S)
+            self._loop()
+        except Stopped:
+            pass
+        finally:
+            self._status("stopped", force=True)
+        return self.stats
+
+    def _loop(self) -> None:
+        last_record = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._check_identity()
+                records = self._log_call(self.reader.poll, self._poll_n, POLL_TIMEOUT_S)
+                self._count_damaged()
                 if records:
                     self._size_batches(records)
                     self._apply(records)
                     last_record = time.monotonic()
                     continue
-                producer_done = self.done is not None and self.done()
-                idle_over = (self.idle_timeout is not None
-                             and time.monotonic() - last_record >= self.idle_timeout)
-                if producer_done or idle_over:
-                    if self._drained():
-                        break
+                self._meet_previous_targets()
+                self._watch_targets()
+                if self._may_end(last_record):
+                    if (self._drained() and not self._watch_targets(force=True)
+                            and self._targets_checked()):
+                        self._sweep_temp_keys()
+                        return
                     last_record = time.monotonic()
                 self._status("idle")
-        except Stopped:
-            pass
-        self._status("stopped", force=True)
-        return self.stats
+            except LogLost as e:
+                self._log_lost(e)
+                last_record = time.monotonic()
+
+    def _previous_targets(self) -> dict[str, dict]:
+        """What the previous apply of this group last read of its targets (run_id, DBSIZE)."""
+        try:
+            doc = self.meta.get(status_name(self.group)) or {}
+        except Exception as e:  # noqa: BLE001 - status is informative: never stop apply for it
+            log.warning("could not read the previous apply status: %s", e)
+            return {}
+        return {} if self.dry_run else dict(doc.get("targets") or {})
+
+    def _may_end(self, last_record: float) -> bool:
+        producer_done = self.done is not None and self.done()
+        idle_over = (self.idle_timeout is not None
+                     and time.monotonic() - last_record >= self.idle_timeout)
+        return producer_done or idle_over
 
     def _size_batches(self, records: list[Record]) -> None:
         """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size."""
@@ -138,7 +176,9 @@ class Applier:
         """Nothing left to read: the group's lag on the log is zero. (An empty poll alone is not
         enough: a Kafka consumer may still be joining its group.)"""
         try:
-            lag = self.reader.status().lag
+            lag = self._log_call(self.reader.status).lag
+        except LogLost:
+            raise
         except LogError as e:
             log.warning("cannot read the log's lag (%s); not treating the log as drained", e)
             return False
@@ -149,20 +189,25 @@ class Applier:
 
     # -- one batch -----------------------------------------------------------------------------
     def _apply(self, records: list[Record]) -> None:
-        events = self._decode(records)
+        events, markers = self._decode(records)
         if not self.dry_run:
-            self._write_with_retry(events)
-            self.reader.commit(records)
+            records = self._write_with_retry(records, events)
+            self._log_call(self.reader.commit, records)
             self.stats.last_write_ms = now_millis()
+            self._handle_findings()
+        self._passes(markers)
         self.stats.records += len(records)
         self.stats.last_active = time.monotonic()
         self._status("running")
         if self.on_progress:
             self.on_progress(self.stats)
 
-    def _decode(self, records: list[Record]) -> dict[tuple[int, bytes], tuple[Event, Record]]:
-        """Latest event per (db, key) in the batch: events are whole states, so the last one wins."""
-        latest: dict[tuple[int, bytes], tuple[Event, Record]] = {}
+    def _decode(self, records: list[Record]
+                ) -> tuple[dict[tuple, tuple[Event, Record]], list[tuple[Kind, str]]]:
+        """Latest event per (db, key) in the batch (events are whole states, so the last one
+        wins), and the markers in log order."""
+        latest: dict[tuple, tuple[Event, Record]] = {}
+        markers: list[tuple[Kind, str]] = []
         decode = self.codec.decode
         for rec in records:
             try:
@@ -182,17 +227,76 @@ class Applier:
                 self.stats.markers += 1
                 if ev.kind is Kind.SNAPSHOT_END:
                     self.stats.snapshot_ends += 1
+                markers.append((ev.kind, ev.capture_id))
                 log.info("marker %s of capture %s (count %s)", ev.kind.value, ev.capture_id, ev.count)
-        return latest
+        return latest, markers
 
-    def _write_with_retry(self, events: dict) -> None:
+    def _passes(self, markers: list[tuple[Kind, str]]) -> None:
+        """Follow capture passes (SNAPSHOT_BEGIN or RESYNC ... SNAPSHOT_END of one capture): one
+        applied whole after the log lost records has rewritten every key of the source."""
+        for kind, capture_id in markers:
+            if kind in PASS_OPENERS:
+                self._open_passes.add(capture_id)
+            elif kind is Kind.SNAPSHOT_END and capture_id in self._open_passes:
+                self._open_passes.discard(capture_id)
+                if self.stats.log_lost:
+                    self.stats.pass_after_loss = True
+
+    def _write_with_retry(self, records: list[Record], events: dict) -> list[Record]:
+        """Write the batch until the target took it; returns the records to commit (after a
+        wait, only those this member still holds)."""
         retrying = Retrying(retry=retry_if_exception_type(TargetUnavailable),
                             wait=wait_exponential(multiplier=0.2, max=RETRY_MAX_WAIT_S),
-                            sleep=self._sleep, before_sleep=self._log_retry)
+                            sleep=self._wait_for_target, before_sleep=self._log_retry)
         for attempt in retrying:
             with attempt:
-                self._write(events)
+                if attempt.retry_state.attempt_number > 1:
+                    records, events = self._still_owned(records, events)
+                results = self._write(events)
+        for watch, res in results:
+            self._settle(watch, res)
         self.state = "running"
+        return records
+
+    def _write(self, events: dict) -> list[tuple[TargetWatch, BatchResult]]:
+        by_db: dict[int, list[tuple[Event, Record]]] = {}
+        for k, item in events.items():
+            by_db.setdefault(k[0], []).append(item)
+        out = []
+        for db, items in by_db.items():
+            target = self.target_for_db(db)
+            watch = self.guard.watch_for(db, target)
+            out.append((watch, self.writer.write(target, db, items, probe=watch)))
+        return out
+
+    def _settle(self, watch: TargetWatch, res: BatchResult) -> None:
+        """Counted only once every database took its part: a retried batch counts nothing."""
+        self.stats.add(res.tally)
+        for rec, why in res.failed:
+            self._dead_letter(rec, why)
+        self.guard.observe(watch, res)
+
+    def _still_owned(self, records: list[Record], events: dict) -> tuple[list[Record], dict]:
+        owned = self._log_call(self.reader.owned, records)
+        if len(owned) == len(records):
+            return records, events
+        keep = {id(r) for r in owned}
+        self.stats.handed_over += len(records) - len(owned)
+        log.warning("%d records were handed to another member of group %r while the target was "
+                    "down: left unwritten, that member applies them", len(records) - len(owned),
+                    self.group)
+        return owned, {k: v for k, v in events.items() if id(v[1]) in keep}
+
+    def _wait_for_target(self, seconds: float) -> None:
+        """Sleep, in slices: the group must keep hearing from this member meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self._stop.wait(min(left, KEEPALIVE_S)):
+                raise Stopped()
+            try:
+                self.reader.keepalive()
+            except LogError as e:
+                log.debug("keepalive failed: %s", e)
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
@@ -205,207 +309,132 @@ class Applier:
                     state.next_action.sleep)
         self._status(f"waiting for target: {why}", force=True)
 
-    def _write(self, events: dict) -> None:
-        by_db: dict[int, list[tuple[Event, Record]]] = {}
-        for k, item in events.items():
-            by_db.setdefault(k[0], []).append(item)
-        for db, items in by_db.items():
-            self._write_db(self.target_for_db(db), items)
+    # -- the log -------------------------------------------------------------------------------
+    def _log_call(self, fn, *args):
+        """Call the log; while it is unavailable, wait with backoff for as long as it takes and
+        call again with the same arguments (a commit of the same records)."""
+        retrying = Retrying(retry=retry_if_exception_type(LogUnavailable),
+                            wait=wait_exponential(multiplier=0.2, max=LOG_RETRY_MAX_WAIT_S),
+                            sleep=self._sleep, before_sleep=self._log_wait)
+        return retrying(fn, *args)
 
-    def _write_db(self, target: redis.Redis, items: list[tuple[Event, Record]]) -> None:
-        now = now_millis()
-        pipe = target.pipeline(transaction=False)
-        rename = None if self.rewriter.identity else self.rewriter
-        v7 = self._target_v7(target)
-        plan = []            # (event, record, key, what, first reply index, commands, tolerated)
-        failed: list[tuple[Record, str]] = []
-        for ev, rec in items:
-            key = rename(ev.key) if rename else ev.key
-            start = len(pipe)
-            value = None
-            if ev.kind is Kind.UPSERT and ev.chunk is not None:
-                cmds, tolerated = self._chunk_commands(ev, key, now, v7)
-                what = "chunk"
-            elif ev.kind is not Kind.UPSERT or ev.expired(now):
-                cmds, tolerated = [("DEL", key)], set()
-                what = "expired" if ev.kind is Kind.UPSERT else "deleted"
-            elif ev.payload is not None and not self.merge:
-                cmds, tolerated = [("RESTORE", key, ev.expire_at_ms or 0, ev.payload, "REPLACE",
-                                    "ABSTTL")], set()
-                what = "restored"
-            else:
-                try:
-                    value = ev.value if ev.value is not None else self._decoded(ev)
-                except CodecError as e:
-                    failed.append((rec, f"key {ev.key!r}: {e}"))
-                    continue
-                w = self._typed(key, value, ev.expire_at_ms, v7)
-                cmds, tolerated = w.commands, w.tolerated
-                what = "written" if ev.value is not None else "converted"
-            for c in cmds:
-                pipe.execute_command(*c)
-            plan.append((ev, rec, key, what, start, len(cmds), tolerated, value))
-        try:
-            replies = pipe.execute(raise_on_error=False) if len(pipe) else []
-        except (*TRANSIENT_ERRORS, OSError) as e:
-            raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
-        done: list[str] = []
-        convert: list[tuple[Event, Record, bytes, bytes, bytes | None]] = []
-        for ev, rec, key, what, start, n, tolerated, value in plan:
-            errors = [(i, r) for i, r in enumerate(replies[start:start + n])
-                      if isinstance(r, Exception) and i not in tolerated]
-            for _, r in errors:
-                if isinstance(r, TRANSIENT_ERRORS) or str(r).startswith(TRANSIENT_PREFIXES):
-                    raise TargetUnavailable(str(r))
-            if what == "restored" and errors and convertible(errors[0][1]):
-                convert.append((ev, rec, key, ev.payload, None))
-            elif errors:
-                failed.append((rec, f"target refused key {ev.key!r}: {errors[0][1]}"))
-                if what in ("written", "converted"):
-                    pipe.execute_command("DEL", temp_key(key, b"w"))   # no half-built leftovers
-            elif what == "chunk":
-                self._chunk_done(ev, rec, key, replies[start + n - 1], convert, done, failed)
-            else:
-                done.append(what)
-                if value is not None:
-                    done.append(("pending_dropped", values.pending_dropped(value, self.stream_ids)))
-        if len(pipe):
-            pipe.execute(raise_on_error=False)
-        if convert:
-            failed += self._convert(target, convert, v7, done)
-        # Counted only now: a TargetUnavailable above retries the whole batch, counting nothing.
-        for rec, why in failed:
-            self._dead_letter(rec, why)
-        for item in done:
-            what, n = item if isinstance(item, tuple) else (item, 1)
-            setattr(self.stats, what, getattr(self.stats, what) + n)
+    def _log_wait(self, state) -> None:
+        self.stats.log_waits += 1
+        why = state.outcome.exception()
+        log.warning("waiting for the log: %s; calling again in %.1fs", why, state.next_action.sleep)
+        self._status(f"waiting for the log: {why}", force=True)
 
-    def _chunk_commands(self, ev: Event, key: bytes, now: int, v7: bool):
-        ch = ev.chunk
-        first, last = ch["index"] == 0, ch["last"]
-        if self.merge and ev.value is not None:
-            # Merge: the parts go straight into the key; nothing to guard, nothing to rename.
-            cmds: list[tuple] = []
-            tolerated: set[int] = set()
-            values.add_value(cmds, tolerated, key, ev.value, stream_ids=self.stream_ids,
-                             merge=True, first=first, v7=v7)
-            if last:
-                if ev.expired(now):
-                    cmds.append(("DEL", key))
-                elif ev.expire_at_ms is not None:
-                    cmds.append(("PEXPIREAT", key, ev.expire_at_ms))
-                else:
-                    cmds.append(("PERSIST", key))
-            return cmds, tolerated
-        tmp = temp_key(key, ch["id"].encode())
-        inner: list[tuple] = []
-        if ev.payload is not None:
-            inner.append(("APPEND", tmp, ev.payload))
-            count = len(ev.payload)
-        else:
-            values.add_value(inner, set(), tmp, ev.value, stream_ids=self.stream_ids, first=first,
-                             v7=v7)
-            count = values.elements(ev.value)
-        expire = -1 if ev.expire_at_ms is None else (0 if ev.expired(now) else ev.expire_at_ms)
-        return [("EVAL", CHUNK_SCRIPT, 2, tmp, key, ch["index"], ch["offset"], count,
-                 1 if last else 0, expire, chunk_kind(ev), *script_args(inner))], set()
+    def _check_identity(self) -> None:
+        now = time.monotonic()
+        if now - self._last_identity >= IDENTITY_INTERVAL_S:
+            self._last_identity = now
+            self._log_call(self.reader.check_identity)
 
-    def _chunk_done(self, ev, rec, key, reply, convert, done, failed) -> None:
-        done.append("chunks")
-        if isinstance(reply, list) and reply and reply[0] == b"refused":
-            if convertible(reply[1]):
-                tmp = temp_key(key, ev.chunk["id"].encode())
-                convert.append((ev, rec, key, bytes(reply[2]), tmp))
-            else:
-                failed.append((rec, f"target refused key {ev.key!r}: {reply[1]!r}"))
+    def _log_lost(self, e: LogLost) -> None:
+        """Take the log as it is now and read it from its beginning. What the lost records held
+        is back only once a whole capture pass was applied (a live capture resyncs into the new
+        log); until then the run cannot end successfully."""
+        self.stats.log_lost.append(str(e))
+        self.stats.pass_after_loss = False
+        self._open_passes.clear()
+        log.warning("%s; reading the new log from its earliest record", e)
+        self._status(str(e), force=True)
+        self._log_call(self.reader.adopt_new_log)
+        self._log_call(self.reader.seek, "earliest")
+
+    def _count_damaged(self) -> None:
+        """Corrupt stretches the reader skipped (it dead-lettered them itself) are dead letters."""
+        damaged = self.reader.damaged
+        while self._damaged_seen < len(damaged):
+            why = damaged[self._damaged_seen]
+            self._damaged_seen += 1
+            self._count_dead_letter(f"corrupt log records: {why}")
+
+    # -- a target that lost data -----------------------------------------------------------------
+    def _meet_previous_targets(self) -> None:
+        """With nothing to write, the targets of the previous run are still checked."""
+        if not self.guard.previous:
             return
-        if reply == b"orphan":
-            done.append("orphan_chunks")
-            if ev.chunk["last"]:
-                log.warning("key %r: last part applied without its first part (the log was "
-                            "replayed from the middle of the key); the key is not written", ev.key)
-        elif reply == b"duplicate":
-            done.append("duplicate_chunks")
-        elif ev.chunk["last"]:
-            done.append("chunked_keys")
-            if ev.value is not None:
-                done.append(("pending_dropped",
-                             values.pending_dropped(ev.value, self.stream_ids, whole=False)))
-
-    def _convert(self, target: redis.Redis, items, v7: bool, done: list) -> list:
-        """Write refused DUMP payloads as typed values; returns the records that failed."""
-        failed, plan = [], []
-        pipe = target.pipeline(transaction=False)
-        now = now_millis()
-        for ev, rec, key, payload, chunk_tmp in items:
-            try:
-                value = values.from_rdb(decode_dump(payload))
-            except (CodecError, ValueError) as e:
-                failed.append((rec, f"target refused key {ev.key!r} and its DUMP payload cannot "
-                                    f"be converted: {e}"))
-                continue
-            start = len(pipe)
-            if ev.expired(now):
-                cmds = [("DEL", key)]
-            else:
-                w = self._typed(key, value, ev.expire_at_ms, v7)
-                cmds = w.commands
-            if chunk_tmp is not None:
-                cmds = cmds + [("DEL", chunk_tmp)]
-            for c in cmds:
-                pipe.execute_command(*c)
-            plan.append((ev, rec, key, start, len(cmds), value, chunk_tmp))
         try:
-            replies = pipe.execute(raise_on_error=False) if len(pipe) else []
-        except (*TRANSIENT_ERRORS, OSError) as e:
-            raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
-        for ev, rec, key, start, n, value, chunk_tmp in plan:
-            errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
-            if any(isinstance(r, TRANSIENT_ERRORS) or str(r).startswith(TRANSIENT_PREFIXES)
-                   for r in errors):
-                raise TargetUnavailable(str(errors[0]))
-            if errors:
-                failed.append((rec, f"target refused the converted value of key {ev.key!r}: "
-                                    f"{errors[0]}"))
-                target.delete(temp_key(key, b"w"))
-            else:
-                done.append("converted")
-                if chunk_tmp is not None:
-                    done.append("chunked_keys")
-                done.append(("pending_dropped", values.pending_dropped(value, self.stream_ids)))
-        return failed
+            self.guard.meet_previous(self.target_for_db)
+        except TargetUnavailable as e:
+            log.warning("target unavailable (%s): checking it once it is back", e)
+            self._sleep(WATCH_INTERVAL_S)
+            return
+        self._handle_findings()
 
-    def _decoded(self, ev: Event) -> dict:
-        try:
-            return values.from_rdb(decode_dump(ev.payload))
-        except ValueError as e:
-            raise CodecError(str(e)) from e
+    def _watch_targets(self, force: bool = False) -> bool:
+        """Check the targets while idle (about once a second); True when one lost data and the
+        replay from the earliest record started."""
+        now = time.monotonic()
+        if self.dry_run or (not force and now - self._last_watch < WATCH_INTERVAL_S):
+            return False
+        self._last_watch = now
+        self.guard.check()
+        return self._handle_findings()
 
-    def _typed(self, key: bytes, value: dict, expire_at_ms, v7: bool) -> values.Writes:
-        return values.write_commands(key, value, into=None if self.merge else temp_key(key, b"w"),
-                                     expire_at_ms=expire_at_ms, stream_ids=self.stream_ids, v7=v7)
+    def _handle_findings(self) -> bool:
+        """After the batch was committed: the first loss the readings showed is healed (the
+        replay rewrites everything, later findings included). True when a replay started."""
+        return any(self._target_lost(found) for found in self.guard.take_findings())
 
-    def _target_v7(self, target: redis.Redis) -> bool:
-        """Whether the target knows Redis 7.0's stream metadata options."""
-        k = id(target)
-        if k not in self._v7:
-            try:
-                version = server_info(target).version
-            except (*TRANSIENT_ERRORS, OSError) as e:
-                raise TargetUnavailable(f"{type(e).__name__}: {e}") from e
-            except redis.RedisError:
-                version = (0,)
-            self._v7[k] = tuple(version) >= (7, 0)
-            target.set_response_callback("XCLAIM", lambda response, **_: response)
-        return self._v7[k]
+    def _targets_checked(self) -> bool:
+        """The run ends only once every target could be read: one that is down right now may
+        have lost what apply wrote."""
+        down = [] if self.dry_run else self.guard.unreadable()
+        if down:
+            log.warning("waiting for the target before ending (it may have lost data): %s", down[0])
+            self._status(f"waiting for target: {down[0]}", force=True)
+            self._sleep(WATCH_INTERVAL_S)
+        return not down
+
+    def _target_lost(self, found: Finding) -> bool:
+        """Replay the log from its earliest record when it still holds every key; True when
+        the replay started."""
+        replayable, detail = self._log_call(self.reader.replayable)
+        if not replayable and found.certain:
+            raise TargetError(
+                f"the target lost writes ({found.why}) and the log no longer holds every key "
+                f"({detail}): capture again with `conveyor capture SOURCE --log {self.log_name} "
+                "--fresh` and let apply replay that snapshot, then check the target with "
+                "`conveyor verify SOURCE TARGET`")
+        if not replayable:
+            log.warning("%s; the log cannot be replayed (%s): check the target with `conveyor "
+                        "verify SOURCE TARGET`", found.why, detail)
+            self.stats.unsure_restarts.append(found.why)
+            return False
+        log.warning("target lost data (%s): replaying the log from its earliest record", found.why)
+        self.stats.replays.append(found.why)
+        self._status("target lost data: replaying the log from its earliest record", force=True)
+        self._log_call(self.reader.seek, "earliest")
+        self.writer.forget_targets()
+        self.writer.open_parts.clear()
+        self._open_passes.clear()
+        self.guard.rebase()
+        return True
+
+    def _sweep_temp_keys(self) -> None:
+        """On a drained log: temporary keys of part sequences that can no longer complete. Only
+        after a run that applied parts: a SCAN of a whole target is not free."""
+        if self.dry_run or not (self.stats.chunks or self.writer.open_parts):
+            return
+        n = self.guard.sweep(self.writer.open_parts)
+        if n:
+            log.warning("deleted %d temporary keys of keys whose parts can no longer complete "
+                        "(a capture stopped in the middle of a big key)", n)
+        self.stats.temp_cleaned += n
+        self.writer.open_parts.clear()
 
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:
         self.reader.dead_letter(rec, reason)
-        self.stats.dead_letters += 1
-        if len(self.stats.dead_letter_reasons) < 20:
-            self.stats.dead_letter_reasons.append(reason)
         log.error("dead-lettered record %s@%s: %s", rec.partition, rec.offset, reason)
+        self._count_dead_letter(reason)
+
+    def _count_dead_letter(self, reason: str) -> None:
+        self.stats.dead_letters += 1
+        if len(self.stats.dead_letter_reasons) < MAX_REASONS:
+            self.stats.dead_letter_reasons.append(reason)
 
     def _status(self, state: str, force: bool = False) -> None:
         self.state = state
@@ -417,8 +446,9 @@ class Applier:
         try:
             self.meta.put(status_name(self.group), {
                 "state": state, "last_write_ms": st.last_write_ms, "records": st.records,
-                "dead_letters": st.dead_letters, "retries": st.retries, "updated_ms": now_millis(),
-                "dry_run": self.dry_run})
+                "dead_letters": st.dead_letters, "retries": st.retries,
+                "log_waits": st.log_waits, "replays": len(st.replays),
+                "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run,
+                "targets": self.guard.doc()})
         except Exception as e:  # status is informative; never let it stop apply
             log.warning("could not record apply status: %s", e)
-

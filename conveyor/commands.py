@@ -92,7 +92,8 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
                    codec=Codec(), rewriter=rewriter, group=group, batch=batch,
                    idle_timeout=idle_timeout, done=done, dry_run=dry_run,
                    merge_policy=(wopts or ApplyOptions()).merge_policy,
-                   stream_ids=(wopts or ApplyOptions()).stream_ids, on_progress=progress)
+                   stream_ids=(wopts or ApplyOptions()).stream_ids, on_progress=progress,
+                   log_name=mask_uri(log_uri))
     return proc, (reader, meta)
 
 
@@ -176,12 +177,14 @@ def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
         lines.append(f"apply: {st.pending_dropped} pending entries of stream consumer groups "
                      "were not recreated (new stream ids, no owner, or their entry was deleted); "
                      "the groups, their consumers and positions were")
+    from apply.report import fault_lines
+    lines += fault_lines(st)
     for why in st.dead_letter_reasons:
         lines.append(f"  dead letter: {why}")
     if st.dead_letters:
         lines.append(f"apply: {st.dead_letters} records were dead-lettered (kept in the log's "
                      "dead-letter place); the target is NOT complete")
-    return lines, st.dead_letters == 0
+    return lines, st.dead_letters == 0 and st.log_loss_healed
 
 
 # -- commands ------------------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""What the target's replies mean for a batch: write it again later, or stop.
+
+"Not now" (the target is down, restarting, loading, out of memory, read-only, busy, ...) is waited
+for with the batch held; nothing is skipped. A refused permission or refused credentials will not
+change by waiting: apply stops with one line that names what was refused.
+"""
+from __future__ import annotations
+
+import redis
+
+from conveyor.endpoints import mask_text
+from conveyor.errors import TargetError
+
+# Exceptions and reply prefixes that mean "not now" rather than "never".
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                    redis.exceptions.OutOfMemoryError, redis.ReadOnlyError,
+                    redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
+                    redis.exceptions.MasterDownError, OSError)
+TRANSIENT_PREFIXES = ("BUSY ", "NOREPLICAS", "MISCONF", "LOADING", "OOM", "READONLY", "TRYAGAIN",
+                      "CLUSTERDOWN", "MASTERDOWN")
+# Replies that waiting will not fix: the target's user lacks a permission, or our credentials.
+REFUSED_PREFIXES = ("NOPERM", "NOAUTH", "WRONGPASS")
+
+
+class TargetUnavailable(Exception):
+    """The batch could not be written now; it is written again later (never escapes apply)."""
+
+
+def refused(text: str, command: str = "") -> TargetError | None:
+    """A TargetError when ``text`` (an error reply) is a refused permission or credentials."""
+    text = mask_text(text)
+    if "NOPERM" in text:
+        what = f" {command}" if command else ""
+        grant = f"+{command.lower()}" if command else "+<command>"
+        return TargetError(f"the target refused{what}: {text} (the target user lacks this "
+                           f"permission: grant it, e.g. ACL SETUSER <user> {grant}, or use "
+                           "another user)")
+    if text.startswith(("NOAUTH", "WRONGPASS")) or "invalid password" in text:
+        return TargetError(f"the target refused our credentials: {text} (check --target-user "
+                           "and --target-password)")
+    return None
+
+
+def _text(e: Exception) -> str:
+    """The error reply as the server sent it (redis-py drops the NOPERM prefix)."""
+    text = str(e)
+    if isinstance(e, redis.exceptions.NoPermissionError) and not text.startswith("NOPERM"):
+        return f"NOPERM {text}"
+    if isinstance(e, redis.AuthenticationError) and not text.startswith(REFUSED_PREFIXES):
+        return f"NOAUTH {text}"
+    return text
+
+
+def raise_for_connection(e: Exception) -> None:
+    """Turn an exception raised by a whole pipeline (no reply at all) into what it means."""
+    if isinstance(e, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
+        raise refused(_text(e)) from e                     # AuthenticationError: a ConnectionError
+    if isinstance(e, TRANSIENT_ERRORS):
+        raise TargetUnavailable(f"{type(e).__name__}: {mask_text(str(e))}") from e
+    raise e
+
+
+def check_replies(replies: list, commands: list[tuple] | None = None) -> None:
+    """Raise TargetUnavailable or TargetError when any reply says so (tolerated errors such as an
+    XADD of an id the target has are neither). ``commands``: what was sent, to name it."""
+    for i, r in enumerate(replies):
+        if not isinstance(r, Exception):
+            continue
+        text = _text(r)
+        if text.startswith(REFUSED_PREFIXES) or "NOPERM" in text:
+            cmd = _name(commands[i]) if commands and i < len(commands) else ""
+            raise refused(text, cmd) or TargetError(f"the target refused {cmd}: {text}")
+        if isinstance(r, TRANSIENT_ERRORS) or text.startswith(TRANSIENT_PREFIXES):
+            raise TargetUnavailable(text)
+
+
+def _name(command: tuple) -> str:
+    c = command[0]
+    return (c.decode() if isinstance(c, bytes) else str(c)).upper()

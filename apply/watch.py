@@ -1,0 +1,182 @@
+"""Noticing a target that lost data, and sweeping temporary keys nobody will finish.
+
+A target that restarts without persistence (or fails over to a replica that missed writes, or is
+flushed) loses writes apply already committed on the log. Two signs: the server's run_id changed,
+or DBSIZE fell by more than the deletes apply sent, the keys the target expired and the keys it
+evicted explain. They are read at the end of every batch's own pipeline (no extra round trip, and
+no write between two readings goes uncounted), and about once a second while apply is idle.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+
+from apply.replies import TRANSIENT_ERRORS
+
+log = logging.getLogger("conveyor.apply")
+
+TEMP_PATTERN = b"*conveyor-tmp:*"
+# A temporary key apply did not write in this run is left alone until it has not been touched
+# this long: another apply (another group, another member) may still be building it.
+TEMP_IDLE_S = 60
+SCAN_COUNT = 1000
+# Keys DBSIZE may lose that apply cannot count: temporary keys a crashed apply left behind,
+# deleted by the next write of their key.
+DBSIZE_SLACK = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    run_id: str
+    dbsize: int
+    expired: int
+    evicted: int
+
+
+class TargetWatch:
+    """One target database: its run_id and DBSIZE at the last reading."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.base: Reading | None = None
+        self.carry = 0             # keys apply removed after the last reading (conversions)
+        self.disabled = ""         # why the target cannot be watched (e.g. INFO not permitted)
+        self.unreadable = ""       # why the last check could not read the target
+
+    def queue(self, pipe) -> bool:
+        """Queue a reading at the end of ``pipe`` (a batch's pipeline); False when not watching."""
+        if self.base is None:
+            return False
+        pipe.info("server")
+        pipe.info("stats")
+        pipe.dbsize()
+        return True
+
+    @staticmethod
+    def parse(replies: list) -> Reading:
+        server, stats, dbsize = replies
+        return Reading(str(server.get("run_id", "")), int(dbsize),
+                       int(stats.get("expired_keys", 0)), int(stats.get("evicted_keys", 0)))
+
+    def read(self) -> Reading:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.info("server")
+        pipe.info("stats")
+        pipe.dbsize()
+        return self.parse(pipe.execute())
+
+    def start(self) -> None:
+        """The baseline, read before apply's first write (errors: the caller's to handle)."""
+        if self.base is None and not self.disabled:
+            try:
+                self.base = self.read()
+            except redis.ResponseError as e:      # NOPERM on INFO or DBSIZE
+                self.disabled = str(e)
+                log.warning("cannot watch the target for lost data (%s): a target that "
+                            "restarts empty would not be noticed", e)
+            self.carry = 0
+
+    def observe(self, replies: list, removals: int, late_removals: int) -> Finding | None:
+        """The reading a batch queued: ``removals`` keys the batch may have removed before it,
+        ``late_removals`` after it."""
+        found = self._compare(self.parse(replies), removals + self.carry)
+        self.carry = late_removals
+        return found
+
+    def check(self) -> Finding | None:
+        """A reading of its own (apply is idle). A target that cannot be read right now is
+        checked next time: nothing is concluded from an outage."""
+        if self.base is None:
+            return None
+        try:
+            now = self.read()
+        except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
+            log.debug("target not readable for the data-loss check: %s", e)
+            self.unreadable = f"{type(e).__name__}: {e}"
+            return None
+        self.unreadable = ""
+        found = self._compare(now, self.carry)
+        self.carry = 0
+        return found
+
+    def _compare(self, now: Reading, removals: int) -> Finding | None:
+        found = lost(self.base, now, removals) if self.base is not None else None
+        if found and not found.certain:
+            found = self.judge_restart(found)
+        self.base = now
+        return found
+
+    def judge_restart(self, found: Finding) -> Finding | None:
+        """A restart whose DBSIZE did not fall: what the target's persistence says it kept."""
+        persistence = self._persistence()
+        if persistence == "always":
+            log.warning("%s; it writes every change to its AOF before answering "
+                        "(appendfsync always): nothing was lost", found.why)
+            return None
+        if persistence == "none":
+            return Finding(f"{found.why.split(' and kept')[0]} without persistence: it restarted "
+                           "empty", True)
+        return found
+
+    def _persistence(self) -> str:
+        """always (AOF, fsync before every reply), none (no AOF, no RDB saves), some, unknown."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.info("persistence")
+            pipe.config_get("appendfsync")
+            pipe.config_get("save")
+            persistence, fsync, save = pipe.execute()
+        except redis.RedisError:          # CONFIG not permitted, or the target went away again
+            return "unknown"
+        if persistence.get("aof_enabled"):
+            return "always" if fsync.get("appendfsync") == "always" else "some"
+        return "some" if (save.get("save") or "").strip() else "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    why: str
+    certain: bool       # keys are known to be missing (else: recent writes may be)
+
+
+def lost(before: Reading, now: Reading, removals: int) -> Finding | None:
+    # Counters reset (CONFIG RESETSTAT, a restart): take the new value as the delta.
+    expired = now.expired - before.expired if now.expired >= before.expired else now.expired
+    evicted = now.evicted - before.evicted if now.evicted >= before.evicted else now.evicted
+    allowed = removals + expired + evicted + DBSIZE_SLACK
+    fell = now.dbsize < before.dbsize - allowed
+    if now.run_id != before.run_id:
+        restarted = f"the target restarted (run_id {before.run_id[:8]} -> {now.run_id[:8]})"
+        if fell:
+            return Finding(f"{restarted} and holds {now.dbsize} keys, {before.dbsize} before", True)
+        return Finding(f"{restarted} and kept {now.dbsize} keys ({before.dbsize} before, "
+                       f"{allowed} removals allowed), but writes acknowledged just "
+                       "before it stopped may be missing (no appendfsync always)", False)
+    if fell:
+        return Finding(f"DBSIZE fell from {before.dbsize} to {now.dbsize}, more than the "
+                       f"{allowed} keys apply's deletes and the target's expiries and evictions "
+                       "explain (flushed, or failed over to a replica that missed writes)", True)
+    return None
+
+
+def sweep_temp_keys(client: redis.Redis, ours: set[bytes]) -> int:
+    """Delete temporary keys of part sequences that can no longer complete: ``ours`` (sequences
+    this run started and never finished, on a drained log), and any other temporary key nobody
+    touched for TEMP_IDLE_S. Returns how many were deleted."""
+    stale: list[bytes] = []
+    for key in client.scan_iter(match=TEMP_PATTERN, count=SCAN_COUNT):
+        if key in ours or _idle(client, key) >= TEMP_IDLE_S:
+            stale.append(key)
+    deleted = 0
+    for i in range(0, len(stale), SCAN_COUNT):
+        deleted += client.delete(*stale[i:i + SCAN_COUNT])
+    return deleted
+
+
+def _idle(client: redis.Redis, key: bytes) -> int:
+    try:
+        return int(client.object("idletime", key) or 0)
+    except redis.ResponseError:        # an LFU maxmemory-policy has no idle time: keep the key
+        return -1
