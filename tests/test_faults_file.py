@@ -171,8 +171,6 @@ def test_reader_reports_the_damage_and_reads_on_to_every_valid_record(redis_fact
     r.close()
 
 
-@pytest.mark.xfail(strict=True, reason="apply does not count reader.damaged yet: the lead wires it "
-                                       "(remove this mark then)")
 def test_apply_exits_non_zero_after_dead_lettering_damage(redis_factory, tmp_path):
     _, target, log_dir, uri = captured_log(redis_factory, tmp_path, n=300)
     seg = segments(log_dir)[0]

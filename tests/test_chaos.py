@@ -1,0 +1,90 @@
+"""Chaos: faults of the pipeline's own parts, injected for real into running processes.
+
+Each scenario runs capture and apply as separate processes (as users deploy them), breaks one
+part (a server stopped and restarted on the same port, a process SIGKILLed), and ends with an
+independent compare (tests/compare.py: plain redis-py reads) and the exit codes stated.
+"""
+from __future__ import annotations
+
+import time
+
+from conveyor.workload import Workload
+from tests import cli
+from tests.compare import differences, wait_identical
+from tests.datasets import load_mixed
+from tests.test_live import notifying_source, wait_for_subscriber
+
+
+def _wait_for_entries(buffer, at_least: int, timeout: float = 60.0) -> None:
+    """Until the Redis Streams log on ``buffer`` holds ``at_least`` entries."""
+    r = buffer.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(r.xlen(k) for k in r.scan_iter(match="conveyor:[0-9]*", _type="stream")) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the log never reached {at_least} entries")
+
+
+def test_stream_buffer_restarted_with_aof_is_waited_out_by_capture_and_apply(redis_factory):
+    # given a source big enough that capture and apply are mid-run when the buffer goes away
+    source, target = redis_factory(), redis_factory()
+    buffer = redis_factory(extra=("--appendonly", "yes", "--appendfsync", "always"))
+    load_mixed(source.client(), 60_000)
+    log = f"{buffer.url}/0"
+    cap = cli.start("capture", source.url, "--log", log)
+    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "6")
+    # when the buffer Redis stops for 4 s and comes back with its AOF
+    _wait_for_entries(buffer, 5_000)
+    buffer.stop()
+    time.sleep(4)
+    buffer.start()
+    # then both waited for it and finished, and the target is the source
+    cout, cerr = cap.communicate(timeout=240)
+    aout, aerr = app.communicate(timeout=240)
+    assert cap.returncode == 0, cout + cerr
+    assert app.returncode == 0, aout + aerr
+    assert "waiting for the log" in cerr + aerr
+    assert "Traceback" not in cerr + aerr
+    assert differences(source.client(), target.client()) == []
+
+
+def test_stream_buffer_restarted_empty_in_a_live_run_is_a_healed_log_loss(redis_factory):
+    # given a live capture and apply over a buffer without persistence, under writes
+    source, target, buffer = notifying_source(redis_factory), redis_factory(), redis_factory()
+    Workload(source.client(), rate=2000, keyspace=400, seed=11).run(1.0)
+    log = f"{buffer.url}/0"
+    cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--idle-timeout", "4")
+    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "10")
+    wait_for_subscriber(source)
+    load = Workload(source.client(), rate=800, keyspace=400, seed=12).start(8)
+    # when the buffer restarts empty mid-run
+    time.sleep(3)
+    buffer.restart()
+    load.join()
+    # then capture says the log lost records and resyncs, apply replays the new log, both converge
+    cout, cerr = cap.communicate(timeout=180)
+    aout, aerr = app.communicate(timeout=180)
+    assert "the log lost records" in cout + cerr, cout + cerr
+    assert cap.returncode == 0 and "converged" in cout, cout + cerr
+    assert app.returncode == 0, aout + aerr
+    assert "the log lost records" in aout + aerr
+    assert wait_identical(source.client(), target.client(), timeout=10) == []
+
+
+def test_stream_buffer_restarted_empty_in_a_snapshot_stops_both_with_the_sentence(redis_factory):
+    # given a snapshot capture and an apply mid-run over a buffer without persistence
+    source, target, buffer = redis_factory(), redis_factory(), redis_factory()
+    load_mixed(source.client(), 60_000)
+    log = f"{buffer.url}/0"
+    cap = cli.start("capture", source.url, "--log", log)
+    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "5")
+    # when the buffer restarts empty
+    _wait_for_entries(buffer, 5_000)
+    buffer.restart()
+    # then neither claims success: both say the log lost records and exit 1
+    cout, cerr = cap.communicate(timeout=180)
+    aout, aerr = app.communicate(timeout=180)
+    assert cap.returncode == 1 and "the log lost records" in cout + cerr, cout + cerr
+    assert app.returncode == 1 and "the log lost records" in aout + aerr, aout + aerr
+    assert "Traceback" not in cerr + aerr
