@@ -294,7 +294,9 @@ class Capture:
         if worked:
             return False
         idle = time.monotonic() - self._last_activity
-        if (self.idle_timeout is not None and idle >= self.idle_timeout
+        # Changes that arrived while this step waited (a flush waiting for the log) are not
+        # idleness: the run ends only with nothing left to read.
+        if (self.idle_timeout is not None and idle >= self.idle_timeout and not len(self.dirty)
                 and not self._resync.is_set() and self._healthy()):
             self._watch_source()             # a last look: a FLUSHDB just now is not missed
             if not self._resync.is_set():
