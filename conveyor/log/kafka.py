@@ -141,6 +141,7 @@ def _cluster(props: dict):
     try:
         return admin, admin.list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as e:
+        admin.poll(0)                  # hands librdkafka's lines about it to our logger (-v)
         raise _failure(e, f"cannot reach Kafka at {props['bootstrap.servers']}") from e
 
 

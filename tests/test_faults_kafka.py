@@ -1,0 +1,249 @@
+"""Faults of the Kafka log on real brokers: a broker killed (kill -9) and started again on the same
+ports and data dir, several apply processes in one group (one SIGKILLed), a member waiting for a
+down target, a topic deleted and recreated, retention, and librdkafka's own log lines."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from conveyor.errors import LogError, LogLost, LogUnavailable
+from conveyor.log import open_reader, open_writer
+from tests import cli
+from tests.kafka_broker import KafkaBroker, kafka_log_uri
+from tests.servers import free_port
+
+DOWN_S = 3          # how long a killed broker stays down before it is started again
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of this test alone: the test kills it."""
+    broker = KafkaBroker().start()
+    yield broker
+    broker.stop()
+
+
+def restart_broker(broker: KafkaBroker) -> None:
+    broker.kill()
+    time.sleep(DOWN_S)
+    broker.start_again()
+
+
+def write(uri: str, items, opts=None) -> None:
+    w = open_writer(uri, opts)
+    for k, v in items:
+        w.append(k, v)
+    w.flush()
+    w.close()
+
+
+def drain(reader, want: int, timeout: float = 60.0) -> list:
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        out += reader.poll(1000, 0.5)
+    return out
+
+
+def until(cond, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+ITEMS = [(b"0:k%05d" % i, b"v%d" % i) for i in range(3000)]
+
+
+# -- a broker restart, at the log level ------------------------------------------------------------
+def test_broker_restart_is_log_unavailable_and_nothing_is_lost_or_reordered(own_broker):
+    uri = kafka_log_uri(own_broker)
+    opts = {"partitions": "2"}
+    w = open_writer(uri, opts)
+    for k, v in ITEMS[:1000]:
+        w.append(k, v)
+    w.flush()
+    r = open_reader(uri, "g", opts)
+    first = drain(r, 1000)
+    assert len(first) == 1000
+
+    own_broker.kill()
+    for k, v in ITEMS[1000:]:
+        w.append(k, v)                         # queued: the broker is down
+    with pytest.raises(LogUnavailable):
+        w.flush(2)
+    with pytest.raises(LogUnavailable):
+        r.commit(first)                        # the target has it; the commit waits
+    with pytest.raises(LogUnavailable):
+        r.status()
+    assert r.poll(1000, 1.0) == []             # transport errors during poll are not fatal
+    own_broker.start_again()
+
+    until(lambda: _flushed(w), 120, "the producer's records to be acknowledged")
+    until(lambda: _committed(r, first), 120, "the commit to go through")
+    w.close()
+    rest = drain(r, 2000)
+    r.commit(rest)
+    assert sorted(x.key for x in first + rest) == sorted(k for k, _ in ITEMS)   # none lost
+    for p in {x.partition for x in first + rest}:                             # none reordered
+        values = [int(x.value[1:]) for x in first + rest if x.partition == p]
+        assert values == sorted(values)
+    assert r.status().lag == 0
+    r.close()
+
+
+def _flushed(w) -> bool:
+    try:
+        w.flush(2)
+        return True
+    except LogUnavailable:
+        return False
+
+
+def _committed(r, records) -> bool:
+    try:
+        r.commit(records)
+        return True
+    except LogUnavailable:
+        r.keepalive()
+        return False
+
+
+def test_opening_a_log_while_the_broker_is_down_is_log_unavailable():
+    with pytest.raises(LogUnavailable):
+        open_writer(f"kafka://127.0.0.1:{free_port()}/t")
+
+
+# -- librdkafka's own lines ------------------------------------------------------------------------
+def test_librdkafka_lines_show_only_with_verbose():
+    dead = f"kafka://127.0.0.1:{free_port()}/t"     # librdkafka logs its connection errors
+    quiet = cli.run("status", "--log", dead)
+    assert "Kafka unreachable" in cli.assert_one_line_error(quiet, 1)
+    loud = cli.run("-v", "status", "--log", dead)
+    assert loud.returncode == 1 and "Connect to ipv4#127.0.0.1" in loud.stderr, loud.stderr
+
+
+# -- several members, keepalive ----------------------------------------------------------------------
+def test_a_second_member_joins_without_fencing_and_owned_drops_moved_partitions(kafka_broker):
+    uri = kafka_log_uri(kafka_broker)
+    opts = {"partitions": "4"}
+    write(uri, ITEMS, opts)
+    r1 = open_reader(uri, "g", opts)
+    held = until(lambda: r1.poll(200, 0.5), 30, "r1's first batch")
+    assert r1.consumer and r1.owned(held) == held
+    # r1 waits for a down target with its batch; r2 joins the group meanwhile
+    r2 = open_reader(uri, "g", opts)
+    assert r2.consumer != r1.consumer
+    got2: list = []
+
+    def r2_has_partitions():
+        r1.keepalive()
+        got2.extend(r2.poll(1000, 0.2))
+        return got2
+
+    until(r2_has_partitions, 60, "the second member to get partitions")
+    kept = r1.owned(held)
+    moved = [x for x in held if x not in kept]
+    r1.commit(held)                            # commits only the partitions r1 still holds
+    r2.commit(got2)
+    got1, everything = list(kept), {k for k, _ in ITEMS}
+    deadline = time.monotonic() + 60
+    while {x.key for x in got1 + got2} != everything and time.monotonic() < deadline:
+        a, b = r1.poll(1000, 0.2), r2.poll(1000, 0.2)
+        r1.commit(a)
+        r2.commit(b)
+        got1 += a
+        got2 += b
+    assert {x.key for x in got1 + got2} == everything
+    # each partition read by one member at a time: r1 only where it began, r2 only what it got
+    assert {x.partition for x in got1 if x not in held} <= {x.partition for x in kept} | \
+        {x.partition for x in got1}
+    # what r1 dropped unwritten, r2 read again from the committed position
+    assert {x.key for x in moved} <= {x.key for x in got2}
+    assert r1.status().lag == 0
+    r1.close()
+    r2.close()
+
+
+def test_keepalive_keeps_the_member_past_max_poll_interval(kafka_broker):
+    uri = kafka_log_uri(kafka_broker)
+    write(uri, ITEMS[:300])
+    short = {"max.poll.interval.ms": "6000", "session.timeout.ms": "6000"}
+    alive, idle = open_reader(uri, "alive", short), open_reader(uri, "idle", short)
+    held = until(lambda: alive.poll(100, 0.5), 30, "a first batch")
+    idle_held = until(lambda: idle.poll(100, 0.5), 30, "a first batch")
+    deadline = time.monotonic() + 12               # twice max.poll.interval.ms, target "down"
+    while time.monotonic() < deadline:
+        alive.keepalive()
+        time.sleep(0.5)
+    alive.commit(held)                              # still a member: the commit is accepted
+    rest = drain(alive, 300 - len(held))
+    assert [x.key for x in held + rest] == [k for k, _ in ITEMS[:300]]   # nothing lost/skipped
+    alive.commit(rest)
+    assert alive.status().lag == 0
+    with pytest.raises(LogError):                   # without keepalive the member was dropped
+        idle.commit(idle_held)
+    alive.close()
+    idle.close()
+
+
+# -- identity, retention -----------------------------------------------------------------------------
+def test_a_deleted_and_recreated_topic_is_log_lost(kafka_broker):
+    uri = kafka_log_uri(kafka_broker)
+    topic = uri.rsplit("/", 1)[1]
+    w = open_writer(uri)
+    w.append(b"0:a", b"1")
+    w.flush()
+    r = open_reader(uri, "g")
+    r.commit(drain(r, 1))
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    admin.delete_topics([topic])[topic].result(30)
+    with pytest.raises(LogLost, match="the log lost records: Kafka topic .* was deleted"):
+        until(lambda: _gone(w), 30, "the deletion to be seen")
+    w.adopt_new_log()                               # recreates it: a new id
+    w.append(b"0:b", b"2")
+    w.flush()
+    with pytest.raises(LogLost, match="deleted and recreated"):
+        r.check_identity()
+    r.adopt_new_log()
+    again = drain(r, 1)
+    assert [x.key for x in again] == [b"0:b"]       # the new log, from its beginning
+    r.check_identity()
+    w.close()
+    r.close()
+
+
+def _gone(w) -> bool:
+    w.check_identity()
+    return False
+
+
+def test_replayable_unless_retention_removed_records(kafka_broker):
+    compacted = kafka_log_uri(kafka_broker)
+    write(compacted, ITEMS[:10])
+    r = open_reader(compacted, "g")
+    assert r.replayable() == (True, "")
+    r.close()
+    deleting = kafka_log_uri(kafka_broker)
+    opts = {"topic.cleanup.policy": "delete"}
+    write(deleting, ITEMS[:10], opts)
+    r = open_reader(deleting, "g", opts)
+    assert r.replayable() == (True, "")             # nothing removed yet
+    topic = deleting.rsplit("/", 1)[1]
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    for f in admin.delete_records([TopicPartition(topic, 0, 4)]).values():
+        f.result(30)
+    ok, why = r.replayable()
+    assert not ok and "first 4 records" in why and "cleanup.policy=delete" in why
+    r.close()
+
+
+# -- the real CLI --------------------------------------------------------------------------------------
+# (end-to-end tests with a broker killed under `conveyor capture` / `conveyor apply` follow)
+_unused = signal
