@@ -43,6 +43,12 @@ OURS = ("partitions", "replication.factor", "consumer")
 METADATA_TIMEOUT_S = 10.0
 APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
 KEEPALIVE_POLLS = 100         # events served per keepalive() at most
+# A commit refused because the group moved to a new generation (a member joined or left) is made
+# again after taking part in the rebalance, this often, this far apart.
+COMMIT_REJOIN_ATTEMPTS = 50
+COMMIT_REJOIN_PAUSE_S = 0.2
+REJOIN = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+          KafkaError.UNKNOWN_MEMBER_ID}
 # librdkafka's own lines (syslog levels up to this one) are passed to our logger at INFO.
 RDKAFKA_LOG_LEVEL = 6
 PRODUCER_DEFAULTS = {"enable.idempotence": True, "acks": "all", "linger.ms": 10,
@@ -195,7 +201,24 @@ def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise _failure(e, f"cannot create Kafka topic {topic!r}") from e
+    _wait_visible(admin, topic)
     return create["partitions"]
+
+
+def _wait_visible(admin: AdminClient, topic: str) -> None:
+    """A topic just created is in the broker's metadata (every partition has a leader) a little
+    later; a client asking before that is told "unknown partition"."""
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            t = admin.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+        except KafkaException as e:
+            raise _failure(e, f"cannot look up Kafka topic {topic!r}") from e
+        if t is not None and not t.error and t.partitions and all(
+                p.leader >= 0 for p in t.partitions.values()):
+            return
+        time.sleep(0.1)
+    raise LogUnavailable(f"Kafka topic {topic!r} was created but has no leader yet")
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
@@ -529,6 +552,20 @@ class KafkaLogReader(LogReader):
         for r in records:
             p = int(r.partition)
             last[p] = max(last.get(p, -1), r.offset)
+        for attempt in range(COMMIT_REJOIN_ATTEMPTS):
+            try:
+                return self._commit(last)
+            except KafkaException as e:
+                err = e.args[0] if e.args else None
+                if (not isinstance(err, KafkaError) or err.code() not in REJOIN
+                        or attempt == COMMIT_REJOIN_ATTEMPTS - 1):
+                    raise _failure(e, f"Kafka commit for group {self.group!r} failed") from e
+                # A rebalance under way: join it (no record is delivered meanwhile), then
+                # commit the partitions still ours.
+                time.sleep(COMMIT_REJOIN_PAUSE_S)
+                self.keepalive()
+
+    def _commit(self, last: dict[int, int]) -> None:
         gone = sorted(set(last) - self._assigned)
         if gone:
             # Another member holds them now and replays from the group's committed position;
@@ -537,10 +574,7 @@ class KafkaLogReader(LogReader):
         offsets = [TopicPartition(self.topic, p, o + 1) for p, o in last.items() if p not in gone]
         if not offsets:
             return
-        try:
-            self._c.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as e:
-            raise _failure(e, f"Kafka commit for group {self.group!r} failed") from e
+        self._c.commit(offsets=offsets, asynchronous=False)
         for tp in offsets:
             self._committed[tp.partition] = max(self._committed.get(tp.partition, 0), tp.offset)
 
