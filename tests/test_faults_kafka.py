@@ -177,6 +177,21 @@ def test_a_second_member_joins_without_fencing_and_owned_drops_moved_partitions(
     r2.close()
 
 
+def test_static_membership_only_with_a_named_consumer(kafka_broker):
+    uri = kafka_log_uri(kafka_broker)
+    write(uri, ITEMS[:10])
+    plain, named = open_reader(uri, "plain"), open_reader(uri, "named", {"consumer": "blue"})
+    until(lambda: plain.poll(10, 0.5), 30, "a first batch")
+    until(lambda: named.poll(10, 0.5), 30, "a first batch")
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    groups = {g: f.result(30) for g, f in admin.describe_consumer_groups(["plain", "named"]).items()}
+    assert [m.group_instance_id for m in groups["plain"].members] == [None]
+    assert [m.group_instance_id for m in groups["named"].members][0].endswith("-blue")
+    assert named.consumer == "blue" and plain.consumer != "blue"
+    plain.close()
+    named.close()
+
+
 def test_keepalive_keeps_the_member_past_max_poll_interval(kafka_broker):
     uri = kafka_log_uri(kafka_broker)
     write(uri, ITEMS[:300])
@@ -212,6 +227,8 @@ def test_a_deleted_and_recreated_topic_is_log_lost(kafka_broker):
     admin.delete_topics([topic])[topic].result(30)
     with pytest.raises(LogLost, match="the log lost records: Kafka topic .* was deleted"):
         until(lambda: _gone(w), 30, "the deletion to be seen")
+    with pytest.raises(LogLost, match="was deleted"):   # a reader finds out by itself
+        until(lambda: r.poll(10, 0.5) and False, 60, "the reader to see the deletion")
     w.adopt_new_log()                               # recreates it: a new id
     w.append(b"0:b", b"2")
     w.flush()
@@ -325,6 +342,7 @@ def test_broker_kill_9_during_capture_and_during_apply(own_broker, redis_factory
 
     capture = cli.start("capture", source.url, "--log", log)
     until(lambda: topic_end(own_broker.bootstrap, topic) > 0, 120, "capture to write")
+    assert capture.poll() is None, "capture ended before the broker was killed"
     restart_broker(own_broker)
     code, out, err = finished(capture)
     assert code == 0, (out, err)
@@ -333,6 +351,7 @@ def test_broker_kill_9_during_capture_and_during_apply(own_broker, redis_factory
 
     apply = cli.start("apply", target.url, "--log", log, "--idle-timeout", "5", "--batch", "500")
     until(lambda: group_committed(own_broker.bootstrap, topic) > 0, 120, "apply to commit")
+    assert apply.poll() is None, "apply ended before the broker was killed"
     restart_broker(own_broker)
     code, out, err = finished(apply)
     assert code == 0, (out, err)
@@ -353,6 +372,7 @@ def test_apply_processes_share_a_group_and_survive_one_sigkill(kafka_broker, red
     total = sum(1 for _ in source.client().scan_iter(count=5000))
     until(lambda: group_committed(kafka_broker.bootstrap, topic) > total // 5, 120,
           "a fifth of the log to be applied")
+    assert all(p.poll() is None for p in procs), "an apply ended before the kill"
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()
     for p in procs[1:]:

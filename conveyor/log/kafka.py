@@ -47,6 +47,7 @@ KEEPALIVE_POLLS = 100         # events served per keepalive() at most
 # again after taking part in the rebalance, this often, this far apart.
 COMMIT_REJOIN_ATTEMPTS = 50
 COMMIT_REJOIN_PAUSE_S = 0.2
+IDENTITY_RECHECK_S = 2.0      # a reader checks the topic id this long after its last transport error
 REJOIN = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
           KafkaError.UNKNOWN_MEMBER_ID}
 # librdkafka's own lines (syslog levels up to this one) are passed to our logger at INFO.
@@ -408,13 +409,14 @@ class KafkaLogReader(LogReader):
         self._paused = False                   # keepalive() paused the assigned partitions
         self._swallowed: dict[int, int] = {}   # partition -> first offset polled while paused
         self._committed: dict[int, int] = {}   # partition -> highest offset this process committed
-        self._troubled = False
+        self._troubled = False                 # a transport failure since the last identity check
+        self._last_trouble = 0.0
         self._dlq: _OneRecord | None = None
 
     def _client_error(self, err: KafkaError) -> None:
         _error_cb(err)
         if _transient(err):
-            self._troubled = True
+            self._trouble(err)
 
     # -- membership ----------------------------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
@@ -490,11 +492,22 @@ class KafkaLogReader(LogReader):
     # -- reading -------------------------------------------------------------------------------
     def _trouble(self, err) -> None:
         self._troubled = True
+        self._last_trouble = time.monotonic()
 
-    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
-        if self._troubled:                     # after an outage: is it still the same log?
+    def _recheck_identity(self) -> None:
+        """After an outage, once the client has been quiet for a while: is it the same log? Still
+        unreachable is no error here (the consumer reconnects by itself); LogLost is."""
+        if not self._troubled or time.monotonic() - self._last_trouble < IDENTITY_RECHECK_S:
+            return
+        try:
             self.check_identity()
             self._troubled = False
+        except LogUnavailable as e:
+            log.info("kafka: identity not checked yet: %s", e)
+            self._last_trouble = time.monotonic()
+
+    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
+        self._recheck_identity()
         if not self._subscribed:
             self._c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                               on_lost=self._on_revoke)
@@ -532,7 +545,7 @@ class KafkaLogReader(LogReader):
                     self._swallowed[p] = min(self._swallowed.get(p, m.offset()), m.offset())
                 elif m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
                     log.info("kafka consumer (waiting): %s", m.error())
-                    self._troubled = True
+                    self._trouble(m.error())
         except KafkaException as e:
             raise _failure(e, f"Kafka keepalive for group {self.group!r} failed") from e
 
