@@ -25,6 +25,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 import zlib
 from datetime import datetime
 
@@ -106,6 +107,18 @@ class _RdkafkaLog:
 
 
 _RDKAFKA_LOG = _RdkafkaLog()
+
+
+def _weak(method):
+    """A librdkafka callback that does not keep its object alive. A bound method would make a
+    cycle (object -> client -> callback -> object): an object dropped without close() would then
+    be freed by the cyclic GC at a random moment, and a consumer closed from there can hang."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        m = ref()
+        return m(*args) if m is not None else None
+    return call
 
 
 def _error_cb(err: KafkaError) -> None:
@@ -254,7 +267,7 @@ class KafkaLogWriter(LogWriter):
         self._admin = _made(AdminClient, _client_props(props))
         self.log_id = _topic_id(self._admin, self.topic)
         self.warnings = []
-        conf = {**PRODUCER_DEFAULTS, **props, "error_cb": self._client_error}
+        conf = {**PRODUCER_DEFAULTS, **props, "error_cb": _weak(self._client_error)}
         self.producer = _made(Producer, conf)
         # Room for the record's key and Kafka's per-record and batch overhead.
         self.max_record_bytes = int(conf.get("message.max.bytes", 1_000_000)) * 9 // 10
@@ -262,6 +275,7 @@ class KafkaLogWriter(LogWriter):
         self._unflushed = 0
         self._acked: dict[int, int] = {}    # partition -> end offset the broker acknowledged
         self._troubled = False              # a transport failure since the last identity check
+        self._on_delivery = _weak(self._delivered)
 
     def _client_error(self, err: KafkaError) -> None:
         _error_cb(err)
@@ -284,7 +298,7 @@ class KafkaLogWriter(LogWriter):
         deadline = time.monotonic() + APPEND_WAIT_S
         while True:
             try:
-                self.producer.produce(self.topic, value, key, on_delivery=self._delivered, **kw)
+                self.producer.produce(self.topic, value, key, on_delivery=self._on_delivery, **kw)
                 break
             except BufferError:                    # local queue full: let deliveries drain
                 if time.monotonic() > deadline:    # not queued: append() is called again
@@ -304,6 +318,10 @@ class KafkaLogWriter(LogWriter):
             # fatal idempotence error) ends a record's delivery.
             first, n = self._errors[0], len(self._errors)
             self._errors.clear()
+            try:                                   # a deleted topic is LogLost, not a bad record
+                self.check_identity()
+            except LogUnavailable:                 # these records are lost all the same
+                pass
             raise LogError(f"{n} records were not stored by Kafka (topic {self.topic!r}): {first}")
         if left:
             self._troubled = True
@@ -399,7 +417,7 @@ class KafkaLogReader(LogReader):
                                    # bounded memory: prefetch at most this much per partition set
                                    "queued.max.messages.kbytes": 16384,
                                    "fetch.max.bytes": 16 * 1024 * 1024,
-                                   **self.props, "error_cb": self._client_error,
+                                   **self.props, "error_cb": _weak(self._client_error),
                                    "group.id": group, "enable.auto.commit": False,
                                    "enable.auto.offset.store": False,
                                    "auto.offset.reset": "earliest"})
@@ -431,6 +449,8 @@ class KafkaLogReader(LogReader):
             consumer.incremental_assign(partitions)
         if self._paused and partitions:            # keepalive(): nothing is delivered for now
             consumer.pause(partitions)
+        elif partitions:                           # librdkafka keeps a partition's pause across
+            consumer.resume(partitions)            # a loss and a new assignment
         self._assigned |= {tp.partition for tp in partitions}
         log.info("kafka: member %s assigned partitions %s of %r", self.consumer,
                  sorted(tp.partition for tp in partitions), self.topic)
@@ -509,8 +529,9 @@ class KafkaLogReader(LogReader):
     def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
         self._recheck_identity()
         if not self._subscribed:
-            self._c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                              on_lost=self._on_revoke)
+            revoke = _weak(self._on_revoke)
+            self._c.subscribe([self.topic], on_assign=_weak(self._on_assign), on_revoke=revoke,
+                              on_lost=revoke)
             self._subscribed = True
         self._resume()
         try:
