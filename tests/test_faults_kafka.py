@@ -365,6 +365,15 @@ def test_broker_kill_9_during_capture_and_during_apply(own_broker, redis_factory
     assert differences(source, target) == []
 
 
+def members_with_partitions(bootstrap: str, group: str = "apply") -> int:
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        g = admin.describe_consumer_groups([group], request_timeout=5)[group].result(10)
+    except Exception:  # noqa: BLE001 - not there yet
+        return 0
+    return sum(1 for m in g.members if m.assignment and m.assignment.topic_partitions)
+
+
 @pytest.mark.parametrize("members", [2, 3])
 def test_apply_processes_share_a_group_and_survive_one_sigkill(kafka_broker, redis_factory,
                                                                members):
@@ -372,15 +381,20 @@ def test_apply_processes_share_a_group_and_survive_one_sigkill(kafka_broker, red
     load_strings_and_hashes(source.client(), 30_000)
     log = kafka_log_uri(kafka_broker)
     topic = log.rsplit("/", 1)[1]
-    cli.run("capture", source.url, "--log", log, "--log-opt", "partitions=4", check=True)
-    procs = [cli.start("apply", target.url, "--log", log, "--idle-timeout", "5", "--batch", "100")
-             for _ in range(members)]
+    # The members join first, so that each holds partitions the capture then fills.
+    procs = [cli.start("apply", target.url, "--log", log, "--log-opt", "partitions=4",
+                       "--idle-timeout", "15", "--batch", "100") for _ in range(members)]
+    until(lambda: members_with_partitions(kafka_broker.bootstrap) == members, 90,
+          f"{members} members each holding partitions")
+    capture = cli.start("capture", source.url, "--log", log, "--log-opt", "partitions=4")
     total = sum(1 for _ in source.client().scan_iter(count=5000))
     until(lambda: group_committed(kafka_broker.bootstrap, topic) > total // 5, 120,
           "a fifth of the log to be applied")
     assert all(p.poll() is None for p in procs), "an apply ended before the kill"
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()
+    code, out, err = finished(capture)
+    assert code == 0, (out, err)
     for p in procs[1:]:
         code, out, err = finished(p)
         assert code == 0, (out, err)                   # nobody was fenced
