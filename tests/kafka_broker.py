@@ -82,11 +82,23 @@ class KafkaBroker:
                              capture_output=True, text=True, timeout=120)
         if fmt.returncode != 0:
             raise RuntimeError(f"kafka storage format failed: {fmt.stdout}{fmt.stderr}")
-        self._log = open(self.dir / "broker.log", "w")
-        self.proc = subprocess.Popen(self._java_cmd("kafka.Kafka", str(props)), stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        return self.start_again()
+
+    def start_again(self) -> "KafkaBroker":
+        """Start the broker on its ports and data dir (after start(), or after kill())."""
+        log_file = open(self.dir / "broker.log", "a")
+        self.proc = subprocess.Popen(self._java_cmd("kafka.Kafka", str(self.dir / "server.properties")),
+                                     stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()                          # the child holds its own descriptor
         self._wait_ready()
         return self
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush of the broker's own state; the data dir stays."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
     def _wait_ready(self) -> None:
         from confluent_kafka.admin import AdminClient

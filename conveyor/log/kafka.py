@@ -9,20 +9,32 @@ The producer is idempotent with acks=all, so retries neither duplicate nor reord
 partition. Records are keyed by db + Redis key: all events of a key go to one partition in order,
 and a compacted topic keeps the latest state of every key. Consumers commit explicitly, only what
 apply has written to the target.
+
+Faults: a broker that is down or restarting is waited out. The producer never gives up on a
+record (message.timeout.ms=0: librdkafka retries for ever, idempotence keeps order), a flush that
+cannot finish raises LogUnavailable and keeps the records queued; a commit, a status or a metadata
+lookup that fails for a transient reason raises LogUnavailable and can be repeated. librdkafka's
+own log lines go to the ``conveyor.kafka`` logger at INFO, so they show only with ``-v``.
+The log's identity is the topic id: a topic deleted (and recreated) raises LogLost.
 """
 from __future__ import annotations
 
 import json
 import logging
-import zlib
+import os
+import socket
 import time
+import uuid
+import weakref
+import zlib
 from datetime import datetime
 
 from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException,
                              Producer, TopicPartition)
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import TopicCollection
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
-from conveyor.errors import ConfigError, LogError
+from conveyor.errors import ConfigError, LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
@@ -30,7 +42,22 @@ log = logging.getLogger("conveyor.kafka")
 
 OURS = ("partitions", "replication.factor", "consumer")
 METADATA_TIMEOUT_S = 10.0
+APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
+KEEPALIVE_POLLS = 100         # events served per keepalive() at most
+# A commit refused because the group moved to a new generation (a member joined or left) is made
+# again after taking part in the rebalance, this often, this far apart.
+COMMIT_REJOIN_ATTEMPTS = 50
+COMMIT_REJOIN_PAUSE_S = 0.2
+IDENTITY_RECHECK_S = 2.0      # a reader checks the topic id this long after its last transport error
+REJOIN = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+          KafkaError.UNKNOWN_MEMBER_ID}
+# librdkafka's own lines (syslog levels up to this one) are passed to our logger at INFO.
+RDKAFKA_LOG_LEVEL = 6
 PRODUCER_DEFAULTS = {"enable.idempotence": True, "acks": "all", "linger.ms": 10,
+                     # 0 = never time a record out: during a broker outage librdkafka keeps
+                     # retrying (in order, without duplicates: idempotence) and flush() says
+                     # LogUnavailable until the broker acknowledged.
+                     "message.timeout.ms": 0,
                      "batch.size": 1_000_000, "compression.type": "lz4",
                      "queue.buffering.max.messages": 500_000,
                      # bounded memory: at most this much waits in the producer's queue
@@ -44,7 +71,7 @@ def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
     topic = topic.strip("/")
     if not hosts or not topic:
         raise LogError(f"Kafka log URI {uri!r}: expected kafka://host:port[,host:port]/topic")
-    props: dict = {"bootstrap.servers": hosts, "log_level": 3, "logger": log,
+    props: dict = {"bootstrap.servers": hosts, "log_level": RDKAFKA_LOG_LEVEL, "logger": _RDKAFKA_LOG,
                    "error_cb": _error_cb}
     topic_cfg: dict = {"cleanup.policy": "compact"}
     create: dict = {"partitions": 1, "replication.factor": 1}
@@ -70,8 +97,58 @@ def _made(cls, conf: dict):
         raise ConfigError(f"Kafka log settings refused: {text}") from e
 
 
+class _RdkafkaLog:
+    """librdkafka's logger: its lines (even its ERRORs about a broker that is restarting, which it
+    recovers from by itself) are details, shown with -v; what matters reaches the user as our own
+    errors (LogUnavailable, LogError)."""
+
+    def log(self, level: int, msg: str, *args) -> None:
+        log.log(logging.DEBUG if level <= logging.DEBUG else logging.INFO, msg, *args)
+
+
+_RDKAFKA_LOG = _RdkafkaLog()
+
+
+def _weak(method):
+    """A librdkafka callback that does not keep its object alive. A bound method would make a
+    cycle (object -> client -> callback -> object): an object dropped without close() would then
+    be freed by the cyclic GC at a random moment, and a consumer closed from there can hang."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        m = ref()
+        return m(*args) if m is not None else None
+    return call
+
+
 def _error_cb(err: KafkaError) -> None:
     log.info("kafka client: %s", err)
+
+
+# Errors that a broker coming back (or a group settling) cures: the call is made again.
+TRANSIENT = {getattr(KafkaError, n) for n in (
+    "_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_TIMED_OUT_QUEUE", "_WAIT_COORD",
+    "_MSG_TIMED_OUT", "_RESOLVE", "_WAIT_CACHE", "_UNKNOWN_PARTITION", "_MAX_POLL_EXCEEDED",
+    "_STATE", "_ASSIGNMENT_LOST", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
+    "COORDINATOR_LOAD_IN_PROGRESS", "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION",
+    "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION", "REBALANCE_IN_PROGRESS",
+    "UNKNOWN_MEMBER_ID", "ILLEGAL_GENERATION", "NOT_ENOUGH_REPLICAS", "KAFKA_STORAGE_ERROR")}
+UNKNOWN_TOPIC = {KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                 KafkaError.UNKNOWN_TOPIC_ID}
+
+
+def _transient(err) -> bool:
+    return isinstance(err, KafkaError) and not err.fatal() and (
+        err.retriable() or err.code() in TRANSIENT)
+
+
+def _failure(e: KafkaException, what: str) -> LogError:
+    """LogUnavailable for a transient failure (call again), LogError otherwise."""
+    err = e.args[0] if e.args else e
+    text = err.str() if isinstance(err, KafkaError) else str(err)
+    if _transient(err):
+        return LogUnavailable(f"{what}: {text} (Kafka unreachable or restarting)")
+    return LogError(f"{what}: {text}")
 
 
 def _client_props(props: dict) -> dict:
@@ -79,12 +156,51 @@ def _client_props(props: dict) -> dict:
 
 
 def _cluster(props: dict):
-    """(admin client, cluster metadata). Unreachable -> LogError."""
+    """(admin client, cluster metadata). Unreachable -> LogUnavailable."""
     admin = _made(AdminClient, _client_props(props))
     try:
         return admin, admin.list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as e:
-        raise LogError(f"cannot reach Kafka at {props['bootstrap.servers']}: {e.args[0]}") from e
+        admin.poll(0)                  # hands librdkafka's lines about it to our logger (-v)
+        raise _failure(e, f"cannot reach Kafka at {props['bootstrap.servers']}") from e
+
+
+def _topic_id(admin: AdminClient, topic: str) -> str:
+    """The topic's id (changes when it is deleted and recreated); LogLost if it is gone."""
+    fut = admin.describe_topics(TopicCollection([topic]),
+                                request_timeout=METADATA_TIMEOUT_S)[topic]
+    try:
+        return str(fut.result(METADATA_TIMEOUT_S).topic_id)
+    except KafkaException as e:
+        err = e.args[0] if e.args else None
+        if isinstance(err, KafkaError) and err.code() in UNKNOWN_TOPIC:
+            raise LogLost(f"Kafka topic {topic!r} was deleted") from e
+        raise _failure(e, f"cannot describe Kafka topic {topic!r}") from e
+
+
+def _high_watermarks(admin: AdminClient, topic: str, parts) -> dict[int, int]:
+    asked = {TopicPartition(topic, p): OffsetSpec.latest() for p in parts}
+    if not asked:
+        return {}
+    out = {}
+    try:
+        for tp, fut in admin.list_offsets(asked, request_timeout=METADATA_TIMEOUT_S).items():
+            out[tp.partition] = fut.result(METADATA_TIMEOUT_S).offset
+    except KafkaException as e:
+        raise _failure(e, f"cannot read the offsets of Kafka topic {topic!r}") from e
+    return out
+
+
+def _check_same_log(admin: AdminClient, topic: str, log_id: str, seen: dict[int, int]) -> None:
+    """LogLost when the topic has another id now, or holds fewer records than this process saw
+    in it (``seen``: partition -> the end it had)."""
+    now = _topic_id(admin, topic)
+    if log_id and now != log_id:
+        raise LogLost(f"Kafka topic {topic!r} was deleted and recreated (id {log_id} is now {now})")
+    for p, end in _high_watermarks(admin, topic, seen).items():
+        if end < seen[p]:
+            raise LogLost(f"Kafka topic {topic!r} partition {p} ends at offset {end}, "
+                          f"below the {seen[p]} already seen: records were removed")
 
 
 def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
@@ -98,8 +214,25 @@ def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
         fut.result(METADATA_TIMEOUT_S)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise LogError(f"cannot create Kafka topic {topic!r}: {e.args[0]}") from e
+            raise _failure(e, f"cannot create Kafka topic {topic!r}") from e
+    _wait_visible(admin, topic)
     return create["partitions"]
+
+
+def _wait_visible(admin: AdminClient, topic: str) -> None:
+    """A topic just created is in the broker's metadata (every partition has a leader) a little
+    later; a client asking before that is told "unknown partition"."""
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            t = admin.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+        except KafkaException as e:
+            raise _failure(e, f"cannot look up Kafka topic {topic!r}") from e
+        if t is not None and not t.error and t.partitions and all(
+                p.leader >= 0 for p in t.partitions.values()):
+            return
+        time.sleep(0.1)
+    raise LogUnavailable(f"Kafka topic {topic!r} was created but has no leader yet")
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
@@ -108,31 +241,52 @@ def log_exists(uri: str, opts: dict[str, str]) -> bool:
     return topic in md.topics and not md.topics[topic].error
 
 
-def _data(msgs, topic: str):
-    """The data messages of a consume() batch; an error other than end-of-partition is LogError."""
+def _data(msgs, topic: str, on_trouble=None):
+    """The data messages of a consume() batch. A transient error (a broker down or restarting:
+    librdkafka reconnects by itself) is logged and passed to ``on_trouble``; end-of-partition is
+    no error; anything else is LogError."""
     for m in msgs:
         err = m.error()
         if err is None:
             yield m
-        elif err.code() != KafkaError._PARTITION_EOF:
+        elif err.code() == KafkaError._PARTITION_EOF:
+            continue
+        elif _transient(err) or err.code() in UNKNOWN_TOPIC:
+            log.info("kafka consumer: %s", err)
+            if on_trouble is not None:
+                on_trouble(err)
+        else:
             raise LogError(f"Kafka consume from {topic!r} failed: {err}")
 
 
 class KafkaLogWriter(LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         _, self.topic, props, cfg, create = parse(uri, opts)
-        self._props = props
+        self._props, self._cfg, self._create = props, cfg, create
         self.partitions = ensure_topic(props, self.topic, cfg, create)
-        conf = {**PRODUCER_DEFAULTS, **props}
+        self._admin = _made(AdminClient, _client_props(props))
+        self.log_id = _topic_id(self._admin, self.topic)
+        self.warnings = []
+        conf = {**PRODUCER_DEFAULTS, **props, "error_cb": _weak(self._client_error)}
         self.producer = _made(Producer, conf)
         # Room for the record's key and Kafka's per-record and batch overhead.
         self.max_record_bytes = int(conf.get("message.max.bytes", 1_000_000)) * 9 // 10
         self._errors: list[str] = []
         self._unflushed = 0
+        self._acked: dict[int, int] = {}    # partition -> end offset the broker acknowledged
+        self._troubled = False              # a transport failure since the last identity check
+        self._on_delivery = _weak(self._delivered)
+
+    def _client_error(self, err: KafkaError) -> None:
+        _error_cb(err)
+        self._troubled = True
 
     def _delivered(self, err, msg) -> None:
         if err is not None:
             self._errors.append(str(err))
+        elif msg.offset() >= 0:
+            p = msg.partition()
+            self._acked[p] = max(self._acked.get(p, 0), msg.offset() + 1)
 
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
         # With several partitions the partition is chosen here (CRC-32 of the partition key, as
@@ -141,14 +295,18 @@ class KafkaLogWriter(LogWriter):
         kw = {}
         if self.partitions > 1:
             kw["partition"] = zlib.crc32(partition_key or key) % self.partitions
+        deadline = time.monotonic() + APPEND_WAIT_S
         while True:
             try:
-                self.producer.produce(self.topic, value, key, on_delivery=self._delivered, **kw)
+                self.producer.produce(self.topic, value, key, on_delivery=self._on_delivery, **kw)
                 break
             except BufferError:                    # local queue full: let deliveries drain
+                if time.monotonic() > deadline:    # not queued: append() is called again
+                    raise LogUnavailable(f"Kafka has acknowledged nothing for {APPEND_WAIT_S:.0f}s "
+                                         f"(topic {self.topic!r}): broker down?") from None
                 self.producer.poll(0.05)
             except KafkaException as e:
-                raise LogError(f"Kafka produce to {self.topic!r} failed: {e.args[0]}") from e
+                raise _failure(e, f"Kafka produce to {self.topic!r} failed") from e
         self._unflushed += 1
         if self._unflushed % 10_000 == 0:
             self.producer.poll(0)
@@ -156,13 +314,32 @@ class KafkaLogWriter(LogWriter):
     def flush(self, timeout: float = 60.0) -> None:
         left = self.producer.flush(timeout)
         if self._errors:
+            # With message.timeout.ms=0 only a permanent error (a record too big, no rights, a
+            # fatal idempotence error) ends a record's delivery.
             first, n = self._errors[0], len(self._errors)
             self._errors.clear()
+            try:                                   # a deleted topic is LogLost, not a bad record
+                self.check_identity()
+            except LogUnavailable:                 # these records are lost all the same
+                pass
             raise LogError(f"{n} records were not stored by Kafka (topic {self.topic!r}): {first}")
         if left:
-            raise LogError(f"{left} records not acknowledged by Kafka within {timeout:.0f}s "
-                           f"(topic {self.topic!r})")
+            self._troubled = True
+            raise LogUnavailable(f"{left} records not acknowledged by Kafka within {timeout:.0f}s "
+                                 f"(topic {self.topic!r}); they stay queued in order")
         self._unflushed = 0
+        if self._troubled:                         # back after an outage: still the same log?
+            self.check_identity()
+            self._troubled = False
+
+    def check_identity(self) -> None:
+        _check_same_log(self._admin, self.topic, self.log_id, self._acked)
+
+    def adopt_new_log(self) -> None:
+        self.partitions = ensure_topic(self._props, self.topic, self._cfg, self._create)
+        self.log_id = _topic_id(self._admin, self.topic)
+        self._acked.clear()
+        self._troubled = False
 
     def history(self) -> History:
         self.flush()
@@ -181,7 +358,7 @@ class KafkaLogWriter(LogWriter):
                     starts.append(TopicPartition(self.topic, p, lo))
         except KafkaException as e:
             consumer.close()
-            raise LogError(f"cannot read the offsets of Kafka topic {self.topic!r}: {e.args[0]}") from e
+            raise _failure(e, f"cannot read the offsets of Kafka topic {self.topic!r}") from e
         why = (f"{removed} records removed from the start of {self.topic!r} by retention"
                if removed else "")
         return History(not removed, self._history(consumer, starts, ends), why)
@@ -195,7 +372,7 @@ class KafkaLogWriter(LogWriter):
                 try:
                     msgs = consumer.consume(1000, 1.0)
                 except KafkaException as e:
-                    raise LogError(f"Kafka consume from {self.topic!r} failed: {e.args[0]}") from e
+                    raise _failure(e, f"Kafka consume from {self.topic!r} failed") from e
                 for m in _data(msgs, self.topic):
                     if m.partition() in ends:
                         yield m.key() or b"", m.value() or b""
@@ -223,38 +400,82 @@ class KafkaLogReader(LogReader):
         self.group = group
         self._cfg, self._create = cfg, create
         ensure_topic(self.props, self.topic, cfg, create)
-        # Static membership: a restarted apply (after a crash) takes its partitions back at once
-        # instead of waiting for the dead member's session to time out.
-        self.consumer = _made(Consumer, {"group.instance.id":
-                                      f"{self.topic}-{group}-{opts.get('consumer', 'apply')}",
-                                  "session.timeout.ms": 10_000,
-                                  # bounded memory: prefetch at most this much per partition set
-                                  "queued.max.messages.kbytes": 16384,
-                                  "fetch.max.bytes": 16 * 1024 * 1024,
-                                  **self.props, "group.id": group, "enable.auto.commit": False,
-                                  "enable.auto.offset.store": False,
-                                  "auto.offset.reset": "earliest"})
+        self._admin = _made(AdminClient, _client_props(self.props))
+        self.log_id = _topic_id(self._admin, self.topic)
+        self.warnings, self.damaged = [], []
+        # A member id of its own per process, so that a second apply joins the group instead of
+        # fencing the first. Static membership (a restarted apply takes its partitions back at
+        # once) only when the user names the consumer, and so promises to run one process per name.
+        named = opts.get("consumer")
+        self.consumer = named or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        static = {"group.instance.id": f"{self.topic}-{group}-{named}"} if named else {}
+        self._c = _made(Consumer, {**static, "client.id": f"conveyor-{self.consumer}",
+                                   "session.timeout.ms": 10_000,
+                                   # Cooperative: a member gives up only the partitions that move,
+                                   # between two polls, so its batch in flight is committed first.
+                                   "partition.assignment.strategy": "cooperative-sticky",
+                                   # bounded memory: prefetch at most this much per partition set
+                                   "queued.max.messages.kbytes": 16384,
+                                   "fetch.max.bytes": 16 * 1024 * 1024,
+                                   **self.props, "error_cb": _weak(self._client_error),
+                                   "group.id": group, "enable.auto.commit": False,
+                                   "enable.auto.offset.store": False,
+                                   "auto.offset.reset": "earliest"})
         self._start = start
         self._subscribed = False
-        self._assigned: list[TopicPartition] = []
-        self._dlq: Producer | None = None
+        self._assigned: set[int] = set()
+        self._paused = False                   # keepalive() paused the assigned partitions
+        self._swallowed: dict[int, int] = {}   # partition -> first offset polled while paused
+        self._committed: dict[int, int] = {}   # partition -> highest offset this process committed
+        self._troubled = False                 # a transport failure since the last identity check
+        self._last_trouble = 0.0
+        self._dlq: _OneRecord | None = None
 
-    # -- positioning ---------------------------------------------------------------------------
+    def _client_error(self, err: KafkaError) -> None:
+        _error_cb(err)
+        if _transient(err):
+            self._trouble(err)
+
+    # -- membership ----------------------------------------------------------------------------
     def _on_assign(self, consumer, partitions) -> None:
-        if self._start != "committed":
+        """Partitions added to this member (cooperative: only the new ones)."""
+        if self._start != "committed" and partitions:
             partitions = self._resolved(self._positions(partitions, self._start))
             self._start = "committed"              # only the first assignment is moved
-            consumer.assign(partitions)
+            consumer.incremental_assign(partitions)
             # The group's position is what was asked for, even if nothing is read before a restart.
             consumer.commit(offsets=partitions, asynchronous=False)
-        self._assigned = partitions
+        else:
+            consumer.incremental_assign(partitions)
+        if self._paused and partitions:            # keepalive(): nothing is delivered for now
+            consumer.pause(partitions)
+        elif partitions:                           # librdkafka keeps a partition's pause across
+            consumer.resume(partitions)            # a loss and a new assignment
+        self._assigned |= {tp.partition for tp in partitions}
+        log.info("kafka: member %s assigned partitions %s of %r", self.consumer,
+                 sorted(tp.partition for tp in partitions), self.topic)
 
+    def _on_revoke(self, consumer, partitions) -> None:
+        """Runs inside poll(), i.e. between batches: the batch before was written and committed.
+        During keepalive() the batch held is not written yet: owned() drops its records of these
+        partitions and their new owner replays them from the committed position."""
+        consumer.incremental_unassign(partitions)
+        for tp in partitions:
+            self._assigned.discard(tp.partition)
+            self._swallowed.pop(tp.partition, None)
+        log.info("kafka: member %s gave up partitions %s of %r", self.consumer,
+                 sorted(tp.partition for tp in partitions), self.topic)
+
+    def owned(self, records: list[Record]) -> list[Record]:
+        return [r for r in records if int(r.partition) in self._assigned]
+
+    # -- positioning ---------------------------------------------------------------------------
     def _resolved(self, partitions):
         """Logical offsets (beginning/end) as numbers, so they can be committed."""
         out = []
         for tp in partitions:
             if tp.offset in (OFFSET_BEGINNING, OFFSET_END):
-                low, high = self.consumer.get_watermark_offsets(
+                low, high = self._c.get_watermark_offsets(
                     TopicPartition(tp.topic, tp.partition), timeout=METADATA_TIMEOUT_S)
                 tp = TopicPartition(tp.topic, tp.partition, low if tp.offset == OFFSET_BEGINNING else high)
             out.append(tp)
@@ -269,39 +490,94 @@ class KafkaLogReader(LogReader):
             ms = int(where.timestamp() * 1000)
             asked = [TopicPartition(p.topic, p.partition, ms) for p in partitions]
             try:
-                found = self.consumer.offsets_for_times(asked, timeout=METADATA_TIMEOUT_S)
+                found = self._c.offsets_for_times(asked, timeout=METADATA_TIMEOUT_S)
             except KafkaException as e:
-                raise LogError(f"Kafka offsets_for_times failed: {e.args[0]}") from e
+                raise _failure(e, "Kafka offsets_for_times failed") from e
             return [TopicPartition(p.topic, p.partition, p.offset if p.offset >= 0 else OFFSET_END)
                     for p in found]
         raise LogError(f"cannot seek to {where!r}")
+
+    def _tps(self, parts) -> list[TopicPartition]:
+        return [TopicPartition(self.topic, p) for p in sorted(parts)]
 
     def seek(self, where: StartAt) -> None:
         if where == "committed":
             return
         if self._assigned:
-            for tp in self._positions(self._assigned, where):
-                self.consumer.seek(tp)
+            for tp in self._positions(self._tps(self._assigned), where):
+                self._c.seek(tp)
         else:
             self._start = where
 
     # -- reading -------------------------------------------------------------------------------
-    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
-        if not self._subscribed:
-            self.consumer.subscribe([self.topic], on_assign=self._on_assign)
-            self._subscribed = True
+    def _trouble(self, err) -> None:
+        self._troubled = True
+        self._last_trouble = time.monotonic()
+
+    def _recheck_identity(self) -> None:
+        """After an outage, once the client has been quiet for a while: is it the same log? Still
+        unreachable is no error here (the consumer reconnects by itself); LogLost is."""
+        if not self._troubled or time.monotonic() - self._last_trouble < IDENTITY_RECHECK_S:
+            return
         try:
-            first = self.consumer.poll(timeout)
+            self.check_identity()
+            self._troubled = False
+        except LogUnavailable as e:
+            log.info("kafka: identity not checked yet: %s", e)
+            self._last_trouble = time.monotonic()
+
+    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
+        self._recheck_identity()
+        if not self._subscribed:
+            revoke = _weak(self._on_revoke)
+            self._c.subscribe([self.topic], on_assign=_weak(self._on_assign), on_revoke=revoke,
+                              on_lost=revoke)
+            self._subscribed = True
+        self._resume()
+        try:
+            first = self._c.poll(timeout)
             if first is None:
                 return []
-            msgs = [first] + (self.consumer.consume(max_records - 1, 0) if max_records > 1 else [])
+            msgs = [first] + (self._c.consume(max_records - 1, 0) if max_records > 1 else [])
         except KafkaException as e:
-            raise LogError(f"Kafka consume from {self.topic!r} failed: {e.args[0]}") from e
+            raise _failure(e, f"Kafka consume from {self.topic!r} failed") from e
         out = []
-        for m in _data(msgs, self.topic):
+        for m in _data(msgs, self.topic, self._trouble):
             out.append(Record(str(m.partition()), m.offset(), m.key() or b"", m.value() or b"",
                               m.timestamp()[1]))
         return out
+
+    def keepalive(self) -> None:
+        """Poll with every assigned partition paused: the member stays in the group (heartbeats,
+        rebalances, max.poll.interval.ms) and nothing is delivered. Should a record come anyway,
+        its partition is sought back to it when reading resumes, so nothing is skipped."""
+        if not self._subscribed:
+            return
+        if not self._paused:
+            self._c.pause(self._tps(self._assigned))
+            self._paused = True
+        try:
+            for _ in range(KEEPALIVE_POLLS):
+                m = self._c.poll(0)
+                if m is None:
+                    break
+                if m.error() is None and m.partition() in self._assigned:
+                    p = m.partition()
+                    self._swallowed[p] = min(self._swallowed.get(p, m.offset()), m.offset())
+                elif m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
+                    log.info("kafka consumer (waiting): %s", m.error())
+                    self._trouble(m.error())
+        except KafkaException as e:
+            raise _failure(e, f"Kafka keepalive for group {self.group!r} failed") from e
+
+    def _resume(self) -> None:
+        if not self._paused:
+            return
+        self._c.resume(self._tps(self._assigned))
+        self._paused = False
+        for p, offset in self._swallowed.items():
+            self._c.seek(TopicPartition(self.topic, p, offset))
+        self._swallowed.clear()
 
     def commit(self, records: list[Record]) -> None:
         if not records:
@@ -310,50 +586,128 @@ class KafkaLogReader(LogReader):
         for r in records:
             p = int(r.partition)
             last[p] = max(last.get(p, -1), r.offset)
-        offsets = [TopicPartition(self.topic, p, o + 1) for p, o in last.items()]
+        for attempt in range(COMMIT_REJOIN_ATTEMPTS):
+            try:
+                return self._commit(last)
+            except KafkaException as e:
+                err = e.args[0] if e.args else None
+                if (not isinstance(err, KafkaError) or err.code() not in REJOIN
+                        or attempt == COMMIT_REJOIN_ATTEMPTS - 1):
+                    raise _failure(e, f"Kafka commit for group {self.group!r} failed") from e
+                # A rebalance under way: join it (no record is delivered meanwhile), then
+                # commit the partitions still ours.
+                time.sleep(COMMIT_REJOIN_PAUSE_S)
+                self.keepalive()
+
+    def _commit(self, last: dict[int, int]) -> None:
+        gone = sorted(set(last) - self._assigned)
+        if gone:
+            # Another member holds them now and replays from the group's committed position;
+            # committing here would move its position under it.
+            log.info("kafka: not committing partitions %s: assigned to another member", gone)
+        offsets = [TopicPartition(self.topic, p, o + 1) for p, o in last.items() if p not in gone]
+        if not offsets:
+            return
+        self._c.commit(offsets=offsets, asynchronous=False)
+        for tp in offsets:
+            self._committed[tp.partition] = max(self._committed.get(tp.partition, 0), tp.offset)
+
+    # -- identity ------------------------------------------------------------------------------
+    def check_identity(self) -> None:
+        _check_same_log(self._admin, self.topic, self.log_id, self._committed)
+
+    def adopt_new_log(self) -> None:
+        """Read the new topic from its beginning (its old committed offsets mean nothing)."""
+        ensure_topic(self.props, self.topic, self._cfg, self._create)
+        self.log_id = _topic_id(self._admin, self.topic)
+        self._committed.clear()
+        self._troubled = False
+        self.seek("earliest")
+
+    def replayable(self) -> tuple[bool, str]:
+        """A compacted topic keeps every key's latest record; with cleanup.policy=delete, records
+        removed by retention (a low watermark above 0) mean it does not."""
+        res = ConfigResource(ConfigResource.Type.TOPIC, self.topic)
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            cfg = self._admin.describe_configs([res],
+                                               request_timeout=METADATA_TIMEOUT_S)[res].result(
+                METADATA_TIMEOUT_S)
+            policy = cfg["cleanup.policy"].value
+            parts = sorted(self._c.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
+                           .topics[self.topic].partitions)
+            removed = 0
+            for p in parts:
+                low, _high = self._c.get_watermark_offsets(TopicPartition(self.topic, p),
+                                                           timeout=METADATA_TIMEOUT_S)
+                removed += low
         except KafkaException as e:
-            raise LogError(f"Kafka commit for group {self.group!r} failed: {e.args[0]}") from e
+            raise _failure(e, f"cannot read the settings of Kafka topic {self.topic!r}") from e
+        if "delete" in policy and removed:
+            return False, (f"Kafka topic {self.topic!r} (cleanup.policy={policy}) no longer holds "
+                           f"its first {removed} records: retention removed them")
+        return True, ""
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> LogStatus:
+        """Every partition of the topic, so the lag is the whole group's."""
         try:
-            md = self.consumer.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
+            md = self._c.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
             parts = sorted(md.topics[self.topic].partitions)
-            committed = self.consumer.committed([TopicPartition(self.topic, p) for p in parts],
-                                                timeout=METADATA_TIMEOUT_S)
+            committed = self._c.committed(self._tps(parts), timeout=METADATA_TIMEOUT_S)
             out = []
             for tp in committed:
-                low, high = self.consumer.get_watermark_offsets(
+                low, high = self._c.get_watermark_offsets(
                     TopicPartition(self.topic, tp.partition), timeout=METADATA_TIMEOUT_S)
                 pos = tp.offset if tp.offset >= 0 else None
                 out.append(PartitionStatus(str(tp.partition), pos, high,
                                            max(high - (pos if pos is not None else low), 0)))
         except KafkaException as e:
-            raise LogError(f"Kafka status of {self.topic!r} failed: {e.args[0]}") from e
+            raise _failure(e, f"Kafka status of {self.topic!r} failed") from e
         return LogStatus(self.uri, self.group, out)
 
     def dead_letter(self, record: Record, reason: str) -> None:
         topic = f"{self.topic}.dead-letter"
         if self._dlq is None:
             ensure_topic(self.props, topic, {"cleanup.policy": "delete"}, self._create)
-            self._dlq = _made(Producer, {**PRODUCER_DEFAULTS, **self.props})
-        errors: list = []
-        self._dlq.produce(topic, record.value, record.key,
-                          headers=[("reason", reason.encode()), ("group", self.group.encode()),
-                                   ("from", f"{record.partition}/{record.offset}".encode())],
-                          on_delivery=lambda err, msg: errors.append(err) if err else None)
-        if self._dlq.flush(METADATA_TIMEOUT_S) or errors:
-            raise LogError(f"cannot store a dead letter in {topic!r}: {errors or 'timeout'}")
+            self._dlq = _OneRecord(_made(Producer, {**PRODUCER_DEFAULTS, **self.props}), topic)
+        self._dlq.send((record.partition, record.offset, reason), record.key, record.value,
+                       "a dead letter",
+                       headers=[("reason", reason.encode()), ("group", self.group.encode()),
+                                ("from", f"{record.partition}/{record.offset}".encode())])
 
     def close(self) -> None:
         try:
-            self.consumer.close()
+            self._c.close()
         except (KafkaException, RuntimeError):
             pass
         if self._dlq is not None:
-            self._dlq.flush(METADATA_TIMEOUT_S)
+            self._dlq.producer.flush(METADATA_TIMEOUT_S)
+
+
+class _OneRecord:
+    """Stores one record at a time and waits for it. A call repeated after LogUnavailable (the
+    broker did not acknowledge in time; the record stays queued) waits for the record already
+    queued instead of queueing it twice."""
+
+    def __init__(self, producer: Producer, topic: str) -> None:
+        self.producer, self.topic = producer, topic
+        self._pending: tuple | None = None
+        self._errors: list = []
+
+    def send(self, ident: tuple, key: bytes, value: bytes, what: str, headers=None) -> None:
+        if self._pending != ident:
+            self._errors = errors = []
+            self.producer.produce(self.topic, value, key, headers=headers,
+                                  on_delivery=lambda err, msg: errors.append(err) if err else None)
+            self._pending = ident
+        left = self.producer.flush(METADATA_TIMEOUT_S)
+        if self._errors:
+            self._pending = None
+            raise LogError(f"cannot store {what} in {self.topic!r}: {self._errors[0]}")
+        if left:
+            raise LogUnavailable(f"cannot store {what} in {self.topic!r} now: Kafka did not "
+                                 f"acknowledge it within {METADATA_TIMEOUT_S:.0f}s")
+        self._pending = None
 
 
 class KafkaMetaStore(MetaStore):
@@ -365,17 +719,15 @@ class KafkaMetaStore(MetaStore):
         ensure_topic(self.props, self.topic, {"cleanup.policy": "compact"},
                      {**create, "partitions": 1})
         self.producer = _made(Producer, {**PRODUCER_DEFAULTS, **self.props, "linger.ms": 0})
+        self._out = _OneRecord(self.producer, self.topic)
 
     def put(self, name: str, doc: dict) -> None:
-        errors: list = []
-        self.producer.produce(self.topic, json.dumps(doc).encode(), name.encode(),
-                              on_delivery=lambda err, msg: errors.append(err) if err else None)
-        if self.producer.flush(METADATA_TIMEOUT_S) or errors:
-            raise LogError(f"cannot store {name!r} in {self.topic!r}: {errors or 'timeout'}")
+        text = json.dumps(doc, sort_keys=True)
+        self._out.send((name, text), name.encode(), text.encode(), repr(name))
 
     def get(self, name: str) -> dict | None:
         c = _made(Consumer, {**self.props, "group.id": "conveyor-meta-reader",
-                      "enable.auto.commit": False})
+                             "enable.auto.commit": False})
         try:
             tp = TopicPartition(self.topic, 0)
             low, high = c.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
@@ -392,9 +744,9 @@ class KafkaMetaStore(MetaStore):
                     latest = m.value()
                 if m.offset() >= high - 1:
                     return json.loads(latest) if latest is not None else None
-            raise LogError(f"timed out reading {self.topic!r}")
+            raise LogUnavailable(f"timed out reading {self.topic!r}")
         except KafkaException as e:
-            raise LogError(f"cannot read {self.topic!r}: {e.args[0]}") from e
+            raise _failure(e, f"cannot read {self.topic!r}") from e
         finally:
             c.close()
 
