@@ -315,8 +315,8 @@ class Applier:
         call again with the same arguments (a commit of the same records)."""
         retrying = Retrying(retry=retry_if_exception_type(LogUnavailable),
                             wait=wait_exponential(multiplier=0.2, max=LOG_RETRY_MAX_WAIT_S),
-                            sleep=self._sleep, before_sleep=self._log_wait)
-        return retrying(fn, *args)
+                            sleep=self._wait_for_target, before_sleep=self._log_wait)
+        return retrying(fn, *args)           # keepalive meanwhile: the group keeps this member
 
     def _log_wait(self, state) -> None:
         self.stats.log_waits += 1

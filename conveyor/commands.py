@@ -13,8 +13,8 @@ from conveyor.events import Codec
 from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
 from conveyor.progress import Display, echo
-from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, refuse_log_on,
-                             refuse_same_database, target_clients)
+from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, open_waiting,
+                             refuse_log_on, refuse_same_database, target_clients)
 
 log = logging.getLogger("conveyor")
 
@@ -52,8 +52,8 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
                                       where=f"source {src.masked}")
         if warning:
             echo(f"capture: warning: {warning}")
-    writer = open_writer(log_uri, log_opts)
-    meta = open_meta(log_uri, log_opts)
+    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
+    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
 
     def progress(st):
         if st.mode == "snapshot" or proc._cursor is not None:
@@ -81,8 +81,8 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
 
     first = first or dst.connect(db=source_db)
     refuse_log_on(first, dst, log_uri, log_opts)
-    reader = open_reader(log_uri, group, log_opts, start)
-    meta = open_meta(log_uri, log_opts)
+    reader = open_waiting(lambda: open_reader(log_uri, group, log_opts, start), "opening it")
+    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
 
     def progress(st):
         display.update("Applying", st.records, None, st.rate, unit="records",
@@ -321,15 +321,23 @@ def status(log_uri, log_opts, group, as_json: bool) -> None:
     meta = open_meta(log_uri, log_opts)
     try:
         st = reader.status()
-        applied = meta.get(status_name(group)) or {}
+        docs = meta.documents()
     finally:
         _close(reader, meta)
+    applied = docs.get(status_name(group)) or {}
+    captures = {name: doc for name, doc in docs.items() if name.startswith("capture-")}
     if as_json:
         echo(json.dumps({"log": st.uri, "group": group, "lag": st.lag, "apply": applied,
+                         "captures": captures,
                          "partitions": [{"partition": p.partition, "committed": p.committed,
                                          "end": p.end, "lag": p.lag} for p in st.partitions]},
                         default=str))
         return
+    for name, doc in sorted(captures.items()):
+        saved = doc.get("saved_ms") or 0
+        age = f" ({time.time() - saved / 1000:.0f}s ago)" if saved else ""
+        echo(f"capture {name}: {doc.get('state')} ({doc.get('mode')}); {doc.get('keys', 0)} keys, "
+             f"{doc.get('deletes', 0)} deletes; saved{age}")
     echo(f"log {st.uri}  group {group!r}  total lag {st.lag}")
     echo(f"{'partition':<24} {'committed':>22} {'end':>22} {'lag':>10}")
     for p in st.partitions:

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import redis
 
 from conveyor.endpoints import ServerInfo, Tls, connect, mask_uri, same_database, server_info, uri_db
-from conveyor.errors import ConfigError, ConveyorError, SourceError, TargetError
+from conveyor.errors import ConfigError, ConveyorError, LogUnavailable, SourceError, TargetError
 
 log = logging.getLogger("conveyor")
 
@@ -112,6 +112,24 @@ def refuse_log_on(client: redis.Redis, ep: Endpoint, log_uri: str, log_opts: dic
         return
     finally:
         buffer.close()
+
+
+LOG_OPEN_MAX_WAIT_S = 30.0
+
+
+def open_waiting(fn: Callable, what: str):
+    """``fn()`` opens a log writer, reader or meta store; a log that is unavailable at start (a
+    broker or buffer Redis restarting) is waited for, with backoff and a line each time, for as
+    long as it takes (SIGINT/SIGTERM end the wait)."""
+    from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
+    def say(state) -> None:
+        log.warning("waiting for the log (%s): %s; trying again in %.1fs", what,
+                    state.outcome.exception(), state.next_action.sleep)
+
+    return Retrying(retry=retry_if_exception_type(LogUnavailable), reraise=True,
+                    wait=wait_exponential(multiplier=0.5, max=LOG_OPEN_MAX_WAIT_S),
+                    before_sleep=say)(fn)
 
 
 class Interrupts:

@@ -129,6 +129,7 @@ def test_status_shows_lag_and_last_apply_write(redis_factory, log_uri):
     cli.run("capture", source.url, "--log", log_uri, check=True)
     before = json.loads(cli.run("status", "--log", log_uri, "--json", check=True).stdout)
     assert before["lag"] > 0
+    assert [c["state"] for c in before["captures"].values()] == ["done"], before["captures"]
     p = cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
     assert "holds no records" not in p.stdout
     after = json.loads(cli.run("status", "--log", log_uri, "--json", check=True).stdout)

@@ -4,6 +4,7 @@ independent compare (plain redis-py reads of both sides), never only conveyor's 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import threading
@@ -355,6 +356,9 @@ def test_stop_interrupts_a_wait_for_the_source_and_says_the_state(redis_factory,
     while not checkpoint_doc(log_dir).get("state", "").startswith("waiting for source"):
         assert time.monotonic() < deadline, checkpoint_doc(log_dir)
         time.sleep(0.2)
+    # and `conveyor status` shows the wait
+    shown = cli.run("status", "--log", f"file:{log_dir}", check=True).stdout
+    assert re.search(r"capture capture-\w+: waiting for source: ", shown), shown
     proc.send_signal(signal.SIGTERM)
     # then it stops at once, saying why it cannot claim convergence, without a traceback
     out, err = finish(proc, timeout=20)

@@ -94,6 +94,10 @@ class MetaStore(_Closing, abc.ABC):
     @abc.abstractmethod
     def get(self, name: str) -> dict | None: ...
 
+    @abc.abstractmethod
+    def documents(self) -> dict[str, dict]:
+        """Every document by name (``status`` lists the capture and apply processes from them)."""
+
 
 @dataclass
 class History:

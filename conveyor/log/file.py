@@ -47,6 +47,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 from conveyor.errors import ConfigError, LogError, LogLost
 from conveyor.log import segment
@@ -646,3 +647,9 @@ class FileMetaStore(MetaStore):
 
     def get(self, name: str) -> dict | None:
         return _read_json(self.dir / f"{_safe(name)}.json")
+
+    def documents(self) -> dict[str, dict]:
+        if not self.dir.is_dir():
+            return {}
+        docs = {unquote(p.stem): _read_json(p) for p in sorted(self.dir.glob("*.json"))}
+        return {name: doc for name, doc in docs.items() if doc is not None}

@@ -726,24 +726,27 @@ class KafkaMetaStore(MetaStore):
         self._out.send((name, text), name.encode(), text.encode(), repr(name))
 
     def get(self, name: str) -> dict | None:
+        return self.documents().get(name)
+
+    def documents(self) -> dict[str, dict]:
+        """Every name's latest document: the meta topic read from its start to its end."""
         c = _made(Consumer, {**self.props, "group.id": "conveyor-meta-reader",
                              "enable.auto.commit": False})
         try:
             tp = TopicPartition(self.topic, 0)
             low, high = c.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
             if high <= low:
-                return None
+                return {}
             c.assign([TopicPartition(self.topic, 0, low)])
-            latest, deadline = None, time.monotonic() + METADATA_TIMEOUT_S
-            key = name.encode()
+            latest: dict[bytes, bytes] = {}
+            deadline = time.monotonic() + METADATA_TIMEOUT_S
             while time.monotonic() < deadline:
                 m = c.poll(1.0)
                 if m is None or m.error():
                     continue
-                if m.key() == key:
-                    latest = m.value()
+                latest[m.key() or b""] = m.value()
                 if m.offset() >= high - 1:
-                    return json.loads(latest) if latest is not None else None
+                    return {k.decode(): json.loads(v) for k, v in latest.items() if v is not None}
             raise LogUnavailable(f"timed out reading {self.topic!r}")
         except KafkaException as e:
             raise _failure(e, f"cannot read {self.topic!r}") from e

@@ -460,5 +460,10 @@ class StreamMetaStore(MetaStore):
             v = self.r.hget(self.key, name)
         return json.loads(v) if v is not None else None
 
+    def documents(self) -> dict[str, dict]:
+        with converted("HGETALL meta"):
+            found = self.r.hgetall(self.key)
+        return {k.decode(): json.loads(v) for k, v in found.items()}
+
     def close(self) -> None:
         self.r.close()
