@@ -32,6 +32,7 @@ from conveyor.log import LogReader, MetaStore, Record
 
 log = logging.getLogger("conveyor.apply")
 
+LAG_INTERVAL_S = 2.0         # metrics: how often the group's lag is asked
 POLL_TIMEOUT_S = 0.5
 STATUS_INTERVAL_S = 1.0
 RETRY_MAX_WAIT_S = 30.0          # longest wait between two attempts at a batch (target down)
@@ -59,6 +60,8 @@ class ApplyStats(Tally):
     snapshot_ends: int = 0
     handed_over: int = 0      # records given to another group member while the target was down
     last_write_ms: int = 0
+    last_read_ms: int = 0     # source read time of the newest event applied (metrics: apply lag)
+    log_lag: int | None = None  # the group's lag as last asked (metrics; None: not asked yet)
     dead_letter_reasons: list[str] = field(default_factory=list)
     replays: list[str] = field(default_factory=list)    # why the target lost data, each time
     log_lost: list[str] = field(default_factory=list)   # each time the log lost records
@@ -75,6 +78,13 @@ class ApplyStats(Tally):
     @property
     def log_loss_healed(self) -> bool:
         return not self.log_lost or self.pass_after_loss
+
+
+    def outcomes(self) -> dict[str, int]:
+        """Records by what became of them (conveyor_apply_events_total{outcome})."""
+        return {"restored": self.restored, "written": self.written, "converted": self.converted,
+                "deleted": self.deleted, "expired": self.expired, "part": self.chunks,
+                "dead_letter": self.dead_letters}
 
 
 def status_name(group: str) -> str:
@@ -105,6 +115,9 @@ class Applier:
         self._poll_n = min(batch, FIRST_POLL)
         self.stats = ApplyStats()
         self._stop = threading.Event()
+        self.heartbeat = time.monotonic()    # a sign of life for /healthz, even while waiting
+        self.track_lag = False               # metrics: ask the group's lag every LAG_INTERVAL_S
+        self._next_lag = 0.0
         self.guard = TargetGuard(group, {})
         self._open_passes: set[str] = set()                # capture ids of passes under way
         self._damaged_seen = 0
@@ -131,6 +144,8 @@ class Applier:
         last_record = time.monotonic()
         while not self._stop.is_set():
             try:
+                self.heartbeat = time.monotonic()
+                self._track_lag()
                 self._check_identity()
                 records = self._log_call(self.reader.poll, self._poll_n, POLL_TIMEOUT_S)
                 self._count_damaged()
@@ -194,6 +209,8 @@ class Applier:
             records = self._write_with_retry(records, events)
             self._log_call(self.reader.commit, records)
             self.stats.last_write_ms = now_millis()
+            self.stats.last_read_ms = max(self.stats.last_read_ms, max(
+                (ev.read_time_ms for ev, _ in events.values()), default=0))
             self._handle_findings()
         self._passes(markers)
         self.stats.records += len(records)
@@ -287,10 +304,25 @@ class Applier:
                     self.group)
         return owned, {k: v for k, v in events.items() if id(v[1]) in keep}
 
+    @property
+    def target_down(self) -> bool:
+        return self.state.startswith("waiting for target")
+
+    def _track_lag(self) -> None:
+        now = time.monotonic()
+        if not self.track_lag or now < self._next_lag:
+            return
+        self._next_lag = now + LAG_INTERVAL_S
+        try:
+            self.stats.log_lag = self.reader.status().lag
+        except LogError as e:
+            log.debug("cannot read the log's lag for metrics: %s", e)
+
     def _wait_for_target(self, seconds: float) -> None:
         """Sleep, in slices: the group must keep hearing from this member meanwhile."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
+            self.heartbeat = time.monotonic()
             if self._stop.wait(min(left, KEEPALIVE_S)):
                 raise Stopped()
             try:

@@ -98,6 +98,7 @@ class Capture:
                  enable_notifications: bool = False,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
         self._stop = threading.Event()
+        self.heartbeat = time.monotonic()    # a sign of life for /healthz
         self.sup = Supervisor(self._stop, on_wait=self._waiting)
         self.source, self.info, self.meta = source, source_info, meta
         self.writer = SupervisedWriter(writer, self.sup)
@@ -267,8 +268,14 @@ class Capture:
             self.writer.flush()
             self._pending = False
 
+    @property
+    def caught_up(self) -> bool:
+        """The first scan is over (/readyz): what follows are changes as they happen."""
+        return self._cursor is None and bool(self.stats.capture_id)
+
     def _live_step(self) -> bool:
         """One round: watch, read dirty keys, scan, flush; True when the idle timeout ends the run."""
+        self.heartbeat = time.monotonic()
         if self._notes is not None and self._notes.fatal is not None:
             raise self._notes.fatal
         self._supervise()
@@ -385,6 +392,7 @@ class Capture:
 
     # -- scanning ------------------------------------------------------------------------------
     def _scan_step(self) -> None:
+        self.heartbeat = time.monotonic()
         cursor, keys = self._read(lambda: self._scan(self._cursor), "SCAN")
         if keys:
             self._read(lambda: self.reader.read(keys), "reading scanned keys")
@@ -502,6 +510,7 @@ class Capture:
         """Every wait shows in the checkpoint's ``state`` (best effort: the log may be the one
         that is away), with the position as last saved; ``None`` ends the wait."""
         self.stats.waiting = msg or ""
+        self.heartbeat = time.monotonic()    # waiting is alive, not stuck
         self.stats.source_waits, self.stats.log_waits = self.sup.source_waits, self.sup.log_waits
         self._progress()
         if not self._doc or (msg or "").startswith("waiting for the log"):

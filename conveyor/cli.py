@@ -171,6 +171,24 @@ def _capture_opts(mode, fresh, kw):
                           mem_limit=kw["mem_limit"], mem_limit_skip=kw["mem_limit_skip"])
 
 
+metrics_options = _options(
+    click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+                 help="Serve Prometheus /metrics, /healthz and /readyz on this port."),
+    click.option("--ready-lag", type=click.IntRange(0), default=100, show_default=True,
+                 metavar="RECORDS", help="/readyz is ready once the log lag is at most this."),
+)
+
+
+def _metrics(kw):
+    """The metrics server of --metrics-port, started now (None without the option)."""
+    if kw.get("metrics_port") is None:
+        return None
+    from conveyor.metrics import Metrics
+    m = Metrics(ready_lag=kw["ready_lag"])
+    m.serve(kw["metrics_port"])
+    return m
+
+
 progress_option = click.option("--progress/--no-progress", default=None,
                                help="Progress on stderr (default: bars on a terminal, otherwise a "
                                     "line every few seconds; --no-progress: none).")
@@ -255,12 +273,14 @@ def cli(verbose: int, log_format: str) -> None:
 @_endpoint_options("source")
 @filter_options
 @log_options
+@metrics_options
 @progress_option
 def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
     """Read SOURCE (SCAN + DUMP, and/or keyspace notifications) and append its keys to the log."""
     from conveyor import commands
     ok = commands.capture(_endpoint(source, "source", kw), log_uri, _log_opts(log_opts),
-                          _filter(kw), _capture_opts(mode, fresh, kw), progress)
+                          _filter(kw), _capture_opts(mode, fresh, kw), progress,
+                          metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
 
@@ -283,6 +303,7 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
 @_endpoint_options("target")
 @rewrite_options
 @log_options
+@metrics_options
 @progress_option
 def apply_cmd(target, log_uri, group, start, idle_timeout, consumer, batch, dry_run, log_opts,
               progress, **kw):
@@ -293,7 +314,7 @@ def apply_cmd(target, log_uri, group, start, idle_timeout, consumer, batch, dry_
         opts["consumer"] = consumer
     ok = commands.apply(_endpoint(target, "target", kw), log_uri, opts, group,
                         start, idle_timeout, batch, dry_run, _rewriter(kw), progress,
-                        _write_opts(kw))
+                        _write_opts(kw), metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
 
@@ -352,6 +373,7 @@ def verify(source, target, progress, **kw):
 @filter_options
 @rewrite_options
 @log_options
+@metrics_options
 @progress_option
 def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, log_opts,
               progress, **kw):
@@ -367,7 +389,8 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
     log_uri = log_uri or _state_log(state_dir, source, target)
     ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,
                             _capture_opts(mode, fresh, kw), dry_run,
-                            not no_verify and not dry_run, kw, progress, _write_opts(kw))
+                            not no_verify and not dry_run, kw, progress, _write_opts(kw),
+                            metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
 

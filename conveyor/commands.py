@@ -187,12 +187,24 @@ def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
     return lines, st.dead_letters == 0 and st.log_loss_healed
 
 
+def _watch(metrics, capture=None, apply=None) -> None:
+    """Expose the processes on --metrics-port (a no-op without it)."""
+    if metrics is None:
+        return
+    if capture is not None:
+        metrics.watch_capture(capture)
+    if apply is not None:
+        apply.track_lag = True
+        metrics.watch_apply(apply)
+
+
 # -- commands ------------------------------------------------------------------------------------
 def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, opts: CaptureOptions,
-            progress) -> bool:
+            progress, metrics=None) -> bool:
     interrupts = Interrupts()
     display = Display(progress)
     proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts, display)
+    _watch(metrics, capture=proc)
     try:
         with interrupts.installed(), display:
             interrupts.register(proc)
@@ -206,11 +218,13 @@ def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, opts: Captu
 
 
 def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
-          rewriter: KeyRewriter, progress, wopts: ApplyOptions | None = None) -> bool:
+          rewriter: KeyRewriter, progress, wopts: ApplyOptions | None = None,
+          metrics=None) -> bool:
     interrupts = Interrupts()
     display = Display(progress)
     proc, res = _apply_process(dst, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
                                rewriter, display, wopts=wopts)
+    _watch(metrics, apply=proc)
     try:
         with interrupts.installed(), display:
             interrupts.register(proc)
@@ -268,7 +282,7 @@ def _print_report(report, kw) -> None:
 
 def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter, rewriter,
               copts: CaptureOptions, dry_run, run_verify, kw, progress,
-              wopts: ApplyOptions | None = None) -> bool:
+              wopts: ApplyOptions | None = None, metrics=None) -> bool:
     source = src.connect()
     target_db = default_target_db(src.uri, dst.uri)
     target = dst.connect(db=target_db)
@@ -281,6 +295,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
                                rewriter, display, done=lambda: not worker.is_alive(),
                                source_db=target_db, first=target, wopts=wopts)
+    _watch(metrics, capture=cap, apply=app)
     try:
         with interrupts.installed(), display:
             interrupts.register(cap)

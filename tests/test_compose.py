@@ -37,3 +37,29 @@ def test_parse_check_can_fail_on_a_bad_option():
     with pytest.raises(click.UsageError):
         sub.make_context("apply", ["redis://x:1/0", "--log", "file:/tmp/x", "--no-such-option"],
                          parent=click.Context(cli))
+
+
+def test_compose_runs_capture_and_apply_as_separate_healthchecked_services():
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("capture", "apply"):
+        svc = spec[name]
+        port = svc["command"][svc["command"].index("--metrics-port") + 1]
+        assert f"{port}/healthz" in " ".join(svc["healthcheck"]["test"])
+        assert any(str(p).endswith(f":{port}") for p in svc["ports"])
+        assert svc["env_file"], "secrets come from an env file"
+        assert not any("PASSWORD" in str(v) for v in (svc.get("environment") or {}).values())
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "\nUSER " in docker and "USER root" not in docker
+
+
+def test_grafana_dashboard_charts_only_series_conveyor_serves():
+    import json
+    import re
+    from conveyor.metrics import Metrics
+    dash = json.loads((ROOT / "conveyor" / "deploy" / "grafana-dashboard.json").read_text())
+    used = {name for p in dash["panels"] for t in p["targets"]
+            for name in re.findall(r"conveyor_[a-z_]+", t["expr"])}
+    served = {s.name for fam in Metrics().registry.collect() for s in fam.samples}
+    served |= {f.name for f in Metrics().registry.collect()}
+    assert used and used <= served | {n + "_total" for n in served}, used - served
+    assert {"conveyor_apply_lag_seconds", "conveyor_log_lag_records", "conveyor_target_up"} <= used
