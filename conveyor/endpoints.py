@@ -93,6 +93,13 @@ class Tls:
     key: str | None = None
     insecure: bool = False
 
+    @classmethod
+    def from_options(cls, opts: dict[str, str]) -> "Tls":
+        """A buffer Redis's TLS settings from log options named the same way
+        (``--log-opt cacert=... cert=... key=... insecure=1``, with a rediss:// log URI)."""
+        insecure = opts.get("insecure", "").lower() in ("1", "true", "yes")
+        return cls(opts.get("cacert"), opts.get("cert"), opts.get("key"), insecure)
+
     @property
     def given(self) -> bool:
         return bool(self.cacert or self.cert or self.key or self.insecure)
@@ -106,8 +113,8 @@ class Tls:
             raise ConfigError(f"TLS options for the {what} need a rediss:// URI "
                               f"(got {mask_uri(uri)})")
         if bool(self.cert) != bool(self.key):
-            raise ConfigError(f"--{what}-cert and --{what}-key go together (a client certificate "
-                              "and its private key)")
+            raise ConfigError(f"{tls_flag(what, 'cert')} and {tls_flag(what, 'key')} go together "
+                              "(a client certificate and its private key)")
         for path in (self.cacert, self.cert, self.key):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{what} TLS file {path!r} does not exist")
@@ -127,29 +134,34 @@ TLS_CAUSES = (
     ("Hostname mismatch", "the server's certificate is not for this host name"),
     ("IP address mismatch", "the server's certificate is not for this address"),
     ("unable to get local issuer certificate", "the server's certificate is signed by a CA we do "
-     "not trust (give it with --{what}-cacert)"),
+     "not trust (give it with {cacert})"),
     ("self-signed certificate in certificate chain", "the server's certificate is signed by a CA "
-     "we do not trust (give it with --{what}-cacert)"),
+     "we do not trust (give it with {cacert})"),
     ("self-signed certificate", "the server's certificate is self-signed and not trusted (give "
-     "its CA with --{what}-cacert)"),
+     "its CA with {cacert})"),
     ("certificate verify failed", "the server's certificate could not be verified"),
-    ("certificate required", "the server requires a client certificate (--{what}-cert and "
-     "--{what}-key)"),
+    ("certificate required", "the server requires a client certificate ({cert} and {key})"),
     ("unknown ca", "the server does not trust our client certificate"),
     ("wrong version number", "the server does not speak TLS on this port (use redis://)"),
 )
 
 
+def tls_flag(what: str, name: str) -> str:
+    """How the user gives a TLS setting: --source-cacert, or a log option for a buffer Redis."""
+    return f"--log-opt {name}=..." if what == "log" else f"--{what}-{name}"
+
+
 def tls_cause(message: str, what: str, tls: Tls | None, uri: str) -> str | None:
+    flags = {n: tls_flag(what, n) for n in ("cacert", "cert", "key")}
     for needle, cause in TLS_CAUSES:
         if needle.lower() in message.lower():
-            return cause.format(what=what)
+            return cause.format(**flags)
     # With TLS 1.3 a server that wants a client certificate completes the handshake and then
     # closes the connection: all we see is an EOF.
     if (uri.lower().startswith("rediss://") and not (tls and tls.cert)
             and "EOF occurred in violation of protocol" in message):
         return (f"the server closed the connection; it most likely requires a client "
-                f"certificate (--{what}-cert and --{what}-key)")
+                f"certificate ({flags['cert']} and {flags['key']})")
     return None
 
 

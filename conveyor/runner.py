@@ -97,11 +97,11 @@ def refuse_log_on(client: redis.Redis, ep: Endpoint, log_uri: str, log_opts: dic
     itself, conveyor would write its streams into the data it migrates."""
     from conveyor.log import split_uri
 
-    scheme, base, _ = split_uri(log_uri, log_opts)     # bad options are reported first
+    scheme, base, opts = split_uri(log_uri, log_opts)     # bad options are reported first
     if scheme not in ("redis", "rediss"):
         return
     try:
-        buffer = connect(base, "log", error_cls=ConveyorError)
+        buffer = connect(base, "log", error_cls=ConveyorError, tls=Tls.from_options(opts))
     except ConveyorError:
         return                      # unreachable: the log backend says so in its own words
     try:

@@ -102,3 +102,18 @@ def test_password_from_a_file_and_options_from_the_environment(certs, servers, t
         assert "give one" in cli.assert_one_line_error(both, 2)
     finally:
         source.cleanup()
+
+
+def test_a_mutual_tls_buffer_redis_through_log_options(certs, servers, redis_factory):
+    source, target, buffer = redis_factory(), redis_factory(), servers()
+    load_mixed(source.client(), 1_000)
+    opts = ["--log-opt", f"cacert={certs.ca}", "--log-opt", f"cert={certs.client.cert}",
+            "--log-opt", f"key={certs.client.key}"]
+    log = f"{buffer.url}/0"
+    cli.run("capture", source.url, "--log", log, *opts, check=True)
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", *opts, check=True)
+    assert differences(source.client(), target.client()) == []
+    assert buffer.client().exists("conveyor:0")           # the records went through the buffer
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", *opts[:2])
+    line = cli.assert_one_line_error(p, 1)
+    assert "client certificate" in line and "--log-opt cert=" in line, line

@@ -23,7 +23,7 @@ __all__ = ["LogReader", "LogWriter", "MetaStore", "LogStatus", "PartitionStatus"
 KNOWN_OPTIONS: dict[str, set[str] | None] = {
     "file": {"segment_bytes", "retention", "consumer"},
     "redis": {"stream", "partitions", "consumer", "claim_idle_ms", "block_ms", "trim", "retention",
-              "lease_ms"},
+              "lease_ms", "cacert", "cert", "key", "insecure"},
     "kafka": None,
 }
 

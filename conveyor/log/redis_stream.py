@@ -47,7 +47,7 @@ TRIM_MODES = ("retention", "acked", "none")
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
-    r = client(uri)
+    r = client(uri, opts)
     try:
         with converted("looking for the log's streams"):
             return bool(r.exists(*stream_names(opts)))
@@ -448,7 +448,7 @@ class StreamLogReader(StreamLog, LogReader):
 
 class StreamMetaStore(MetaStore):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
-        self.r = client(uri)
+        self.r = client(uri, opts)
         self.key = f"{opts.get('stream', 'conveyor')}:meta"
 
     def put(self, name: str, doc: dict) -> None:

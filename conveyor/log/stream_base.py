@@ -12,7 +12,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from conveyor.endpoints import connect, mask_uri
+from conveyor.endpoints import Tls, connect, mask_uri
 from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
 
 MAX_SEQ = 18446744073709551615
@@ -45,10 +45,11 @@ def converted(what: str):
         raise LogError(f"Redis Streams log: {what} failed: {e}") from e
 
 
-def client(uri: str, on_connect=None) -> redis.Redis:
+def client(uri: str, opts: dict[str, str], on_connect=None) -> redis.Redis:
     """``on_connect(connection)`` runs for every new connection, reconnections included."""
     try:
         return connect(uri, "log", error_cls=LogError, retry=Retry(CLIENT_BACKOFF, CLIENT_RETRIES),
+                       tls=Tls.from_options(opts),
                        **({"redis_connect_func": on_connect} if on_connect else {}))
     except ConveyorError as e:
         if isinstance(e, LogError):
@@ -144,7 +145,7 @@ class StreamLog:
 
     def _open(self, uri: str, opts: dict[str, str], *, create: bool = True) -> None:
         self._ready = False
-        self.r = client(uri, self._connected)
+        self.r = client(uri, opts, self._connected)
         self.uri = mask_uri(uri)
         self.prefix = opts.get("stream", "conveyor")
         self.streams = stream_names(opts)
@@ -165,7 +166,10 @@ class StreamLog:
         two calls is only seen here. Its data are checked on that connection before the call
         that needed it is sent (a call sent first could hide the loss: a new XADD moves the
         stream's end past the records that were lost)."""
-        connection.on_connect()
+        # The handshake without redis-py's health check: a PING from inside the connect hook
+        # would reconnect through this hook again, for ever, if the socket died meanwhile.
+        handshake = getattr(connection, "on_connect_check_health", None)
+        handshake(check_health=False) if handshake else connection.on_connect()
         if not self._ready:
             return
         self._reconnected()
