@@ -1,4 +1,4 @@
-"""An independent compare of two Redis databases with plain redis-py reads.
+"""An independent compare of two Redis databases with plain redis-py reads, and a bounded wait.
 
 Written apart from conveyor's own verify on purpose: a verify that shares a bug with the copy
 agrees with it. Types, values and expiries of every key on both sides; nothing of conveyor is
@@ -10,18 +10,18 @@ import time
 
 import redis
 
-TTL_TOLERANCE_MS = 2000
+TTL_TOLERANCE_MS = 3000
 
 
 def _value(r: redis.Redis, key: bytes, kind: bytes):
     if kind == b"string":
         return r.get(key)
     if kind == b"hash":
-        return r.hgetall(key)
+        return sorted(r.hgetall(key).items())
     if kind == b"list":
         return r.lrange(key, 0, -1)
     if kind == b"set":
-        return r.smembers(key)
+        return sorted(r.smembers(key))
     if kind == b"zset":
         return r.zrange(key, 0, -1, withscores=True)
     if kind == b"stream":
@@ -36,32 +36,49 @@ def _state(r: redis.Redis, key: bytes):
     return kind, _value(r, key, kind), r.pttl(key)
 
 
-def differences(source: redis.Redis, target: redis.Redis, limit: int = 20) -> list[str]:
-    """Every key whose type, value or expiry differs (or that one side lacks), at most ``limit``
-    described; an empty list means the databases hold the same data."""
-    out: list[str] = []
-    src_keys = set(source.scan_iter(count=1000))
-    dst_keys = set(target.scan_iter(count=1000))
-    for key in sorted(src_keys | dst_keys):
-        a, b = _state(source, key), _state(target, key)
-        if a is None and b is None:
-            continue                      # expired between the scan and the read
-        if a is None or b is None:
-            out.append(f"{key!r}: {'missing on target' if b is None else 'only on target'}")
-        elif a[0] != b[0] or a[1] != b[1]:
-            out.append(f"{key!r}: {a[0]!r}/{b[0]!r} values differ")
-        elif (a[2] < 0) != (b[2] < 0) or abs(a[2] - b[2]) > TTL_TOLERANCE_MS:
-            out.append(f"{key!r}: ttl {a[2]} vs {b[2]}")
-        if len(out) >= limit:
-            break
+def _differs(a, b) -> bool:
+    if a is None or b is None:
+        return a is not b
+    if a[:2] != b[:2]:
+        return True
+    return (a[2] < 0) != (b[2] < 0) or abs(a[2] - b[2]) > TTL_TOLERANCE_MS
+
+
+def differences(source: redis.Redis, target: redis.Redis, recheck_s: float = 1.0,
+                ignore: frozenset[bytes] = frozenset()) -> list[str]:
+    """Every key of either side whose type, value or expiry differs (or that one side lacks);
+    an empty list means the databases hold the same data. A key that differs is read again
+    after ``recheck_s`` (it may have been expiring while read)."""
+    keys = (set(source.scan_iter(count=1000)) | set(target.scan_iter(count=1000))) - ignore
+    suspects = [k for k in keys if _differs(_state(source, k), _state(target, k))]
+    if suspects and recheck_s:
+        time.sleep(recheck_s)
+    out = []
+    for k in sorted(suspects):
+        a, b = _state(source, k), _state(target, k)
+        if _differs(a, b):
+            out.append(f"{k!r}: source {a!r:.80} target {b!r:.80}")
     return out
 
 
-def wait_identical(source: redis.Redis, target: redis.Redis, timeout: float = 60.0) -> list[str]:
+def wait_identical(source: redis.Redis, target: redis.Redis, timeout: float = 30.0,
+                   ignore: frozenset[bytes] = frozenset()) -> list[str]:
     """Compare until identical or ``timeout``; the last differences (empty when identical)."""
     deadline = time.monotonic() + timeout
     while True:
-        diffs = differences(source, target)
+        diffs = differences(source, target, recheck_s=0.2, ignore=ignore)
         if not diffs or time.monotonic() >= deadline:
             return diffs
-        time.sleep(0.5)
+        time.sleep(0.3)
+
+
+def wait_until(cond, timeout: float = 30.0, what: str = "the condition", every: float = 0.1):
+    """``cond()`` until it is truthy (returned) or ``timeout`` s passed (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)

@@ -21,6 +21,7 @@ from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import open_meta, open_reader, open_writer
 from tests.cli import assert_one_line_error, run, start
+from tests.compare import differences, wait_until
 
 REPLAY = "replaying the log from its earliest record"
 
@@ -46,13 +47,8 @@ def contents(r) -> dict[bytes, tuple]:
 
 
 def assert_same(src, dst) -> None:
-    s, t = contents(src.client()), contents(dst.client())
-    missing = s.keys() - t.keys()
-    extra = t.keys() - s.keys()
-    differ = [k for k in s.keys() & t.keys() if s[k] != t[k]]
-    assert not missing and not extra and not differ, (
-        f"{len(missing)} missing, {len(extra)} extra, {len(differ)} differ: "
-        f"{sorted(missing)[:3]} {sorted(extra)[:3]} {differ[:3]}")
+    diffs = differences(src.client(), dst.client())
+    assert diffs == [], f"{len(diffs)} keys differ, e.g. {diffs[:3]}"
 
 
 def load_keys(r, n: int) -> None:
@@ -63,13 +59,6 @@ def load_keys(r, n: int) -> None:
         p.rpush("list", *range(i, i + 50))
         p.hset("hash", mapping={f"f{j}": j for j in range(i, i + 50)})
         p.execute()
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def replayable(log: str, opts: dict) -> bool:
@@ -101,7 +90,7 @@ def test_target_restarted_empty_mid_apply_is_rebuilt_from_the_log(redis_factory,
 
     proc = start("apply", dst.url, "--log", log, *opts, "--batch", "50", "--idle-timeout", "2")
     t = dst.client()
-    wait_for(lambda: t.dbsize() > N // 5, 60, "apply to be under way")
+    wait_until(lambda: t.dbsize() > N // 5, 60, "apply to be under way")
     dst.stop()
     time.sleep(0.5)
     dst.start()                                   # same port, empty
@@ -134,7 +123,7 @@ def test_a_target_down_when_apply_would_end_is_waited_for_and_checked(redis_fact
     run("capture", src.url, "--log", log, check=True)
     proc = start("apply", dst.url, "--log", log, "--idle-timeout", "1")
     t = dst.client()
-    wait_for(lambda: t.dbsize() == len(contents(src.client())), 60, "every key applied")
+    wait_until(lambda: t.dbsize() == len(contents(src.client())), 60, "every key applied")
     dst.stop()
     time.sleep(3)
     assert proc.poll() is None, proc.communicate()
@@ -179,7 +168,7 @@ def applying(src, dst, tmp_path) -> tuple[Applier, threading.Thread]:
                       batch=50, idle_timeout=2)
     worker = threading.Thread(target=applier.run)
     worker.start()
-    wait_for(lambda: t.dbsize() > N // 5, 60, "apply to be under way")
+    wait_until(lambda: t.dbsize() > N // 5, 60, "apply to be under way")
     return applier, worker
 
 
@@ -317,7 +306,7 @@ def test_temporary_keys_of_a_capture_killed_mid_big_key_are_cleaned(redis_factor
     path = tmp_path / "log"
     log = f"file:{path}"
     cap = start("capture", src.url, "--log", log, "--big-key-bytes", "64KiB")
-    wait_for(lambda: path.exists() and log_bytes(path) > 1_000_000, 60, "parts on the log")
+    wait_until(lambda: path.exists() and log_bytes(path) > 1_000_000, 60, "parts on the log")
     cap.send_signal(signal.SIGKILL)
     cap.wait()
     t = dst.client()
@@ -447,7 +436,7 @@ def test_waiting_for_the_target_keeps_the_member_alive_and_drops_what_it_no_long
     dst.stop()                                   # down before the first batch is written
     worker = threading.Thread(target=applier.run)
     worker.start()
-    wait_for(lambda: reader.keepalives >= 3, 30, "keepalives while the target is down")
+    wait_until(lambda: reader.keepalives >= 3, 30, "keepalives while the target is down")
     dst.start()
     worker.join(60)
     assert not worker.is_alive()

@@ -27,72 +27,8 @@ from conveyor.log.base import Identity
 from conveyor.log.file import FileLogWriter
 from conveyor.workload import Workload
 from tests import cli
+from tests.compare import differences, wait_identical
 from tests.test_live import log_events, notifying_source, wait_for_subscriber
-
-TTL_TOLERANCE_MS = 3000
-
-
-# -- the independent compare -----------------------------------------------------------------------
-def _value(r: redis.Redis, key: bytes, type_: str):
-    if type_ == "string":
-        return r.get(key)
-    if type_ == "list":
-        return r.lrange(key, 0, -1)
-    if type_ == "set":
-        return sorted(r.smembers(key))
-    if type_ == "zset":
-        return r.zrange(key, 0, -1, withscores=True)
-    if type_ == "hash":
-        return sorted(r.hgetall(key).items())
-    if type_ == "stream":
-        return r.xrange(key)
-    return r.dump(key)
-
-
-def _state(r: redis.Redis, key: bytes):
-    type_ = r.type(key).decode()
-    if type_ == "none":
-        return None
-    return type_, _value(r, key, type_), r.pttl(key)
-
-
-def _differs(a, b) -> bool:
-    if a is None or b is None:
-        return a is not b
-    if a[:2] != b[:2]:
-        return True
-    ta, tb = a[2], b[2]
-    return (ta < 0) != (tb < 0) or abs(ta - tb) > TTL_TOLERANCE_MS
-
-
-def differences(source: redis.Redis, target: redis.Redis, recheck_s: float = 1.0,
-                ignore: frozenset[bytes] = frozenset()) -> list[str]:
-    """Every key of either side whose type, value or TTL differs; a key that differs is read
-    again after ``recheck_s`` (it may have been expiring while read)."""
-    keys = (set(source.scan_iter(count=1000)) | set(target.scan_iter(count=1000))) - ignore
-    suspects = [k for k in keys if _differs(_state(source, k), _state(target, k))]
-    if suspects:
-        time.sleep(recheck_s)
-    out = []
-    for k in suspects:
-        a, b = _state(source, k), _state(target, k)
-        if _differs(a, b):
-            out.append(f"{k!r}: source {a!r:.80} target {b!r:.80}")
-    return out
-
-
-def wait_until_same(source: redis.Redis, target: redis.Redis, timeout: float = 30.0,
-                    ignore: frozenset[bytes] = frozenset()) -> None:
-    deadline = time.monotonic() + timeout
-    diffs: list[str] = []
-    while time.monotonic() < deadline:
-        diffs = differences(source, target, recheck_s=0.2, ignore=ignore)
-        if not diffs:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"target never matched the source: {len(diffs)} differences, "
-                         f"e.g. {diffs[:3]}")
-
 
 # -- helpers ---------------------------------------------------------------------------------------
 class Writer:
@@ -293,19 +229,19 @@ def test_flushdb_swapdb_and_flushall_on_the_source_are_gaps_healed_on_the_target
     wait_for_subscriber(source)
     busy = frozenset({b"heartbeat"})         # changes all the time: compared once it stopped
     with Heartbeat(source):
-        wait_until_same(s0, t, ignore=busy)
+        assert wait_identical(s0, t, ignore=busy) == []
         # when db 0 is flushed and written again
         s0.flushdb()
         s0.set("after-flushdb", 1)
-        wait_until_same(s0, t, ignore=busy)
+        assert wait_identical(s0, t, ignore=busy) == []
         # ... then swapped with db 1 (no notification for either)
         s0.execute_command("SWAPDB", 0, 1)
-        wait_until_same(s0, t, ignore=busy)
+        assert wait_identical(s0, t, ignore=busy) == []
         assert t.exists("one:hash") and not t.exists("zero:1")
         # ... and everything is flushed, then one key written
         s0.flushall()
         s0.set("after-flushall", 1)
-        wait_until_same(s0, t, ignore=busy)
+        assert wait_identical(s0, t, ignore=busy) == []
     # then each was a gap, reported and healed, and the run converged
     out, err = finish(proc)
     assert proc.returncode == 0, out + err

@@ -17,6 +17,7 @@ import redis
 from conveyor.errors import LogLost
 from conveyor.log import open_reader, open_writer
 from tests import cli
+from tests.compare import differences
 from tests.servers import terminate
 
 HEADER = struct.Struct("<IIqI")          # length, crc32, timestamp ms, key length: the file format
@@ -63,12 +64,6 @@ def load(client: redis.Redis, prefix: str, n: int) -> None:
         if i % 7 == 0:
             pipe.hset(f"{prefix}:h{i}", mapping={"a": i, "b": "y" * (i % 30)})
     pipe.execute()
-
-
-def differences(source: redis.Redis, target: redis.Redis) -> list[bytes]:
-    """Keys whose DUMP differs between source and target, or that only one of them has."""
-    keys = set(source.scan_iter(count=1000)) | set(target.scan_iter(count=1000))
-    return sorted(k for k in keys if source.dump(k) != target.dump(k))
 
 
 def dead_letters(log_dir: Path, group: str) -> list[dict]:

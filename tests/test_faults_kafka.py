@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient
 from conveyor.errors import LogLost, LogUnavailable
 from conveyor.log import open_reader, open_writer
 from tests import cli
+from tests.compare import differences
 from tests.kafka_broker import KafkaBroker, kafka_log_uri
 from tests.servers import free_port
 
@@ -292,22 +293,6 @@ def load_strings_and_hashes(r, n: int) -> None:
     p.execute()
 
 
-def differences(source, target) -> list[bytes]:
-    """Keys whose type or value differ, or that exist on one side only (plain redis-py reads)."""
-    s, t = source.client(), target.client()
-    keys = set(s.scan_iter(count=5000)) | set(t.scan_iter(count=5000))
-    out = []
-    for k in keys:
-        kind = s.type(k)
-        if kind != t.type(k):
-            out.append(k)
-        elif kind == b"string" and s.get(k) != t.get(k):
-            out.append(k)
-        elif kind == b"hash" and s.hgetall(k) != t.hgetall(k):
-            out.append(k)
-    return sorted(out)
-
-
 def group_committed(bootstrap: str, topic: str, group: str = "apply") -> int:
     """Records the group has committed, over all partitions (0 while the broker is away)."""
     from confluent_kafka import ConsumerGroupTopicPartitions
@@ -365,7 +350,7 @@ def test_broker_kill_9_during_capture_and_during_apply(own_broker, redis_factory
     code, out, err = finished(apply)
     assert code == 0, (out, err)
     assert_no_librdkafka_lines(err)
-    assert differences(source, target) == []
+    assert differences(source.client(), target.client()) == []
 
 
 def members_with_partitions(bootstrap: str, group: str = "apply") -> int:
@@ -404,4 +389,4 @@ def test_apply_processes_share_a_group_and_survive_one_sigkill(kafka_broker, red
         applied = [ln for ln in out.splitlines() if ln.startswith("apply: applied ")]
         assert applied and int(applied[-1].split()[2]) > 0, out
         assert_no_librdkafka_lines(err)
-    assert differences(source, target) == []
+    assert differences(source.client(), target.client()) == []

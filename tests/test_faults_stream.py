@@ -15,6 +15,7 @@ from conveyor.errors import LogLost, LogUnavailable
 from conveyor.log import open_reader, open_writer
 from conveyor.sample import load_mixed
 from tests import cli
+from tests.compare import differences, wait_until
 from tests.test_log import drain
 
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
@@ -36,25 +37,6 @@ def assert_per_key_order(got: list[tuple[bytes, bytes]], sent: list[tuple[bytes,
         assert seen == want, key
 
 
-READ_BY_TYPE = {b"string": lambda r, k: r.get(k), b"hash": lambda r, k: r.hgetall(k),
-                b"list": lambda r, k: r.lrange(k, 0, -1), b"set": lambda r, k: r.smembers(k),
-                b"zset": lambda r, k: r.zrange(k, 0, -1, withscores=True),
-                b"stream": lambda r, k: r.xrange(k)}
-
-
-def same_data(source, target) -> list[bytes]:
-    """Independent compare with plain redis-py: the keys that differ (missing, extra, another
-    type or value)."""
-    s, t = source.client(), target.client()
-    skeys, tkeys = set(s.scan_iter(count=1000)), set(t.scan_iter(count=1000))
-    diff = sorted(skeys ^ tkeys)
-    for k in skeys & tkeys:
-        kind = s.type(k)
-        if kind != t.type(k) or READ_BY_TYPE[kind](s, k) != READ_BY_TYPE[kind](t, k):
-            diff.append(k)
-    return diff
-
-
 def take(reader, n: int, timeout: float = 30.0):
     """Exactly ``n`` records (polls ask for no more than are still wanted)."""
     out, deadline = [], time.monotonic() + timeout
@@ -62,15 +44,6 @@ def take(reader, n: int, timeout: float = 30.0):
         out += reader.poll(n - len(out), 0.5)
     assert len(out) == n, len(out)
     return out
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- a buffer restart is waited out ------------------------------------------------------------
@@ -331,7 +304,7 @@ def test_apply_idle_timeout_ends_after_the_buffer_reloaded_its_aof(redis_factory
     p = cli.run("apply", target.url, "--log", log_uri, *opt, "--idle-timeout", "2", timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "log lag 0 records" in p.stdout
-    assert same_data(source, target) == []
+    assert differences(source.client(), target.client()) == []
 
 
 # -- retention -----------------------------------------------------------------------------------------
@@ -348,7 +321,7 @@ def test_default_retention_lets_apply_from_earliest_rebuild_a_wiped_target(redis
         target.client().flushall()
         cli.run("apply", target.url, "--log", log_uri, "--from", "earliest", "--group", group,
                 "--idle-timeout", "1", check=True)
-        assert same_data(source, target) == [], group
+        assert differences(source.client(), target.client()) == [], group
 
 
 def test_retention_trims_only_old_entries_no_group_still_needs(redis_factory):
@@ -480,6 +453,6 @@ def test_apply_processes_share_a_group_and_survive_one_killed(redis_factory, mem
         assert p.returncode == 0, out + err
         assert applied(out) > 0, out
     procs[0].wait()
-    assert same_data(source, target) == []        # the newer value of every key won
+    assert differences(source.client(), target.client()) == []        # the newer value of every key won
     # and no stream was ever read by two live consumers at once
     assert watch.samples > 10 and watch.shared == []

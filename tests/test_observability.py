@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 from conveyor.workload import Workload
 from tests import cli
+from tests.compare import wait_until
 from tests.test_live import notifying_source, wait_for_subscriber
 
 
@@ -73,16 +73,6 @@ def series(text: str) -> dict[str, float]:
     return out
 
 
-def wait_for(fn, timeout: float = 30.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
-
-
 def test_metrics_move_during_a_live_run(redis_factory, tmp_path):
     from tests.servers import free_port
     source, target = notifying_source(redis_factory), redis_factory()
@@ -91,11 +81,11 @@ def test_metrics_move_during_a_live_run(redis_factory, tmp_path):
                      "--state-dir", str(tmp_path), "--no-verify", "--metrics-port", str(port))
     wait_for_subscriber(source)
     Workload(source.client(), rate=500, keyspace=200, seed=9).run(2)
-    first = wait_for(lambda: series(scrape(port)[1]).get('conveyor_capture_events_total{kind="upsert"}'))
+    first = wait_until(lambda: series(scrape(port)[1]).get('conveyor_capture_events_total{kind="upsert"}'))
     assert scrape(port, "/healthz")[0] == 200
     source.client().execute_command("CLIENT", "KILL", "TYPE", "pubsub")    # one gap, one resync
     Workload(source.client(), rate=500, keyspace=200, seed=10).run(2)
-    m = wait_for(lambda: (lambda s: s if s.get("conveyor_gaps_total", 0) >= 1
+    m = wait_until(lambda: (lambda s: s if s.get("conveyor_gaps_total", 0) >= 1
                           and s.get("conveyor_resyncs_total", 0) >= 1 else None)(series(scrape(port)[1])))
     assert m['conveyor_capture_events_total{kind="upsert"}'] > first
     applied = sum(v for k, v in m.items() if k.startswith("conveyor_apply_events_total"))
@@ -117,7 +107,7 @@ def test_readyz_turns_ready_when_the_lag_reaches_zero(redis_factory, tmp_path):
     proc = cli.start("apply", target.url, "--log", log, "--idle-timeout", "8", "--batch", "200",
                      "--metrics-port", str(port), "--ready-lag", "0")
     codes = []
-    wait_for(lambda: codes.append(scrape(port, "/readyz")[0]) or codes[-1] == 200, timeout=60,
+    wait_until(lambda: codes.append(scrape(port, "/readyz")[0]) or codes[-1] == 200, timeout=60,
              every=0.05)
     assert 503 in codes, codes                    # not ready while the log still had a backlog
     assert series(scrape(port)[1])["conveyor_log_lag_records"] == 0
