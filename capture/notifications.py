@@ -94,8 +94,10 @@ class Notifications:
     """
 
     def __init__(self, *, connect: Callable[[], redis.Redis], db: int, dirty: DirtySet,
-                 key_filter: KeyFilter, on_gap: Callable[[str], None]) -> None:
+                 key_filter: KeyFilter, on_gap: Callable[[str], None],
+                 user: str | None = None) -> None:
         self.connect, self.db, self.dirty, self.filter = connect, db, dirty, key_filter
+        self.user = user                     # named when the subscription is refused (ACL)
         self.on_gap = on_gap
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -145,7 +147,7 @@ class Notifications:
 
     def _give_up(self, e: BaseException) -> None:
         log.debug("keyspace subscriber stopped", exc_info=e)
-        self.fatal = fatal(e, "subscribing to keyspace notifications")
+        self.fatal = fatal(e, "subscribing to keyspace notifications", self.user)
         self.ready.set()                     # start() must not wait for a confirmation now
         self.dirty._event.set()              # wake the main loop, which raises it
 
