@@ -50,17 +50,19 @@ def _commands(*groups: tuple[str, ...]) -> str:
 
 
 def rules(db: int = 0, stream: str = "conveyor") -> dict[str, str]:
-    """The rule of each user, as given after ``ACL SETUSER NAME on >PASSWORD``."""
+    """The rule of each user, as given after ``ACL SETUSER NAME reset on >PASSWORD``
+    (``reset``: no commands, keys or channels but those that follow; ``resetchannels`` again in
+    case the server's acl-pubsub-default is allchannels)."""
     channel = "&" + KEYSPACE_CHANNEL.format(db=db)
     return {
-        "capture": f"resetchannels {channel} ~* -@all {_commands(CAPTURE_COMMANDS)}",
-        "apply": f"resetchannels ~* -@all {_commands(APPLY_COMMANDS)}",
-        "verify": f"resetchannels %R~* -@all {_commands(VERIFY_COMMANDS)}",
-        "log": f"resetchannels ~{stream}:* -@all {_commands(LOG_COMMANDS)}",
+        "capture": f"resetchannels {channel} ~* {_commands(CAPTURE_COMMANDS)}",
+        "apply": f"resetchannels ~* {_commands(APPLY_COMMANDS)}",
+        "verify": f"resetchannels %R~* {_commands(VERIFY_COMMANDS)}",
+        "log": f"resetchannels ~{stream}:* {_commands(LOG_COMMANDS)}",
         # replicate runs capture + verify on the source and apply + verify on the target
-        "replicate-source": (f"resetchannels {channel} ~* -@all "
+        "replicate-source": (f"resetchannels {channel} ~* "
                              f"{_commands(CAPTURE_COMMANDS, VERIFY_COMMANDS)}"),
-        "replicate-target": f"resetchannels ~* -@all {_commands(APPLY_COMMANDS, VERIFY_COMMANDS)}",
+        "replicate-target": f"resetchannels ~* {_commands(APPLY_COMMANDS, VERIFY_COMMANDS)}",
     }
 
 
