@@ -53,7 +53,7 @@ def _text(e: Exception) -> str:
 def raise_for_connection(e: Exception, user: str | None = None) -> None:
     """Turn an exception raised by a whole pipeline (no reply at all) into what it means."""
     if isinstance(e, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
-        raise refused(_text(e), user=user) from e                     # AuthenticationError: a ConnectionError
+        raise refused(_text(e), user=user) from e    # AuthenticationError: a ConnectionError
     if isinstance(e, TRANSIENT_ERRORS):
         raise TargetUnavailable(f"{type(e).__name__}: {mask_text(str(e))}") from e
     raise e

@@ -8,6 +8,7 @@ conveyor tolerates.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_the_readme_states_exactly_the_rules_conveyor_knows():
     assert set(RULES) >= {"capture", "apply", "verify", "log"}
 
 
-# -- every process as its least-privilege user ------------------------------------------------------
+# -- every process as its least-privilege user -----------------------------------------------------
 @pytest.mark.parametrize("value_type", ["dump", "struct"])
 def test_snapshot_through_a_stream_log_as_least_privilege_users(servers, value_type):
     # given a source with every type and big keys, and one user per process on each server
@@ -163,7 +164,73 @@ def test_replicate_as_least_privilege_users(servers, tmp_path, mode):
     assert_nothing_refused(servers)
 
 
-# -- one command missing: one line naming it --------------------------------------------------------
+def commands_run(server) -> set[str]:
+    return {name.removeprefix("cmdstat_") for name in server.client().info("commandstats")}
+
+
+def test_every_command_of_the_rules_is_used(servers, tmp_path):
+    """Nothing can be removed: with the rules alone on each server's side, every command they
+    grant is sent by conveyor in this run (and ACL checks every command sent)."""
+    src, dst, buf = servers["src"], servers["dst"], servers["buf"]
+    # given data that takes every path: big keys, a value above the log's record limit (sent in
+    # parts: APPEND), a key only on the target (verify: EXISTS), a temporary key left by an
+    # earlier run (apply's sweep: OBJECT IDLETIME), and pending entries on the log (XPENDING)
+    load(src)
+    src.client().set("huge", os.urandom(3_000_000))   # incompressible: its DUMP is split too
+    dst.client().set("only-on-target", 1)
+    dst.client().set("{x}conveyor-tmp:gone:abc", 1)
+    for s in servers.values():
+        s.client().config_resetstat()
+    log = f"{url(buf, 'log')}/0"
+    # when every process runs as its user, in every mode
+    run_ok("capture", url(src, "capture"), "--log", log, "--type", "struct", *BIG)
+    run_ok("capture", url(src, "capture"), "--log", log, "--fresh")    # huge's DUMP in parts
+    run_ok("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1")
+    run_ok("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1", "--group", "merge",
+           "--from", "earliest", "--merge-policy", "merge")
+    src.client().set("one-more", 1)
+    run_ok("capture", url(src, "capture"), "--log", log, "--fresh", *BIG)
+    buf.client().xreadgroup("merge", "someone", {"conveyor:0": ">"}, count=1)   # now pending
+    run_ok("status", "--log", log, "--group", "merge")
+    proc = cli.start("capture", url(src, "capture"), "--log", log, "--mode", "live",
+                     "--idle-timeout", "1", *BIG)
+    assert proc.wait(120) == 0
+    sent = {"capture": commands_run(src), "apply": commands_run(dst), "log": commands_run(buf)}
+    # (uncompressed DUMPs on the target: verify compares typed values, with its typed reads)
+    dst.client().config_set("rdbcompression", "no")
+    for s in (src, dst):
+        s.client().config_resetstat()
+    assert cli.run("verify", url(src, "verify"), url(dst, "verify")).returncode == 1
+    sent["verify"] = commands_run(src) | commands_run(dst)
+    # then each rule's commands were all sent to its server
+    for user, used in sent.items():
+        granted = {t[1:] for t in RULES[user].split() if t.startswith("+")}
+        assert granted - used == set(), (user, "granted and never sent")
+    assert_nothing_refused(servers)
+
+
+def test_replicate_on_valkey_as_least_privilege_users(tmp_path):
+    # given Valkey 8.1 on both sides, with the same users
+    src, dst = start_server("valkey8.1"), start_server("valkey8.1")
+    try:
+        set_user(src, "replicate-source")
+        set_user(dst, "replicate-target")
+        load(src)
+        # when replicate runs as them, then the copy is whole
+        out = run_ok("replicate", url(src, "replicate-source"), url(dst, "replicate-target"),
+                     "--state-dir", str(tmp_path), *BIG).stdout
+        assert "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out, out
+        assert differences(src.client(), dst.client()) == []
+        # and only redis-py's CLIENT SETINFO (7.2+, refusal ignored) was refused
+        for s in (src, dst):
+            refused = {e[b"object"] for e in s.client().execute_command("ACL", "LOG")}
+            assert refused <= {b"client|setinfo"}, refused
+    finally:
+        src.cleanup()
+        dst.cleanup()
+
+
+# -- one command missing: one line naming it -------------------------------------------------------
 # (process, the user that lacks it, where that user lives, the command)
 MISSING = [
     ("capture", "capture", "src", "scan"),
