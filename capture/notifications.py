@@ -147,7 +147,8 @@ class Notifications:
 
     def _give_up(self, e: BaseException) -> None:
         log.debug("keyspace subscriber stopped", exc_info=e)
-        self.fatal = fatal(e, "subscribing to keyspace notifications", self.user)
+        self.fatal = fatal(e, "subscribing to keyspace notifications", self.user, "PSUBSCRIBE",
+                           "&" + (self._prefix + b"*").decode())
         self.ready.set()                     # start() must not wait for a confirmation now
         self.dirty._event.set()              # wake the main loop, which raises it
 

@@ -155,12 +155,13 @@ class SupervisedWriter(LogWriter):
         pass
 
 
-def fatal(e: BaseException, where: str, user: str | None = None) -> ConveyorError:
+def fatal(e: BaseException, where: str, user: str | None = None, command: str = "",
+          grant: str = "") -> ConveyorError:
     """An error a helper thread cannot wait out, as the one line the main loop raises; a refused
-    permission names the command to grant ``user``."""
+    permission names what to grant ``user`` (``grant``: the key or channel pattern it needs)."""
     if isinstance(e, ConveyorError):
         return e
-    line = refused_line(e, "source", user)
+    line = refused_line(e, "source", user, command, grant)
     if line:
         return SourceError(line)
     if isinstance(e, redis.RedisError):

@@ -52,17 +52,19 @@ def _commands(*groups: tuple[str, ...]) -> str:
 def rules(db: int = 0, stream: str = "conveyor") -> dict[str, str]:
     """The rule of each user, as given after ``ACL SETUSER NAME reset on >PASSWORD``
     (``reset``: no commands, keys or channels but those that follow; ``resetchannels`` again in
-    case the server's acl-pubsub-default is allchannels)."""
+    case the server's acl-pubsub-default is allchannels), for database ``db``: another than 0
+    needs SELECT (redis-py selects it on connecting) and its own keyspace channel."""
     channel = "&" + KEYSPACE_CHANNEL.format(db=db)
+    select = ("select",) if db else ()
     return {
-        "capture": f"resetchannels {channel} ~* {_commands(CAPTURE_COMMANDS)}",
-        "apply": f"resetchannels ~* {_commands(APPLY_COMMANDS)}",
-        "verify": f"resetchannels %R~* {_commands(VERIFY_COMMANDS)}",
-        "log": f"resetchannels ~{stream}:* {_commands(LOG_COMMANDS)}",
+        "capture": f"resetchannels {channel} ~* {_commands(CAPTURE_COMMANDS, select)}",
+        "apply": f"resetchannels ~* {_commands(APPLY_COMMANDS, select)}",
+        "verify": f"resetchannels %R~* {_commands(VERIFY_COMMANDS, select)}",
+        "log": f"resetchannels ~{stream}:* {_commands(LOG_COMMANDS, select)}",
         # replicate runs capture + verify on the source and apply + verify on the target
         "replicate-source": (f"resetchannels {channel} ~* "
-                             f"{_commands(CAPTURE_COMMANDS, VERIFY_COMMANDS)}"),
-        "replicate-target": f"resetchannels ~* {_commands(APPLY_COMMANDS, VERIFY_COMMANDS)}",
+                             f"{_commands(CAPTURE_COMMANDS, VERIFY_COMMANDS, select)}"),
+        "replicate-target": f"resetchannels ~* {_commands(APPLY_COMMANDS, VERIFY_COMMANDS, select)}",
     }
 
 
@@ -70,7 +72,7 @@ def rules(db: int = 0, stream: str = "conveyor") -> dict[str, str]:
 # command refused inside a script (without naming it: ACL LOG on the server does).
 _COMMAND_RE = re.compile(r"no permissions to run the '([^']+)' command", re.I)
 _KEY_RE = re.compile(r"no permissions to access (a|one of the) key", re.I)
-_CHANNEL_RE = re.compile(r"no permissions to access a channel", re.I)
+_CHANNEL_RE = re.compile(r"no permissions to access (a|one of the) channel", re.I)
 _SCRIPT_RE = re.compile(r"user executing the script can't run this command", re.I)
 _ANY = (_COMMAND_RE, _KEY_RE, _CHANNEL_RE, _SCRIPT_RE)
 
@@ -87,10 +89,11 @@ def in_script(e: BaseException | str) -> bool:
 
 
 def refused_line(e: BaseException | str, side: str, user: str | None,
-                 command: str = "") -> str | None:
+                 command: str = "", grant: str = "") -> str | None:
     """``target refused RESTORE for user 'apply' (NOPERM): grant it with ACL SETUSER apply
     +restore`` for a refused permission, None for any other error. ``side`` names the server
-    (source, target, log); ``command`` is what was sent, for refusals that do not name it."""
+    (source, target, log); ``command`` is what was sent, for refusals that do not name it;
+    ``grant`` the key or channel pattern to grant when a key or channel is refused."""
     text = str(e)
     if not is_noperm(text):
         return None
@@ -109,10 +112,10 @@ def refused_line(e: BaseException | str, side: str, user: str | None,
         return (f"{side} refused a command inside the script of {sent or 'a script '}for user "
                 f"'{user}' (NOPERM; ACL LOG on the {side} names it): grant it with ACL SETUSER "
                 f"{user} +<command> (the README lists every command of each user)")
-    what, grant = (("a channel", "&<channel pattern>") if _CHANNEL_RE.search(text)
-                   else ("a key", "~<key pattern>"))
+    what, pattern = (("a channel", "&<channel pattern>") if _CHANNEL_RE.search(text)
+                     else ("a key", "~<key pattern>"))
     return (f"{side} refused {sent}on {what} for user '{user}' (NOPERM): grant it with "
-            f"ACL SETUSER {user} {grant} (the README lists each user's patterns)")
+            f"ACL SETUSER {user} {grant or pattern} (the README lists each user's patterns)")
 
 
 def user_of(client) -> str | None:

@@ -284,6 +284,51 @@ def test_a_missing_permission_is_one_line_naming_it(servers, tmp_path, process, 
     assert time.monotonic() - began < 30              # refused, not waited for
 
 
+def test_a_refused_channel_or_key_pattern_is_one_line_naming_what_to_grant(servers):
+    src, dst, buf = servers["src"], servers["dst"], servers["buf"]
+    load(src)
+    log = f"{url(buf, 'log')}/0"
+    # a capture user without the keyspace channel: the line names the exact pattern
+    channel = "&__keyspace@0__:*"
+    rule = RULES["capture"].split()
+    src.client().execute_command("ACL", "SETUSER", "capture", "reset", "on", f">{PASSWORD}",
+                                 *[t for t in rule if t != channel])
+    p = cli.run("capture", url(src, "capture"), "--log", log, "--mode", "live", "--idle-timeout",
+                "1", timeout=60)
+    line = cli.assert_one_line_error(p, 1)
+    assert f"refused PSUBSCRIBE on a channel for user 'capture' (NOPERM): grant it with " \
+           f"ACL SETUSER capture {channel}" in line, line
+    # an apply user whose keys are narrower than the data
+    set_user(src, "capture")
+    run_ok("capture", url(src, "capture"), "--log", log)
+    dst.client().execute_command("ACL", "SETUSER", "apply", "reset", "on", f">{PASSWORD}",
+                                 *["~3:*" if t == "~*" else t for t in RULES["apply"].split()])
+    p = cli.run("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1", timeout=60)
+    line = cli.assert_one_line_error(p, 1)
+    assert "target refused RESTORE on a key for user 'apply' (NOPERM)" in line, line
+
+
+def test_another_database_needs_select_and_its_own_channel(servers, tmp_path):
+    # given users with the rules for database 3 (what the README says to add)
+    src, dst = servers["src"], servers["dst"]
+    r3 = rules(db=3)
+    for server, name in ((src, "replicate-source"), (dst, "replicate-target")):
+        server.client().execute_command("ACL", "SETUSER", name, "reset", "on", f">{PASSWORD}",
+                                        *r3[name].split())
+    load_mixed(src.client(db=3), 100)
+    # when a live replicate of database 3 runs as them, then it converges
+    proc = cli.start("replicate", f"{url(src, 'replicate-source')}/3",
+                     f"{url(dst, 'replicate-target')}/3", "--state-dir", str(tmp_path),
+                     "--mode", "live", "--idle-timeout", "2")
+    wait_for_subscriber(src)
+    load_mixed(src.client(db=3), 50, seed=9, prefix="later:")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    assert "converged" in out and "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out, out
+    assert differences(src.client(db=3), dst.client(db=3)) == []
+    assert_nothing_refused(servers)
+
+
 def test_a_command_refused_inside_apply_s_part_script_stops_apply_in_one_line(servers):
     # given big keys on the log (their parts are applied by a script)
     src, dst, buf = servers["src"], servers["dst"], servers["buf"]
