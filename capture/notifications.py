@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from capture.supervise import fatal, short, transient_source_error
+from conveyor.acl import refused_line, user_of
 from conveyor.errors import ConveyorError
 from conveyor.keys import KeyFilter
 
@@ -215,7 +216,9 @@ def check_notifications(client: redis.Redis, *, enable: bool, where: str) -> str
         try:
             client.config_set("notify-keyspace-events", wanted)
         except redis.ResponseError as e:
-            raise SourceError(f"cannot enable keyspace notifications on {where}: {e}") from e
+            line = refused_line(e, "source", user_of(client))
+            raise SourceError(line or f"cannot enable keyspace notifications on {where}: "
+                              f"{e}") from e
         log.warning("enabled keyspace notifications on %s: notify-keyspace-events %r -> %r",
                     where, current, wanted)
         return None

@@ -236,6 +236,7 @@ MISSING = [
     ("capture", "capture", "src", "scan"),
     ("capture", "capture", "src", "dump"),              # refused inside the read script first
     ("capture-live", "capture", "src", "psubscribe"),
+    ("capture-enable", "capture", "src", "config|set"),  # --enable-notifications, not granted
     ("capture", "log", "buf", "xadd"),
     ("apply", "apply", "dst", "restore"),
     ("apply", "log", "buf", "xreadgroup"),
@@ -243,13 +244,17 @@ MISSING = [
     ("verify", "verify", "dst", "pexpiretime"),
     ("replicate", "replicate-source", "src", "info"),
     ("replicate", "replicate-target", "dst", "info"),
+    ("replicate", "replicate-target", "dst", "restore"),   # mid-run, after capture began
 ]
 
 
 def _run(process: str, servers, log: str, tmp_path) -> cli.subprocess.CompletedProcess:
     src, dst = servers["src"], servers["dst"]
     if process.startswith("capture"):
-        mode = ["--mode", "live", "--idle-timeout", "2"] if process == "capture-live" else []
+        mode = [] if process == "capture" else ["--mode", "live", "--idle-timeout", "2"]
+        if process == "capture-enable":
+            src.client().config_set("notify-keyspace-events", "")
+            mode.append("--enable-notifications")
         return cli.run("capture", url(src, "capture"), "--log", log, *mode, *BIG, timeout=60)
     if process == "apply":
         return cli.run("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1",
@@ -271,15 +276,16 @@ def test_a_missing_permission_is_one_line_naming_it(servers, tmp_path, process, 
         run_ok("capture", url(servers["src"], "capture"), "--log", log, *BIG)
     if process == "verify":
         run_ok("apply", url(servers["dst"], "apply"), "--log", log, "--idle-timeout", "1")
-    # when one user lacks one command of its rule
-    set_user(servers[where], user, without=command)
+    # when one user lacks one command of its rule (or one the rule does not grant)
+    granted = f"+{command}" in RULES[user].split()
+    set_user(servers[where], user, without=command if granted else None)
     began = time.monotonic()
     p = _run(process, servers, log, tmp_path)
     # then the run stops at once with one line naming the command and how to grant it
     line = cli.assert_one_line_error(p, 1)
     grant = f"ACL SETUSER {user} +{command}"
-    assert f"refused {command.upper()} for user '{user}' (NOPERM): grant it with {grant}" in line, \
-        line
+    shown = command.upper().replace("|", " ")
+    assert f"refused {shown} for user '{user}' (NOPERM): grant it with {grant}" in line, line
     assert PASSWORD not in p.stdout + p.stderr
     assert time.monotonic() - began < 30              # refused, not waited for
 
