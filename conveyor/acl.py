@@ -2,7 +2,8 @@
 
 The rules are the ones the README states: derived by running each process as a user with the rule
 on Redis 7.0 and removing commands until none could go (tests/test_acl.py runs every process as
-users with exactly these rules). They are for Redis 7.0 and later (``%R~`` read-only keys).
+users with exactly these rules, and checks that every command they grant is sent). They are for
+Redis 7.0 and later (``%R~`` read-only keys).
 """
 from __future__ import annotations
 
