@@ -290,6 +290,19 @@ def test_a_missing_permission_is_one_line_naming_it(servers, tmp_path, process, 
     assert time.monotonic() - began < 30              # refused, not waited for
 
 
+def test_replicate_reports_a_capture_refused_mid_run_in_its_summary(servers, tmp_path):
+    # given a replicate whose source user may not SCAN
+    src, dst = servers["src"], servers["dst"]
+    load(src)
+    set_user(src, "replicate-source", without="scan")
+    p = cli.run("replicate", url(src, "replicate-source"), url(dst, "replicate-target"),
+                "--state-dir", str(tmp_path), timeout=60)
+    # then capture's part of the summary is the one line naming it, and the run fails
+    assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, p
+    assert ("capture: failed: source refused SCAN for user 'replicate-source' (NOPERM): grant it "
+            "with ACL SETUSER replicate-source +scan") in p.stdout.splitlines(), p.stdout
+
+
 def test_a_refused_channel_or_key_pattern_is_one_line_naming_what_to_grant(servers):
     src, dst, buf = servers["src"], servers["dst"], servers["buf"]
     load(src)
