@@ -1,9 +1,9 @@
 """Least-privilege ACL rules for each process, and a refused permission as one line to act on.
 
-The rules are the ones the README states: derived by running each process as a user with the rule
-on Redis 7.0 and removing commands until none could go (tests/test_acl.py runs every process as
-users with exactly these rules, and checks that every command they grant is sent). They are for
-Redis 7.0 and later (``%R~`` read-only keys).
+The rules are the ones the README states, taken from what each process sends to Redis 7.0 (INFO
+commandstats). tests/test_acl.py runs every process as users with exactly these rules (nothing may
+be refused) and checks that every command they grant is sent (none can go). They are for Redis 7.0
+and later (``%R~`` read-only keys).
 """
 from __future__ import annotations
 
