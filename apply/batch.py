@@ -17,6 +17,7 @@ import redis
 from apply.replies import check_replies, raise_for_connection, refused
 from apply.writes import CHUNK_SCRIPT, chunk_kind, convertible, script_args, temp_key
 from conveyor import values
+from conveyor.acl import user_of
 from conveyor.endpoints import server_info
 from conveyor.errors import CodecError
 from conveyor.events import Event, Kind, now_millis
@@ -124,6 +125,7 @@ class BatchWriter:
         # (db, target key) -> temporary key of a part sequence started and not finished yet.
         self.open_parts: dict[tuple[int, bytes], bytes] = {}
         self._v7: dict[int, bool] = {}
+        self._user: str | None = None          # the target's ACL user, named in a refusal
 
     def forget_targets(self) -> None:
         """The target restarted: its version may have changed."""
@@ -134,6 +136,7 @@ class BatchWriter:
         """``probe``: something with ``queue(pipe)`` that adds a reading at the end of the
         pipeline (the data-loss watch); its replies are kept in the result."""
         v7 = self._target_v7(target)
+        self._user = user_of(target)           # named when the target refuses a permission
         now = now_millis()
         pipe = target.pipeline(transaction=False)
         res = BatchResult()
@@ -247,7 +250,7 @@ class BatchWriter:
         p.ok = True
         if isinstance(reply, list) and reply and reply[0] == b"refused":
             text = _text(reply[1])
-            err = refused(text, "RESTORE")
+            err = refused(text, "RESTORE", self._user)
             if err is not None:
                 raise err
             if convertible(text):
@@ -341,7 +344,7 @@ class BatchWriter:
             except redis.ResponseError:
                 version = (0,)
             except Exception as e:  # noqa: BLE001 - classified in one place
-                raise_for_connection(e)
+                raise_for_connection(e, user_of(target))
             self._v7[k] = tuple(version) >= (7, 0)
             target.set_response_callback("XCLAIM", lambda response, **_: response)
         return self._v7[k]
@@ -392,8 +395,8 @@ def _execute(pipe) -> list:
     try:
         replies = pipe.execute(raise_on_error=False)
     except Exception as e:  # noqa: BLE001 - classified in one place
-        raise_for_connection(e)
-    check_replies(replies, sent)
+        raise_for_connection(e, user_of(pipe))
+    check_replies(replies, sent, user_of(pipe))
     return replies
 
 

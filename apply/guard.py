@@ -15,6 +15,7 @@ import redis
 from apply.batch import BatchResult
 from apply.replies import raise_for_connection
 from apply.watch import Finding, TargetWatch, sweep_temp_keys
+from conveyor.acl import user_of
 
 log = logging.getLogger("conveyor.apply")
 
@@ -38,7 +39,7 @@ class TargetGuard:
             try:
                 watch.start()
             except Exception as e:  # noqa: BLE001 - classified in one place
-                raise_for_connection(e)
+                raise_for_connection(e, user_of(target))
         self._since_last_run(db, watch)
         return watch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import redis
 
+from conveyor.acl import is_noperm, refused_line
 from conveyor.endpoints import mask_text
 from conveyor.errors import TargetError
 
@@ -26,15 +27,13 @@ class TargetUnavailable(Exception):
     """The batch could not be written now; it is written again later (never escapes apply)."""
 
 
-def refused(text: str, command: str = "") -> TargetError | None:
-    """A TargetError when ``text`` (an error reply) is a refused permission or credentials."""
+def refused(text: str, command: str = "", user: str | None = None) -> TargetError | None:
+    """A TargetError when ``text`` (an error reply) is a refused permission or credentials;
+    a permission names the command to grant ``user``."""
     text = mask_text(text)
-    if "NOPERM" in text:
-        what = f" {command}" if command else ""
-        grant = f"+{command.lower()}" if command else "+<command>"
-        return TargetError(f"the target refused{what}: {text} (the target user lacks this "
-                           f"permission: grant it, e.g. ACL SETUSER <user> {grant}, or use "
-                           "another user)")
+    line = refused_line(text, "target", user, command)
+    if line:
+        return TargetError(line)
     if text.startswith(("NOAUTH", "WRONGPASS")) or "invalid password" in text:
         return TargetError(f"the target refused our credentials: {text} (check --target-user "
                            "and --target-password)")
@@ -51,25 +50,27 @@ def _text(e: Exception) -> str:
     return text
 
 
-def raise_for_connection(e: Exception) -> None:
+def raise_for_connection(e: Exception, user: str | None = None) -> None:
     """Turn an exception raised by a whole pipeline (no reply at all) into what it means."""
     if isinstance(e, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
-        raise refused(_text(e)) from e                     # AuthenticationError: a ConnectionError
+        raise refused(_text(e), user=user) from e    # AuthenticationError: a ConnectionError
     if isinstance(e, TRANSIENT_ERRORS):
         raise TargetUnavailable(f"{type(e).__name__}: {mask_text(str(e))}") from e
     raise e
 
 
-def check_replies(replies: list, commands: list[tuple] | None = None) -> None:
+def check_replies(replies: list, commands: list[tuple] | None = None,
+                  user: str | None = None) -> None:
     """Raise TargetUnavailable or TargetError when any reply says so (tolerated errors such as an
-    XADD of an id the target has are neither). ``commands``: what was sent, to name it."""
+    XADD of an id the target has are neither). ``commands``: what was sent, to name it; ``user``:
+    the target's ACL user, named when it lacks a permission."""
     for i, r in enumerate(replies):
         if not isinstance(r, Exception):
             continue
         text = _text(r)
-        if text.startswith(REFUSED_PREFIXES) or "NOPERM" in text:
+        if text.startswith(REFUSED_PREFIXES) or is_noperm(text):
             cmd = _name(commands[i]) if commands and i < len(commands) else ""
-            raise refused(text, cmd) or TargetError(f"the target refused {cmd}: {text}")
+            raise refused(text, cmd, user) or TargetError(f"the target refused {cmd}: {text}")
         if isinstance(r, TRANSIENT_ERRORS) or text.startswith(TRANSIENT_PREFIXES):
             raise TargetUnavailable(text)
 

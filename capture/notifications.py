@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from capture.supervise import fatal, short, transient_source_error
+from conveyor.acl import refused_line, user_of
 from conveyor.errors import ConveyorError
 from conveyor.keys import KeyFilter
 
@@ -94,8 +95,10 @@ class Notifications:
     """
 
     def __init__(self, *, connect: Callable[[], redis.Redis], db: int, dirty: DirtySet,
-                 key_filter: KeyFilter, on_gap: Callable[[str], None]) -> None:
+                 key_filter: KeyFilter, on_gap: Callable[[str], None],
+                 user: str | None = None) -> None:
         self.connect, self.db, self.dirty, self.filter = connect, db, dirty, key_filter
+        self.user = user                     # named when the subscription is refused (ACL)
         self.on_gap = on_gap
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -145,7 +148,8 @@ class Notifications:
 
     def _give_up(self, e: BaseException) -> None:
         log.debug("keyspace subscriber stopped", exc_info=e)
-        self.fatal = fatal(e, "subscribing to keyspace notifications")
+        self.fatal = fatal(e, "subscribing to keyspace notifications", self.user, "PSUBSCRIBE",
+                           "&" + (self._prefix + b"*").decode())
         self.ready.set()                     # start() must not wait for a confirmation now
         self.dirty._event.set()              # wake the main loop, which raises it
 
@@ -212,7 +216,9 @@ def check_notifications(client: redis.Redis, *, enable: bool, where: str) -> str
         try:
             client.config_set("notify-keyspace-events", wanted)
         except redis.ResponseError as e:
-            raise SourceError(f"cannot enable keyspace notifications on {where}: {e}") from e
+            line = refused_line(e, "source", user_of(client))
+            raise SourceError(line or f"cannot enable keyspace notifications on {where}: "
+                              f"{e}") from e
         log.warning("enabled keyspace notifications on %s: notify-keyspace-events %r -> %r",
                     where, current, wanted)
         return None

@@ -28,6 +28,7 @@ from capture.notifications import DirtySet, Notifications, check_notifications
 from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from capture.supervise import Interrupted, Supervisor, SupervisedWriter
 from capture.watch import SourceFacts, SourceWatch, read_facts
+from conveyor.acl import user_of
 from conveyor.endpoints import ServerInfo, mask_uri
 from conveyor.errors import LOG_LOST, LogError, LogLost, SourceError
 from conveyor.events import Codec, Kind, now_millis
@@ -99,7 +100,7 @@ class Capture:
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz
-        self.sup = Supervisor(self._stop, on_wait=self._waiting)
+        self.sup = Supervisor(self._stop, on_wait=self._waiting, user=user_of(source))
         self.source, self.info, self.meta = source, source_info, meta
         self.writer = SupervisedWriter(writer, self.sup)
         self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
@@ -203,7 +204,8 @@ class Capture:
 
     def _subscribe(self) -> Notifications:
         notes = Notifications(connect=self.connect or (lambda: self.source), db=self.info.db,
-                              dirty=self.dirty, key_filter=self.filter, on_gap=self._gap)
+                              dirty=self.dirty, key_filter=self.filter, on_gap=self._gap,
+                              user=user_of(self.source))
         try:
             notes.start()                    # subscribed before the scan starts
         except TimeoutError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import redis
 
 from conveyor import values
+from conveyor.acl import in_script
 from conveyor.endpoints import ServerInfo
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.log import LogWriter
@@ -176,7 +177,9 @@ class StateReader:
                 self._script = None               # the source restarted: load it again
                 return keys, True
             if self._script is None:
-                log.warning("the source does not run scripts (%s); reading with pipelines", e)
+                # A command refused inside the script (ACL): the pipelined read names it.
+                (log.debug if in_script(e) else log.warning)(
+                    "the source does not run scripts (%s); reading with pipelines", e)
                 self._script = False
                 return None
             raise

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, TypeVar
 import redis
 from tenacity import (Retrying, retry_if_exception, stop_when_event_set, wait_exponential)
 
+from conveyor.acl import refused_line
 from conveyor.errors import ConveyorError, LogUnavailable, SourceError
 from conveyor.log.base import History, LogWriter
 
@@ -53,11 +54,12 @@ class Supervisor:
     """Calls a function until it stops failing transiently; ``stop`` (an Event) interrupts.
 
     ``on_wait(message)`` is told about every wait, and ``on_wait(None)`` once the call succeeded
-    after waiting."""
+    after waiting. ``user``: the source's ACL user, named when it lacks a permission."""
 
     def __init__(self, stop: threading.Event,
-                 on_wait: Callable[[str | None], None] | None = None) -> None:
-        self.stop = stop
+                 on_wait: Callable[[str | None], None] | None = None,
+                 user: str | None = None) -> None:
+        self.stop, self.user = stop, user
         self.on_wait = on_wait or (lambda _msg: None)
         self.source_waits = 0
         self.log_waits = 0
@@ -69,7 +71,7 @@ class Supervisor:
         except SourceError:
             raise
         except redis.RedisError as e:
-            raise SourceError(f"the source refused {what}: {short(e)}") from e
+            raise fatal(e, what, self.user) from e
 
     def log(self, fn: Callable[[], T], what: str) -> T:
         """``fn`` uses the log; LogUnavailable is waited out, LogLost and other errors pass."""
@@ -153,10 +155,15 @@ class SupervisedWriter(LogWriter):
         pass
 
 
-def fatal(e: BaseException, where: str) -> ConveyorError:
-    """An error a helper thread cannot wait out, as the one line the main loop raises."""
+def fatal(e: BaseException, where: str, user: str | None = None, command: str = "",
+          grant: str = "") -> ConveyorError:
+    """An error a helper thread cannot wait out, as the one line the main loop raises; a refused
+    permission names what to grant ``user`` (``grant``: the key or channel pattern it needs)."""
     if isinstance(e, ConveyorError):
         return e
+    line = refused_line(e, "source", user, command, grant)
+    if line:
+        return SourceError(line)
     if isinstance(e, redis.RedisError):
         return SourceError(f"the source refused {where}: {short(e)}")
     return ConveyorError(f"{where} failed: {short(e)}")

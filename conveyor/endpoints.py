@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from conveyor.acl import refused_line, user_of
 from conveyor.errors import ConfigError, ConveyorError, SourceError
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -186,7 +187,10 @@ def connect(uri: str, what: str, *, password: str | None = None, username: str |
                         f"(wrong user or password): {mask_text(str(e), (password or '',))}") from e
     except redis.ResponseError as e:
         msg = str(e)
-        if "NOAUTH" in msg or "WRONGPASS" in msg or "NOPERM" in msg:
+        line = refused_line(e, what, username or urlsplit(uri).username, "PING")
+        if line:                                    # a user that may not even PING
+            raise error_cls(line) from e
+        if "NOAUTH" in msg or "WRONGPASS" in msg:
             raise error_cls(f"{what} {mask_uri(uri)}: authentication failed: {msg}") from e
         raise error_cls(f"{what} {mask_uri(uri)}: {msg}") from e
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
@@ -216,9 +220,21 @@ def server_info(r: redis.Redis) -> ServerInfo:
     return ServerInfo(version, text, flavor, str(info.get("run_id", "")), int(db))
 
 
-def same_database(a: redis.Redis, b: redis.Redis) -> bool:
-    """True when both clients talk to the same database of the same server process."""
-    ia, ib = server_info(a), server_info(b)
+def _checked_info(r: redis.Redis, what: str) -> ServerInfo:
+    try:
+        return server_info(r)
+    except redis.ResponseError as e:
+        line = refused_line(e, what, user_of(r))
+        if line:
+            raise ConveyorError(line) from e
+        raise
+
+
+def same_database(a: redis.Redis, b: redis.Redis, names: tuple[str, str] = ("source", "target")
+                  ) -> bool:
+    """True when both clients talk to the same database of the same server process; ``names``
+    name the two servers in a refused permission."""
+    ia, ib = _checked_info(a, names[0]), _checked_info(b, names[1])
     return ia.run_id == ib.run_id and ia.db == ib.db
 
 

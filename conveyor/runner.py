@@ -105,7 +105,7 @@ def refuse_log_on(client: redis.Redis, ep: Endpoint, log_uri: str, log_opts: dic
     except ConveyorError:
         return                      # unreachable: the log backend says so in its own words
     try:
-        if same_database(client, buffer):
+        if same_database(client, buffer, (ep.what, "log")):
             raise ConfigError(f"log {mask_uri(log_uri)} is the {ep.what} database itself: the "
                               "Redis Streams log needs a buffer Redis (another server or database)")
     except redis.RedisError:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import redis
 
+from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
@@ -75,6 +76,11 @@ class _Side:
     error: type[ConveyorError]
     name: str
 
+    def failed(self, what: str, e: Exception) -> ConveyorError:
+        """One line: a refused permission names the command to grant, else ``what`` failed."""
+        line = refused_line(e, self.name, user_of(self.client))
+        return self.error(line or f"{self.name} {what} failed during verify: {e}")
+
     def read(self, keys: list[bytes]) -> tuple[int, list]:
         now = now_millis()
         p = self.client.pipeline(transaction=False)
@@ -85,7 +91,7 @@ class _Side:
         try:
             return now, p.execute()
         except redis.RedisError as e:
-            raise self.error(f"{self.name} read failed during verify: {e}") from e
+            raise self.failed("read", e) from e
 
     def expiry(self, now: int, raw: int) -> int | None:
         if raw < 0:
@@ -113,7 +119,8 @@ class Verifier:
         try:
             info = server_info(client)
         except redis.RedisError as e:
-            raise err(f"{name} unreachable for verify: {e}") from e
+            line = refused_line(e, name, user_of(client))
+            raise err(line or f"{name} unreachable for verify: {e}") from e
         return _Side(client, info.has_pexpiretime, err, name)
 
     def stop(self) -> None:
@@ -144,7 +151,8 @@ class Verifier:
         try:
             return side.client.dbsize()
         except redis.RedisError as e:
-            raise side.error(f"{side.name} unreachable for verify: {e}") from e
+            line = refused_line(e, side.name, user_of(side.client))
+            raise side.error(line or f"{side.name} unreachable for verify: {e}") from e
 
     def _scan(self, side: _Side, args: dict, select: Callable[[list[bytes]], list[bytes]]):
         cursor = 0
@@ -153,7 +161,7 @@ class Verifier:
             try:
                 cursor, keys = side.client.scan(cursor, count=self.scan_count, **args)
             except redis.RedisError as e:
-                raise side.error(f"{side.name} SCAN failed during verify: {e}") from e
+                raise side.failed("SCAN", e) from e
             buf += select(keys)
             while len(buf) >= self.batch:
                 yield buf[:self.batch]
@@ -188,13 +196,19 @@ class Verifier:
 
     def _same_value(self, key: bytes, name: bytes, type_: str) -> bool:
         try:
-            ids = self.stream_ids
-            return (read_typed(self.src.client, key, type_, stream_ids=ids)
-                    == read_typed(self.dst.client, name, type_, stream_ids=ids))
+            return self._typed(self.src, key, type_) == self._typed(self.dst, name, type_)
         except redis.ResponseError:
             return False                   # changed type or vanished mid-read: re-checked later
         except redis.RedisError as e:
             raise TargetError(f"typed read failed during verify: {e}") from e
+
+    def _typed(self, side: _Side, key: bytes, type_: str):
+        try:
+            return read_typed(side.client, key, type_, stream_ids=self.stream_ids)
+        except redis.ResponseError as e:
+            if is_noperm(e):
+                raise side.failed("typed read", e) from e
+            raise
 
     def _ttl_diff(self, s: int | None, t: int | None) -> str:
         if s is None and t is None:

@@ -29,6 +29,7 @@ from datetime import datetime
 
 import redis
 
+from conveyor.acl import user_of
 from conveyor.endpoints import server_info
 from conveyor.errors import LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
@@ -49,7 +50,7 @@ TRIM_MODES = ("retention", "acked", "none")
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
     r = client(uri, opts)
     try:
-        with converted("looking for the log's streams"):
+        with converted("looking for the log's streams", user_of(r)):
             return bool(r.exists(*stream_names(opts)))
     finally:
         r.close()
@@ -61,7 +62,7 @@ class StreamLogWriter(StreamLog, LogWriter):
         self._buf: list[tuple[bytes, bytes, bytes]] = []
         self._buf_bytes = 0
         self._last_added: dict[str, str] = {}
-        with converted("opening the log"):
+        with converted("opening the log", self.user):
             # XADD NOMKSTREAM (6.2+) to a stream that exists: a deleted stream is noticed, not
             # silently recreated empty.
             self._nomkstream = tuple(server_info(self.r).version) >= (6, 2)
@@ -149,7 +150,8 @@ class StreamLogWriter(StreamLog, LogWriter):
 
     def close(self) -> None:
         try:
-            self.flush()
+            if not self.refused:            # refused: flushing would only say it again
+                self.flush()
         finally:
             self.r.close()
 
@@ -181,7 +183,7 @@ class StreamLogReader(StreamLog, LogReader):
         self._ready = True
         if observe:
             return
-        with converted("creating the consumer group"):
+        with converted("creating the consumer group", self.user):
             self._create_groups()
         if start != "committed":
             self.seek(start)
@@ -438,7 +440,7 @@ class StreamLogReader(StreamLog, LogReader):
     def close(self) -> None:
         try:
             if not self.observe and self._leases.owned:
-                with converted("releasing leases"):
+                with converted("releasing leases", self.user):
                     self._leases.update("leave")   # the other members take them over at once
         except LogError:
             pass                                   # they lapse on their own
@@ -449,14 +451,15 @@ class StreamLogReader(StreamLog, LogReader):
 class StreamMetaStore(MetaStore):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         self.r = client(uri, opts)
+        self.user = user_of(self.r)
         self.key = f"{opts.get('stream', 'conveyor')}:meta"
 
     def put(self, name: str, doc: dict) -> None:
-        with converted("HSET meta"):
+        with converted("HSET meta", self.user):
             self.r.hset(self.key, name, json.dumps(doc))
 
     def get(self, name: str) -> dict | None:
-        with converted("HGET meta"):
+        with converted("HGET meta", self.user):
             v = self.r.hget(self.key, name)
         return json.loads(v) if v is not None else None
 

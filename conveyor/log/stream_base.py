@@ -12,6 +12,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import Tls, connect, mask_uri
 from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
 
@@ -26,7 +27,8 @@ TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
 
 
 @contextmanager
-def converted(what: str):
+def converted(what: str, user: str | None = None):
+    """Driver errors as ours; a refused permission names the command to grant ``user``."""
     try:
         yield
     except ConveyorError:
@@ -35,6 +37,9 @@ def converted(what: str):
         raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is unavailable: {e}") from e
     except redis.ResponseError as e:
         msg = str(e)
+        line = refused_line(e, "log", user)
+        if line:
+            raise LogError(line) from e
         if isinstance(e, redis.ReadOnlyError) or msg.startswith(TRANSIENT_REPLIES):
             raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is not ready: {e}") from e
         if msg.startswith("NOGROUP"):
@@ -147,12 +152,14 @@ class StreamLog:
         self._ready = False
         self.r = client(uri, opts, self._connected)
         self.uri = mask_uri(uri)
+        self.user = user_of(self.r)
+        self.refused = False                # the buffer refused a permission (ACL)
         self.prefix = opts.get("stream", "conveyor")
         self.streams = stream_names(opts)
         self.id_key = f"{self.prefix}:id"
         self._down = False
         self.warnings = []
-        with converted("opening the log"):
+        with converted("opening the log", self.user):
             if create:
                 self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
             self.log_id = text(self.r.get(self.id_key) or b"")
@@ -190,7 +197,7 @@ class StreamLog:
             self.check_identity()
             self._down = False
         try:
-            with converted(what):
+            with converted(what, self.user):
                 yield
         except LogUnavailable:
             self._down = True
@@ -198,9 +205,13 @@ class StreamLog:
         except LogLost:
             self._down = True
             raise
+        except LogError as e:
+            # A refused permission stays refused: close() must not repeat the same line.
+            self.refused = self.refused or is_noperm(e.__cause__ or "")
+            raise
 
     def check_identity(self) -> None:
-        with converted("checking the log's identity"):
+        with converted("checking the log's identity", self.user):
             self._verify(self.r.execute_command)
 
     def _verify(self, run) -> None:
@@ -221,7 +232,7 @@ class StreamLog:
         """Backend hook: a new connection replaced one that was cut (replies may be lost)."""
 
     def adopt_new_log(self) -> None:
-        with converted("adopting the log as it is now"):
+        with converted("adopting the log as it is now", self.user):
             self._ready = False
             self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
             self.log_id = text(self.r.get(self.id_key))
