@@ -42,6 +42,7 @@ log = logging.getLogger("conveyor.kafka")
 
 OURS = ("partitions", "replication.factor", "consumer")
 METADATA_TIMEOUT_S = 10.0
+METADATA_STEP_S = 1.0         # a metadata lookup is retried this often until METADATA_TIMEOUT_S
 APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
 KEEPALIVE_POLLS = 100         # events served per keepalive() at most
 # A commit refused because the group moved to a new generation (a member joined or left) is made
@@ -71,8 +72,9 @@ def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
     topic = topic.strip("/")
     if not hosts or not topic:
         raise LogError(f"Kafka log URI {uri!r}: expected kafka://host:port[,host:port]/topic")
+    secrets = tuple(v for k, v in opts.items() if k in SECRET_OPTS and v)
     props: dict = {"bootstrap.servers": hosts, "log_level": RDKAFKA_LOG_LEVEL, "logger": _RDKAFKA_LOG,
-                   "error_cb": _error_cb}
+                   "error_cb": _SecurityWatch(secrets)}
     topic_cfg: dict = {"cleanup.policy": "compact"}
     create: dict = {"partitions": 1, "replication.factor": 1}
     for k, v in opts.items():
@@ -125,6 +127,55 @@ def _error_cb(err: KafkaError) -> None:
     log.info("kafka client: %s", err)
 
 
+# Log options whose values are secrets: never part of any message.
+SECRET_OPTS = ("sasl.password", "ssl.key.password", "ssl.keystore.password",
+               "sasl.oauthbearer.client.secret")
+# The broker's TLS alerts when it refuses our client certificate (mutual TLS).
+CLIENT_CERT_ALERTS = ("alert bad certificate", "alert certificate required", "alert unknown ca",
+                      "alert handshake failure")
+
+
+def _security_cause(err: KafkaError) -> str | None:
+    """What is wrong when ``err`` is a security failure that waiting cannot cure, else None.
+    librdkafka retries these for ever and reports them only through error_cb."""
+    code, text = err.code(), err.str()
+    if code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        return ("SASL authentication failed: wrong sasl.username or sasl.password, or "
+                "sasl.mechanism not enabled for this user on the broker")
+    if "certificate verify failed" in text:
+        reason = text.split("certificate verify failed", 1)[1].split("(after", 1)[0].strip(": ")
+        reason = reason.split(": verify that", 1)[0].split(", verify that", 1)[0]
+        return ("TLS: the broker's certificate is not trusted"
+                + (f" ({reason})" if reason else "")
+                + ": ssl.ca.location must name the CA that signed it")
+    if any(a in text for a in CLIENT_CERT_ALERTS):
+        return ("TLS: the broker refused the client certificate (none given, or not signed by a CA "
+                "it trusts): set ssl.certificate.location and ssl.key.location")
+    if code == KafkaError._SSL:
+        return f"TLS failed: {text.split('(after', 1)[0].strip()}"
+    return None
+
+
+class _SecurityWatch:
+    """The client's error_cb: passes every error to our logger, and keeps the first security
+    failure (wrong password, untrusted certificate) so that opening the log says it in one line
+    instead of waiting for a broker that will never let us in."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        self.secrets = secrets
+        self.cause: str | None = None
+
+    def __call__(self, err: KafkaError) -> None:
+        _error_cb(err)
+        if self.cause is None:
+            self.cause = _security_cause(err)
+
+    def masked(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
+
+
 # Errors that a broker coming back (or a group settling) cures: the call is made again.
 TRANSIENT = {getattr(KafkaError, n) for n in (
     "_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_TIMED_OUT_QUEUE", "_WAIT_COORD",
@@ -156,13 +207,26 @@ def _client_props(props: dict) -> dict:
 
 
 def _cluster(props: dict):
-    """(admin client, cluster metadata). Unreachable -> LogUnavailable."""
+    """(admin client, cluster metadata). Unreachable -> LogUnavailable; refused (authentication,
+    TLS) -> LogError. Asked in short steps so a refusal is seen within a second or so."""
     admin = _made(AdminClient, _client_props(props))
-    try:
-        return admin, admin.list_topics(timeout=METADATA_TIMEOUT_S)
-    except KafkaException as e:
-        admin.poll(0)                  # hands librdkafka's lines about it to our logger (-v)
-        raise _failure(e, f"cannot reach Kafka at {props['bootstrap.servers']}") from e
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            return admin, admin.list_topics(timeout=METADATA_STEP_S)
+        except KafkaException as e:
+            admin.poll(0)              # serves error_cb, and hands librdkafka's lines to -v
+            _refused(props)
+            if time.monotonic() >= deadline or not _transient(e.args[0] if e.args else e):
+                raise _failure(e, f"cannot reach Kafka at {props['bootstrap.servers']}") from e
+
+
+def _refused(props: dict) -> None:
+    """LogError (no waiting) when the client met a security failure."""
+    watch = props.get("error_cb")
+    if isinstance(watch, _SecurityWatch) and watch.cause:
+        raise LogError(watch.masked(f"Kafka at {props['bootstrap.servers']} refused the "
+                                    f"connection: {watch.cause}"))
 
 
 def _topic_id(admin: AdminClient, topic: str) -> str:
