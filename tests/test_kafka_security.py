@@ -8,6 +8,7 @@ import json
 import uuid
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests import cli
 from tests.certs import make_certs
@@ -81,11 +82,11 @@ def test_capture_apply_over_mutual_tls(secure_broker, certs, redis_factory):
     copy_through(f"kafka://{secure_broker.bootstrap_ssl}/{topic()}", mtls_opts(certs), redis_factory)
 
 
-def refused(log: str, opts: list[str], redis_server, *extra: str) -> str:
-    """capture against a log that refuses us: one line, exit 1, no secret, within seconds."""
+def refused(log: str, opts: list[str], redis_server, code: int = 1) -> str:
+    """capture against a log that refuses us: one line, exit ``code``, no secret, no waiting."""
     redis_server.client().set("k", "v")
-    p = cli.run("capture", redis_server.url, "--log", log, *opts, *extra, timeout=60)
-    line = cli.assert_one_line_error(p, 1)
+    p = cli.run("capture", redis_server.url, "--log", log, *opts, timeout=60)
+    line = cli.assert_one_line_error(p, code)
     assert PASSWORD not in p.stdout + p.stderr
     return line
 
@@ -136,3 +137,41 @@ def test_plaintext_client_on_the_sasl_listener_is_not_mistaken_for_success(secur
         p.terminate()
         out, err = p.communicate(timeout=30)
     assert "capture: 1 keys" not in out, out + err
+
+
+def test_unreadable_ca_file_is_one_line_naming_it(secure_broker, certs, redis_server, tmp_path):
+    missing = tmp_path / "no-such-ca.crt"
+    line = refused(f"kafka://{secure_broker.bootstrap_sasl_ssl}/{topic()}",
+                   sasl_opts(certs, ca=missing), redis_server, code=2)
+    assert f"ssl.ca.location={missing}: no such file" in line, line
+
+
+def encrypted_client_key(certs, tmp_path, passphrase: str):
+    key = serialization.load_pem_private_key(certs.client.key.read_bytes(), None)
+    path = tmp_path / "client-encrypted.key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(passphrase.encode())))
+    return path
+
+
+def encrypted_key_opts(certs, tmp_path, passphrase: str, given: str) -> list[str]:
+    key = encrypted_client_key(certs, tmp_path, passphrase)
+    # the later ssl.key.location wins (the CLI keeps the last KEY=VALUE)
+    return mtls_opts(certs) + _opts({"ssl.key.location": str(key), "ssl.key.password": given})
+
+
+def test_encrypted_client_key_opens_with_ssl_key_password(secure_broker, certs, redis_server, tmp_path):
+    passphrase = "kp-" + uuid.uuid4().hex[:10]
+    redis_server.client().set("k", "v")
+    p = cli.run("capture", redis_server.url, "--log", f"kafka://{secure_broker.bootstrap_ssl}/{topic()}",
+                *encrypted_key_opts(certs, tmp_path, passphrase, passphrase), timeout=60)
+    assert p.returncode == 0 and "capture: 1 keys" in p.stdout, p.stdout + p.stderr
+    assert passphrase not in p.stdout + p.stderr
+
+
+def test_wrong_ssl_key_password_is_one_line_without_it(secure_broker, certs, redis_server, tmp_path):
+    passphrase = "kp-" + uuid.uuid4().hex[:10]
+    line = refused(f"kafka://{secure_broker.bootstrap_ssl}/{topic()}",
+                   encrypted_key_opts(certs, tmp_path, passphrase, passphrase + "-bad"), redis_server, code=2)
+    assert "ssl.key.location" in line and "ssl.key.password" in line, line
+    assert passphrase not in line

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -96,7 +97,23 @@ def _made(cls, conf: dict):
     except (KafkaException, ValueError, TypeError) as e:
         err = e.args[0] if e.args else e
         text = err.str() if isinstance(err, KafkaError) else str(err)
-        raise ConfigError(f"Kafka log settings refused: {text}") from e
+        watch = conf.get("error_cb")
+        if isinstance(watch, _SecurityWatch):
+            text = watch.masked(text)
+        raise ConfigError(f"Kafka log settings refused: {_unreadable_file(text, conf) or text}") from e
+
+
+def _unreadable_file(text: str, conf: dict) -> str | None:
+    """librdkafka's "ssl.ca.location failed: <OpenSSL code>" said in words: which option, which
+    file, and whether it is missing or just not PEM of the right kind."""
+    m = re.search(r"(ssl\.[a-z.]*location) failed", text)
+    if not m or m.group(1) not in conf:
+        return None
+    prop, path = m.group(1), str(conf[m.group(1)])
+    why = ("no such file" if not os.path.exists(path) else
+           "not readable as a PEM key, or a wrong ssl.key.password" if prop == "ssl.key.location" else
+           "not readable as PEM")
+    return f"{prop}={path}: {why}"
 
 
 class _RdkafkaLog:
