@@ -175,3 +175,15 @@ def test_wrong_ssl_key_password_is_one_line_without_it(secure_broker, certs, red
                    encrypted_key_opts(certs, tmp_path, passphrase, passphrase + "-bad"), redis_server, code=2)
     assert "ssl.key.location" in line and "ssl.key.password" in line, line
     assert passphrase not in line
+
+
+def test_sasl_options_from_the_environment(secure_broker, certs, redis_server):
+    """CONVEYOR_CAPTURE_LOG_OPT (space-separated KEY=VALUE) keeps the password off the command
+    line, where any user of the machine could read it in the process list."""
+    redis_server.client().set("k", "v")
+    pairs = [a for a in sasl_opts(certs) if a != "--log-opt"]
+    env = {**cli.env(), "CONVEYOR_CAPTURE_LOG_OPT": " ".join(pairs)}
+    p = cli.run("capture", redis_server.url, "--log",
+                f"kafka://{secure_broker.bootstrap_sasl_ssl}/{topic()}", env=env, timeout=60)
+    assert p.returncode == 0 and "capture: 1 keys" in p.stdout, p.stdout + p.stderr
+    assert PASSWORD not in p.stdout + p.stderr
