@@ -4,6 +4,7 @@ is compared independently; refusals (wrong password, untrusted broker, no client
 one line, non-zero exit, never a wait, and no secret is ever printed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -117,6 +118,21 @@ def test_unknown_ca_for_the_broker_is_one_line(secure_broker, certs, redis_serve
         log, opts = f"kafka://{secure_broker.bootstrap_ssl}/{topic()}", mtls_opts(certs, ca=certs.other_ca)
     line = refused(log, opts, redis_server)
     assert "broker's certificate is not trusted" in line and "ssl.ca.location" in line, line
+    assert "expired" not in line and "host name" not in line
+
+
+@pytest.mark.parametrize("served, expected", [
+    ("expired", "certificate has expired"),
+    ("wrong_host", "not for this host name or address"),
+])
+def test_broker_certificate_problems_name_the_cause(certs, redis_server, served, expected):
+    """A broker of its own serving a bad certificate (signed by the right CA)."""
+    broker = KafkaBroker(secure=dataclasses.replace(certs, server=getattr(certs, served))).start()
+    try:
+        line = refused(f"kafka://{broker.bootstrap_ssl}/{topic()}", mtls_opts(certs), redis_server)
+    finally:
+        broker.stop()
+    assert "TLS: the broker's certificate" in line and expected in line, line
 
 
 def test_missing_client_certificate_is_one_line(secure_broker, certs, redis_server):

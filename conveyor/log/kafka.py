@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import time
 import uuid
 import weakref
@@ -147,6 +148,14 @@ def _error_cb(err: KafkaError) -> None:
 # Log options whose values are secrets: never part of any message.
 SECRET_OPTS = ("sasl.password", "ssl.key.password", "ssl.keystore.password",
                "sasl.oauthbearer.client.secret")
+UNTRUSTED = ("TLS: the broker's certificate is not trusted: ssl.ca.location must name the CA that "
+             "signed it")
+# Python's ssl words for what librdkafka's "certificate verify failed" leaves out.
+VERIFY_CAUSES = (
+    ("certificate has expired", "TLS: the broker's certificate has expired"),
+    ("mismatch", "TLS: the broker's certificate is not for this host name or address"),
+    ("not yet valid", "TLS: the broker's certificate is not valid yet"),
+)
 # The broker's TLS alerts when it refuses our client certificate (mutual TLS).
 CLIENT_CERT_ALERTS = ("alert bad certificate", "alert certificate required", "alert unknown ca",
                       "alert handshake failure")
@@ -160,11 +169,7 @@ def _security_cause(err: KafkaError) -> str | None:
         return ("SASL authentication failed: wrong sasl.username or sasl.password, or "
                 "sasl.mechanism not enabled for this user on the broker")
     if "certificate verify failed" in text:
-        reason = text.split("certificate verify failed", 1)[1].split("(after", 1)[0].strip(": ")
-        reason = reason.split(": verify that", 1)[0].split(", verify that", 1)[0]
-        return ("TLS: the broker's certificate is not trusted"
-                + (f" ({reason})" if reason else "")
-                + ": ssl.ca.location must name the CA that signed it")
+        return UNTRUSTED
     if any(a in text for a in CLIENT_CERT_ALERTS):
         return ("TLS: the broker refused the client certificate (none given, or not signed by a CA "
                 "it trusts): set ssl.certificate.location and ssl.key.location")
@@ -186,6 +191,11 @@ class _SecurityWatch:
         _error_cb(err)
         if self.cause is None:
             self.cause = _security_cause(err)
+            if self.cause == UNTRUSTED:
+                m = re.search(r"ssl://([^/\s]+)/", err.str())
+                self.broker = m.group(1) if m else None
+
+    broker: str | None = None          # the broker whose certificate was not trusted
 
     def masked(self, text: str) -> str:
         for s in self.secrets:
@@ -242,8 +252,28 @@ def _refused(props: dict) -> None:
     """LogError (no waiting) when the client met a security failure."""
     watch = props.get("error_cb")
     if isinstance(watch, _SecurityWatch) and watch.cause:
+        cause = watch.cause
+        if cause == UNTRUSTED and watch.broker:
+            cause = _untrusted_cause(watch.broker, props)
         raise LogError(watch.masked(f"Kafka at {props['bootstrap.servers']} refused the "
-                                    f"connection: {watch.cause}"))
+                                    f"connection: {cause}"))
+
+
+def _untrusted_cause(broker: str, props: dict) -> str:
+    """Why the broker's certificate failed verification (expired, another host, unknown CA):
+    librdkafka does not say, so one TLS handshake is made with Python's ssl just to ask."""
+    host, _, port = broker.rpartition(":")
+    try:
+        ctx = ssl.create_default_context(cafile=props.get("ssl.ca.location"))
+        ctx.check_hostname = props.get("ssl.endpoint.identification.algorithm", "https") != "none"
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return UNTRUSTED
+    except ssl.SSLCertVerificationError as e:
+        message = e.verify_message or ""
+        return next((cause for needle, cause in VERIFY_CAUSES if needle in message), UNTRUSTED)
+    except (OSError, ValueError):
+        return UNTRUSTED
 
 
 def _topic_id(admin: AdminClient, topic: str) -> str:
