@@ -16,6 +16,12 @@ cannot finish raises LogUnavailable and keeps the records queued; a commit, a st
 lookup that fails for a transient reason raises LogUnavailable and can be repeated. librdkafka's
 own log lines go to the ``conveyor.kafka`` logger at INFO, so they show only with ``-v``.
 The log's identity is the topic id: a topic deleted (and recreated) raises LogLost.
+
+Security (``security.protocol=SASL_SSL`` / ``SSL``): a refusal that waiting cannot cure (wrong SASL
+credentials, a broker certificate that is expired, for another host or from an unknown CA, a client
+certificate the broker refuses, an unreadable certificate or key file) is a LogError at once, one
+line naming the cause; librdkafka itself would retry it for ever. Secret options (``sasl.password``,
+``ssl.key.password``...) never appear in a message.
 """
 from __future__ import annotations
 
