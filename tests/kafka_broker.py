@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.certs import Certs
 from tests.servers import free_port, tail, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +30,31 @@ def _java() -> str:
 
 
 class KafkaBroker:
-    def __init__(self) -> None:
+    """``secure``: also a SASL_SSL listener (SCRAM-SHA-512, users ``scram_users`` made by the storage
+    format) and an SSL listener that requires a client certificate (mutual TLS), both serving the
+    certificate ``secure.server`` signed by ``secure.ca``. PLAINTEXT stays the inter-broker
+    listener and the one the fixture's readiness check uses."""
+
+    def __init__(self, secure: Certs | None = None, scram_users: dict[str, str] | None = None) -> None:
         self.port, self.controller_port = free_port(), free_port()
+        self.secure = secure
+        self.scram_users = scram_users or {}
+        self.sasl_port = free_port() if secure else 0
+        self.ssl_port = free_port() if secure else 0
         self.dir = Path(tempfile.mkdtemp(prefix="conveyor-kafka-"))
         self.proc: subprocess.Popen | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def bootstrap_sasl_ssl(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def bootstrap_ssl(self) -> str:
+        return f"127.0.0.1:{self.ssl_port}"
 
     def _classpath(self) -> str:
         jars = sorted(LIBS.glob("*.jar"))
@@ -66,9 +84,40 @@ class KafkaBroker:
             "log.cleaner.dedupe.buffer.size": str(4 * 1024 * 1024),
             "log.cleaner.backoff.ms": "1000",
         }
+        if self.secure:
+            props.update(self._secure_properties())
         path = self.dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return path
+
+    def _secure_properties(self) -> dict[str, str]:
+        """The SASL_SSL and SSL listeners. Kafka 4.x reads PEM: the keystore file holds the
+        (unencrypted PKCS#8) key followed by the certificate; the truststore file the CA."""
+        c = self.secure
+        keystore = self.dir / "server-keystore.pem"
+        keystore.write_bytes(c.server.key.read_bytes() + c.server.cert.read_bytes())
+        listeners = (f"PLAINTEXT://127.0.0.1:{self.port},SASL_SSL://127.0.0.1:{self.sasl_port},"
+                     f"SSL://127.0.0.1:{self.ssl_port}")
+        return {
+            "listeners": f"{listeners},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": listeners,
+            "listener.security.protocol.map":
+                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.ssl.ssl.client.auth": "required",
+            "ssl.keystore.type": "PEM", "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM", "ssl.truststore.location": str(c.ca),
+        }
+
+    def _scram_args(self) -> list[str]:
+        """StorageTool's --add-scram: KRaft stores SCRAM credentials in the cluster metadata, so
+        the users exist from the first start (no broker round trip needed)."""
+        out: list[str] = []
+        for name, password in self.scram_users.items():
+            out += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+        return out
 
     def _java_cmd(self, main: str, *args: str) -> list[str]:
         return [_java(), "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
@@ -78,7 +127,7 @@ class KafkaBroker:
         props = self._properties()
         cluster = uuid.uuid4().hex[:22]
         fmt = subprocess.run(self._java_cmd("kafka.tools.StorageTool", "format", "-t", cluster,
-                                            "-c", str(props)),
+                                            "-c", str(props), *self._scram_args()),
                              capture_output=True, text=True, timeout=120)
         if fmt.returncode != 0:
             raise RuntimeError(f"kafka storage format failed: {fmt.stdout}{fmt.stderr}")

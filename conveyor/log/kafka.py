@@ -16,13 +16,21 @@ cannot finish raises LogUnavailable and keeps the records queued; a commit, a st
 lookup that fails for a transient reason raises LogUnavailable and can be repeated. librdkafka's
 own log lines go to the ``conveyor.kafka`` logger at INFO, so they show only with ``-v``.
 The log's identity is the topic id: a topic deleted (and recreated) raises LogLost.
+
+Security (``security.protocol=SASL_SSL`` / ``SSL``): a refusal that waiting cannot cure (wrong SASL
+credentials, a broker certificate that is expired, for another host or from an unknown CA, a client
+certificate the broker refuses, an unreadable certificate or key file) is a LogError at once, one
+line naming the cause; librdkafka itself would retry it for ever. Secret options (``sasl.password``,
+``ssl.key.password``...) never appear in a message.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
+import ssl
 import time
 import uuid
 import weakref
@@ -42,6 +50,7 @@ log = logging.getLogger("conveyor.kafka")
 
 OURS = ("partitions", "replication.factor", "consumer")
 METADATA_TIMEOUT_S = 10.0
+METADATA_STEP_S = 1.0         # a metadata lookup is retried this often until METADATA_TIMEOUT_S
 APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
 KEEPALIVE_POLLS = 100         # events served per keepalive() at most
 # A commit refused because the group moved to a new generation (a member joined or left) is made
@@ -71,8 +80,9 @@ def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
     topic = topic.strip("/")
     if not hosts or not topic:
         raise LogError(f"Kafka log URI {uri!r}: expected kafka://host:port[,host:port]/topic")
+    secrets = tuple(v for k, v in opts.items() if k in SECRET_OPTS and v)
     props: dict = {"bootstrap.servers": hosts, "log_level": RDKAFKA_LOG_LEVEL, "logger": _RDKAFKA_LOG,
-                   "error_cb": _error_cb}
+                   "error_cb": _SecurityWatch(secrets)}
     topic_cfg: dict = {"cleanup.policy": "compact"}
     create: dict = {"partitions": 1, "replication.factor": 1}
     for k, v in opts.items():
@@ -94,7 +104,23 @@ def _made(cls, conf: dict):
     except (KafkaException, ValueError, TypeError) as e:
         err = e.args[0] if e.args else e
         text = err.str() if isinstance(err, KafkaError) else str(err)
-        raise ConfigError(f"Kafka log settings refused: {text}") from e
+        watch = conf.get("error_cb")
+        if isinstance(watch, _SecurityWatch):
+            text = watch.masked(text)
+        raise ConfigError(f"Kafka log settings refused: {_unreadable_file(text, conf) or text}") from e
+
+
+def _unreadable_file(text: str, conf: dict) -> str | None:
+    """librdkafka's "ssl.ca.location failed: <OpenSSL code>" said in words: which option, which
+    file, and whether it is missing or just not PEM of the right kind."""
+    m = re.search(r"(ssl\.[a-z.]*location) failed", text)
+    if not m or m.group(1) not in conf:
+        return None
+    prop, path = m.group(1), str(conf[m.group(1)])
+    why = ("no such file" if not os.path.exists(path) else
+           "not readable as a PEM key, or a wrong ssl.key.password" if prop == "ssl.key.location" else
+           "not readable as PEM")
+    return f"{prop}={path}: {why}"
 
 
 class _RdkafkaLog:
@@ -123,6 +149,64 @@ def _weak(method):
 
 def _error_cb(err: KafkaError) -> None:
     log.info("kafka client: %s", err)
+
+
+# Log options whose values are secrets: never part of any message.
+SECRET_OPTS = ("sasl.password", "ssl.key.password", "ssl.keystore.password",
+               "sasl.oauthbearer.client.secret")
+UNTRUSTED = ("TLS: the broker's certificate is not trusted: ssl.ca.location must name the CA that "
+             "signed it")
+# Python's ssl words for what librdkafka's "certificate verify failed" leaves out.
+VERIFY_CAUSES = (
+    ("certificate has expired", "TLS: the broker's certificate has expired"),
+    ("mismatch", "TLS: the broker's certificate is not for this host name or address"),
+    ("not yet valid", "TLS: the broker's certificate is not valid yet"),
+)
+# The broker's TLS alerts when it refuses our client certificate (mutual TLS).
+CLIENT_CERT_ALERTS = ("alert bad certificate", "alert certificate required", "alert unknown ca",
+                      "alert handshake failure")
+
+
+def _security_cause(err: KafkaError) -> str | None:
+    """What is wrong when ``err`` is a security failure that waiting cannot cure, else None.
+    librdkafka retries these for ever and reports them only through error_cb."""
+    code, text = err.code(), err.str()
+    if code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        return ("SASL authentication failed: wrong sasl.username or sasl.password, or "
+                "sasl.mechanism not enabled for this user on the broker")
+    if "certificate verify failed" in text:
+        return UNTRUSTED
+    if any(a in text for a in CLIENT_CERT_ALERTS):
+        return ("TLS: the broker refused the client certificate (none given, or not signed by a CA "
+                "it trusts): set ssl.certificate.location and ssl.key.location")
+    if code == KafkaError._SSL:
+        return f"TLS failed: {text.split('(after', 1)[0].strip()}"
+    return None
+
+
+class _SecurityWatch:
+    """The client's error_cb: passes every error to our logger, and keeps the first security
+    failure (wrong password, untrusted certificate) so that opening the log says it in one line
+    instead of waiting for a broker that will never let us in."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        self.secrets = secrets
+        self.cause: str | None = None
+
+    def __call__(self, err: KafkaError) -> None:
+        _error_cb(err)
+        if self.cause is None:
+            self.cause = _security_cause(err)
+            if self.cause == UNTRUSTED:
+                m = re.search(r"ssl://([^/\s]+)/", err.str())
+                self.broker = m.group(1) if m else None
+
+    broker: str | None = None          # the broker whose certificate was not trusted
+
+    def masked(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
 
 
 # Errors that a broker coming back (or a group settling) cures: the call is made again.
@@ -156,13 +240,46 @@ def _client_props(props: dict) -> dict:
 
 
 def _cluster(props: dict):
-    """(admin client, cluster metadata). Unreachable -> LogUnavailable."""
+    """(admin client, cluster metadata). Unreachable -> LogUnavailable; refused (authentication,
+    TLS) -> LogError. Asked in short steps so a refusal is seen within a second or so."""
     admin = _made(AdminClient, _client_props(props))
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            return admin, admin.list_topics(timeout=METADATA_STEP_S)
+        except KafkaException as e:
+            admin.poll(0)              # serves error_cb, and hands librdkafka's lines to -v
+            _refused(props)
+            if time.monotonic() >= deadline or not _transient(e.args[0] if e.args else e):
+                raise _failure(e, f"cannot reach Kafka at {props['bootstrap.servers']}") from e
+
+
+def _refused(props: dict) -> None:
+    """LogError (no waiting) when the client met a security failure."""
+    watch = props.get("error_cb")
+    if isinstance(watch, _SecurityWatch) and watch.cause:
+        cause = watch.cause
+        if cause == UNTRUSTED and watch.broker:
+            cause = _untrusted_cause(watch.broker, props)
+        raise LogError(watch.masked(f"Kafka at {props['bootstrap.servers']} refused the "
+                                    f"connection: {cause}"))
+
+
+def _untrusted_cause(broker: str, props: dict) -> str:
+    """Why the broker's certificate failed verification (expired, another host, unknown CA):
+    librdkafka does not say, so one TLS handshake is made with Python's ssl just to ask."""
+    host, _, port = broker.rpartition(":")
     try:
-        return admin, admin.list_topics(timeout=METADATA_TIMEOUT_S)
-    except KafkaException as e:
-        admin.poll(0)                  # hands librdkafka's lines about it to our logger (-v)
-        raise _failure(e, f"cannot reach Kafka at {props['bootstrap.servers']}") from e
+        ctx = ssl.create_default_context(cafile=props.get("ssl.ca.location"))
+        ctx.check_hostname = props.get("ssl.endpoint.identification.algorithm", "https") != "none"
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return UNTRUSTED
+    except ssl.SSLCertVerificationError as e:
+        message = e.verify_message or ""
+        return next((cause for needle, cause in VERIFY_CAUSES if needle in message), UNTRUSTED)
+    except (OSError, ValueError):
+        return UNTRUSTED
 
 
 def _topic_id(admin: AdminClient, topic: str) -> str:
