@@ -287,6 +287,8 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     target_db = default_target_db(src.uri, dst.uri)
     target = dst.connect(db=target_db)
     refuse_same_database(source, target, dst)
+    refuse_log_on(source, src, log_uri, log_opts)      # before capture opens (and marks) the log
+    refuse_log_on(target, dst, log_uri, log_opts)
     echo(f"replicate: {src.masked} -> {dst.masked} through {mask_uri(log_uri)}")
     interrupts = Interrupts()
     display = Display(progress)
