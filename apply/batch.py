@@ -22,6 +22,7 @@ from conveyor.errors import CodecError
 from conveyor.events import Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import Record
+from conveyor.packed import Batch
 from conveyor.rdb import decode_dump
 
 # --merge-policy merge adds elements to what the target holds, which is harmless to replay for
@@ -135,7 +136,7 @@ class BatchWriter:
         pipeline (the data-loss watch); its replies are kept in the result."""
         v7 = self._target_v7(target)
         now = now_millis()
-        pipe = target.pipeline(transaction=False)
+        pipe = Batch()
         res = BatchResult()
         parts = dict(self.open_parts)          # kept only once the target acknowledged
         plan: list[Planned] = []
@@ -156,7 +157,7 @@ class BatchWriter:
                 pipe.execute_command(*c)
             plan.append(p)
         probed = probe is not None and probe.queue(pipe)
-        replies = _execute(pipe)
+        replies = _execute(target, pipe)
         if probed:
             res.probe = replies[-3:]
         res.tally.temp_cleaned += sum(replies[i] for i in cleanups)
@@ -289,7 +290,7 @@ class BatchWriter:
     def _convert(self, target: redis.Redis, convs: list[Conversion], plan: list[Planned], v7: bool,
                  res: BatchResult, leftovers: list[bytes]) -> None:
         now = now_millis()
-        pipe = target.pipeline(transaction=False)
+        pipe = Batch()
         sent: list[tuple[Conversion, dict, int, int]] = []
         for c in convs:
             p = c.planned
@@ -314,7 +315,7 @@ class BatchWriter:
             starts.append(len(pipe))
             for cmd in p.commands:
                 pipe.execute_command(*cmd)
-        replies = _execute(pipe)
+        replies = _execute(target, pipe)
         for c, value, start, n in sent:
             p = c.planned
             errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
@@ -385,20 +386,18 @@ def _text(v) -> str:
     return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
-def _execute(pipe) -> list:
+def _execute(target: redis.Redis, pipe: Batch) -> list:
     if not len(pipe):
         return []
-    sent = [args for args, _ in pipe.command_stack]
     try:
-        replies = pipe.execute(raise_on_error=False)
+        replies = pipe.run(target)
     except Exception as e:  # noqa: BLE001 - classified in one place
         raise_for_connection(e)
-    check_replies(replies, sent)
+    check_replies(replies, pipe.commands)
     return replies
 
 
 def _execute_commands(target: redis.Redis, commands: list[tuple]) -> list:
-    pipe = target.pipeline(transaction=False)
-    for c in commands:
-        pipe.execute_command(*c)
-    return _execute(pipe)
+    pipe = Batch()
+    pipe.commands = list(commands)
+    return _execute(target, pipe)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import redis
 
+from conveyor import packed
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
@@ -75,17 +76,15 @@ class _Side:
     error: type[ConveyorError]
     name: str
 
-    def read(self, keys: list[bytes]) -> tuple[int, list]:
-        now = now_millis()
-        p = self.client.pipeline(transaction=False)
-        for k in keys:
-            p.execute_command("TYPE", k)
-            p.execute_command("DUMP", k)
-            p.execute_command("PEXPIRETIME" if self.absolute else "PTTL", k)
-        try:
-            return now, p.execute()
-        except redis.RedisError as e:
-            raise self.error(f"{self.name} read failed during verify: {e}") from e
+    def commands(self, keys: list[bytes]) -> list[tuple]:
+        expiry = "PEXPIRETIME" if self.absolute else "PTTL"
+        return [c for k in keys for c in (("TYPE", k), ("DUMP", k), (expiry, k))]
+
+    def check(self, replies: list) -> list:
+        for r in replies:
+            if isinstance(r, Exception):
+                raise self.error(f"{self.name} read failed during verify: {r}")
+        return replies
 
     def expiry(self, now: int, raw: int) -> int | None:
         if raw < 0:
@@ -165,8 +164,8 @@ class Verifier:
 
     def _compare(self, keys: list[bytes]) -> list[Diff]:
         names = [self.rewriter(k) for k in keys] if not self.rewriter.identity else keys
-        snow, s = self.src.read(keys)
-        tnow, t = self.dst.read(names)
+        snow = tnow = now_millis()
+        s, t = self._read_both(keys, names)
         diffs = []
         for i, (key, name) in enumerate(zip(keys, names)):
             stype, sdump, sexp = s[3 * i:3 * i + 3]
@@ -185,6 +184,16 @@ class Verifier:
                 if d:
                     diffs.append(Diff("ttl", key, name, d))
         return diffs
+
+    def _read_both(self, keys: list[bytes], names: list[bytes]) -> tuple[list, list]:
+        """TYPE, DUMP and expiry of each key on both sides, the two servers read at once."""
+        try:
+            s, t = packed.run_on([(self.src.client, self.src.commands(keys)),
+                                  (self.dst.client, self.dst.commands(names))])
+        except redis.RedisError as e:
+            side = self.dst if getattr(e, "batch", 0) else self.src
+            raise side.error(f"{side.name} read failed during verify: {e}") from e
+        return self.src.check(s), self.dst.check(t)
 
     def _same_value(self, key: bytes, name: bytes, type_: str) -> bool:
         try:

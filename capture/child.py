@@ -1,0 +1,102 @@
+"""Capture in a process of its own, for ``replicate``: capture and apply then run on two cores
+instead of sharing one interpreter lock.
+
+The parent tells the child to stop over a pipe (its own SIGINT/SIGTERM handler does, once), and
+the child sends back its CaptureStats or the one line of its failure. The child ignores SIGINT: a
+Ctrl-C reaches the whole process group, and the parent's stop is the one that counts (a second
+Ctrl-C aborts the parent, whose end closes the pipe: the child then stops cleanly too). SIGTERM
+sent to the child itself stops it cleanly as well.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+
+from conveyor.errors import ConveyorError
+
+log = logging.getLogger("conveyor.capture")
+
+
+class CaptureChild:
+    """Runs capture (as ``conveyor capture`` would) in a spawned process."""
+
+    def __init__(self, src, log_uri: str, log_opts: dict, key_filter, opts) -> None:
+        from conveyor.progress import Display
+
+        ctx = multiprocessing.get_context("spawn")
+        self._stop_r, self._stop_w = ctx.Pipe(duplex=False)
+        self._result_r, result_w = ctx.Pipe(duplex=False)
+        fmt = "json" if Display.json else "text"
+        self.proc = ctx.Process(target=_main, name="conveyor-capture", daemon=True,
+                                args=(self._stop_r, result_w, src, log_uri, log_opts, key_filter,
+                                      opts, logging.getLogger().level, fmt))
+        self._result_w = result_w
+        self.result = None
+        self.error: ConveyorError | None = None
+
+    def start(self) -> None:
+        self.proc.start()
+        self._stop_r.close()                 # the child's ends belong to the child now
+        self._result_w.close()
+
+    def is_alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self) -> None:
+        try:
+            self._stop_w.send("stop")
+        except (OSError, ValueError):
+            pass                             # already gone: nothing left to stop
+
+    def join(self) -> None:
+        try:
+            kind, what = self._result_r.recv()
+        except (EOFError, OSError):
+            self.proc.join()
+            kind, what = "error", (f"the capture process ended without a result (exit code "
+                                   f"{self.proc.exitcode})")
+        self.proc.join()
+        self._stop_w.close()
+        self._result_r.close()
+        if kind == "ok":
+            self.result = what
+        else:
+            self.error = ConveyorError(what)
+
+
+def _main(stop_r, result_w, src, log_uri, log_opts, key_filter, opts, level, fmt) -> None:
+    from conveyor.commands import _capture_process, _close
+    from conveyor.progress import Display, setup_logging
+    from conveyor.runner import Interrupts
+
+    setup_logging(level, fmt)
+    interrupts = Interrupts()
+    with interrupts.installed():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts, Display(False))
+        except ConveyorError as e:
+            result_w.send(("error", str(e)))
+            return
+        interrupts.register(proc)
+        threading.Thread(target=_stop_when_told, args=(stop_r, proc), daemon=True).start()
+        try:
+            result_w.send(("ok", proc.run()))
+        except ConveyorError as e:
+            result_w.send(("error", str(e)))
+        except Exception as e:  # noqa: BLE001 - reported by the parent as one line
+            log.exception("capture failed")
+            result_w.send(("error", f"capture failed: {type(e).__name__}: {e}"))
+        finally:
+            _close(*res)
+
+
+def _stop_when_told(stop_r, proc) -> None:
+    """A message, or the parent's end of the pipe closing (the parent is gone), stops capture."""
+    try:
+        stop_r.recv()
+    except (EOFError, OSError):
+        pass
+    proc.stop()
