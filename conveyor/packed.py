@@ -86,8 +86,8 @@ class _Exchange:
             for c in commands:
                 try:
                     b = pack(c)
-                except TypeError:          # bytearray, bool, ...: as redis-py would send them
-                    b = pack(tuple(enc.encode(a) for a in c))
+                except TypeError:          # bytearray, bool, ...: as redis-py would take them
+                    b = pack(tuple(_encoded(enc, a) for a in c))
                 chunk.append(b)
                 size += len(b)
                 if size >= SEND_BYTES:
@@ -134,3 +134,8 @@ class _Exchange:
 
     def _where(self) -> str:
         return f"{getattr(self.conn, 'host', '?')}:{getattr(self.conn, 'port', '?')}"
+
+
+def _encoded(enc, a):
+    a = enc.encode(a)                       # raises DataError for what redis-py refuses
+    return bytes(a) if isinstance(a, (bytearray, memoryview)) else a

@@ -1,0 +1,91 @@
+"""The throughput work of issue 11 that changes behaviour: replicate's capture in a process of its
+own, and batches sent packed with replies parsed by hiredis (conveyor/packed.py). Real servers;
+outcomes checked with tests/compare.py."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import redis
+
+from conveyor import packed
+from tests import cli
+from tests.compare import differences
+from tests.datasets import load_mixed
+
+
+def _wait_for_capture_progress(log_dir, keys: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        docs = [json.loads(p.read_text()) for p in (log_dir / "meta").glob("capture-*")]
+        if docs and docs[0].get("keys", 0) > keys:
+            return
+        time.sleep(0.05)
+    raise AssertionError("capture saved no progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_replicate_stops_its_capture_process_and_resumes(redis_factory, tmp_path, sig):
+    source, target = redis_factory(), redis_factory()
+    load_mixed(source.client(), 60000)
+    log_uri = f"file:{tmp_path / 'log'}"
+    proc = cli.start("replicate", source.url, target.url, "--log", log_uri, "--scan-count", "10")
+    _wait_for_capture_progress(tmp_path / "log", 1000)
+    proc.send_signal(sig)                   # to the parent only: it must stop its capture child
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert "interrupted; run the same command again" in out, out
+    assert "snapshot interrupted (resumable" in out, out
+    # The capture process let go of the log (a capture still running would hold its lock).
+    again = cli.run("replicate", source.url, target.url, "--log", log_uri, check=True)
+    assert "[resumed]" in again.stdout and "snapshot complete" in again.stdout, again.stdout
+    assert differences(source.client(), target.client()) == []
+
+
+def test_replicate_reports_a_capture_failure_in_one_line(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    source.client().set("k", "v")
+    source.client().acl_setuser("nodump", enabled=True, passwords=["+pw"],
+                                commands=["+@all", "-dump", "-evalsha", "-eval"], keys=["*"])
+    url = source.url.replace("redis://", "redis://nodump:pw@")
+    p = cli.run("replicate", url, target.url, "--log", f"file:{tmp_path / 'log'}")
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "pw@" not in p.stdout + p.stderr
+
+
+def test_packed_batch_keeps_error_replies_in_place(redis_factory):
+    r = redis_factory().client()
+    replies = packed.run(r, [("SET", "a", 1), ("LPUSH", "a", "x"), ("INCRBY", "a", 2.5),
+                             ("GET", "a"), ("SET", "b", bytearray(b"ba"))])
+    assert replies[0] == b"OK" and replies[3] == b"1" and replies[4] == b"OK"
+    assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert isinstance(replies[2], redis.ResponseError)
+    assert r.get("b") == b"ba"
+    with pytest.raises(redis.DataError):
+        packed.run(r, [("SET", "c", True)])
+    assert r.ping()                         # the connection is still usable after a refusal
+
+
+def test_packed_batch_bigger_than_one_send(redis_factory):
+    r = redis_factory().client()
+    value = b"x" * 100_000
+    n = 2 * packed.SEND_BYTES // len(value) + 3     # replies arrive while the rest is sent
+    replies = packed.run(r, [("SET", f"k{i}", value) for i in range(n)]
+                         + [("GET", f"k{i}") for i in range(n)])
+    assert replies[:n] == [b"OK"] * n and replies[n:] == [value] * n
+    assert r.dbsize() == n
+
+
+def test_packed_batches_on_two_servers_and_a_lost_connection(redis_factory):
+    a, b = redis_factory(), redis_factory()
+    ra, rb = a.client(), b.client()
+    sa, sb = packed.run_on([(ra, [("SET", "x", "1"), ("GET", "x")]), (rb, [("GET", "x")])])
+    assert sa == [b"OK", b"1"] and sb == [None]
+    b.stop()
+    with pytest.raises(redis.ConnectionError) as e:
+        packed.run_on([(ra, [("GET", "x")]), (rb, [("GET", "x")])])
+    assert e.value.batch == 1               # the failure names the batch it belongs to
+    assert packed.run(ra, [("GET", "x")]) == [b"1"]
