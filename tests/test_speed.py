@@ -89,3 +89,31 @@ def test_packed_batches_on_two_servers_and_a_lost_connection(redis_factory):
         packed.run_on([(ra, [("GET", "x")]), (rb, [("GET", "x")])])
     assert e.value.batch == 1               # the failure names the batch it belongs to
     assert packed.run(ra, [("GET", "x")]) == [b"1"]
+
+
+def test_verify_compares_differently_encoded_collections_by_content(redis_factory):
+    source, target = redis_factory(), redis_factory()
+    s, t = source.client(), target.client()
+    for r in (t,):               # the target stores them in another encoding: DUMP bytes differ
+        r.config_set("hash-max-listpack-entries", 0)
+        r.config_set("set-max-intset-entries", 0)
+        r.config_set("zset-max-listpack-entries", 0)
+    for r in (s, t):
+        r.hset("h", mapping={"a": 1, "b": 2})
+        r.sadd("s", 1, 2, 3)
+        r.zadd("z", {"a": 1.5, "b": 2})
+        r.sadd("big", *range(2500))                 # more than one SCAN page
+        r.hset("h2", mapping={"a": 1})
+        r.sadd("big2", *range(2500))
+    assert s.dump("h") != t.dump("h") and s.dump("s") != t.dump("s")
+    out = cli.run("verify", source.url, target.url)
+    assert out.returncode == 0 and "0 value" in out.stdout, out.stdout + out.stderr
+    t.hset("h2", "a", 9)                             # one page: settled from the page
+    t.srem("big2", 7)
+    t.sadd("big2", "x")                              # several pages: read page by page
+    t.zadd("z", {"a": 1.25})
+    out = cli.run("verify", source.url, target.url, "--show-diffs")
+    assert out.returncode == 1, out.stdout
+    assert "3 value" in out.stdout and "'h2'" in out.stdout and "'big2'" in out.stdout, out.stdout
+    assert "'z'" in out.stdout and "'big'" not in out.stdout.replace("'big2'", ""), out.stdout
+    assert len(differences(s, t)) == 3
