@@ -1,8 +1,9 @@
 """Capture in a process of its own, for ``replicate``: capture and apply then run on two cores
 instead of sharing one interpreter lock.
 
-The parent tells the child to stop over a pipe (its own SIGINT/SIGTERM handler does, once), and
-the child sends back its CaptureStats or the one line of its failure. The child ignores SIGINT: a
+The parent tells the child to stop over a pipe (its own SIGINT/SIGTERM handler does, once); the
+child sends back its progress (shown by the parent's display, next to apply's) and, at the end,
+its CaptureStats or the one line of its failure. The child ignores SIGINT: a
 Ctrl-C reaches the whole process group, and the parent's stop is the one that counts (a second
 Ctrl-C aborts the parent, whose end closes the pipe: the child then stops cleanly too). SIGTERM
 sent to the child itself stops it cleanly as well.
@@ -13,18 +14,22 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 
 from conveyor.errors import ConveyorError
 
 log = logging.getLogger("conveyor.capture")
 
+FORWARD_INTERVAL_S = 0.25
+
 
 class CaptureChild:
     """Runs capture (as ``conveyor capture`` would) in a spawned process."""
 
-    def __init__(self, src, log_uri: str, log_opts: dict, key_filter, opts) -> None:
+    def __init__(self, src, log_uri: str, log_opts: dict, key_filter, opts, display) -> None:
         from conveyor.progress import Display
 
+        self.display = display
         ctx = multiprocessing.get_context("spawn")
         self._stop_r, self._stop_w = ctx.Pipe(duplex=False)
         self._result_r, result_w = ctx.Pipe(duplex=False)
@@ -40,6 +45,29 @@ class CaptureChild:
         self.proc.start()
         self._stop_r.close()                 # the child's ends belong to the child now
         self._result_w.close()
+        self._listener = threading.Thread(target=self._listen, name="capture-results",
+                                          daemon=True)
+        self._listener.start()
+
+    def _listen(self) -> None:
+        """Progress until the outcome: the stats, or the one line of a failure."""
+        while True:
+            try:
+                kind, what = self._result_r.recv()
+            except (EOFError, OSError):
+                self.proc.join()
+                self.error = ConveyorError(f"the capture process ended without a result (exit "
+                                           f"code {self.proc.exitcode})")
+                return
+            if kind == "progress":
+                name, args, kw = what
+                self.display.update(name, *args, **kw)
+                continue
+            if kind == "ok":
+                self.result = what
+            else:
+                self.error = ConveyorError(what)
+            return
 
     def is_alive(self) -> bool:
         return self.proc.is_alive()
@@ -51,24 +79,30 @@ class CaptureChild:
             pass                             # already gone: nothing left to stop
 
     def join(self) -> None:
-        try:
-            kind, what = self._result_r.recv()
-        except (EOFError, OSError):
-            self.proc.join()
-            kind, what = "error", (f"the capture process ended without a result (exit code "
-                                   f"{self.proc.exitcode})")
+        self._listener.join()
         self.proc.join()
         self._stop_w.close()
         self._result_r.close()
-        if kind == "ok":
-            self.result = what
-        else:
-            self.error = ConveyorError(what)
+
+
+class _Forward:
+    """The child's display: progress sent to the parent, a few times a second per stage."""
+
+    def __init__(self, result_w) -> None:
+        self.result_w = result_w
+        self._sent: dict[str, float] = {}
+
+    def update(self, name: str, *args, **kw) -> None:
+        now = time.monotonic()
+        if now - self._sent.get(name, 0.0) < FORWARD_INTERVAL_S:
+            return
+        self._sent[name] = now
+        self.result_w.send(("progress", (name, args, kw)))
 
 
 def _main(stop_r, result_w, src, log_uri, log_opts, key_filter, opts, level, fmt) -> None:
     from conveyor.commands import _capture_process, _close
-    from conveyor.progress import Display, setup_logging
+    from conveyor.progress import setup_logging
     from conveyor.runner import Interrupts
 
     setup_logging(level, fmt)
@@ -76,7 +110,8 @@ def _main(stop_r, result_w, src, log_uri, log_opts, key_filter, opts, level, fmt
     with interrupts.installed():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts, Display(False))
+            proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts,
+                                         _Forward(result_w))
         except ConveyorError as e:
             result_w.send(("error", str(e)))
             return

@@ -280,7 +280,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     # process would share the interpreter lock).
     from capture.child import CaptureChild
 
-    worker = CaptureChild(src, log_uri, log_opts, key_filter, copts)
+    worker = CaptureChild(src, log_uri, log_opts, key_filter, copts, display)
     app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
                                rewriter, display, done=lambda: not worker.is_alive(),
                                source_db=target_db, first=target, wopts=wopts)
