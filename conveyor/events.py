@@ -23,6 +23,7 @@ MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
 CURRENT_SCHEMA = "event.v2.avsc"
 SCHEMAS = (CURRENT_SCHEMA, "event.v1.avsc")   # the current one first; older ones stay readable
+DECODE_RUN = 500                               # records decoded by one fastavro call
 
 
 class Kind(str, enum.Enum):
@@ -148,10 +149,11 @@ class Codec:
             if d is not None and d[:HEADER_LEN] == header:
                 bodies.append(d[HEADER_LEN:])
                 where.append(i)
-        dicts = self._read_array(bodies) if bodies else []
-        if dicts is not None:
-            for i, d in zip(where, dicts):
-                out[i] = _event(d)
+        for at in range(0, len(bodies), DECODE_RUN):    # bounded: one run's copy at a time
+            dicts = self._read_array(bodies[at:at + DECODE_RUN])
+            if dicts is not None:
+                for i, d in zip(where[at:at + DECODE_RUN], dicts):
+                    out[i] = _event(d)
         for i, d in enumerate(datas):
             if out[i] is None:              # another schema, or a batch with a bad record in it
                 try:

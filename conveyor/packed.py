@@ -16,7 +16,7 @@ import hiredis
 import redis
 
 READ_BYTES = 256 * 1024
-SEND_BYTES = 4 * 1024 * 1024          # a buffer sent at once (bounds the packed copy in memory)
+SEND_BYTES = 1024 * 1024          # a buffer sent at once (bounds the packed copy in memory)
 
 
 class Batch:

@@ -117,3 +117,18 @@ def test_verify_compares_differently_encoded_collections_by_content(redis_factor
     assert "3 value" in out.stdout and "'h2'" in out.stdout and "'big2'" in out.stdout, out.stdout
     assert "'z'" in out.stdout and "'big'" not in out.stdout.replace("'big2'", ""), out.stdout
     assert len(differences(s, t)) == 3
+
+
+def test_batch_decode_matches_one_by_one_and_isolates_a_bad_record():
+    from conveyor.events import DECODE_RUN, Codec, CodecError, Event, Kind
+    codec, old = Codec(), Codec(("event.v1.avsc",))
+    events = [Event(Kind.UPSERT, 0, b"k%d" % i, b"p" * (i % 40), None if i % 3 else i, 5, "c", i)
+              for i in range(DECODE_RUN * 2 + 7)]
+    records = [(old if i % 11 == 0 else codec).encode(e) for i, e in enumerate(events)]
+    records[DECODE_RUN + 3] = records[DECODE_RUN + 3][:-2]          # torn in the second run
+    got = codec.decode_many(records)
+    assert isinstance(got[DECODE_RUN + 3], CodecError)
+    for i, (g, r) in enumerate(zip(got, records)):
+        if i != DECODE_RUN + 3:
+            assert g == codec.decode(r), i
+    assert [g.key for g in got[:3]] == [b"k0", b"k1", b"k2"]
