@@ -225,12 +225,9 @@ class Applier:
         wins), and the markers in log order."""
         latest: dict[tuple, tuple[Event, Record]] = {}
         markers: list[tuple[Kind, str]] = []
-        decode = self.codec.decode
-        for rec in records:
-            try:
-                ev = decode(rec.value)
-            except CodecError as e:
-                self._dead_letter(rec, f"undecodable record: {e}")
+        for rec, ev in zip(records, self.codec.decode_many([r.value for r in records])):
+            if isinstance(ev, CodecError):
+                self._dead_letter(rec, f"undecodable record: {ev}")
                 continue
             if ev.chunk is not None:
                 # Parts of a key are applied one by one, in order. A whole state of the key read

@@ -23,6 +23,7 @@ from conveyor.errors import CodecError
 from conveyor.events import Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import Record
+from conveyor.packed import Batch
 from conveyor.rdb import decode_dump
 
 # --merge-policy merge adds elements to what the target holds, which is harmless to replay for
@@ -138,7 +139,7 @@ class BatchWriter:
         v7 = self._target_v7(target)
         self._user = user_of(target)           # named when the target refuses a permission
         now = now_millis()
-        pipe = target.pipeline(transaction=False)
+        pipe = Batch()
         res = BatchResult()
         parts = dict(self.open_parts)          # kept only once the target acknowledged
         plan: list[Planned] = []
@@ -155,18 +156,24 @@ class BatchWriter:
                 cleanups.append(len(pipe))
                 pipe.execute_command("DEL", stale)
             p.start = len(pipe)
-            for c in p.commands:
-                pipe.execute_command(*c)
+            pipe.commands += p.commands
             plan.append(p)
         probed = probe is not None and probe.queue(pipe)
-        replies = _execute(pipe)
+        replies = _execute(target, pipe)
         if probed:
             res.probe = replies[-3:]
         res.tally.temp_cleaned += sum(replies[i] for i in cleanups)
         convert: list[Conversion] = []
         leftovers: list[bytes] = []
-        for p in plan:
-            self._settle(p, replies[p.start:p.start + len(p.commands)], res, convert, leftovers)
+        if not any(isinstance(r, Exception) for r in replies) and not parts_in(plan):
+            # The common case, every write taken: counted without looking at each reply.
+            for p in plan:
+                p.ok = True
+                self._count(p, p.how, p.value, res.tally)
+        else:
+            for p in plan:
+                self._settle(p, replies[p.start:p.start + len(p.commands)], res, convert,
+                             leftovers)
         if convert:
             self._convert(target, convert, plan, v7, res, leftovers)
         if leftovers:                          # no half-built value left behind
@@ -292,7 +299,7 @@ class BatchWriter:
     def _convert(self, target: redis.Redis, convs: list[Conversion], plan: list[Planned], v7: bool,
                  res: BatchResult, leftovers: list[bytes]) -> None:
         now = now_millis()
-        pipe = target.pipeline(transaction=False)
+        pipe = Batch()
         sent: list[tuple[Conversion, dict, int, int]] = []
         for c in convs:
             p = c.planned
@@ -317,7 +324,7 @@ class BatchWriter:
             starts.append(len(pipe))
             for cmd in p.commands:
                 pipe.execute_command(*cmd)
-        replies = _execute(pipe)
+        replies = _execute(target, pipe)
         for c, value, start, n in sent:
             p = c.planned
             errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
@@ -366,6 +373,11 @@ def _track(parts: dict[tuple[int, bytes], bytes], db: int, p: Planned) -> bytes 
     return stale
 
 
+def parts_in(plan: list[Planned]) -> bool:
+    """Whether a part is planned (their script replies say how each was taken)."""
+    return any(p.how is How.PART for p in plan)
+
+
 def _later_writes(plan: list[Planned], convs: list[Conversion]) -> list[Planned]:
     """Writes of a key that came after a conversion of that key in the batch, in plan order.
     (Parts are left out: their temporary key is gone; a key is rarely read twice in one batch.)"""
@@ -388,20 +400,18 @@ def _text(v) -> str:
     return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
-def _execute(pipe) -> list:
+def _execute(target: redis.Redis, pipe: Batch) -> list:
     if not len(pipe):
         return []
-    sent = [args for args, _ in pipe.command_stack]
     try:
-        replies = pipe.execute(raise_on_error=False)
+        replies = pipe.run(target)
     except Exception as e:  # noqa: BLE001 - classified in one place
-        raise_for_connection(e, user_of(pipe))
-    check_replies(replies, sent, user_of(pipe))
+        raise_for_connection(e, user_of(target))
+    check_replies(replies, pipe.commands, user_of(target))
     return replies
 
 
 def _execute_commands(target: redis.Redis, commands: list[tuple]) -> list:
-    pipe = target.pipeline(transaction=False)
-    for c in commands:
-        pipe.execute_command(*c)
-    return _execute(pipe)
+    pipe = Batch()
+    pipe.commands = list(commands)
+    return _execute(target, pipe)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 import redis
+from redis._parsers.helpers import parse_info
 
 from apply.replies import TRANSIENT_ERRORS
 
@@ -49,14 +50,14 @@ class TargetWatch:
         """Queue a reading at the end of ``pipe`` (a batch's pipeline); False when not watching."""
         if self.base is None:
             return False
-        pipe.info("server")
-        pipe.info("stats")
-        pipe.dbsize()
+        pipe.execute_command("INFO", "server")
+        pipe.execute_command("INFO", "stats")
+        pipe.execute_command("DBSIZE")
         return True
 
     @staticmethod
     def parse(replies: list) -> Reading:
-        server, stats, dbsize = replies
+        server, stats, dbsize = (parse_info(r) if isinstance(r, bytes) else r for r in replies)
         return Reading(str(server.get("run_id", "")), int(dbsize),
                        int(stats.get("expired_keys", 0)), int(stats.get("evicted_keys", 0)))
 

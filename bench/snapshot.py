@@ -1,6 +1,8 @@
-"""Snapshot benchmark (not a test): a mixed dataset copied through each log backend with capture and
-apply as separate `conveyor` processes, next to a raw in-process DUMP -> RESTORE copy measured in
-the same run. Prints keys/s and the peak RSS of every process.
+"""Snapshot benchmark (not a test): the issue-11 workload copied by a raw redis-py copy, a raw
+hand-packed + hiredis copy (the ceiling for Python), ``conveyor replicate`` with each log, capture +
+apply as separate ``conveyor`` processes with each log, and ``conveyor verify`` on the result, all
+measured in the same run. For each: keys/s, CPU µs per key of each process (user + system, from
+wait4), and peak RSS.
 
     python3 bench/snapshot.py --keys 1000000 [--backends file,redis,kafka]
 """
@@ -19,12 +21,13 @@ sys.path.insert(0, str(ROOT))
 from bench.common import Logs  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
+BATCH = 500
 RAW_COPY = r"""
-import resource, sys, time, redis
+import sys, time, redis
 src, dst = redis.Redis(port=int(sys.argv[1])), redis.Redis(port=int(sys.argv[2]))
 t0, n, cursor = time.perf_counter(), 0, 0
 while True:
-    cursor, keys = src.scan(cursor, count=1000)
+    cursor, keys = src.scan(cursor, count=%d)
     if keys:
         p = src.pipeline(transaction=False)
         for k in keys:
@@ -39,68 +42,113 @@ while True:
     if cursor == 0:
         break
 print(n, time.perf_counter() - t0)
-"""
+""" % BATCH
+
+# The same copy with commands packed by hiredis and replies parsed by one hiredis Reader per batch.
+PACKED_COPY = r"""
+import sys, time, redis
+sys.path.insert(0, sys.argv[3])
+from conveyor.packed import run
+src, dst = redis.Redis(port=int(sys.argv[1])), redis.Redis(port=int(sys.argv[2]))
+t0, n, cursor = time.perf_counter(), 0, 0
+while True:
+    cursor, keys = src.scan(cursor, count=%d)
+    if keys:
+        r = run(src, [c for k in keys for c in (("DUMP", k), ("PEXPIRETIME", k))])
+        run(dst, [("RESTORE", k, max(r[2 * i + 1], 0), r[2 * i], "REPLACE", "ABSTTL")
+                  for i, k in enumerate(keys) if r[2 * i] is not None])
+        n += len(keys)
+    if cursor == 0:
+        break
+print(n, time.perf_counter() - t0)
+""" % BATCH
 
 
 def load(r, n: int) -> None:
-    """Mixed small keys: strings (text/int/binary), hashes, lists, sets, zsets, streams, HLLs, TTLs."""
+    """The issue's workload: 60% strings of about 100 B (a sixth of them integers), 10% each hashes,
+    lists and sets of 10 members, 5% sorted sets of 10, 5% strings with a TTL."""
     p = r.pipeline(transaction=False)
+    ten = [f"member-{j:02}" for j in range(10)]
     for i in range(n):
-        k, kind = f"k:{i}", i % 10
-        if kind < 3:
-            p.set(k, os.urandom(8) * (1 + i % 8) if kind == 2 else (i if kind == 1 else f"v{i}" * 4))
-        elif kind == 3:
-            p.hset(k, mapping={"a": i, "b": "x" * 20, "c": "y"})
-        elif kind == 4:
-            p.rpush(k, 1, 2, "three", "four")
-        elif kind == 5:
-            p.sadd(k, 1, 2, 3, i)
-        elif kind == 6:
-            p.zadd(k, {"a": 1.5, "b": 2, "c": i})
-        elif kind == 7:
-            p.xadd(k, {"f": i})
-        elif kind == 8:
-            p.pfadd(k, "a", "b", str(i))
+        k, kind = f"k:{i:08}", i % 20
+        if kind < 2:
+            p.set(k, i * 7919)
+        elif kind < 12:
+            p.set(k, os.urandom(50).hex())
+        elif kind < 14:
+            p.hset(k, mapping={f: i for f in ten})
+        elif kind < 16:
+            p.rpush(k, *ten)
+        elif kind < 18:
+            p.sadd(k, *ten)
+        elif kind < 19:
+            p.zadd(k, {f: j + i for j, f in enumerate(ten)})
         else:
-            p.set(k, "t", ex=3600 + i % 100)
+            p.set(k, os.urandom(50).hex(), ex=3600 + i % 100)
         if i % 10_000 == 9_999:
             p.execute()
     p.execute()
 
 
-def run_measured(args: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS MiB, stdout) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:4])} failed ({proc.returncode}): {out}\n{err}")
-    return time.perf_counter() - t0, usage.ru_maxrss // 1024, out
+class Run:
+    """One measured child process: wall seconds, CPU seconds (it and the children it waited
+    for), peak RSS in MiB, stdout."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def wait(self) -> "Run":
+        self.out = self.proc.stdout.read()
+        err = self.proc.stderr.read()
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = usage.ru_utime + usage.ru_stime
+        self.mib = usage.ru_maxrss // 1024
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise SystemExit(f"{' '.join(self.args[:4])} failed ({code}): {self.out}\n{err}")
+        return self
 
 
 def conveyor(*args: str) -> list[str]:
     return [sys.executable, "-m", "conveyor.cli", *args]
 
 
-def through(backend: str, log_uri: str, src, dst, n: int) -> dict:
+def row(name: str, n: int, secs: float, procs: list[tuple[str, Run]], raw: float | None) -> None:
+    rate = n / secs
+    vs = f" {rate / raw:4.2f}x raw" if raw else " " * 10
+    each = ", ".join(f"{what} {r.cpu / n * 1e6:.1f} µs/key {r.mib} MiB" for what, r in procs)
+    total = sum(r.cpu for _, r in procs) / n * 1e6
+    print(f"{name:<34} {rate:>9,.0f} keys/s{vs}  CPU {total:5.1f} µs/key ({each})", flush=True)
+
+
+def raw_copy(script: str, src, dst) -> tuple[float, Run]:
     dst.client().flushall()
-    t0 = time.perf_counter()
-    apply_proc = subprocess.Popen(conveyor("apply", dst.url, "--log", log_uri, "--idle-timeout", "3",
-                                           "--batch", "5000"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    c_wall, c_rss, _ = run_measured(conveyor("capture", src.url, "--log", log_uri))
-    out = apply_proc.stdout.read()
-    apply_proc.stderr.read()
-    _, status, usage = os.wait4(apply_proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"apply over {backend} failed: {out}")
-    total = time.perf_counter() - t0 - 3.0          # minus apply's idle timeout
-    assert dst.client().dbsize() == n, (backend, dst.client().dbsize(), n)
-    return {"backend": backend, "keys_s": n / total, "capture_keys_s": n / c_wall,
-            "capture_mib": c_rss, "apply_mib": usage.ru_maxrss // 1024}
+    r = Run([sys.executable, "-c", script, str(src.port), str(dst.port), str(ROOT)]).wait()
+    n, secs = r.out.split()
+    return float(secs), r
+
+
+def replicate(log_uri: str, src, dst, n: int) -> tuple[float, Run]:
+    dst.client().flushall()
+    r = Run(conveyor("replicate", src.url, dst.url, "--log", log_uri, "--no-verify")).wait()
+    assert dst.client().dbsize() == n, (log_uri, dst.client().dbsize(), n)
+    return r.wall, r
+
+
+def through(log_uri: str, src, dst, n: int) -> tuple[float, Run, Run]:
+    """Capture and apply started together; apply ends 3 s (its idle timeout) after the log
+    went quiet, which is taken off its time."""
+    dst.client().flushall()
+    apply = Run(conveyor("apply", dst.url, "--log", log_uri, "--idle-timeout", "3",
+                         "--batch", "5000"))
+    cap = Run(conveyor("capture", src.url, "--log", log_uri)).wait()
+    apply.wait()
+    assert dst.client().dbsize() == n, (log_uri, dst.client().dbsize(), n)
+    return apply.wall - 3.0, cap, apply
 
 
 def main() -> None:
@@ -108,22 +156,27 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--backends", default="file,redis,kafka")
     a = ap.parse_args()
+    n = a.keys
     src, dst = start_server(), start_server()
     try:
         with Logs() as logs:
-            load(src.client(), a.keys)
+            load(src.client(), n)
             print(f"source: {src.client().dbsize()} keys, "
-                  f"{src.client().info('memory')['used_memory_human']}")
-            wall, rss, out = run_measured([sys.executable, "-c", RAW_COPY, str(src.port),
-                                           str(dst.port)])
-            n, secs = out.split()
-            raw = int(n) / float(secs)
-            print(f"{'raw DUMP->RESTORE (in-process)':<34} {raw:>10,.0f} keys/s   peak {rss} MiB")
+                  f"{src.client().info('memory')['used_memory_human']}; {os.cpu_count()} cores")
+            secs, r = raw_copy(RAW_COPY, src, dst)
+            raw = n / secs
+            row("raw redis-py copy (DUMP/RESTORE)", n, secs, [("copy", r)], None)
+            secs, r = raw_copy(PACKED_COPY, src, dst)
+            row("raw hand-packed + hiredis copy", n, secs, [("copy", r)], raw)
             for backend in a.backends.split(","):
-                r = through(backend, logs.uri(backend, "bench"), src, dst, a.keys)
-                print(f"{'through ' + backend + ' log':<34} {r['keys_s']:>10,.0f} keys/s "
-                      f"({r['keys_s'] / raw:.0%} of raw)   capture alone {r['capture_keys_s']:,.0f} "
-                      f"keys/s, peak {r['capture_mib']} MiB; apply peak {r['apply_mib']} MiB")
+                secs, r = replicate(logs.uri(backend, "rep"), src, dst, n)
+                row(f"replicate, {backend} log", n, secs, [("all", r)], raw)
+            for backend in a.backends.split(","):
+                secs, cap, app = through(logs.uri(backend, "sep"), src, dst, n)
+                row(f"capture + apply, {backend} log", n, secs,
+                    [("capture", cap), ("apply", app)], raw)
+            v = Run(conveyor("verify", src.url, dst.url)).wait()
+            row("verify (identical)", n, v.wall, [("verify", v)], raw)
     finally:
         src.cleanup()
         dst.cleanup()

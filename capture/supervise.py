@@ -137,7 +137,11 @@ class SupervisedWriter(LogWriter):
         return self.inner.warnings
 
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
-        self.sup.log(lambda: self.inner.append(key, value, partition_key), "appending")
+        try:
+            self.inner.append(key, value, partition_key)   # per record: no wrapper in the way
+        except LogUnavailable as e:
+            self.sup._wait(lambda: self.inner.append(key, value, partition_key), "appending",
+                           "log", lambda x: isinstance(x, LogUnavailable), e)
 
     def flush(self, timeout: float = 60.0) -> None:
         self.sup.log(lambda: self.inner.flush(timeout), "flushing")

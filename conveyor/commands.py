@@ -13,8 +13,9 @@ from conveyor.events import Codec
 from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
 from conveyor.progress import Display, echo
-from conveyor.runner import (Endpoint, Interrupts, Worker, default_target_db, open_waiting,
-                             refuse_log_on, refuse_same_database, target_clients)
+from conveyor.runner import (Endpoint, Interrupts, default_target_db, open_waiting,
+                             refuse_log_on,
+                             refuse_same_database, target_clients)
 
 log = logging.getLogger("conveyor")
 
@@ -292,21 +293,27 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     echo(f"replicate: {src.masked} -> {dst.masked} through {mask_uri(log_uri)}")
     interrupts = Interrupts()
     display = Display(progress)
-    cap, cres = _capture_process(src, log_uri, log_opts, key_filter, copts, display)
-    worker = Worker("capture", cap.run)
+    # Capture runs in a process of its own: capture and apply each get a core (threads of one
+    # process would share the interpreter lock).
+    from capture.child import CaptureChild
+
+    worker = CaptureChild(src, log_uri, log_opts, key_filter, copts, display)
     app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
                                rewriter, display, done=lambda: not worker.is_alive(),
                                source_db=target_db, first=target, wopts=wopts)
-    _watch(metrics, capture=cap, apply=app)
+    _watch(metrics, capture=worker, apply=app)
     try:
         with interrupts.installed(), display:
-            interrupts.register(cap)
+            interrupts.register(worker)
             interrupts.register(app)
             worker.start()
-            ast = app.run()
-            worker.join()
+            try:
+                ast = app.run()
+            finally:
+                worker.stop()            # apply failed or was stopped: capture must not go on
+                worker.join()
     finally:
-        _close(*cres, *ares)
+        _close(*ares)
     ok = True
     if worker.error is not None:
         echo(f"capture: failed: {worker.error}")

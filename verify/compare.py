@@ -15,12 +15,13 @@ from typing import Callable
 
 import redis
 
+from conveyor import packed
 from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
 from conveyor.keys import KeyFilter, KeyRewriter
-from verify.typed import read_typed
+from verify.typed import PAGE, read_typed
 
 KINDS = ("missing", "type", "value", "ttl", "extra")
 
@@ -69,6 +70,9 @@ class VerifyReport:
                            "detail": d.detail} for d in self.diffs]}
 
 
+WHOLE_PAGE = {"hash": "HSCAN", "set": "SSCAN", "zset": "ZSCAN"}
+
+
 @dataclass
 class _Side:
     client: redis.Redis
@@ -81,17 +85,15 @@ class _Side:
         line = refused_line(e, self.name, user_of(self.client))
         return self.error(line or f"{self.name} {what} failed during verify: {e}")
 
-    def read(self, keys: list[bytes]) -> tuple[int, list]:
-        now = now_millis()
-        p = self.client.pipeline(transaction=False)
-        for k in keys:
-            p.execute_command("TYPE", k)
-            p.execute_command("DUMP", k)
-            p.execute_command("PEXPIRETIME" if self.absolute else "PTTL", k)
-        try:
-            return now, p.execute()
-        except redis.RedisError as e:
-            raise self.failed("read", e) from e
+    def commands(self, keys: list[bytes]) -> list[tuple]:
+        expiry = "PEXPIRETIME" if self.absolute else "PTTL"
+        return [c for k in keys for c in (("TYPE", k), ("DUMP", k), (expiry, k))]
+
+    def check(self, replies: list) -> list:
+        for r in replies:
+            if isinstance(r, Exception):
+                raise self.failed("read", r)
+        return replies
 
     def expiry(self, now: int, raw: int) -> int | None:
         if raw < 0:
@@ -173,26 +175,70 @@ class Verifier:
 
     def _compare(self, keys: list[bytes]) -> list[Diff]:
         names = [self.rewriter(k) for k in keys] if not self.rewriter.identity else keys
-        snow, s = self.src.read(keys)
-        tnow, t = self.dst.read(names)
-        diffs = []
+        now = now_millis()
+        s, t = self._read_both(keys, names)
+        found: list[Diff | None] = [None] * len(keys)
+        unsure: list[int] = []             # same type, different DUMP bytes: compared typed
         for i, (key, name) in enumerate(zip(keys, names)):
-            stype, sdump, sexp = s[3 * i:3 * i + 3]
-            ttype, tdump, texp = t[3 * i:3 * i + 3]
-            stype, ttype = _text(stype), _text(ttype)
+            stype, sdump = _text(s[3 * i]), s[3 * i + 1]
+            ttype, tdump = _text(t[3 * i]), t[3 * i + 1]
             if stype == "none":
                 continue                   # vanished from the source since the scan: no difference
             if ttype == "none":
-                diffs.append(Diff("missing", key, name))
+                found[i] = Diff("missing", key, name)
             elif stype != ttype:
-                diffs.append(Diff("type", key, name, f"{stype} != {ttype}"))
-            elif sdump != tdump and not self._same_value(key, name, stype):
-                diffs.append(Diff("value", key, name, f"{stype} values differ"))
+                found[i] = Diff("type", key, name, f"{stype} != {ttype}")
+            elif sdump != tdump:
+                unsure.append(i)
             else:
-                d = self._ttl_diff(self.src.expiry(snow, sexp), self.dst.expiry(tnow, texp))
-                if d:
-                    diffs.append(Diff("ttl", key, name, d))
-        return diffs
+                found[i] = self._ttl(key, name, now, s[3 * i + 2], t[3 * i + 2])
+        same = self._same_values([(keys[i], names[i], _text(s[3 * i])) for i in unsure])
+        for i, ok in zip(unsure, same):
+            found[i] = (self._ttl(keys[i], names[i], now, s[3 * i + 2], t[3 * i + 2]) if ok
+                        else Diff("value", keys[i], names[i], f"{_text(s[3 * i])} values differ"))
+        return [d for d in found if d is not None]
+
+    def _ttl(self, key: bytes, name: bytes, now: int, sexp: int, texp: int) -> Diff | None:
+        d = self._ttl_diff(self.src.expiry(now, sexp), self.dst.expiry(now, texp))
+        return Diff("ttl", key, name, d) if d else None
+
+    def _same_values(self, items: list[tuple[bytes, bytes, str]]) -> list[bool]:
+        """Typed comparison of each (key, target name, type). Hashes, sets and sorted sets are
+        asked for one SCAN page on both sides in one batch: a page that holds the whole value
+        (cursor 0) settles it; bigger ones, and other types, are read page by page."""
+        same: list[bool | None] = [None] * len(items)
+        paged = [j for j, (_, _, type_) in enumerate(items) if type_ in WHOLE_PAGE]
+        if paged:
+            s, t = self._run_both(
+                [(WHOLE_PAGE[items[j][2]], items[j][0], 0, "COUNT", PAGE) for j in paged],
+                [(WHOLE_PAGE[items[j][2]], items[j][1], 0, "COUNT", PAGE) for j in paged])
+            for j, sr, tr in zip(paged, s, t):
+                if (not isinstance(sr, Exception) and not isinstance(tr, Exception)
+                        and int(sr[0]) == 0 and int(tr[0]) == 0):
+                    type_ = items[j][2]
+                    same[j] = _whole(type_, sr[1]) == _whole(type_, tr[1])
+        return [ok if ok is not None else self._same_value(*items[j])
+                for j, ok in enumerate(same)]
+
+    def _read_both(self, keys: list[bytes], names: list[bytes]) -> tuple[list, list]:
+        """TYPE, DUMP and expiry of each key on both sides, the two servers read at once."""
+        s, t = self._run_both(self.src.commands(keys), self.dst.commands(names))
+        return self.src.check(s), self.dst.check(t)
+
+    def _run_both(self, source: list[tuple], target: list[tuple]) -> tuple[list, list]:
+        try:
+            s, t = packed.run_on([(self.src.client, source), (self.dst.client, target)])
+        except redis.RedisError as e:
+            side = self.dst if getattr(e, "batch", 0) else self.src
+            raise side.failed("read", e) from e
+        return s, t
+
+    @staticmethod
+    def _run(side: _Side, commands: list[tuple]) -> list:
+        try:
+            return side.check(packed.run(side.client, commands))
+        except redis.RedisError as e:
+            raise side.failed("read", e) from e
 
     def _same_value(self, key: bytes, name: bytes, type_: str) -> bool:
         try:
@@ -245,16 +291,11 @@ class Verifier:
 
     def _of_filtered_type(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """With --scan-type, target keys of other types are out of scope."""
-        p = self.dst.client.pipeline(transaction=False)
-        for _, n in cand:
-            p.execute_command("TYPE", n)
-        return [c for c, t in zip(cand, p.execute()) if _text(t) == self.filter.type]
+        types = self._run(self.dst, [("TYPE", n) for _, n in cand])
+        return [c for c, t in zip(cand, types) if _text(t) == self.filter.type]
 
     def _absent_in_source(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        p = self.src.client.pipeline(transaction=False)
-        for k, _ in cand:
-            p.execute_command("TYPE", k)
-        types = p.execute()
+        types = self._run(self.src, [("TYPE", k) for k, _ in cand])
         out = []
         for (k, n), t in zip(cand, types):
             t = _text(t)
@@ -265,13 +306,19 @@ class Verifier:
     def _confirm_extra(self, extra: list[tuple[bytes, bytes]]) -> list[Diff]:
         if not extra:
             return []
-        p = self.dst.client.pipeline(transaction=False)
-        for _, n in extra:
-            p.execute_command("EXISTS", n)
-        still = [(k, n) for (k, n), e in zip(extra, p.execute()) if e]
+        exists = self._run(self.dst, [("EXISTS", n) for _, n in extra])
+        still = [(k, n) for (k, n), e in zip(extra, exists) if e]
         if self.rewriter.invertible:
             still = self._absent_in_source(still)
         return [Diff("extra", n, n, "only in the target") for _, n in still]
+
+
+def _whole(type_: str, items: list):
+    """A comparable hash, set or sorted set from one SCAN page's flat items."""
+    if type_ == "set":
+        return set(items)
+    pairs = zip(items[::2], items[1::2])
+    return {m: float(v) for m, v in pairs} if type_ == "zset" else dict(pairs)
 
 
 def _digest(name: bytes) -> bytes:

@@ -598,6 +598,9 @@ class FileLogReader(LogReader):
             seg, pos, count = self._counted
             if seg != segs[-1]:
                 seg, pos, count = segs[-1], 0, 0
+            if self._seg == seg and self._pos > pos:
+                # This reader already walked (and checked) the segment up to its position.
+                pos, count = self._pos, self._offset - seg
             count, pos = segment.count(_seg_path(self.root, seg), pos, count)
             self._counted = (seg, pos, count)
             end = seg + count

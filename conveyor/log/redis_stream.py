@@ -29,6 +29,7 @@ from datetime import datetime
 
 import redis
 
+from conveyor import packed
 from conveyor.acl import user_of
 from conveyor.endpoints import server_info
 from conveyor.errors import LogError, LogLost, LogUnavailable
@@ -92,15 +93,19 @@ class StreamLogWriter(StreamLog, LogWriter):
         with self._op("XADD"):
             while self._buf:
                 chunk = self._buf[:PIPELINE_CHUNK]
-                p = self.r.pipeline(transaction=False)
-                p.get(self.id_key)
+                cmds: list[tuple] = [("GET", self.id_key)]
                 targets = []
                 for key, value, pkey in chunk:
                     s = self._stream_of(pkey)
                     targets.append(s)
-                    guard = ("NOMKSTREAM",) if self._nomkstream and s in self._existing else ()
-                    p.execute_command("XADD", s, *guard, "*", "k", key, "v", value)
-                replies = p.execute()
+                    if self._nomkstream and s in self._existing:
+                        cmds.append(("XADD", s, "NOMKSTREAM", "*", "k", key, "v", value))
+                    else:
+                        cmds.append(("XADD", s, "*", "k", key, "v", value))
+                replies = packed.run(self.r, cmds)
+                for r in replies:
+                    if isinstance(r, Exception):
+                        raise r
                 self._stored(replies, targets)
                 del self._buf[:len(chunk)]
                 self._buf_bytes -= sum(len(k) + len(v) for k, v, _ in chunk)

@@ -1,0 +1,63 @@
+"""Sizing: TYPE + MEMORY USAGE per key, to route each key to a whole read or a read in parts,
+and to report (or skip) keys above --mem-limit."""
+from __future__ import annotations
+
+import logging
+
+from capture.emitting import text
+from conveyor import values
+from conveyor.events import now_millis
+
+log = logging.getLogger("conveyor.capture")
+
+MAX_NAMED = 20                      # keys named in reports (over --mem-limit)
+
+
+class Sizing:
+    """Which keys are big, which are over --mem-limit (part of StateReader)."""
+
+    def _read_sized(self, keys: list[bytes], check_type: bool) -> list[bytes]:
+        """One round of reads; returns the keys to read again (changed type meanwhile)."""
+        pipe = self.source.pipeline(transaction=False)
+        for key in keys:
+            pipe.execute_command("TYPE", key)
+            if self.sizing:
+                pipe.execute_command("MEMORY", "USAGE", key)
+        first = pipe.execute(raise_on_error=False)
+        step = 2 if self.sizing else 1
+        small: list[tuple[bytes, str]] = []
+        big: list[tuple[bytes, str]] = []
+        read_ms = now_millis()
+        for i, key in enumerate(keys):
+            t = first[step * i]
+            if isinstance(t, Exception):
+                raise t
+            type_ = text(t)
+            size = first[step * i + 1] if self.sizing else None
+            size = size if isinstance(size, int) else None
+            if type_ == "none" or (check_type and type_ != self.type_filter):
+                self._delete(key, read_ms)
+                continue
+            if self.mem_limit and size is not None and size > self.mem_limit:
+                self._over_limit(key, size)
+                if self.mem_limit_skip:
+                    continue
+            if (self.big_key_bytes and size is not None and size > self.big_key_bytes
+                    and type_ in values.TYPES):
+                big.append((key, type_))
+            else:
+                small.append((key, type_))
+        again = self._read_small(small) if small else []
+        for key, type_ in big:
+            if not self._read_big(key, type_):
+                again.append(key)
+        return again
+
+    def _over_limit(self, key: bytes, size: int) -> None:
+        c = self.counts
+        c.over_limit += 1
+        c.skipped += self.mem_limit_skip
+        if len(c.over_limit_keys) < MAX_NAMED:
+            c.over_limit_keys.append((key, size))
+        log.warning("key %r uses %d bytes, above --mem-limit%s", key, size,
+                    " (skipped)" if self.mem_limit_skip else "")
