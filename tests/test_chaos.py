@@ -88,3 +88,29 @@ def test_stream_buffer_restarted_empty_in_a_snapshot_stops_both_with_the_sentenc
     assert cap.returncode == 1 and "the log lost records" in cout + cerr, cout + cerr
     assert app.returncode == 1 and "the log lost records" in aout + aerr, aout + aerr
     assert "Traceback" not in cerr + aerr
+
+
+def test_file_log_group_keeps_one_apply_and_a_sigkilled_one_is_taken_over(redis_factory, tmp_path):
+    # given a captured file log big enough that apply is mid-run when it is killed
+    source, target = redis_factory(), redis_factory()
+    load_mixed(source.client(), 60_000)
+    log = f"file:{tmp_path / 'log'}"
+    cli.run("capture", source.url, "--log", log, check=True)
+    first = cli.start("apply", target.url, "--log", log, "--batch", "200")
+    t = target.client()
+    deadline = time.monotonic() + 60
+    while t.dbsize() < 2_000:
+        assert time.monotonic() < deadline and first.poll() is None, "apply never got going"
+        time.sleep(0.05)
+    # when a second and a third apply of the group start while the first one runs
+    for _ in range(2):
+        p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1")
+        assert "one reader per group" in cli.assert_one_line_error(p, 1)
+    # and the first one is SIGKILLed mid-run
+    first.kill()
+    first.wait()
+    assert t.dbsize() < 60_000                      # really mid-run
+    # then the next apply of the group takes over from the committed position and finishes
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert differences(source.client(), target.client()) == []
