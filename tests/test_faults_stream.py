@@ -430,7 +430,7 @@ def test_apply_processes_share_a_group_and_survive_one_killed(redis_factory, mem
     # given a log holding two versions of every key (a second snapshot after all values changed)
     source, target, buf = redis_factory(), redis_factory(), redis_factory(extra=AOF)
     log_uri, opt = f"{buf.url}/0", ("--log-opt", "partitions=4", "--log-opt", "lease_ms=3000")
-    n = 6000
+    n = 20_000                                   # enough that every member gets a share
     s = source.client()
     s.mset({f"k{i}": f"old{i}" for i in range(n)})
     cli.run("capture", source.url, "--log", log_uri, *opt, check=True)

@@ -144,13 +144,13 @@ def test_refused_config_is_reported_and_capture_continues(redis_factory, tmp_pat
 
 
 def test_pubsub_output_buffer_overflow_is_a_healed_gap(redis_factory, tmp_path):
-    source = notifying_source(redis_factory, extra=("--client-output-buffer-limit", "pubsub 64kb 32kb 1"))
+    source = notifying_source(redis_factory, extra=("--client-output-buffer-limit", "pubsub 8kb 4kb 1"))
     target = redis_factory()
     proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "3",
                      "--state-dir", str(tmp_path), "--recheck-delay", "2")
     wait_for_subscriber(source)
     big = source.client()
-    for round_ in range(30):                          # bursts far beyond 64 kB of notifications
+    for round_ in range(30):                          # bursts far beyond 8 kB of notifications
         p = big.pipeline(transaction=False)
         for i in range(3000):
             p.set(f"burst:{round_}:{i}:{'x' * 40}", i)
