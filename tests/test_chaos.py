@@ -10,32 +10,34 @@ import time
 
 from conveyor.workload import Workload
 from tests import cli
-from tests.compare import differences, wait_identical
+from tests.compare import differences, wait_identical, wait_until
 from tests.datasets import load_mixed
 from tests.test_live import notifying_source, wait_for_subscriber
 
 
-def _wait_for_entries(buffer, at_least: int, timeout: float = 60.0) -> None:
-    """Until the Redis Streams log on ``buffer`` holds ``at_least`` entries."""
+def _entries(buffer) -> int:
+    """Entries the Redis Streams log on ``buffer`` holds."""
     r = buffer.client()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sum(r.xlen(k) for k in r.scan_iter(match="conveyor:[0-9]*", _type="stream")) >= at_least:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the log never reached {at_least} entries")
+    return sum(r.xlen(k) for k in r.scan_iter(match="conveyor:[0-9]*", _type="stream"))
 
 
-def test_stream_buffer_restarted_with_aof_is_waited_out_by_capture_and_apply(redis_factory):
-    # given a source big enough that capture and apply are mid-run when the buffer goes away
+def _snapshot_under_way(redis_factory, buffer):
+    """A 60,000-key source, and capture and apply over ``buffer`` both mid-run (the log holds
+    5,000 entries): (source, target, capture process, apply process)."""
     source, target = redis_factory(), redis_factory()
-    buffer = redis_factory(extra=("--appendonly", "yes", "--appendfsync", "always"))
     load_mixed(source.client(), 60_000)
     log = f"{buffer.url}/0"
     cap = cli.start("capture", source.url, "--log", log)
     app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "6")
+    wait_until(lambda: _entries(buffer) >= 5_000, 60, "5,000 entries on the log")
+    return source, target, cap, app
+
+
+def test_stream_buffer_restarted_with_aof_is_waited_out_by_capture_and_apply(redis_factory):
+    # given capture and apply mid-run over a buffer with AOF
+    buffer = redis_factory(extra=("--appendonly", "yes", "--appendfsync", "always"))
+    source, target, cap, app = _snapshot_under_way(redis_factory, buffer)
     # when the buffer Redis stops for 4 s and comes back with its AOF
-    _wait_for_entries(buffer, 5_000)
     buffer.stop()
     time.sleep(4)
     buffer.start()
@@ -74,13 +76,9 @@ def test_stream_buffer_restarted_empty_in_a_live_run_is_a_healed_log_loss(redis_
 
 def test_stream_buffer_restarted_empty_in_a_snapshot_stops_both_with_the_sentence(redis_factory):
     # given a snapshot capture and an apply mid-run over a buffer without persistence
-    source, target, buffer = redis_factory(), redis_factory(), redis_factory()
-    load_mixed(source.client(), 60_000)
-    log = f"{buffer.url}/0"
-    cap = cli.start("capture", source.url, "--log", log)
-    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "5")
+    buffer = redis_factory()
+    _, _, cap, app = _snapshot_under_way(redis_factory, buffer)
     # when the buffer restarts empty
-    _wait_for_entries(buffer, 5_000)
     buffer.restart()
     # then neither claims success: both say the log lost records and exit 1
     cout, cerr = cap.communicate(timeout=180)

@@ -23,7 +23,6 @@ from conveyor.errors import ConveyorError, LogLost, LogUnavailable, SourceError
 from conveyor.events import Codec, Kind
 from conveyor.keys import KeyFilter
 from conveyor.log import open_meta
-from conveyor.log.base import Identity
 from conveyor.log.file import FileLogWriter
 from conveyor.workload import Workload
 from tests import cli
@@ -389,8 +388,6 @@ def test_a_lost_log_ends_a_snapshot_with_exit_1(redis_factory, tmp_path):
     assert LogLost.exit_code == 1
 
 
-@pytest.mark.skipif(FileLogWriter.check_identity is Identity.check_identity,
-                    reason="the file log has no identity yet (another branch adds it)")
 def test_log_directory_recreated_under_a_live_capture_is_resynced(redis_factory, tmp_path):
     # given a live capture to a file log, with every key on it
     source, target = notifying_source(redis_factory), redis_factory()
@@ -415,17 +412,6 @@ def test_log_directory_recreated_under_a_live_capture_is_resynced(redis_factory,
     assert differences(s, target.client()) == []
 
 
-def _stream_log_waits() -> bool:
-    """Whether the Redis Stream backend reports a buffer restart as LogUnavailable yet (another
-    branch changes it from a plain LogError)."""
-    import inspect
-
-    from conveyor.log import redis_stream
-    return "LogUnavailable" in inspect.getsource(redis_stream)
-
-
-@pytest.mark.skipif(not _stream_log_waits(),
-                    reason="the Redis Stream log raises LogUnavailable on another branch")
 def test_live_capture_waits_out_a_restarting_stream_buffer(redis_factory):
     # given a live capture to a Redis Stream buffer with AOF, under load
     source, target = notifying_source(redis_factory), redis_factory()
