@@ -69,6 +69,9 @@ def _endpoint_options(side: str):
                      help=f"Client certificate for the {side} (mutual TLS), with --{side}-key."),
         click.option(f"--{side}-key", metavar="PATH", envvar=f"CONVEYOR_{env}_KEY",
                      help=f"Private key of --{side}-cert."),
+        click.option(f"--{side}-cluster", is_flag=True,
+                     help=f"The {side} is a Redis Cluster (default: detected with INFO cluster "
+                          "on the node the URI names)."),
         click.option(f"--{side}-insecure", is_flag=True,
                      help=f"Accept the {side}'s TLS certificate without verifying it or its host "
                           "name (encrypted, but not authenticated)."),
@@ -225,7 +228,8 @@ def _endpoint(uri: str, side: str, kw) -> Endpoint:
             raise ConfigError(f"cannot read --{side}-password-file {path}: {e.strerror}") from e
     tls = Tls(kw.get(f"{side}_cacert"), kw.get(f"{side}_cert"), kw.get(f"{side}_key"),
               bool(kw.get(f"{side}_insecure")))
-    return Endpoint(uri, side, kw.get(f"{side}_user"), password, tls)
+    return Endpoint(uri, side, kw.get(f"{side}_user"), password, tls,
+                    cluster=True if kw.get(f"{side}_cluster") else None)
 
 
 def _start_at(ctx, param, value: str):

@@ -14,8 +14,7 @@ from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
 from conveyor.progress import Display, echo
 from conveyor.runner import (Endpoint, Interrupts, default_target_db, open_waiting,
-                             refuse_log_on,
-                             refuse_same_database, target_clients)
+                             refuse_cluster, refuse_log_on, refuse_same_database, target_clients)
 
 log = logging.getLogger("conveyor")
 
@@ -46,6 +45,7 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
     from capture.notifications import check_notifications
 
     client = src.connect()
+    refuse_cluster(client, src, "capture")
     info = src.info(client)
     refuse_log_on(client, src, log_uri, log_opts)
     if opts.mode != "snapshot":
@@ -81,6 +81,7 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
     from apply import Applier
 
     first = first or dst.connect(db=source_db)
+    refuse_cluster(first, dst, "apply")
     refuse_log_on(first, dst, log_uri, log_opts)
     reader = open_waiting(lambda: open_reader(log_uri, group, log_opts, start), "opening it")
     meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
@@ -253,6 +254,8 @@ def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress) -> 
 
     source = src.connect()
     target = dst.connect(db=default_target_db(src.uri, dst.uri))
+    refuse_cluster(source, src, "verify")
+    refuse_cluster(target, dst, "verify")
     refuse_same_database(source, target, dst)
     display = Display(progress)
     proc = Verifier(source=source, target=target, key_filter=key_filter, rewriter=rewriter,
@@ -287,6 +290,8 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     source = src.connect()
     target_db = default_target_db(src.uri, dst.uri)
     target = dst.connect(db=target_db)
+    refuse_cluster(source, src, "replicate")
+    refuse_cluster(target, dst, "replicate")
     refuse_same_database(source, target, dst)
     refuse_log_on(source, src, log_uri, log_opts)      # before capture opens (and marks) the log
     refuse_log_on(target, dst, log_uri, log_opts)

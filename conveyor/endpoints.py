@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis
+from redis.cluster import RedisCluster
 
 from conveyor.acl import refused_line, user_of
 from conveyor.errors import ConfigError, ConveyorError, SourceError
@@ -211,13 +212,29 @@ def connect(uri: str, what: str, *, password: str | None = None, username: str |
     return r
 
 
-def server_info(r: redis.Redis) -> ServerInfo:
+def server_info(r) -> ServerInfo:
+    """The server's facts; for a Redis Cluster client, its primaries': the oldest version (what
+    a DUMP payload must suit) and every primary's run_id, comma-separated and sorted."""
+    if isinstance(r, RedisCluster):
+        return _cluster_info(r)
     info = r.info("server")
     text = str(info.get("valkey_version") or info.get("redis_version"))
     flavor = "valkey" if "valkey_version" in info or info.get("server_name") == "valkey" else "redis"
     version = tuple(int(x) for x in re.findall(r"\d+", text)[:3])
     db = r.connection_pool.connection_kwargs.get("db", 0) or 0
     return ServerInfo(version, text, flavor, str(info.get("run_id", "")), int(db))
+
+
+def _cluster_info(r: RedisCluster) -> ServerInfo:
+    infos = [server_info(r.get_redis_connection(n) or _node_conn(r, n)) for n in r.get_primaries()]
+    oldest = min(infos, key=lambda i: i.version)
+    run_ids = ",".join(sorted(i.run_id for i in infos))
+    return ServerInfo(oldest.version, oldest.version_text, oldest.flavor, run_ids, 0)
+
+
+def _node_conn(r: RedisCluster, node) -> redis.Redis:
+    r.nodes_manager.create_redis_connections([node])
+    return r.get_redis_connection(node)
 
 
 def _checked_info(r: redis.Redis, what: str) -> ServerInfo:
@@ -235,6 +252,7 @@ def same_database(a: redis.Redis, b: redis.Redis, names: tuple[str, str] = ("sou
     """True when both clients talk to the same database of the same server process; ``names``
     name the two servers in a refused permission."""
     ia, ib = _checked_info(a, names[0]), _checked_info(b, names[1])
-    return ia.run_id == ib.run_id and ia.db == ib.db
+    shared = set(ia.run_id.split(",")) & set(ib.run_id.split(","))   # a cluster has several
+    return bool(shared) and ia.db == ib.db
 
 

@@ -14,6 +14,7 @@ import ssl
 
 import hiredis
 import redis
+from redis.cluster import RedisCluster
 
 READ_BYTES = 256 * 1024
 SEND_BYTES = 1024 * 1024          # a buffer sent at once (bounds the packed copy in memory)
@@ -36,7 +37,11 @@ class Batch:
 
 
 def run(client: redis.Redis, commands: list[tuple]) -> list:
-    """The replies of ``commands``, in order (error replies as exception instances)."""
+    """The replies of ``commands``, in order (error replies as exception instances). With a
+    RedisCluster client, each command goes to the node of its key's slot (conveyor.cluster)."""
+    if isinstance(client, RedisCluster):
+        from conveyor import cluster          # it builds on this module
+        return cluster.run(client, commands)
     return run_on([(client, commands)])[0]
 
 

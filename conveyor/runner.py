@@ -10,7 +10,11 @@ from typing import Callable, Iterator
 
 import redis
 
-from conveyor.endpoints import ServerInfo, Tls, connect, mask_uri, same_database, server_info, uri_db
+from redis.exceptions import RedisClusterException
+
+from conveyor.cluster import cluster_client, cluster_enabled, is_cluster
+from conveyor.endpoints import (CONNECT_TIMEOUT, SOCKET_TIMEOUT, ServerInfo, Tls, connect, mask_text,
+                                mask_uri, same_database, server_info, uri_db)
 from conveyor.errors import ConfigError, ConveyorError, LogUnavailable, SourceError, TargetError
 
 log = logging.getLogger("conveyor")
@@ -18,49 +22,101 @@ log = logging.getLogger("conveyor")
 
 @dataclass
 class Endpoint:
-    """A Redis URI plus the credentials given apart from it (options or environment)."""
+    """A Redis URI plus the credentials given apart from it (options or environment).
+
+    ``cluster``: None detects it (``INFO cluster`` of the node the URI names), True forces cluster
+    mode (``--source-cluster`` / ``--target-cluster``). ``connect`` then returns redis-py's
+    RedisCluster, which routes by slot; ``connect_node`` always gives the plain node."""
 
     uri: str
     what: str                       # "source" / "target", used in messages
     username: str | None = None
     password: str | None = None
     tls: Tls = Tls()
+    cluster: bool | None = None
     _checked: bool = field(default=False, repr=False, compare=False)
 
     @property
     def masked(self) -> str:
         return mask_uri(self.uri)
 
-    def connect(self, db: int | None = None) -> redis.Redis:
-        err = SourceError if self.what == "source" else TargetError
-        kw = {} if db is None else {"db": db}
-        client = connect(self.uri, self.what, username=self.username, password=self.password,
-                         error_cls=err, tls=self.tls, **kw)
+    def connect(self, db: int | None = None):
+        """A client of the endpoint: redis.Redis, or RedisCluster for a cluster."""
+        client = self.connect_node(db)
         if not self._checked:
-            refuse_cluster_node(client, self)
-            self._checked = True
-        return client
+            self._detect(client, db)
+        if not self.cluster:
+            return client
+        client.close()
+        return self._cluster_client()
 
-    def info(self, client: redis.Redis) -> ServerInfo:
-        err = SourceError if self.what == "source" else TargetError
+    def connect_node(self, db: int | None = None, uri: str | None = None) -> redis.Redis:
+        """A plain client of the node the URI names (or of ``uri``, another node of a cluster,
+        with the same credentials and TLS)."""
+        kw = {} if db is None else {"db": db}
+        return connect(uri or self.uri, self.what, username=self.username,
+                       password=self.password, error_cls=self._error, tls=self.tls, **kw)
+
+    @property
+    def _error(self) -> type[ConveyorError]:
+        return SourceError if self.what == "source" else TargetError
+
+    def _detect(self, client: redis.Redis, db: int | None) -> None:
+        enabled = cluster_enabled(client)
+        if self.cluster and enabled is False:
+            raise ConfigError(f"--{self.what}-cluster: {self.what} {self.masked} is not a node of "
+                              "a Redis Cluster (INFO cluster says cluster_enabled:0)")
+        self.cluster = bool(self.cluster or enabled)
+        if self.cluster:
+            refuse_unready_cluster(client, self)
+        wanted = db if db is not None else (uri_db(self.uri) or 0)
+        if self.cluster and wanted != 0:
+            raise ConfigError(f"{self.what} {self.masked} is a Redis Cluster, which has only "
+                              f"database 0 (asked for database {wanted})")
+        self._checked = True
+
+    def _cluster_client(self):
+        kw = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT)
+        kw.update(self.tls.redis_kwargs(self.uri, self.what))
+        if self.password is not None:
+            kw["password"] = self.password
+        if self.username is not None:
+            kw["username"] = self.username
+        try:
+            return cluster_client(self.uri, **kw)
+        except (redis.RedisError, RedisClusterException, OSError, IndexError) as e:
+            # (redis-py 8 raises IndexError for a node whose cluster has no slots yet)
+            raise self._error(f"{self.what} {self.masked}: cannot read the cluster's topology: "
+                              f"{mask_text(str(e), (self.password or '',))}") from e
+
+    def info(self, client) -> ServerInfo:
         try:
             return server_info(client)
         except redis.RedisError as e:
-            raise err(f"{self.what} {self.masked}: INFO failed: {e}") from e
+            raise self._error(f"{self.what} {self.masked}: INFO failed: {e}") from e
 
 
-def refuse_cluster_node(client: redis.Redis, ep: Endpoint) -> None:
-    """A node of a Redis Cluster holds only its own slots: copied as a plain server, the other
-    nodes' keys would be missing (and verify, reading the same node, would agree). Until cluster
-    mode is supported, such a node is refused in one line."""
+def refuse_unready_cluster(node: redis.Redis, ep: Endpoint) -> None:
+    """A node whose cluster was never created (no slot assigned) or is down answers nothing
+    useful: say so rather than fail on the first key."""
     try:
-        enabled = str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+        info = node.execute_command("CLUSTER INFO")
     except redis.RedisError:
-        return                      # INFO refused (ACL): nothing to tell; the copy goes on
-    if enabled:
-        raise ConfigError(f"{ep.what} {ep.masked} is a node of a Redis Cluster: conveyor does not "
-                          "migrate clusters yet, and a single node holds only its own slots; "
-                          "refusing rather than copying part of the data")
+        return                      # refused (ACL): the cluster client will tell
+    if not isinstance(info, dict):               # redis-py parses it, but not in every version
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        info = dict(line.split(":", 1) for line in text.split() if ":" in line)
+    if str(info.get("cluster_slots_assigned", "1")) == "0":
+        raise ConfigError(f"{ep.what} {ep.masked} is a node of a Redis Cluster that has no hash "
+                          "slots assigned (cluster not created yet?)")
+
+
+def refuse_cluster(client, ep: Endpoint, doing: str) -> None:
+    """Where cluster mode is not supported, a cluster is refused in one line rather than copied in
+    part (a single node holds only its own slots)."""
+    if is_cluster(client):
+        raise ConfigError(f"{ep.what} {ep.masked} is a Redis Cluster: {doing} does not support "
+                          "clusters yet; refusing rather than copying part of the data")
 
 
 def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None

@@ -86,16 +86,16 @@ def test_a_log_on_the_source_or_target_database_is_refused(redis_factory):
 
 
 
-def test_a_cluster_node_is_refused_on_either_side_not_copied_in_part(redis_factory, tmp_path):
+def test_a_node_of_a_cluster_without_slots_is_refused_on_either_side(redis_factory, tmp_path):
     from tests.servers import free_port
     node = redis_factory(extra=("--cluster-enabled", "yes", "--cluster-port", str(free_port()),
                                 "--cluster-config-file", str(tmp_path / "nodes.conf")))
     plain = redis_factory()
     plain.client().set("k", "v")
     p = cli.run("replicate", node.url, plain.url, "--state-dir", str(tmp_path / "a"))
-    assert "is a node of a Redis Cluster" in cli.assert_one_line_error(p, 2)
+    assert "Redis Cluster that has no hash slots" in cli.assert_one_line_error(p, 2)
     p = cli.run("replicate", plain.url, node.url, "--state-dir", str(tmp_path / "b"))
-    assert "is a node of a Redis Cluster" in cli.assert_one_line_error(p, 2)
+    assert "Redis Cluster that has no hash slots" in cli.assert_one_line_error(p, 2)
     p = cli.run("verify", plain.url, node.url)
-    assert "is a node of a Redis Cluster" in cli.assert_one_line_error(p, 2)
+    assert "Redis Cluster that has no hash slots" in cli.assert_one_line_error(p, 2)
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.log"))
