@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import redis
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
@@ -29,6 +29,9 @@ from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnava
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
+
+if TYPE_CHECKING:
+    from conveyor.databases import TargetDbs
 
 log = logging.getLogger("conveyor.apply")
 
@@ -98,8 +101,9 @@ class Applier:
                  done: Callable[[], bool] | None = None, dry_run: bool = False,
                  merge_policy: str = "overwrite", stream_ids: str = "keep",
                  on_progress: Callable[[ApplyStats], None] | None = None,
-                 log_name: str = "URI") -> None:
-        """``target_for_db(db)`` gives the client that writes events of source database ``db``;
+                 log_name: str = "URI", target_dbs: "TargetDbs | None" = None) -> None:
+        """``target_for_db(db)`` gives the client that writes events of source database ``db``
+        (``target_dbs``: the mapping behind it, which counts key collisions);
         ``done()`` (replicate) says the producer finished: the run ends once the log is drained.
         ``log_name``: the log's (masked) URI, for the commands apply tells the user to run."""
         if merge_policy == "merge" and stream_ids != "keep":
@@ -107,6 +111,7 @@ class Applier:
                               "entries would get new ids on every replay and be added again "
                               "(use --stream-id keep, or --merge-policy overwrite)")
         self.target_for_db, self.reader, self.meta, self.codec = target_for_db, reader, meta, codec
+        self.target_dbs = target_dbs
         self.group, self.batch, self.log_name = group, batch, log_name
         self.idle_timeout, self.done, self.dry_run = idle_timeout, done, dry_run
         self.on_progress = on_progress
@@ -279,6 +284,8 @@ class Applier:
         out = []
         for db, items in by_db.items():
             target = self.target_for_db(db)
+            if self.target_dbs is not None:
+                self.target_dbs.see(db, items)
             watch = self.guard.watch_for(db, target)
             out.append((watch, self.writer.write(target, db, items, probe=watch)))
         return out
@@ -300,6 +307,12 @@ class Applier:
                     "down: left unwritten, that member applies them", len(records) - len(owned),
                     self.group)
         return owned, {k: v for k, v in events.items() if id(v[1]) in keep}
+
+    @property
+    def collisions(self) -> int:
+        """Key names written from two source databases into one target database."""
+        c = self.target_dbs.collisions if self.target_dbs is not None else None
+        return c.count if c is not None else 0
 
     @property
     def target_down(self) -> bool:
@@ -478,6 +491,7 @@ class Applier:
                 "dead_letters": st.dead_letters, "retries": st.retries,
                 "log_waits": st.log_waits, "replays": len(st.replays),
                 "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run,
+                "collisions": self.collisions,
                 "targets": self.guard.doc()})
         except Exception as e:  # status is informative; never let it stop apply
             log.warning("could not record apply status: %s", e)

@@ -155,6 +155,48 @@ write_options = _options(
 )
 
 
+def _db_spec(ctx, param, value):
+    from conveyor.databases import parse_dbs
+    try:
+        return parse_dbs(value)
+    except ConveyorError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+db_option = click.option(
+    "--db", "db_spec", metavar="all|N,M", callback=_db_spec,
+    help="Source databases (standalone source): 'all' (every configured one, CONFIG GET "
+         "databases) or a list such as 0,3,5; each event carries its db. Default: the source "
+         "URI's database (/N), else 0.")
+target_db_option = click.option(
+    "--target-db", type=click.IntRange(0), metavar="N",
+    help="Write every source database into target database N (default: each into the same "
+         "number). Needed for a Redis Cluster target (0) when the source has other databases.")
+collisions_option = click.option(
+    "--allow-collisions", is_flag=True,
+    help="With --target-db: the same key name in several source databases (the last write "
+         "wins) is reported but does not make the run fail.")
+
+
+def _db_opts(source: str | None, target: str | None, kw):
+    """--db / --target-db / --allow-collisions; a database named both in a URI and by an
+    option is refused."""
+    from conveyor.commands import DbOptions
+    from conveyor.databases import refuse_uri_and_option
+    from conveyor.endpoints import uri_db
+
+    spec, target_db = kw.get("db_spec"), kw.get("target_db")
+    if source is not None:
+        refuse_uri_and_option(uri_db(source), "--db", spec)
+    if target is not None:
+        refuse_uri_and_option(uri_db(target), "--target-db", target_db)
+    if kw.get("allow_collisions") and target_db is None:
+        raise click.UsageError("--allow-collisions applies with --target-db N (several source "
+                               "databases into one)")
+    return DbOptions(dbs=spec, target_db=target_db,
+                     allow_collisions=bool(kw.get("allow_collisions")))
+
+
 def _write_opts(kw):
     from conveyor.commands import ApplyOptions
     return ApplyOptions(merge_policy=kw["merge_policy"], stream_ids=kw["stream_ids"])
@@ -272,6 +314,7 @@ def cli(verbose: int, log_format: str) -> None:
               show_default=True, help="snapshot: one SCAN pass; live: SCAN + keyspace "
               "notifications; liveonly: notifications only.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@db_option
 @live_options
 @type_options
 @_endpoint_options("source")
@@ -282,9 +325,10 @@ def cli(verbose: int, log_format: str) -> None:
 def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
     """Read SOURCE (SCAN + DUMP, and/or keyspace notifications) and append its keys to the log."""
     from conveyor import commands
+    dbopts = _db_opts(source, None, kw)
     ok = commands.capture(_endpoint(source, "source", kw), log_uri, _log_opts(log_opts),
                           _filter(kw), _capture_opts(mode, fresh, kw), progress,
-                          metrics=_metrics(kw))
+                          metrics=_metrics(kw), dbopts=dbopts)
     sys.exit(0 if ok else 1)
 
 
@@ -303,6 +347,8 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
                    "back at once; never give two live processes the same name.")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Read and decode, write nothing, commit nothing.")
+@target_db_option
+@collisions_option
 @write_options
 @_endpoint_options("target")
 @rewrite_options
@@ -316,9 +362,10 @@ def apply_cmd(target, log_uri, group, start, idle_timeout, consumer, batch, dry_
     opts = _log_opts(log_opts)
     if consumer:
         opts["consumer"] = consumer
+    dbopts = _db_opts(None, target, kw)
     ok = commands.apply(_endpoint(target, "target", kw), log_uri, opts, group,
                         start, idle_timeout, batch, dry_run, _rewriter(kw), progress,
-                        _write_opts(kw), metrics=_metrics(kw))
+                        _write_opts(kw), metrics=_metrics(kw), dbopts=dbopts)
     sys.exit(0 if ok else 1)
 
 
@@ -339,6 +386,8 @@ verify_options = _options(
 @_endpoint_options("source")
 @_endpoint_options("target")
 @verify_options
+@db_option
+@target_db_option
 @click.option("--stream-id", "stream_ids", type=click.Choice(["keep", "drop"]), default="keep",
               show_default=True, help="drop: compare stream entries without their ids (after "
               "apply --stream-id drop).")
@@ -348,8 +397,9 @@ verify_options = _options(
 def verify(source, target, progress, **kw):
     """Compare SOURCE and TARGET key by key; exit 1 when anything differs."""
     from conveyor import commands
+    dbopts = _db_opts(source, target, kw)
     ok = commands.verify(_endpoint(source, "source", kw), _endpoint(target, "target", kw),
-                         _filter(kw), _rewriter(kw), kw, progress)
+                         _filter(kw), _rewriter(kw), kw, progress, dbopts)
     sys.exit(0 if ok else 1)
 
 
@@ -368,6 +418,9 @@ def verify(source, target, progress, **kw):
 @click.option("--no-verify", is_flag=True, help="Skip the verify pass after copying.")
 @click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@db_option
+@target_db_option
+@collisions_option
 @live_options
 @type_options
 @write_options
@@ -385,16 +438,17 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
     from conveyor import commands
     src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
     flt, rw = _filter(kw), _rewriter(kw)
+    dbopts = _db_opts(source, target, kw)
     if mode == "compare":
-        if dry_run or no_verify:
-            raise click.UsageError("--mode compare only verifies: --dry-run and --no-verify "
-                                   "mean nothing to it")
-        sys.exit(0 if commands.verify(src, dst, flt, rw, kw, progress) else 1)
+        if dry_run or no_verify or dbopts.allow_collisions:
+            raise click.UsageError("--mode compare only verifies: --dry-run, --no-verify and "
+                                   "--allow-collisions mean nothing to it")
+        sys.exit(0 if commands.verify(src, dst, flt, rw, kw, progress, dbopts) else 1)
     log_uri = log_uri or _state_log(state_dir, source, target)
     ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,
                             _capture_opts(mode, fresh, kw), dry_run,
                             not no_verify and not dry_run, kw, progress, _write_opts(kw),
-                            metrics=_metrics(kw))
+                            metrics=_metrics(kw), dbopts=dbopts)
     sys.exit(0 if ok else 1)
 
 

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from conveyor.endpoints import mask_uri
-from conveyor.errors import ConveyorError, LogError
+from conveyor.endpoints import mask_uri, uri_db
+from conveyor.errors import ConfigError, ConveyorError, LogError
 from conveyor.events import Codec
 from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
@@ -32,6 +32,16 @@ class CaptureOptions:
     big_key_bytes: int | None = 8 * 1024 * 1024
     mem_limit: int | None = None
     mem_limit_skip: bool = False
+    dbs: list[int] | None = None         # --db, resolved: the source databases to capture
+
+
+@dataclass
+class DbOptions:
+    """--db (as given: None, "all" or numbers), --target-db and --allow-collisions."""
+    dbs: list[int] | str | None = None
+    target_db: int | None = None
+    allow_collisions: bool = False
+    resolved: list[int] | None = None    # --db resolved against the source, once per command
 
 
 @dataclass
@@ -41,43 +51,87 @@ class ApplyOptions:
 
 
 def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: CaptureOptions, display):
-    from capture import Capture, checkpoint_name
-    from capture.notifications import check_notifications
-
-    client = src.connect()
+    if opts.dbs and len(opts.dbs) > 1:
+        return _databases_process(src, log_uri, log_opts, key_filter, opts, display)
+    db = opts.dbs[0] if opts.dbs else None
+    client = src.connect(db=db)
     refuse_cluster(client, src, "capture")
     info = src.info(client)
     refuse_log_on(client, src, log_uri, log_opts)
+    _check_notifications(client, src, opts)
+    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
+    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
+    proc = _make_capture(src, client, info, writer, meta, key_filter, opts,
+                         lambda st: _show_capture(display, st, proc._cursor is not None))
+    return proc, (writer, meta)
+
+
+def _databases_process(src: Endpoint, log_uri, log_opts, key_filter, opts: CaptureOptions,
+                       display):
+    """Several databases of a standalone source: one Capture per db sharing one log writer
+    (capture/databases.py)."""
+    import threading
+
+    from capture.databases import Databases, SharedLog
+
+    clients = {db: src.connect(db=db) for db in opts.dbs}
+    first = clients[opts.dbs[0]]
+    refuse_cluster(first, src, "capture")
+    infos = {db: src.info(client) for db, client in clients.items()}
+    for client in clients.values():
+        refuse_log_on(client, src, log_uri, log_opts)
+    _check_notifications(first, src, opts)
+    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
+    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
+    lock = threading.Lock()
+
+    def progress(_st):
+        with lock:                           # called from every database's thread
+            _show_capture(display, proc.stats, proc.scanning)
+
+    proc = Databases(opts.dbs, SharedLog(writer, meta), opts.mode,
+                     lambda db, view, store: _make_capture(src, clients[db], infos[db], view, store,
+                                                           key_filter, opts, progress))
+    return proc, (writer, meta)
+
+
+def _check_notifications(client, src: Endpoint, opts: CaptureOptions) -> None:
+    from capture.notifications import check_notifications
+
     if opts.mode != "snapshot":
         warning = check_notifications(client, enable=opts.enable_notifications,
                                       where=f"source {src.masked}")
         if warning:
             echo(f"capture: warning: {warning}")
-    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
-    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
 
-    def progress(st):
-        if st.mode == "snapshot" or proc._cursor is not None:
-            display.update("Scanning", st.events, st.total_hint, st.rate)
-        if st.mode != "snapshot":
-            note = st.waiting[:60] or (f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
-                                       f"resyncs {st.resyncs_done}/{st.resyncs}")
-            display.update("Live", st.events, None, st.rate, unit="events", note=note)
 
-    proc = Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+def _show_capture(display, st, scanning: bool) -> None:
+    if st.mode == "snapshot" or scanning:
+        display.update("Scanning", st.events, st.total_hint, st.rate)
+    if st.mode != "snapshot":
+        note = st.waiting[:60] or (f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
+                                   f"resyncs {st.resyncs_done}/{st.resyncs}")
+        display.update("Live", st.events, None, st.rate, unit="events", note=note)
+
+
+def _make_capture(src: Endpoint, client, info, writer, meta, key_filter, opts: CaptureOptions,
+                  progress):
+    from capture import Capture, checkpoint_name
+
+    db = info.db if opts.dbs else None      # reconnects (the subscriber) to the same database
+    return Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
                    key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
                    mode=opts.mode, scan_count=opts.scan_count, fresh=opts.fresh,
-                   idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
+                   idle_timeout=opts.idle_timeout, connect=lambda: src.connect(db=db),
                    dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
                    big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
                    mem_limit_skip=opts.mem_limit_skip,
                    enable_notifications=opts.enable_notifications, on_progress=progress)
-    return proc, (writer, meta)
 
 
 def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
                    rewriter, display, done=None, source_db=None, first=None,
-                   wopts: ApplyOptions | None = None):
+                   wopts: ApplyOptions | None = None, target_dbs=None):
     from apply import Applier
 
     first = first or dst.connect(db=source_db)
@@ -90,13 +144,23 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
         display.update("Applying", st.records, None, st.rate, unit="records",
                        note="" if "waiting" not in proc.state else proc.state[:60])
 
-    proc = Applier(target_for_db=target_clients(dst, first, source_db), reader=reader, meta=meta,
-                   codec=Codec(), rewriter=rewriter, group=group, batch=batch,
+    target_dbs = target_dbs or _target_dbs(dst, None)
+    proc = Applier(target_for_db=target_clients(dst, first, source_db, target_dbs), reader=reader,
+                   meta=meta, codec=Codec(), rewriter=rewriter, group=group, batch=batch,
                    idle_timeout=idle_timeout, done=done, dry_run=dry_run,
                    merge_policy=(wopts or ApplyOptions()).merge_policy,
                    stream_ids=(wopts or ApplyOptions()).stream_ids, on_progress=progress,
-                   log_name=mask_uri(log_uri))
+                   log_name=mask_uri(log_uri), target_dbs=target_dbs)
     return proc, (reader, meta)
+
+
+def _target_dbs(dst: Endpoint, target_db: int | None, sources: list[int] | None = None):
+    """Where each source db goes on ``dst`` (connected once: cluster mode is known). Collisions
+    are tracked with --target-db unless the source dbs are known to be one."""
+    from conveyor.databases import TargetDbs
+
+    return TargetDbs(explicit=target_db, uri_db=uri_db(dst.uri), cluster=bool(dst.cluster),
+                     masked=dst.masked, track=sources is None or len(sources) > 1)
 
 
 def _close(*resources) -> None:
@@ -124,6 +188,15 @@ def _read_lines(rc) -> list[str]:
 
 
 def _capture_lines(st) -> tuple[list[str], bool]:
+    lines, ok = _capture_summary(st)
+    per_db = getattr(st, "per_db", None)          # several databases (capture/databases.py)
+    if per_db:
+        lines.insert(1, "capture: by database: " + "; ".join(
+            f"db {db}: {d.keys} keys, {d.deletes} deletes" for db, d in per_db.items()))
+    return lines, ok
+
+
+def _capture_summary(st) -> tuple[list[str], bool]:
     if st.mode == "snapshot":
         state = "complete" if st.complete else "interrupted (resumable: run capture again)"
         lines = [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
@@ -202,7 +275,8 @@ def _watch(metrics, capture=None, apply=None) -> None:
 
 # -- commands ------------------------------------------------------------------------------------
 def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, opts: CaptureOptions,
-            progress, metrics=None) -> bool:
+            progress, metrics=None, dbopts: DbOptions | None = None) -> bool:
+    opts.dbs = _source_dbs(src, dbopts or DbOptions())
     interrupts = Interrupts()
     display = Display(progress)
     proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts, display)
@@ -221,11 +295,14 @@ def capture(src: Endpoint, log_uri, log_opts, key_filter: KeyFilter, opts: Captu
 
 def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
           rewriter: KeyRewriter, progress, wopts: ApplyOptions | None = None,
-          metrics=None) -> bool:
+          metrics=None, dbopts: DbOptions | None = None) -> bool:
+    dbopts = dbopts or DbOptions()
     interrupts = Interrupts()
     display = Display(progress)
+    first = dst.connect(db=dbopts.target_db)
     proc, res = _apply_process(dst, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
-                               rewriter, display, wopts=wopts)
+                               rewriter, display, wopts=wopts, first=first,
+                               target_dbs=_target_dbs(dst, dbopts.target_db))
     _watch(metrics, apply=proc)
     try:
         with interrupts.installed(), display:
@@ -240,6 +317,8 @@ def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, d
     finally:
         _close(*res)
     lines, ok = _apply_lines(st, dry_run)
+    clines, cok = _collision_lines(proc, dbopts.allow_collisions)
+    lines, ok = lines + clines, ok and cok
     lines.append(f"apply: log lag {lag} for group {group!r}")
     if empty:
         lines.append(f"apply: the log {mask_uri(log_uri)} holds no records: nothing has captured "
@@ -249,11 +328,17 @@ def apply(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, d
     return ok
 
 
-def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress) -> bool:
+def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress,
+           dbopts: DbOptions | None = None) -> bool:
     from verify import Verifier
 
+    dbopts = dbopts or DbOptions()
+    dbs = _source_dbs(src, dbopts)
+    if dbs is not None:
+        return _verify_databases(src, dst, dbs, dbopts, key_filter, rewriter, kw, progress)
     source = src.connect()
-    target = dst.connect(db=default_target_db(src.uri, dst.uri))
+    target = dst.connect(db=dbopts.target_db if dbopts.target_db is not None
+                         else default_target_db(src.uri, dst.uri))
     refuse_cluster(source, src, "verify")
     refuse_cluster(target, dst, "verify")
     refuse_same_database(source, target, dst)
@@ -268,6 +353,85 @@ def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress) -> 
         report = proc.run()
     _print_report(report, kw)
     return not report.differs and report.complete
+
+
+def _verify_databases(src: Endpoint, dst: Endpoint, dbs: list[int], dbopts: DbOptions,
+                      key_filter, rewriter, kw, progress) -> bool:
+    """Each source database against the target database it maps to (verify/databases.py)."""
+    from verify import Verifier
+    from verify.databases import Pair, verify_pairs
+
+    target = dst.connect(db=dbopts.target_db)
+    tdbs = _target_dbs(dst, dbopts.target_db, dbs)
+    for_db = target_clients(dst, target, None, tdbs)
+    pairs = [Pair(d, tdbs.target_of(d), src.connect(db=d), for_db(d)) for d in dbs]
+    for p in pairs:
+        refuse_cluster(p.source, src, "verify")
+        refuse_cluster(p.target, dst, "verify")
+        refuse_same_database(p.source, p.target, dst)
+    display = Display(progress)
+    interrupts = Interrupts()
+
+    def make(**sides):
+        proc = Verifier(key_filter=key_filter, rewriter=rewriter,
+                        ttl_tolerance_ms=kw["ttl_tolerance"], recheck_delay=kw["recheck_delay"],
+                        scan_count=kw["scan_count"], stream_ids=kw.get("stream_ids") or "keep",
+                        on_progress=lambda n, total: display.update("Verifying", n, total),
+                        **sides)
+        interrupts.register(proc)
+        return proc
+
+    with interrupts.installed(), display:
+        report = verify_pairs(pairs, make, key_filter, rewriter)
+    for p in pairs:
+        echo(f"verify: db {p.db} -> db {p.target_db}: {report.per_db[p.db].summary_line()}")
+    _print_report(report, kw)
+    return not report.differs and report.complete
+
+
+def _source_dbs(src: Endpoint, dbopts: DbOptions) -> list[int] | None:
+    """--db resolved against the source (once: replicate's verify reuses it); None without it."""
+    from conveyor.databases import ALL, resolve
+
+    if dbopts.resolved is not None or dbopts.dbs is None:
+        return dbopts.resolved
+    client = src.connect()
+    if src.cluster:
+        if dbopts.dbs not in (ALL, [0]):
+            raise ConfigError(f"--db: source {src.masked} is a Redis Cluster, which has only "
+                              "database 0")
+        dbopts.resolved = [0]
+        return dbopts.resolved
+    try:
+        sel = resolve(client, dbopts.dbs, lambda db: src.connect_node(db))
+    finally:
+        client.close()
+    if sel.note:
+        echo(sel.note)
+    dbopts.resolved = sel.dbs
+    return sel.dbs
+
+
+def _collision_lines(app, allow: bool) -> tuple[list[str], bool]:
+    """Key names written from several source databases into one target database."""
+    dbs = app.target_dbs
+    c = dbs.collisions if dbs is not None else None
+    if c is None:
+        return [], True
+    lines = []
+    if c.count:
+        lines.append(f"apply: {c.count} key collisions: the same key name in several source "
+                     f"databases written into target db {dbs.explicit} (the last write wins: "
+                     "the target cannot equal the source)"
+                     + ("; accepted with --allow-collisions" if allow else
+                        "; --allow-collisions accepts this"))
+        lines += [f"  collision: {n}" for n in c.named]
+        if c.count > len(c.named):
+            lines.append(f"  ... and {c.count - len(c.named)} more")
+    if c.stopped:
+        lines.append(f"apply: more than {c.limit:,} keys in target db {dbs.explicit}: key "
+                     "collisions were no longer detected after that (check with verify)")
+    return lines, allow or not c.count
 
 
 def _print_report(report, kw) -> None:
@@ -286,13 +450,26 @@ def _print_report(report, kw) -> None:
 
 def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter, rewriter,
               copts: CaptureOptions, dry_run, run_verify, kw, progress,
-              wopts: ApplyOptions | None = None, metrics=None) -> bool:
-    source = src.connect()
-    target_db = default_target_db(src.uri, dst.uri)
+              wopts: ApplyOptions | None = None, metrics=None,
+              dbopts: DbOptions | None = None) -> bool:
+    dbopts = dbopts or DbOptions()
+    dbs = copts.dbs = _source_dbs(src, dbopts)
+    source = src.connect(db=dbs[0] if dbs else None)
+    if dbs is None:
+        target_db = (dbopts.target_db if dbopts.target_db is not None
+                     else default_target_db(src.uri, dst.uri))
+    else:
+        target_db = dbopts.target_db
     target = dst.connect(db=target_db)
+    target_dbs = _target_dbs(dst, dbopts.target_db, dbs)
+    for db in dbs or ():
+        target_dbs.target_of(db)         # refused now, not at the first event (cluster, URI /N)
     refuse_cluster(source, src, "replicate")
     refuse_cluster(target, dst, "replicate")
-    refuse_same_database(source, target, dst)
+    if dbs is None:
+        refuse_same_database(source, target, dst)
+    for db in dbs or ():
+        _refuse_same(src, dst, db, target_dbs.target_of(db))
     refuse_log_on(source, src, log_uri, log_opts)      # before capture opens (and marks) the log
     refuse_log_on(target, dst, log_uri, log_opts)
     echo(f"replicate: {src.masked} -> {dst.masked} through {mask_uri(log_uri)}")
@@ -305,7 +482,8 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     worker = CaptureChild(src, log_uri, log_opts, key_filter, copts, display)
     app, ares = _apply_process(dst, log_uri, log_opts, group, "committed", None, 2000, dry_run,
                                rewriter, display, done=lambda: not worker.is_alive(),
-                               source_db=target_db, first=target, wopts=wopts)
+                               source_db=target_db, first=target, wopts=wopts,
+                               target_dbs=target_dbs)
     _watch(metrics, capture=worker, apply=app)
     try:
         with interrupts.installed(), display:
@@ -329,15 +507,25 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
         for line in lines:
             echo(line)
     lines, aok = _apply_lines(ast, dry_run)
-    ok &= aok
-    for line in lines:
+    clines, cok = _collision_lines(app, dbopts.allow_collisions)
+    ok &= aok and cok
+    for line in lines + clines:
         echo(line)
     if interrupts.signalled.is_set() and copts.mode == "snapshot":
         echo("replicate: interrupted; run the same command again to continue")
         return False
     if run_verify and ok:
-        ok &= verify(src, dst, key_filter, rewriter, kw, progress)
+        ok &= verify(src, dst, key_filter, rewriter, kw, progress, dbopts)
     return ok
+
+
+def _refuse_same(src: Endpoint, dst: Endpoint, db: int, target_db: int) -> None:
+    source, target = src.connect(db=db), dst.connect(db=target_db)
+    try:
+        refuse_same_database(source, target, dst)
+    finally:
+        source.close()
+        target.close()
 
 
 def status(log_uri, log_opts, group, as_json: bool) -> None:
@@ -378,6 +566,8 @@ def status(log_uri, log_opts, group, as_json: bool) -> None:
         age = f" ({time.time() - last / 1000:.0f}s ago)" if last else ""
         echo(f"apply: {applied.get('state')}; last wrote {when}{age}; "
              f"{applied.get('records', 0)} records, {applied.get('dead_letters', 0)} dead letters, "
-             f"{applied.get('retries', 0)} retries")
+             f"{applied.get('retries', 0)} retries"
+             + (f", {applied['collisions']} key collisions between source databases"
+                if applied.get("collisions") else ""))
     else:
         echo("apply: no status recorded for this group yet")

@@ -6,7 +6,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import redis
 
@@ -16,6 +16,9 @@ from conveyor.cluster import cluster_client, cluster_enabled, is_cluster
 from conveyor.endpoints import (CONNECT_TIMEOUT, SOCKET_TIMEOUT, ServerInfo, Tls, connect, mask_text,
                                 mask_uri, same_database, server_info, uri_db)
 from conveyor.errors import ConfigError, ConveyorError, LogUnavailable, SourceError, TargetError
+
+if TYPE_CHECKING:
+    from conveyor.databases import TargetDbs
 
 log = logging.getLogger("conveyor")
 
@@ -119,17 +122,21 @@ def refuse_cluster(client, ep: Endpoint, doing: str) -> None:
                           "clusters yet; refusing rather than copying part of the data")
 
 
-def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None
-                   ) -> Callable[[int], redis.Redis]:
-    """Which target client writes events of source db N: the URI's db when it names one,
-    else the same db number as on the source."""
-    fixed = uri_db(target.uri)
+def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None,
+                   dbs: "TargetDbs | None" = None) -> Callable[[int], redis.Redis]:
+    """Which target client writes events of source db N (see conveyor.databases.TargetDbs:
+    ``--target-db``, else the URI's db, else the same db number as on the source)."""
+    from conveyor.databases import TargetDbs
+
+    dbs = dbs or TargetDbs(explicit=None, uri_db=uri_db(target.uri), cluster=bool(target.cluster),
+                           masked=target.masked)
     clients: dict[int, redis.Redis] = {}
-    first_db = first.connection_pool.connection_kwargs.get("db", 0) or 0
+    pool = getattr(first, "connection_pool", None)       # None: a RedisCluster (db 0)
+    first_db = (pool.connection_kwargs.get("db", 0) or 0) if pool is not None else 0
     clients[first_db] = first
 
     def for_db(db: int) -> redis.Redis:
-        want = fixed if fixed is not None else db
+        want = dbs.target_of(db)
         if want not in clients:
             clients[want] = target.connect(db=want)
         return clients[want]
