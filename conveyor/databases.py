@@ -72,7 +72,11 @@ def resolve(client: redis.Redis, wanted: list[int] | str, connect=None, *,
         if count is not None:
             return Selection(list(range(count)), f"{what} databases: all {count} configured "
                                                  "(CONFIG GET databases)")
-        found = with_keys(client) or [0]
+        try:
+            found = with_keys(client) or [0]
+        except redis.ResponseError as e:
+            raise ConfigError(f"--db all: the {what} refuses both CONFIG GET databases and INFO "
+                              f"keyspace ({e}): name the databases, e.g. --db 0,3") from e
         return Selection(found, f"{what} databases: CONFIG GET databases refused: taking those "
                                 f"holding keys now ({', '.join(map(str, found))}); keys created "
                                 "later in another database are NOT captured (name them with --db)")
