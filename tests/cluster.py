@@ -137,6 +137,9 @@ class Cluster:
         return [self.by_port(v.port) for v in sorted(views.values(), key=lambda v: v.port)
                 if not v.primary and not v.failed and (want is None or v.primary_id == want)]
 
+    def slot_count(self, node: RedisServer) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.view()[self.node_id(node)].slots)
+
     def primary_of(self, key: bytes | str) -> RedisServer:
         slot = key_slot(key.encode() if isinstance(key, str) else key)
         for v in self.view().values():
@@ -189,6 +192,86 @@ class Cluster:
     @staticmethod
     def addr(node: RedisServer) -> str:
         return f"127.0.0.1:{node.port}"
+
+    # -- topology changes, done for real and waited out --------------------------------------------
+    def failover(self, primary: RedisServer, mode: str | None = None) -> RedisServer:
+        """CLUSTER FAILOVER [FORCE|TAKEOVER] on one of ``primary``'s replicas; returns the new
+        primary once every node agrees the roles swapped."""
+        replica = self.replicas(of=primary)[0]
+        old, new = self.node_id(primary), self.node_id(replica)
+        replica.client().execute_command("CLUSTER FAILOVER", *([mode] if mode else []))
+        wait_until(lambda: self._swapped(old, new), SETTLE_TIMEOUT_S, "the failover")
+        self.settle()
+        return replica
+
+    def _swapped(self, old: str, new: str) -> bool:
+        try:
+            views = [self.view(n) for n in self.live()]
+        except redis.RedisError:
+            return False
+        return all(v[new].primary and (old not in v or not v[old].primary or v[old].failed)
+                   for v in views)
+
+    def reshard(self, n_slots: int, src: RedisServer, dst: RedisServer) -> None:
+        """Move ``n_slots`` slots and their keys from ``src`` to ``dst`` (redis-cli moves them
+        slot by slot with SETSLOT IMPORTING/MIGRATING, MIGRATE and SETSLOT NODE, so clients
+        writing meanwhile are redirected with ASK/MOVED)."""
+        self.settle()  # redis-cli refuses to reshard a cluster whose nodes disagree
+        self.cli("reshard", self.addr(self.primaries()[0]), "--cluster-from", self.node_id(src),
+                 "--cluster-to", self.node_id(dst), "--cluster-slots", str(n_slots),
+                 "--cluster-yes")
+        self.settle()
+
+    def add_node(self, kind: str | None = None, with_slots: int = 0,
+                 replica_of: RedisServer | None = None) -> RedisServer:
+        """Start a server and join it (redis-cli --cluster add-node): as a replica of
+        ``replica_of``, or as a primary given ``with_slots`` slots taken evenly from the others."""
+        node = self.start_node(kind)
+        args = ["--cluster-slave", "--cluster-master-id", self.node_id(replica_of)] \
+            if replica_of else []
+        self.cli("add-node", self.addr(node), self.addr(self.primaries()[0]), *args)
+        self.settle()
+        # one move per source: redis-cli's "--cluster-from all" rounds each share down
+        sources = [p for p in self.primaries() if p is not node and self.slot_count(p)]
+        for i, src in enumerate(sources):
+            share = with_slots // len(sources) + (i < with_slots % len(sources))
+            if share:
+                self.reshard(share, src, node)
+        return node
+
+    def remove_node(self, node: RedisServer) -> None:
+        """Move the node's slots (if any) to another primary, forget it (redis-cli --cluster
+        del-node) and stop it."""
+        if self.slot_count(node):
+            other = next(p for p in self.primaries() if p is not node)
+            self.reshard(self.slot_count(node), node, other)
+        self.cli("del-node", self.addr(next(n for n in self.live() if n is not node)),
+                 self.node_id(node))
+        node.cleanup()
+        self.nodes.remove(node)
+        self.ids.pop(node.port, None)
+        self.settle()
+
+    def kill(self, node: RedisServer) -> None:
+        """SIGKILL the node and wait until every other node marks it failed; then, unless its
+        slots have no replica to take over, until a replica took over and the cluster is ok."""
+        nid = self.node_id(node)
+        v = self.view(node)[nid]
+        orphaned = v.primary and bool(v.slots) and not self.replicas(of=node)
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait()
+        node.proc = None
+        wait_until(lambda: all(self.view(n)[nid].failed for n in self.live()), SETTLE_TIMEOUT_S,
+                   f"the cluster to mark {self.addr(node)} failed")
+        if not orphaned:
+            self.settle()
+
+    def restart(self, node: RedisServer) -> None:
+        """Start a killed or stopped node again on its port with its nodes.conf: it rejoins (as a
+        replica if it was failed over meanwhile). Its data is gone (no persistence): a primary
+        that kept its slots comes back empty."""
+        node.start()
+        self.settle()
 
 
 def start_cluster(primaries: int = 3, replicas: int = 0, kind: str = "redis7.0",
