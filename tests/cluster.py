@@ -193,6 +193,10 @@ class Cluster:
     def addr(node: RedisServer) -> str:
         return f"127.0.0.1:{node.port}"
 
+    @staticmethod
+    def bus_port(node: RedisServer) -> int:
+        return int(node.extra[node.extra.index("--cluster-port") + 1])
+
     # -- topology changes, done for real and waited out --------------------------------------------
     def failover(self, primary: RedisServer, mode: str | None = None) -> RedisServer:
         """CLUSTER FAILOVER [FORCE|TAKEOVER] on one of ``primary``'s replicas; returns the new
@@ -283,10 +287,31 @@ def start_cluster(primaries: int = 3, replicas: int = 0, kind: str = "redis7.0",
     try:
         for _ in range(primaries * (1 + replicas)):
             c.start_node()
-        c.cli("create", *(c.addr(n) for n in c.nodes), "--cluster-replicas", str(replicas),
-              "--cluster-yes")
+        if primaries >= 3:
+            c.cli("create", *(c.addr(n) for n in c.nodes), "--cluster-replicas", str(replicas),
+                  "--cluster-yes")
+        else:
+            _create_small(c, primaries)
         c.settle()
         return c
     except BaseException:
         c.cleanup()
         raise
+
+
+def _create_small(c: Cluster, primaries: int) -> None:
+    """What ``redis-cli --cluster create`` does, for the 1 or 2 primaries it refuses: even slot
+    ranges, distinct config epochs, MEET, then each replica follows its primary."""
+    heads, rest = c.nodes[:primaries], c.nodes[primaries:]
+    for i, node in enumerate(heads):
+        r = node.client()
+        r.execute_command("CLUSTER ADDSLOTSRANGE", i * 16384 // primaries,
+                          (i + 1) * 16384 // primaries - 1)
+        r.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
+    for node in c.nodes[1:]:
+        node.client().execute_command("CLUSTER MEET", "127.0.0.1", c.nodes[0].port,
+                                      c.bus_port(c.nodes[0]))
+    wait_until(lambda: all(len(c.view(n)) == len(c.nodes) for n in c.nodes), SETTLE_TIMEOUT_S,
+               "every node to meet every other")
+    for i, node in enumerate(rest):
+        node.client().execute_command("CLUSTER REPLICATE", c.node_id(heads[i % primaries]))

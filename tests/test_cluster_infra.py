@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from tests.compare import wait_until
+from tests.compare import differences, wait_until
 
 N_SLOTS = 16384
 
@@ -160,3 +160,33 @@ def test_remove_node_hands_its_slots_and_keys_over(cluster_factory):
     assert len(c.primaries()) == 2 and len(c.view()) == 2
     assert_full_coverage(c)
     assert_all_present(c, {f"k{i}": str(i) for i in range(1000)})
+
+
+def test_compare_reads_every_primary_of_a_cluster(cluster_factory, redis_server):
+    c = cluster_factory(3)
+    src, dst = c.client(), redis_server.client()
+    for i in range(600):
+        for r in (src, dst):
+            r.hset(f"h{i}", mapping={"a": i})
+            r.set(f"s{i}", i, ex=600)
+    assert differences(src, dst) == [] and differences(dst, src) == []
+    # one key per primary changed on the cluster side only: each is found
+    changed = {c.primary_of(f"s{i}").port: f"s{i}" for i in range(600)}
+    assert len(changed) == 3
+    for key in changed.values():
+        src.set(key, "other", ex=600)
+    found = differences(src, dst, recheck_s=0)
+    assert sorted(d.split(":")[0] for d in found) == sorted(repr(k.encode()) for k in changed.values())
+    # cluster against cluster: a key missing on one side
+    other = cluster_factory(2)
+    assert len(differences(src, other.client(), recheck_s=0)) == 1200
+
+
+def test_compare_sees_a_primary_added_after_the_client_was_made(cluster_factory, redis_server):
+    c = cluster_factory(3)
+    src, dst = c.client(), redis_server.client()
+    for i in range(1000):
+        src.set(f"k{i}", i)
+    node = c.add_node(with_slots=3000)
+    assert node.client().dbsize() > 0
+    assert len(differences(src, dst, recheck_s=0)) == 1000
