@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,10 @@ class Cluster:
 
     def slot_count(self, node: RedisServer) -> int:
         return sum(hi - lo + 1 for lo, hi in self.view()[self.node_id(node)].slots)
+
+    def dbsize(self) -> int:
+        """Keys held by all current primaries together (plain DBSIZE on each)."""
+        return sum(self.conn(p).dbsize() for p in self.primaries())
 
     def primary_of(self, key: bytes | str) -> RedisServer:
         slot = key_slot(key.encode() if isinstance(key, str) else key)
@@ -342,3 +347,54 @@ def _create_small(c: Cluster, primaries: int) -> None:
                "every node to meet every other")
     for i, node in enumerate(rest):
         c.conn(node).execute_command("CLUSTER REPLICATE", c.node_id(heads[i % primaries]))
+
+
+class Writer:
+    """``with Writer(cluster) as w:`` writes {w<n>}:<i> = i through a RedisCluster client in a
+    thread until the block ends; ``w.written`` holds every acknowledged write. A write refused
+    while the cluster is changing (connection lost, CLUSTERDOWN, TRYAGAIN) is retried for up to
+    ``retry_s``; anything else, or a longer outage, fails the test on exit."""
+
+    RETRIED = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
+               redis.exceptions.TryAgainError)
+
+    def __init__(self, cluster: Cluster, prefix: str = "w", retry_s: float = 30.0):
+        self.client, self.prefix, self.retry_s = cluster.client(), prefix, retry_s
+        self.written: dict[str, str] = {}
+        self.retries = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            key = f"{{{self.prefix}{i % 997}}}:{i}"  # a spread of hash tags: many slots
+            try:
+                self._set(key, i)
+            except Exception as e:  # noqa: BLE001 - re-raised as a failure on exit
+                self.errors.append(e)
+                return
+            self.written[key] = str(i)
+            i += 1
+
+    def _set(self, key: str, value: int) -> None:
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                self.client.set(key, value)
+                return
+            except self.RETRIED:
+                if time.monotonic() >= deadline:
+                    raise
+                self.retries += 1
+                time.sleep(0.05)
+
+    def __enter__(self) -> "Writer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.retry_s + 10)
+        assert not self.errors, f"writer failed: {self.errors[0]!r}"
