@@ -285,7 +285,8 @@ class Cluster:
         node.cleanup()
         self.nodes.remove(node)
         self.ids.pop(node.port, None)
-        self.conns.pop(node.port).close()
+        if conn := self.conns.pop(node.port, None):
+            conn.close()
         self.settle()
 
     def kill(self, node: RedisServer) -> None:
