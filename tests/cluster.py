@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,7 @@ class Cluster:
     password: str | None = None
     nodes: list[RedisServer] = field(default_factory=list)
     ids: dict[int, str] = field(default_factory=dict)  # port -> node id, also for stopped nodes
+    conns: dict[int, redis.Redis] = field(default_factory=dict)  # port -> admin connection
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> "Cluster":
@@ -82,6 +85,8 @@ class Cluster:
         self.cleanup()
 
     def cleanup(self) -> None:
+        for c in self.conns.values():
+            c.close()
         for n in self.nodes:
             n.cleanup()
 
@@ -111,10 +116,16 @@ class Cluster:
         node = self.live()[0]
         return RedisCluster(host="127.0.0.1", port=node.port, password=self.password, **kw)
 
+    def conn(self, node: RedisServer) -> redis.Redis:
+        """One reused admin connection per node (it reconnects by itself after a restart)."""
+        if node.port not in self.conns:
+            self.conns[node.port] = node.client(socket_timeout=5, socket_connect_timeout=2)
+        return self.conns[node.port]
+
     def node_id(self, node: RedisServer) -> str:
         """The node's cluster id; remembered, so a stopped node still has one."""
         if node.port not in self.ids:
-            self.ids[node.port] = _as_text(node.client().execute_command("CLUSTER MYID"))
+            self.ids[node.port] = _as_text(self.conn(node).execute_command("CLUSTER MYID"))
         return self.ids[node.port]
 
     def by_port(self, port: int) -> RedisServer:
@@ -123,7 +134,7 @@ class Cluster:
     # -- topology as the servers report it ------------------------------------------------------
     def view(self, node: RedisServer | None = None) -> dict[str, NodeView]:
         node = node or self.live()[0]
-        return parse_nodes(node.client().execute_command("CLUSTER NODES"))
+        return parse_nodes(self.conn(node).execute_command("CLUSTER NODES"))
 
     def primaries(self) -> list[RedisServer]:
         """Current primaries (live, by CLUSTER NODES), those with slots first, in port order."""
@@ -140,6 +151,10 @@ class Cluster:
     def slot_count(self, node: RedisServer) -> int:
         return sum(hi - lo + 1 for lo, hi in self.view()[self.node_id(node)].slots)
 
+    def dbsize(self) -> int:
+        """Keys held by all current primaries together (plain DBSIZE on each)."""
+        return sum(self.conn(p).dbsize() for p in self.primaries())
+
     def primary_of(self, key: bytes | str) -> RedisServer:
         slot = key_slot(key.encode() if isinstance(key, str) else key)
         for v in self.view().values():
@@ -148,34 +163,47 @@ class Cluster:
         raise LookupError(f"no primary serves slot {slot}")
 
     # -- settling -------------------------------------------------------------------------------
-    def _settled(self) -> bool:
+    def unsettled(self) -> str:
+        """Why the cluster is not settled yet ("" once every live node says cluster_state:ok,
+        all describe the same nodes, roles and slots, the stopped nodes are marked failed and
+        every replica's link to its primary is up)."""
         try:
-            views = [self.view(n) for n in self.live()]
-            infos = [n.client().execute_command("CLUSTER INFO") for n in self.live()]
-        except redis.RedisError:
-            return False
+            views = {n.port: self.view(n) for n in self.live()}
+            states = {n.port: self.conn(n).execute_command("CLUSTER INFO")["cluster_state"]
+                      for n in self.live()}
+        except redis.RedisError as e:
+            return f"a node did not answer: {e}"
+        first = next(iter(views.values()))
         down = {self.node_id(n) for n in self.nodes if n.proc is None}
-        first = views[0]
-        return (all(i["cluster_state"] == "ok" for i in infos)
-                and all(v == first for v in views)
-                and len(first) == len(self.nodes)
-                and not any(v.handshake for v in first.values())
-                and {v.id for v in first.values() if v.failed} == down
-                and self._links_up(first))
+        checks = [
+            (all(st == "ok" for st in states.values()), f"cluster_state {states}"),
+            (all(v == first for v in views.values()), "the nodes describe different topologies"),
+            (len(first) == len(self.nodes), f"{len(first)} nodes known, {len(self.nodes)} started"),
+            (not any(v.handshake for v in first.values()), "a node is still in handshake"),
+            ({v.id for v in first.values() if v.failed} == down, "failed flags != stopped nodes"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                return why
+        return self._links_down(first)
 
-    def _links_up(self, view: dict[str, NodeView]) -> bool:
+    def _links_down(self, view: dict[str, NodeView]) -> str:
         for v in view.values():
             if not v.primary and not v.failed:
-                info = self.by_port(v.port).client().info("replication")
+                info = self.conn(self.by_port(v.port)).info("replication")
                 if info.get("master_link_status") != "up":
-                    return False
-        return True
+                    return f"replica {v.port} not in sync with its primary"
+        return ""
 
     def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> None:
-        """Wait until every live node says cluster_state:ok and all agree on the topology."""
+        """Wait until settled (see ``unsettled``); AssertionError with the reason if not in time."""
         for n in self.live():
-            self.node_id(n)
-        wait_until(self._settled, timeout, "the cluster to settle", every=0.05)
+            self.node_id(n)  # remembered now, to recognise the node once stopped
+        deadline = time.monotonic() + timeout
+        while why := self.unsettled():
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the cluster did not settle in {timeout:.0f} s: {why}")
+            time.sleep(0.05)
 
     # -- redis-cli --cluster --------------------------------------------------------------------
     def cli(self, *args: str) -> str:
@@ -201,9 +229,12 @@ class Cluster:
     def failover(self, primary: RedisServer, mode: str | None = None) -> RedisServer:
         """CLUSTER FAILOVER [FORCE|TAKEOVER] on one of ``primary``'s replicas; returns the new
         primary once every node agrees the roles swapped."""
-        replica = self.replicas(of=primary)[0]
+        replicas = self.replicas(of=primary)
+        if not replicas:
+            raise ValueError(f"{self.addr(primary)} has no replica to fail over to")
+        replica = replicas[0]
         old, new = self.node_id(primary), self.node_id(replica)
-        replica.client().execute_command("CLUSTER FAILOVER", *([mode] if mode else []))
+        self.conn(replica).execute_command("CLUSTER FAILOVER", *([mode] if mode else []))
         wait_until(lambda: self._swapped(old, new), SETTLE_TIMEOUT_S, "the failover")
         self.settle()
         return replica
@@ -254,6 +285,8 @@ class Cluster:
         node.cleanup()
         self.nodes.remove(node)
         self.ids.pop(node.port, None)
+        if conn := self.conns.pop(node.port, None):
+            conn.close()
         self.settle()
 
     def kill(self, node: RedisServer) -> None:
@@ -304,14 +337,65 @@ def _create_small(c: Cluster, primaries: int) -> None:
     ranges, distinct config epochs, MEET, then each replica follows its primary."""
     heads, rest = c.nodes[:primaries], c.nodes[primaries:]
     for i, node in enumerate(heads):
-        r = node.client()
+        r = c.conn(node)
         r.execute_command("CLUSTER ADDSLOTSRANGE", i * 16384 // primaries,
                           (i + 1) * 16384 // primaries - 1)
         r.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
     for node in c.nodes[1:]:
-        node.client().execute_command("CLUSTER MEET", "127.0.0.1", c.nodes[0].port,
+        c.conn(node).execute_command("CLUSTER MEET", "127.0.0.1", c.nodes[0].port,
                                       c.bus_port(c.nodes[0]))
     wait_until(lambda: all(len(c.view(n)) == len(c.nodes) for n in c.nodes), SETTLE_TIMEOUT_S,
                "every node to meet every other")
     for i, node in enumerate(rest):
-        node.client().execute_command("CLUSTER REPLICATE", c.node_id(heads[i % primaries]))
+        c.conn(node).execute_command("CLUSTER REPLICATE", c.node_id(heads[i % primaries]))
+
+
+class Writer:
+    """``with Writer(cluster) as w:`` writes {w<n>}:<i> = i through a RedisCluster client in a
+    thread until the block ends; ``w.written`` holds every acknowledged write. A write refused
+    while the cluster is changing (connection lost, CLUSTERDOWN, TRYAGAIN) is retried for up to
+    ``retry_s``; anything else, or a longer outage, fails the test on exit."""
+
+    RETRIED = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
+               redis.exceptions.TryAgainError)
+
+    def __init__(self, cluster: Cluster, prefix: str = "w", retry_s: float = 30.0):
+        self.client, self.prefix, self.retry_s = cluster.client(), prefix, retry_s
+        self.written: dict[str, str] = {}
+        self.retries = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            key = f"{{{self.prefix}{i % 997}}}:{i}"  # a spread of hash tags: many slots
+            try:
+                self._set(key, i)
+            except Exception as e:  # noqa: BLE001 - re-raised as a failure on exit
+                self.errors.append(e)
+                return
+            self.written[key] = str(i)
+            i += 1
+
+    def _set(self, key: str, value: int) -> None:
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                self.client.set(key, value)
+                return
+            except self.RETRIED:
+                if time.monotonic() >= deadline:
+                    raise
+                self.retries += 1
+                time.sleep(0.05)
+
+    def __enter__(self) -> "Writer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.retry_s + 10)
+        assert not self.errors, f"writer failed: {self.errors[0]!r}"

@@ -1,12 +1,12 @@
 """The cluster builder itself (tests/cluster.py): real clusters, facts read back from the servers."""
 from __future__ import annotations
 
-import threading
 from collections import Counter
 
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
+from tests.cluster import Writer
 from tests.compare import differences, wait_until
 
 N_SLOTS = 16384
@@ -46,40 +46,7 @@ def test_three_primaries_redis70_cover_every_slot_and_route_keys(cluster_factory
     # each key sits on the primary that owns its slot, read there with a plain connection
     assert_all_present(c, {f"k{i}": str(i) for i in range(300)})
     assert c.primary_of("k7").client().get("k7") == b"7"
-    assert sum(p.client().dbsize() for p in c.primaries()) == 300
-
-
-class Writer:
-    """Writes k0, k1, ... through a RedisCluster client in a thread until stopped; every
-    acknowledged write is remembered, any error kept to fail the test."""
-
-    def __init__(self, cluster, prefix: str = "w"):
-        self.client, self.prefix = cluster.client(), prefix
-        self.written: dict[str, str] = {}
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            key = f"{{{self.prefix}{i % 997}}}:{i}"  # a spread of hash tags: many slots
-            try:
-                self.client.set(key, i)
-            except Exception as e:  # noqa: BLE001 - reported by stop()
-                self.errors.append(e)
-                return
-            self.written[key] = str(i)
-            i += 1
-
-    def __enter__(self) -> "Writer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self.errors, f"writer failed: {self.errors[0]!r}"
+    assert c.dbsize() == 300
 
 
 def assert_all_present(cluster, written: dict[str, str]) -> None:
@@ -132,7 +99,7 @@ def test_reshard_200_slots_under_writes_keeps_every_key(cluster_factory):
     assert after[dst.port] == before[dst.port] + 200
     assert len(w.written) > n_during > 500
     assert_all_present(c, w.written)
-    assert sum(p.client().dbsize() for p in c.primaries()) == len(w.written)
+    assert c.dbsize() == len(w.written)
 
 
 def test_add_node_with_slots_serves_them(cluster_factory):
@@ -151,11 +118,20 @@ def test_kill_a_primary_promotes_its_replica_and_restart_rejoins_as_replica(clus
     c = cluster_factory(3, replicas=1)
     victim = c.primaries()[0]
     (replica,) = c.replicas(of=victim)
-    c.kill(victim)
+    with Writer(c) as w:  # writes to the victim's slots wait out the failover
+        wait_until(lambda: len(w.written) > 200, 30, "the first writes")
+        c.kill(victim)
+        n_after_kill = len(w.written)
+        wait_until(lambda: len(w.written) > n_after_kill + 200, 30, "writes after the failover")
+    assert w.retries > 0  # the writer did hit the dead primary
     assert replica in c.primaries() and victim not in c.primaries()
     assert_full_coverage(c)
     c.restart(victim)
     assert c.replicas(of=replica) == [victim] and role(victim) == "slave"
+    # an asynchronous replica may lose the last writes its primary acknowledged before dying,
+    # so only the writes made after the failover are certain to be there
+    late = dict(list(w.written.items())[n_after_kill:])
+    assert_all_present(c, late)
 
 
 def test_remove_node_hands_its_slots_and_keys_over(cluster_factory):
