@@ -3,7 +3,6 @@ into one (--target-db N, collisions counted), and into a Redis Cluster (db 0 onl
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from conveyor.workload import Workload
 from tests import cli
 from tests.compare import differences, wait_until
-from tests.servers import free_port, start_server
 
 DBS = (0, 3, 7)
 
@@ -280,37 +278,12 @@ def test_db_all_without_config_takes_the_dbs_with_keys_and_says_so(redis_factory
 
 
 # -- a Redis Cluster target ----------------------------------------------------------------------
-@pytest.fixture
-def small_cluster():
-    """Three primaries made with redis-cli --cluster create (until tests/cluster.py is on main)."""
-    nodes = []
-    try:
-        for _ in range(3):
-            bus = free_port()
-            nodes.append(start_server(extra=("--cluster-enabled", "yes", "--cluster-port",
-                                             str(bus), "--cluster-node-timeout", "1000")))
-        subprocess.run(["/usr/bin/redis-cli", "--cluster", "create",
-                        *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        wait_until(lambda: all(_cluster_ok(n) for n in nodes), 30, "the cluster to be ok")
-        yield nodes
-    finally:
-        for n in nodes:
-            n.cleanup()
-
-
-def _cluster_ok(node) -> bool:
-    info = node.client().execute_command("CLUSTER INFO")
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    return "cluster_state:ok" in text or (isinstance(info, dict)
-                                          and info.get("cluster_state") == "ok")
-
-
-def test_several_dbs_into_a_cluster_need_target_db_0(redis_factory, small_cluster, tmp_path):
-    source = redis_factory()
+def test_several_dbs_into_a_cluster_need_target_db_0(redis_factory, cluster_factory, tmp_path):
+    source, cluster = redis_factory(), cluster_factory(3)
     fill(source, dbs=(0, 3), n=20)
-    p = cli.run("replicate", source.url, small_cluster[0].url, "--db", "0,3", "--state-dir",
+    p = cli.run("replicate", source.url, cluster.url, "--db", "0,3", "--state-dir",
                 str(tmp_path))
     line = cli.assert_one_line_error(p, 2)
     assert "Redis Cluster" in line and "--target-db 0" in line and "database 3" in line, line
-    assert not any((tmp_path).iterdir())           # refused before a log was made
+    assert not any(tmp_path.iterdir())             # refused before a log was made
+    assert cluster.dbsize() == 0
