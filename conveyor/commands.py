@@ -191,8 +191,11 @@ def _capture_lines(st) -> tuple[list[str], bool]:
     lines, ok = _capture_summary(st)
     per_db = getattr(st, "per_db", None)          # several databases (capture/databases.py)
     if per_db:
+        busy = {db: d for db, d in per_db.items() if d.events}
+        quiet = len(per_db) - len(busy)
         lines.insert(1, "capture: by database: " + "; ".join(
-            f"db {db}: {d.keys} keys, {d.deletes} deletes" for db, d in per_db.items()))
+            [f"db {db}: {d.keys} keys, {d.deletes} deletes" for db, d in busy.items()]
+            + ([f"{quiet} databases without events"] if quiet else [])))
     return lines, ok
 
 
