@@ -7,7 +7,7 @@ one pass over the merged target database looks for keys absent from every source
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import redis
 
@@ -72,11 +72,13 @@ def extra_in_merged(group: list[Pair], key_filter: KeyFilter) -> list[Diff]:
     return found
 
 
-def _scan(client: redis.Redis):
-    cursor = 0
-    while True:
-        cursor, keys = client.scan(cursor, count=BATCH)
-        if keys:
-            yield keys
-        if int(cursor) == 0:
-            return
+def _scan(client) -> Iterator[list[bytes]]:
+    """Key names in batches; scan_iter walks every primary of a RedisCluster as well."""
+    batch: list[bytes] = []
+    for name in client.scan_iter(count=BATCH):
+        batch.append(name)
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
