@@ -172,6 +172,33 @@ def test_allow_collisions_accepts_them_and_verify_maps_without_false_extras(redi
     assert v.returncode == 1 and "0 value, 0 ttl, 1 extra" in v.stdout, v.stdout
 
 
+def test_live_merge_of_two_dbs_into_one_under_writes_converges(redis_factory, tmp_path):
+    source, target = notifying(redis_factory), redis_factory()
+    prefixes = {0: "a:", 3: "b:"}                 # distinct names: no collision
+    for db, prefix in prefixes.items():
+        Workload(source.client(db), rate=2000, keyspace=200, prefix=prefix, seed=db).run(0.5)
+    proc = cli.start("replicate", source.url, target.url, "--db", "0,3", "--target-db", "0",
+                     "--mode", "live", "--idle-timeout", "3", "--state-dir", str(tmp_path),
+                     "--recheck-delay", "2", "--no-progress")
+    try:
+        wait_for_subscribers(source, 2)
+        loads = [Workload(source.client(db), rate=500, keyspace=200, prefix=prefix,
+                          seed=10 + db).start(4) for db, prefix in prefixes.items()]
+        for load in loads:
+            load.join()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "key collision" not in out and "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out
+    merged = target.client(0)
+    for db, prefix in prefixes.items():
+        others = frozenset(k for k in merged.scan_iter() if not k.startswith(prefix.encode()))
+        assert not differences(source.client(db), merged, ignore=others), db
+    assert target.client(3).dbsize() == 0
+
+
 def test_distinct_names_merge_into_one_target_db_without_collisions(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
     fill(source, dbs=(3, 7))
