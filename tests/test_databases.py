@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -44,6 +45,24 @@ def wait_for_subscribers(server, n: int, timeout: float = 30.0) -> None:
                f"{n} keyspace subscriptions")
 
 
+@contextmanager
+def running(*args: str):
+    """A conveyor process, killed at the end if the test left it running."""
+    proc = cli.start(*args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def finish(proc, loads) -> tuple[str, str]:
+    for load in loads:
+        load.join()
+    return proc.communicate(timeout=180)
+
+
 # -- snapshot ------------------------------------------------------------------------------------
 def test_snapshot_of_three_dbs_lands_each_in_its_own_db(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
@@ -82,10 +101,9 @@ def test_verify_with_several_dbs_finds_a_difference_in_one_db(redis_factory, tmp
 def test_db_all_live_follows_writes_in_every_db_and_a_flushdb_of_one(redis_factory, tmp_path):
     source, target = notifying(redis_factory), redis_factory()
     fill(source)
-    proc = cli.start("replicate", source.url, target.url, "--db", "all", "--mode", "live",
-                     "--idle-timeout", "3", "--state-dir", str(tmp_path), "--recheck-delay", "2",
-                     "--no-progress")
-    try:
+    with running("replicate", source.url, target.url, "--db", "all", "--mode", "live",
+                 "--idle-timeout", "3", "--state-dir", str(tmp_path), "--recheck-delay", "2",
+                 "--no-progress") as proc:
         wait_for_subscribers(source, 16)       # every configured db, empty ones included
         loads = [Workload(source.client(db), rate=400, keyspace=200, seed=db).start(5)
                  for db in DBS]
@@ -97,12 +115,7 @@ def test_db_all_live_follows_writes_in_every_db_and_a_flushdb_of_one(redis_facto
         time.sleep(1.0)
         source.client().swapdb(7, 9)
         source.client(12).set("born-later", "in an empty db")   # a db empty at the start
-        for load in loads:
-            load.join()
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        out, err = finish(proc, loads)
     assert proc.returncode == 0, out + err
     assert "source databases: all 16 configured" in out, out
     assert "FLUSHDB on the source" in out and "SWAPDB on the source" in out, out
@@ -177,19 +190,13 @@ def test_live_merge_of_two_dbs_into_one_under_writes_converges(redis_factory, tm
     prefixes = {0: "a:", 3: "b:"}                 # distinct names: no collision
     for db, prefix in prefixes.items():
         Workload(source.client(db), rate=2000, keyspace=200, prefix=prefix, seed=db).run(0.5)
-    proc = cli.start("replicate", source.url, target.url, "--db", "0,3", "--target-db", "0",
-                     "--mode", "live", "--idle-timeout", "3", "--state-dir", str(tmp_path),
-                     "--recheck-delay", "2", "--no-progress")
-    try:
+    with running("replicate", source.url, target.url, "--db", "0,3", "--target-db", "0",
+                 "--mode", "live", "--idle-timeout", "3", "--state-dir", str(tmp_path),
+                 "--recheck-delay", "2", "--no-progress") as proc:
         wait_for_subscribers(source, 2)
-        loads = [Workload(source.client(db), rate=500, keyspace=200, prefix=prefix,
-                          seed=10 + db).start(4) for db, prefix in prefixes.items()]
-        for load in loads:
-            load.join()
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        out, err = finish(proc, [Workload(source.client(db), rate=500, keyspace=200,
+                                          prefix=prefix, seed=10 + db).start(4)
+                                 for db, prefix in prefixes.items()])
     assert proc.returncode == 0, out + err
     assert "key collision" not in out and "0 missing, 0 type, 0 value, 0 ttl, 0 extra" in out
     merged = target.client(0)
