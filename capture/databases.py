@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 from capture.process import Capture, CaptureStats
 from capture.reader import ReadCounts
 from conveyor.errors import ConveyorError, LogLost
+from conveyor.events import record_key
 from conveyor.log.base import History, LogWriter, MetaStore
 from conveyor.runner import Worker
 
@@ -42,9 +43,9 @@ class SharedLog:
         self.generation = 0                  # how many times a lost log was adopted
         self._viewed = False
 
-    def view(self) -> "WriterView":
+    def view(self, db: int) -> "WriterView":
         first, self._viewed = not self._viewed, True
-        return WriterView(self, self.writer.warnings if first else ())
+        return WriterView(self, db, self.writer.warnings if first else ())
 
     def locked_meta(self) -> "LockedMeta":
         return LockedMeta(self)
@@ -56,8 +57,9 @@ class WriterView(LogWriter):
 
     log_id = property(lambda self: self.inner.log_id)     # type: ignore[assignment]
 
-    def __init__(self, shared: SharedLog, warnings: Iterable[str] = ()) -> None:
+    def __init__(self, shared: SharedLog, db: int, warnings: Iterable[str] = ()) -> None:
         self.shared = shared
+        self.prefix = record_key(db, b"")   # the records of this db (capture/known.py's reads)
         self.inner = shared.writer
         self.max_record_bytes = self.inner.max_record_bytes
         self.generation = shared.generation
@@ -72,14 +74,21 @@ class WriterView(LogWriter):
             self.inner.flush(timeout)
 
     def history(self) -> History:
-        """The log's records, read while no other capture appends (a backend's history is not
-        read concurrently with its own appends anywhere else either)."""
+        """This db's records of the log, read while no other capture appends (a backend's
+        history is not read concurrently with its own appends anywhere else either). Every db
+        reads the log once; records of other dbs are skipped by their key (``db:``), undecoded."""
         with self.shared.lock:
             h = self.inner.history()
+        prefix = self.prefix
 
         def records():
             with self.shared.lock:
-                yield from h.records
+                try:
+                    yield from ((k, v) for k, v in h.records if k.startswith(prefix))
+                finally:
+                    close = getattr(h.records, "close", None)
+                    if close:
+                        close()
 
         return History(h.complete, records(), h.why)
 
@@ -173,7 +182,7 @@ class Databases:
     def __init__(self, dbs: list[int], shared: SharedLog, mode: str,
                  make: Callable[[int, LogWriter, MetaStore], Capture]) -> None:
         self.dbs, self.mode = dbs, mode
-        self.captures = {db: make(db, shared.view(), shared.locked_meta()) for db in dbs}
+        self.captures = {db: make(db, shared.view(db), shared.locked_meta()) for db in dbs}
         self._stop = threading.Event()
 
     @property
