@@ -183,7 +183,6 @@ class Databases:
                  make: Callable[[int, LogWriter, MetaStore], Capture]) -> None:
         self.dbs, self.mode = dbs, mode
         self.captures = {db: make(db, shared.view(db), shared.locked_meta()) for db in dbs}
-        self._stop = threading.Event()
 
     @property
     def stats(self) -> DatabasesStats:
@@ -202,7 +201,6 @@ class Databases:
         return any(c._cursor is not None for c in self.captures.values())
 
     def stop(self) -> None:
-        self._stop.set()
         for c in self.captures.values():
             c.stop()
 
