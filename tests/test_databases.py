@@ -317,6 +317,12 @@ def test_target_db_and_target_uri_db_together_are_refused(redis_factory, tmp_pat
     assert "--allow-collisions" in cli.assert_one_line_error(p, 2)
 
 
+def test_a_streams_log_in_one_of_the_captured_dbs_is_refused(redis_server):
+    p = cli.run("capture", redis_server.url, "--db", "0,5", "--log", f"{redis_server.url}/5")
+    assert "source database itself" in cli.assert_one_line_error(p, 2)
+    assert redis_server.client(5).dbsize() == 0
+
+
 def test_db_all_without_config_takes_the_dbs_with_keys_and_says_so(redis_factory, tmp_path):
     source = redis_factory(extra=("--rename-command", "CONFIG", ""))
     target = redis_factory()
