@@ -13,9 +13,11 @@ from typing import Callable
 import redis
 
 from apply.batch import BatchResult
+from apply.cluster_watch import ClusterWatch
 from apply.replies import raise_for_connection
 from apply.watch import Finding, TargetWatch, sweep_temp_keys
 from conveyor.acl import user_of
+from conveyor.cluster import is_cluster
 
 log = logging.getLogger("conveyor.apply")
 
@@ -33,7 +35,8 @@ class TargetGuard:
         k = id(target)
         watch = self.watches.get(k)
         if watch is None:
-            watch = self.watches[k] = TargetWatch(target)
+            watch = self.watches[k] = (ClusterWatch(target) if is_cluster(target)
+                                       else TargetWatch(target))
         self.dbs.setdefault(k, set()).add(db)
         if watch.base is None:
             try:
@@ -66,8 +69,10 @@ class TargetGuard:
         """The reading a batch took at the end of its own pipeline."""
         if res.probe is not None:
             found = watch.observe(res.probe, res.removals, res.late_removals)
-            if found:
-                self.findings.append(found)
+        else:
+            found = watch.observe_later(res.removals, res.late_removals)
+        if found:
+            self.findings.append(found)
 
     def check(self) -> None:
         """A reading of each target of its own (apply is idle)."""

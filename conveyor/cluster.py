@@ -72,6 +72,19 @@ def node_client(client: RedisCluster, node: ClusterNode) -> redis.Redis:
     return conn
 
 
+def primary_clients(client) -> list[redis.Redis]:
+    """Plain clients of every primary of a cluster (what SCAN, DBSIZE and INFO must each ask),
+    or ``[client]`` for a single server."""
+    if not is_cluster(client):
+        return [client]
+    return [node_client(client, n) for n in primaries(client)]
+
+
+def refresh(client: RedisCluster) -> None:
+    """Reload the slot table (a failover or a resharding since); every node down: next time."""
+    _refresh(client)
+
+
 def slot_ranges(slots: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted slots as inclusive ranges: {1,2,3,7} -> [(1, 3), (7, 7)]."""
     out: list[list[int]] = []

@@ -81,7 +81,6 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
     from apply import Applier
 
     first = first or dst.connect(db=source_db)
-    refuse_cluster(first, dst, "apply")
     refuse_log_on(first, dst, log_uri, log_opts)
     reader = open_waiting(lambda: open_reader(log_uri, group, log_opts, start), "opening it")
     meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
@@ -254,8 +253,6 @@ def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress) -> 
 
     source = src.connect()
     target = dst.connect(db=default_target_db(src.uri, dst.uri))
-    refuse_cluster(source, src, "verify")
-    refuse_cluster(target, dst, "verify")
     refuse_same_database(source, target, dst)
     display = Display(progress)
     proc = Verifier(source=source, target=target, key_filter=key_filter, rewriter=rewriter,
@@ -290,8 +287,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     source = src.connect()
     target_db = default_target_db(src.uri, dst.uri)
     target = dst.connect(db=target_db)
-    refuse_cluster(source, src, "replicate")
-    refuse_cluster(target, dst, "replicate")
+    refuse_cluster(source, src, "replicate")       # until capture reads a cluster
     refuse_same_database(source, target, dst)
     refuse_log_on(source, src, log_uri, log_opts)      # before capture opens (and marks) the log
     refuse_log_on(target, dst, log_uri, log_opts)

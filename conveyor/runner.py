@@ -122,7 +122,10 @@ def refuse_cluster(client, ep: Endpoint, doing: str) -> None:
 def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None
                    ) -> Callable[[int], redis.Redis]:
     """Which target client writes events of source db N: the URI's db when it names one,
-    else the same db number as on the source."""
+    else the same db number as on the source. A cluster has database 0 only: one client (which
+    source databases may go into it is the CLI's to check)."""
+    if is_cluster(first):
+        return lambda db: first
     fixed = uri_db(target.uri)
     clients: dict[int, redis.Redis] = {}
     first_db = first.connection_pool.connection_kwargs.get("db", 0) or 0
