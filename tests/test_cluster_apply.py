@@ -1,0 +1,162 @@
+"""apply into a real Redis Cluster: batches routed per node, typed writes, big keys in parts
+(temporary keys in the key's slot), cross-version conversion, and a target failover or a killed
+target primary mid-run waited out. Outcomes read independently on every primary."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from redis.cluster import RedisCluster
+
+from conveyor.workload import Workload
+from tests import cli
+from tests.cluster_helpers import (cluster_client, failover, keys_per_primary, kill_primary,
+                                   start_cluster)
+from tests.compare import differences, wait_until
+from tests.datasets import load_mixed
+
+CLEAN = "verify: 0 missing, 0 type, 0 value, 0 ttl, 0 extra"
+
+
+@pytest.fixture
+def clusters():
+    made = []
+
+    def make(primaries: int = 3, replicas: int = 0, kind: str = "redis7.0"):
+        c = start_cluster(primaries, replicas, kind)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.cleanup()
+
+
+def assert_identical(src, target: RedisCluster) -> None:
+    """Every key of the source on the cluster and nothing else, read on every primary."""
+    assert sum(keys_per_primary(target).values()) == src.dbsize()
+    assert differences(src, target) == []
+
+
+def test_standalone_into_a_cluster_snapshot_is_identical(redis_factory, clusters, tmp_path):
+    src, dst = redis_factory(), clusters(3)
+    n = load_mixed(src.client(), 3000)
+    p = cli.run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
+    assert CLEAN in p.stdout and f"({n} keys checked)" in p.stdout, p.stdout
+    assert "0 dead letters" in p.stdout, p.stdout
+    target = cluster_client(dst)
+    per_node = keys_per_primary(target)
+    assert len(per_node) == 3 and all(v > n / 6 for v in per_node.values()), per_node
+    assert_identical(src.client(), target)
+
+
+def test_typed_writes_into_a_cluster(redis_factory, clusters, tmp_path):
+    src, dst = redis_factory(), clusters(3)
+    n = load_mixed(src.client(), 2000)
+    p = cli.run("replicate", src.url, dst.url, "--type", "struct", "--state-dir", str(tmp_path),
+                check=True)
+    assert f"(0 restored, {n} typed" in p.stdout, p.stdout
+    assert CLEAN in p.stdout, p.stdout
+    assert_identical(src.client(), cluster_client(dst))
+
+
+def load_big(r) -> None:
+    """Keys of several MiB (the capture reads them in parts of 1 MiB) in different slots."""
+    p = r.pipeline(transaction=False)
+    for i in range(0, 60_000, 2000):
+        p.rpush("big:list", *[f"e{j}-" * 4 for j in range(i, i + 2000)])
+        p.hset("big:hash", mapping={f"f{j}": "v" * 30 for j in range(i, i + 2000)})
+        p.zadd("{other}big:zset", {f"z{j}" * 3: j for j in range(i, i + 2000)})
+    p.set("big:string", os.urandom(3_000_000))
+    p.expire("big:hash", 3600)
+    p.execute()
+    load_mixed(r, 300)
+
+
+@pytest.mark.parametrize("value_type", ["dump", "struct"])
+def test_big_keys_in_parts_into_a_cluster(redis_factory, clusters, tmp_path, value_type):
+    src, dst = redis_factory(), clusters(3)
+    load_big(src.client())
+    p = cli.run("replicate", src.url, dst.url, "--type", value_type, "--big-key-bytes", "64KiB",
+                "--state-dir", str(tmp_path), check=True)
+    assert "4 keys read in parts" in p.stdout, p.stdout
+    assert "4 keys completed from" in p.stdout, p.stdout
+    assert CLEAN in p.stdout, p.stdout
+    target = cluster_client(dst)
+    assert_identical(src.client(), target)
+    assert target.ttl("big:hash") > 3000
+    for node in target.get_primaries():          # no temporary key left on any primary
+        assert list(target.get_redis_connection(node).scan_iter(match="*conveyor-tmp:*")) == []
+
+
+def test_valkey_source_into_a_redis70_cluster_is_converted(redis_factory, clusters, tmp_path):
+    src, dst = redis_factory("valkey8.1"), clusters(3)
+    n = load_mixed(src.client(), 1000)
+    p = cli.run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
+    assert f"{n} converted" in p.stdout, p.stdout      # Valkey 8.1 payloads refused by 7.0
+    assert CLEAN in p.stdout, p.stdout
+    assert_identical(src.client(), cluster_client(dst))
+
+
+def test_standalone_into_a_valkey81_cluster(redis_factory, clusters, tmp_path):
+    src, dst = redis_factory(), clusters(3, kind="valkey8.1")
+    n = load_mixed(src.client(), 1000)
+    p = cli.run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
+    assert f"({n} restored" in p.stdout, p.stdout      # 7.0 payloads: 8.1 reads them
+    assert CLEAN in p.stdout, p.stdout
+    assert_identical(src.client(), cluster_client(dst))
+
+
+def test_merge_policy_into_a_cluster(redis_factory, clusters, tmp_path):
+    src, dst = redis_factory(), clusters(3)
+    load_big(src.client())
+    log = f"file:{tmp_path / 'log'}"
+    run = ("apply", dst.url, "--log", log, "--merge-policy", "merge", "--idle-timeout", "1")
+    cli.run("capture", src.url, "--log", log, "--big-key-bytes", "64KiB", check=True)
+    cli.run(*run, check=True)
+    cli.run(*run, "--group", "again", check=True)           # replayed: still the same data
+    assert_identical(src.client(), cluster_client(dst))
+
+
+# -- live, with the target cluster changing under apply -------------------------------------------
+def live_run(redis_factory, dst, tmp_path, change) -> tuple[str, object]:
+    """A standalone source under writes replicated live into ``dst``; ``change(dst)`` is done
+    while apply writes. Returns the run's output and the source."""
+    src = redis_factory(extra=("--notify-keyspace-events", "KEA"))
+    Workload(src.client(), rate=2000, keyspace=2000, seed=11).run(1.0)
+    proc = cli.start("replicate", src.url, dst.url, "--mode", "live", "--idle-timeout", "4",
+                     "--state-dir", str(tmp_path), "--recheck-delay", "2")
+    wait_until(lambda: src.client().pubsub_numpat() >= 1, 60, "capture to subscribe")
+    load = Workload(src.client(), rate=1500, keyspace=2000, seed=12).start(10)
+    time.sleep(3)
+    changer = threading.Thread(target=change, args=(dst,), daemon=True)
+    changer.start()
+    load.join()
+    changer.join()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err[-3000:]
+    return out + err, src
+
+
+def test_a_target_primary_failed_over_mid_apply_is_waited_out(redis_factory, clusters, tmp_path):
+    dst = clusters(3, replicas=1)
+    before = {n.name for n in cluster_client(dst).get_primaries()}
+    out, src = live_run(redis_factory, dst, tmp_path, failover)
+    target = cluster_client(dst)
+    assert {n.name for n in target.get_primaries()} != before      # the failover happened
+    assert "0 dead letters" in out and CLEAN in out, out
+    assert "converged" in out and "CANNOT" not in out, out
+    assert "target lost data" not in out, out                     # a failover is no data loss
+    assert_identical(src.client(), target)
+
+
+def test_a_target_primary_killed_mid_apply_is_waited_out(redis_factory, clusters, tmp_path):
+    dst = clusters(3, replicas=1)        # the killed primary is the node the URI names
+    out, src = live_run(redis_factory, dst, tmp_path, kill_primary)
+    target = cluster_client(dst)
+    assert dst.servers[0].proc is None and len(target.get_primaries()) == 3
+    assert "0 dead letters" in out and CLEAN in out, out
+    assert "converged" in out and "CANNOT" not in out, out
+    assert_identical(src.client(), target)
