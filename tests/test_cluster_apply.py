@@ -8,58 +8,44 @@ import threading
 import time
 
 import pytest
-from redis.cluster import RedisCluster
 
 from conveyor.workload import Workload
 from tests import cli
-from tests.cluster_helpers import (cluster_client, failover, keys_per_primary, kill_primary,
-                                   start_cluster)
 from tests.compare import differences, wait_until
 from tests.datasets import load_mixed
 
 CLEAN = "verify: 0 missing, 0 type, 0 value, 0 ttl, 0 extra"
 
 
-@pytest.fixture
-def clusters():
-    made = []
-
-    def make(primaries: int = 3, replicas: int = 0, kind: str = "redis7.0"):
-        c = start_cluster(primaries, replicas, kind)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.cleanup()
+def keys_per_primary(dst) -> dict[int, int]:
+    return {p.port: dst.conn(p).dbsize() for p in dst.primaries()}
 
 
-def assert_identical(src, target: RedisCluster) -> None:
+def assert_identical(src, dst) -> None:
     """Every key of the source on the cluster and nothing else, read on every primary."""
-    assert sum(keys_per_primary(target).values()) == src.dbsize()
-    assert differences(src, target) == []
+    assert dst.dbsize() == src.dbsize()
+    assert differences(src, dst.client()) == []
 
 
-def test_standalone_into_a_cluster_snapshot_is_identical(redis_factory, clusters, tmp_path):
-    src, dst = redis_factory(), clusters(3)
+def test_standalone_into_a_cluster_snapshot_is_identical(redis_factory, cluster_factory, tmp_path):
+    src, dst = redis_factory(), cluster_factory(3)
     n = load_mixed(src.client(), 3000)
     p = cli.run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
     assert CLEAN in p.stdout and f"({n} keys checked)" in p.stdout, p.stdout
     assert "0 dead letters" in p.stdout, p.stdout
-    target = cluster_client(dst)
-    per_node = keys_per_primary(target)
+    per_node = keys_per_primary(dst)
     assert len(per_node) == 3 and all(v > n / 6 for v in per_node.values()), per_node
-    assert_identical(src.client(), target)
+    assert_identical(src.client(), dst)
 
 
-def test_typed_writes_into_a_cluster(redis_factory, clusters, tmp_path):
-    src, dst = redis_factory(), clusters(3)
+def test_typed_writes_into_a_cluster(redis_factory, cluster_factory, tmp_path):
+    src, dst = redis_factory(), cluster_factory(3)
     n = load_mixed(src.client(), 2000)
     p = cli.run("replicate", src.url, dst.url, "--type", "struct", "--state-dir", str(tmp_path),
                 check=True)
     assert f"(0 restored, {n} typed" in p.stdout, p.stdout
     assert CLEAN in p.stdout, p.stdout
-    assert_identical(src.client(), cluster_client(dst))
+    assert_identical(src.client(), dst)
 
 
 def load_big(r) -> None:
@@ -76,48 +62,47 @@ def load_big(r) -> None:
 
 
 @pytest.mark.parametrize("value_type", ["dump", "struct"])
-def test_big_keys_in_parts_into_a_cluster(redis_factory, clusters, tmp_path, value_type):
-    src, dst = redis_factory(), clusters(3)
+def test_big_keys_in_parts_into_a_cluster(redis_factory, cluster_factory, tmp_path, value_type):
+    src, dst = redis_factory(), cluster_factory(3)
     load_big(src.client())
     p = cli.run("replicate", src.url, dst.url, "--type", value_type, "--big-key-bytes", "64KiB",
                 "--state-dir", str(tmp_path), check=True)
     assert "4 keys read in parts" in p.stdout, p.stdout
     assert "4 keys completed from" in p.stdout, p.stdout
     assert CLEAN in p.stdout, p.stdout
-    target = cluster_client(dst)
-    assert_identical(src.client(), target)
-    assert target.ttl("big:hash") > 3000
-    for node in target.get_primaries():          # no temporary key left on any primary
-        assert list(target.get_redis_connection(node).scan_iter(match="*conveyor-tmp:*")) == []
+    assert_identical(src.client(), dst)
+    assert dst.client().ttl("big:hash") > 3000
+    for node in dst.primaries():                 # no temporary key left on any primary
+        assert list(dst.conn(node).scan_iter(match="*conveyor-tmp:*")) == []
 
 
-def test_valkey_source_into_a_redis70_cluster_is_converted(redis_factory, clusters, tmp_path):
-    src, dst = redis_factory("valkey8.1"), clusters(3)
+def test_valkey_source_into_a_redis70_cluster_is_converted(redis_factory, cluster_factory, tmp_path):
+    src, dst = redis_factory("valkey8.1"), cluster_factory(3)
     n = load_mixed(src.client(), 1000)
     p = cli.run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
     assert f"{n} converted" in p.stdout, p.stdout      # Valkey 8.1 payloads refused by 7.0
     assert CLEAN in p.stdout, p.stdout
-    assert_identical(src.client(), cluster_client(dst))
+    assert_identical(src.client(), dst)
 
 
-def test_standalone_into_a_valkey81_cluster(redis_factory, clusters, tmp_path):
-    src, dst = redis_factory(), clusters(3, kind="valkey8.1")
+def test_standalone_into_a_valkey81_cluster(redis_factory, cluster_factory, tmp_path):
+    src, dst = redis_factory(), cluster_factory(3, kind="valkey8.1")
     n = load_mixed(src.client(), 1000)
     p = cli.run("replicate", src.url, dst.url, "--state-dir", str(tmp_path), check=True)
     assert f"({n} restored" in p.stdout, p.stdout      # 7.0 payloads: 8.1 reads them
     assert CLEAN in p.stdout, p.stdout
-    assert_identical(src.client(), cluster_client(dst))
+    assert_identical(src.client(), dst)
 
 
-def test_merge_policy_into_a_cluster(redis_factory, clusters, tmp_path):
-    src, dst = redis_factory(), clusters(3)
+def test_merge_policy_into_a_cluster(redis_factory, cluster_factory, tmp_path):
+    src, dst = redis_factory(), cluster_factory(3)
     load_big(src.client())
     log = f"file:{tmp_path / 'log'}"
     run = ("apply", dst.url, "--log", log, "--merge-policy", "merge", "--idle-timeout", "1")
     cli.run("capture", src.url, "--log", log, "--big-key-bytes", "64KiB", check=True)
     cli.run(*run, check=True)
     cli.run(*run, "--group", "again", check=True)           # replayed: still the same data
-    assert_identical(src.client(), cluster_client(dst))
+    assert_identical(src.client(), dst)
 
 
 # -- live, with the target cluster changing under apply -------------------------------------------
@@ -140,23 +125,23 @@ def live_run(redis_factory, dst, tmp_path, change) -> tuple[str, object]:
     return out + err, src
 
 
-def test_a_target_primary_failed_over_mid_apply_is_waited_out(redis_factory, clusters, tmp_path):
-    dst = clusters(3, replicas=1)
-    before = {n.name for n in cluster_client(dst).get_primaries()}
-    out, src = live_run(redis_factory, dst, tmp_path, failover)
-    target = cluster_client(dst)
-    assert {n.name for n in target.get_primaries()} != before      # the failover happened
+def test_a_target_primary_failed_over_mid_apply_is_waited_out(redis_factory, cluster_factory, tmp_path):
+    dst = cluster_factory(3, replicas=1)
+    before = {p.port for p in dst.primaries()}
+    out, src = live_run(redis_factory, dst, tmp_path, lambda c: c.failover(c.primaries()[1]))
+    assert {p.port for p in dst.primaries()} != before           # the failover happened
     assert "0 dead letters" in out and CLEAN in out, out
     assert "converged" in out and "CANNOT" not in out, out
     assert "target lost data" not in out, out                     # a failover is no data loss
-    assert_identical(src.client(), target)
+    assert_identical(src.client(), dst)
 
 
-def test_a_target_primary_killed_mid_apply_is_waited_out(redis_factory, clusters, tmp_path):
-    dst = clusters(3, replicas=1)        # the killed primary is the node the URI names
-    out, src = live_run(redis_factory, dst, tmp_path, kill_primary)
-    target = cluster_client(dst)
-    assert dst.servers[0].proc is None and len(target.get_primaries()) == 3
+def test_a_target_primary_killed_mid_apply_is_waited_out(redis_factory, cluster_factory, tmp_path):
+    dst = cluster_factory(3, replicas=1)
+    named = dst.live()[0]                        # the node the URI names: a primary, killed
+    assert named in dst.primaries()
+    out, src = live_run(redis_factory, dst, tmp_path, lambda c: c.kill(named))
+    assert named.proc is None and named not in dst.primaries() and len(dst.primaries()) == 3
     assert "0 dead letters" in out and CLEAN in out, out
     assert "converged" in out and "CANNOT" not in out, out
-    assert_identical(src.client(), target)
+    assert_identical(src.client(), dst)

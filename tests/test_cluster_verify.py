@@ -4,29 +4,13 @@ primary. The differences are put on a primary other than the node the URI names:
 read only that node would agree."""
 from __future__ import annotations
 
-import pytest
 import redis
 from redis.cluster import RedisCluster
 
 from tests import cli
-from tests.cluster_helpers import cluster_client, start_cluster
 from tests.datasets import load_mixed
 
 CLEAN = "0 missing, 0 type, 0 value, 0 ttl, 0 extra"
-
-
-@pytest.fixture
-def clusters():
-    made = []
-
-    def make(primaries: int = 3, replicas: int = 0, kind: str = "redis7.0"):
-        c = start_cluster(primaries, replicas, kind)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.cleanup()
 
 
 def nodes(client) -> list[redis.Redis]:
@@ -62,15 +46,15 @@ def verify(src_url: str, dst_url: str) -> tuple[int, str]:
     return p.returncode, p.stdout
 
 
-def test_a_cluster_source_is_verified_on_every_primary(redis_factory, clusters):
-    src, dst = clusters(3), redis_factory()
-    source = cluster_client(src)
+def test_a_cluster_source_is_verified_on_every_primary(redis_factory, cluster_factory):
+    src, dst = cluster_factory(3), redis_factory()
+    source = src.client()
     load_mixed(source, 1500)
     total = copy_all(source, dst.client())
     code, out = verify(src.url, dst.url)
     assert code == 0 and f"{CLEAN} ({total} keys checked)" in out, out
     # a key missing and a value changed on the target, both of keys another primary holds
-    missing, changed = keys_away_from(source, src.servers[0].port, 2)
+    missing, changed = keys_away_from(source, src.live()[0].port, 2)
     dst.client().delete(missing)
     dst.client().set(changed, "changed")
     code, out = verify(src.url, dst.url)
@@ -79,18 +63,18 @@ def test_a_cluster_source_is_verified_on_every_primary(redis_factory, clusters):
     assert repr(missing) in out and repr(changed) in out, out
 
 
-def test_a_cluster_target_is_verified_on_every_primary(redis_factory, clusters):
-    src, dst = redis_factory(), clusters(3)
+def test_a_cluster_target_is_verified_on_every_primary(redis_factory, cluster_factory):
+    src, dst = redis_factory(), cluster_factory(3)
     load_mixed(src.client(), 1500)
-    target = cluster_client(dst)
+    target = dst.client()
     total = copy_all(src.client(), target)
     code, out = verify(src.url, dst.url)
     assert code == 0 and f"{CLEAN} ({total} keys checked)" in out, out
-    missing, changed = keys_away_from(target, dst.servers[0].port, 2)
+    missing, changed = keys_away_from(target, dst.live()[0].port, 2)
     target.delete(missing)
     target.set(changed, "changed")
     extra = next(k for i in range(1000) if target.keyslot(k := f"extra:{i}")
-                 not in _slots_of(target, dst.servers[0].port))
+                 not in _slots_of(target, dst.live()[0].port))
     target.set(extra, "only here")
     code, out = verify(src.url, dst.url)
     assert code != 0, out
@@ -102,15 +86,15 @@ def _slots_of(client: RedisCluster, port: int) -> set[int]:
     return {s for s, owners in client.nodes_manager.slots_cache.items() if owners[0].port == port}
 
 
-def test_cluster_to_cluster_verify(clusters):
-    src, dst = clusters(3), clusters(3, kind="valkey8.1")
-    source, target = cluster_client(src), cluster_client(dst)
+def test_cluster_to_cluster_verify(cluster_factory):
+    src, dst = cluster_factory(3), cluster_factory(2, kind="valkey8.1")
+    source, target = src.client(), dst.client()
     load_mixed(source, 1000)
     # Valkey 8.1 reads Redis 7.0 payloads; DUMP bytes may differ: compared by value then
     total = copy_all(source, target)
     code, out = verify(src.url, dst.url)
     assert code == 0 and f"{CLEAN} ({total} keys checked)" in out, out
-    (changed,) = keys_away_from(source, src.servers[0].port, 1)
+    (changed,) = keys_away_from(source, src.live()[0].port, 1)
     source.set(changed, "changed on the source")
     code, out = verify(src.url, dst.url)
     assert code != 0 and "0 missing, 0 type, 1 value, 0 ttl, 0 extra" in out, out
