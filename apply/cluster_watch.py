@@ -13,8 +13,9 @@ never out of the cluster). What changed between two readings means:
 - the summed DBSIZE fell by more than apply's deletes, expiries and evictions: keys were lost
   (a primary flushed or restarted empty).
 
-A batch routed to several nodes carries no reading of its own: the removals are carried to the
-next reading, taken at most every READ_INTERVAL_S after a batch and about once a second idle.
+A batch routed to several nodes carries no reading of its own: one is taken right after it, from
+every primary at once (the fewer writes between two readings, the smaller a loss that new keys
+cannot hide). The slot table is reloaded for a reading at most every REFRESH_INTERVAL_S.
 """
 from __future__ import annotations
 
@@ -29,20 +30,22 @@ from conveyor import cluster, packed
 
 log = logging.getLogger("conveyor.apply")
 
-READ_INTERVAL_S = 1.0
+REFRESH_INTERVAL_S = 1.0
 PERSISTENCE_ORDER = ("none", "always", "unknown", "some")
 
 
 class ClusterWatch(TargetWatch):
     def __init__(self, client: RedisCluster) -> None:
         super().__init__(client)
-        self._last_read = 0.0
+        self._refreshed = 0.0
 
     def queue(self, pipe) -> bool:
         return False                    # a batch goes to several nodes: read apart
 
     def read(self) -> Reading:
-        cluster.refresh(self.client)    # a failover or a resharding since the last reading
+        if time.monotonic() - self._refreshed >= REFRESH_INTERVAL_S:
+            cluster.refresh(self.client)    # a failover or a resharding since the last reading
+            self._refreshed = time.monotonic()
         nodes = cluster.primaries(self.client)
         cmds = [("INFO", "server"), ("INFO", "stats"), ("DBSIZE",)]
         replies = packed.run_on([(cluster.node_client(self.client, n), cmds) for n in nodes])
@@ -52,7 +55,6 @@ class ClusterWatch(TargetWatch):
                 if isinstance(x, Exception):
                     raise x
             readings.append((node.name, self.parse(r)))
-        self._last_read = time.monotonic()
         return Reading(",".join(sorted(r.run_id for _, r in readings)),
                        sum(r.dbsize for _, r in readings), sum(r.expired for _, r in readings),
                        sum(r.evicted for _, r in readings),
@@ -60,8 +62,6 @@ class ClusterWatch(TargetWatch):
 
     def observe_later(self, removals: int, late_removals: int) -> Finding | None:
         self.carry += removals + late_removals
-        if self.base is None or time.monotonic() - self._last_read < READ_INTERVAL_S:
-            return None
         return self.check()
 
     def _compare(self, now: Reading, removals: int) -> Finding | None:
@@ -71,6 +71,19 @@ class ClusterWatch(TargetWatch):
             found = self.judge_restart(found)
         self.base = now
         return found
+
+    def since_last_run(self, before: dict, group: str) -> Finding | None:
+        """Judged as between two readings: a failover since the previous run is no loss."""
+        if not before.get("nodes"):
+            return super().since_last_run(before, group)
+        then = Reading(str(before.get("run_id")), int(before.get("dbsize") or 0), 0, 0,
+                       tuple((str(n), str(r)) for n, r in before["nodes"]))
+        found = cluster_lost(then, self.base, 0, self._still_runs)
+        if found is None:
+            return None
+        found = Finding(f"since the last apply of group {group!r}: {found.why}", found.certain)
+        return self.judge_restart(found) if not found.certain and "restarted" in found.why \
+            else found
 
     def _still_runs(self, name: str, run_id: str) -> bool:
         """Whether the node ``name`` (host:port) still runs as the process ``run_id``."""

@@ -58,10 +58,7 @@ class TargetGuard:
         before = self.previous.pop(str(db), None)
         if not before or watch.base is None or before.get("run_id") == watch.base.run_id:
             return
-        found = watch.judge_restart(Finding(
-            f"the target restarted since the last apply of group {self.group!r} (run_id "
-            f"{str(before.get('run_id'))[:8]} -> {watch.base.run_id[:8]}; "
-            f"{before.get('dbsize')} keys then, {watch.base.dbsize} now)", False))
+        found = watch.since_last_run(before, self.group)
         if found:
             self.findings.append(found)
 
@@ -106,6 +103,8 @@ class TargetGuard:
             if watch.base is not None:
                 for db in self.dbs.get(k, ()):
                     doc[str(db)] = {"run_id": watch.base.run_id, "dbsize": watch.base.dbsize}
+                    if watch.base.nodes:            # a cluster's primaries, each
+                        doc[str(db)]["nodes"] = [list(n) for n in watch.base.nodes]
         return doc
 
     def sweep(self, open_parts: dict[tuple[int, bytes], bytes]) -> int:

@@ -116,6 +116,15 @@ class TargetWatch:
         self.base = now
         return found
 
+    def since_last_run(self, before: dict, group: str) -> Finding | None:
+        """The target's run_id differs from what the previous apply of ``group`` last read
+        (``before``): it restarted since; what it kept is judged as for a restart seen while
+        running."""
+        return self.judge_restart(Finding(
+            f"the target restarted since the last apply of group {group!r} (run_id "
+            f"{str(before.get('run_id'))[:8]} -> {self.base.run_id[:8]}; "
+            f"{before.get('dbsize')} keys then, {self.base.dbsize} now)", False))
+
     def judge_restart(self, found: Finding) -> Finding | None:
         """A restart whose DBSIZE did not fall: what the target's persistence says it kept."""
         persistence = self._persistence()

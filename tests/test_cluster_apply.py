@@ -145,3 +145,91 @@ def test_a_target_primary_killed_mid_apply_is_waited_out(redis_factory, cluster_
     assert "0 dead letters" in out and CLEAN in out, out
     assert "converged" in out and "CANNOT" not in out, out
     assert_identical(src.client(), dst)
+
+
+# -- a target cluster that lost data, or only changed roles ---------------------------------------
+N = 40_000
+REPLAY = "replaying the log from its earliest record"
+
+
+def load_keys(r, n: int) -> None:
+    for i in range(0, n, 5000):
+        p = r.pipeline(transaction=False)
+        for j in range(i, min(n, i + 5000)):
+            p.set(b"k:%d" % j, b"v" * 20 + b"%d" % j)
+        p.execute()
+
+
+def captured(redis_factory, tmp_path, n: int = N):
+    src = redis_factory()
+    load_keys(src.client(), n)
+    log = f"file:{tmp_path / 'log'}"
+    cli.run("capture", src.url, "--log", log, check=True)
+    return src, log
+
+
+def other_primary(dst):
+    """A primary other than the node the URI names."""
+    return next(p for p in dst.primaries() if p.port != dst.live()[0].port)
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restarted empty"])
+def test_a_primary_that_lost_its_keys_mid_apply_is_rebuilt(redis_factory, cluster_factory,
+                                                           tmp_path, loss):
+    """A primary flushed, or killed and restarted empty (no replica: its slots are down
+    meanwhile, CLUSTERDOWN waited out): apply notices and replays the (file) log."""
+    dst = cluster_factory(3)
+    src, log = captured(redis_factory, tmp_path)
+    proc = cli.start("apply", dst.url, "--log", log, "--batch", "50", "--idle-timeout", "2")
+    wait_until(lambda: dst.dbsize() > N // 4, 60, "apply to be under way")
+    node = other_primary(dst)
+    if loss == "flushall":
+        dst.conn(node).flushall()
+    else:
+        dst.kill(node)
+        time.sleep(1)
+        dst.restart(node)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err[-3000:]
+    assert REPLAY in err, err[-3000:]
+    why = "DBSIZE fell" if loss == "flushall" else f"primary {dst.addr(node)} of the target " \
+        "cluster restarted"
+    assert why in err, err[-3000:]
+    assert "0 dead letters" in out, out
+    assert_identical(src.client(), dst)
+
+
+def test_a_failover_between_two_runs_is_no_loss_a_restart_empty_is(redis_factory,
+                                                                    cluster_factory, tmp_path):
+    dst = cluster_factory(3, replicas=1)
+    src, log = captured(redis_factory, tmp_path, 5000)
+    apply = ("apply", dst.url, "--log", log, "--idle-timeout", "1")
+    cli.run(*apply, check=True)
+    dst.failover(other_primary(dst))
+    p = cli.run(*apply, check=True)
+    assert "lost" not in p.stderr and "restarted" not in p.stderr, p.stderr
+    assert_identical(src.client(), dst)
+    # a primary (its replica gone first) restarted empty
+    node = other_primary(dst)
+    dst.kill(dst.replicas(of=node)[0])
+    dst.kill(node)
+    dst.restart(node)
+    p = cli.run(*apply, check=True)
+    assert REPLAY in p.stderr and "since the last apply" in p.stderr, p.stderr
+    assert f"primary {dst.addr(node)} of the target cluster restarted" in p.stderr, p.stderr
+    assert_identical(src.client(), dst)
+
+
+def test_a_target_resharded_mid_apply_is_followed(redis_factory, cluster_factory, tmp_path):
+    """Slots moving under apply (ASK during the migration, MOVED after): nothing dead-lettered,
+    no loss concluded."""
+    dst = cluster_factory(3)
+    src, log = captured(redis_factory, tmp_path)
+    proc = cli.start("apply", dst.url, "--log", log, "--batch", "200", "--idle-timeout", "2")
+    wait_until(lambda: dst.dbsize() > N // 10, 60, "apply to be under way")
+    a, b = dst.primaries()[:2]
+    dst.reshard(300, a, b)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err[-3000:]
+    assert "0 dead letters" in out and "lost" not in err, out + err[-3000:]
+    assert_identical(src.client(), dst)
