@@ -20,7 +20,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError,
-                              TryAgainError)
+                              RedisClusterException, TryAgainError)
 
 from conveyor import packed
 
@@ -233,5 +233,6 @@ def _node(client: RedisCluster, e: AskError) -> ClusterNode:
 def _refresh(client: RedisCluster) -> None:
     try:
         client.nodes_manager.initialize()
-    except (redis.RedisError, OSError) as err:   # every node unreachable for now: next round
+    except (redis.RedisError, RedisClusterException, OSError) as err:
+        # every node unreachable for now (redis-py says so with RedisClusterException): next round
         log.debug("cluster topology refresh failed: %s", err)

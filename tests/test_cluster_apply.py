@@ -199,6 +199,31 @@ def test_a_primary_that_lost_its_keys_mid_apply_is_rebuilt(redis_factory, cluste
     assert_identical(src.client(), dst)
 
 
+def test_a_whole_target_cluster_down_mid_apply_is_waited_out(redis_factory, cluster_factory,
+                                                              tmp_path):
+    """Every node killed at once, started again seconds later (empty): apply waits, commits
+    nothing meanwhile, sees every primary restarted and replays the log."""
+    dst = cluster_factory(3)
+    src, log = captured(redis_factory, tmp_path)
+    proc = cli.start("apply", dst.url, "--log", log, "--batch", "50", "--idle-timeout", "2")
+    wait_until(lambda: dst.dbsize() > N // 4, 60, "apply to be under way")
+    nodes = dst.live()
+    for node in nodes:
+        node.proc.kill()
+        node.proc.wait()
+        node.proc = None
+    time.sleep(4)
+    assert proc.poll() is None, proc.communicate()
+    for node in nodes:
+        node.start()
+    dst.settle()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err[-3000:]
+    assert REPLAY in err and "of the target cluster restarted" in err, err[-3000:]
+    assert "0 dead letters" in out, out
+    assert_identical(src.client(), dst)
+
+
 def test_a_failover_between_two_runs_is_no_loss_a_restart_empty_is(redis_factory,
                                                                     cluster_factory, tmp_path):
     dst = cluster_factory(3, replicas=1)
