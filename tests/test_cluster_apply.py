@@ -38,11 +38,11 @@ def test_standalone_into_a_cluster_snapshot_is_identical(redis_factory, cluster_
     assert_identical(src.client(), dst)
 
 
-def test_typed_writes_into_a_cluster(redis_factory, cluster_factory, tmp_path):
+def test_typed_writes_into_a_cluster_given_by_target_cluster(redis_factory, cluster_factory, tmp_path):
     src, dst = redis_factory(), cluster_factory(3)
     n = load_mixed(src.client(), 2000)
-    p = cli.run("replicate", src.url, dst.url, "--type", "struct", "--state-dir", str(tmp_path),
-                check=True)
+    p = cli.run("replicate", src.url, dst.url, "--type", "struct", "--target-cluster",
+                "--state-dir", str(tmp_path), check=True)
     assert f"(0 restored, {n} typed" in p.stdout, p.stdout
     assert CLEAN in p.stdout, p.stdout
     assert_identical(src.client(), dst)
@@ -148,7 +148,7 @@ def test_a_target_primary_killed_mid_apply_is_waited_out(redis_factory, cluster_
 
 
 # -- a target cluster that lost data, or only changed roles ---------------------------------------
-N = 40_000
+N = 20_000
 REPLAY = "replaying the log from its earliest record"
 
 
