@@ -15,6 +15,7 @@ import redis
 from redis._parsers.helpers import parse_info
 
 from apply.replies import TRANSIENT_ERRORS
+from conveyor import packed
 from conveyor.cluster import primary_clients
 
 log = logging.getLogger("conveyor.apply")
@@ -201,10 +202,8 @@ def _sweep(client: redis.Redis, ours: set[bytes]) -> int:
     for key in client.scan_iter(match=TEMP_PATTERN, count=SCAN_COUNT):
         if key in ours or _idle(client, key) >= TEMP_IDLE_S:
             stale.append(key)
-    deleted = 0
-    for i in range(0, len(stale), SCAN_COUNT):
-        deleted += client.delete(*stale[i:i + SCAN_COUNT])
-    return deleted
+    # One DEL per key: on a cluster node the keys are of many slots (a DEL of several is refused).
+    return sum(r for r in packed.run(client, [("DEL", k) for k in stale]) if isinstance(r, int))
 
 
 def _idle(client: redis.Redis, key: bytes) -> int:

@@ -258,3 +258,17 @@ def test_a_target_resharded_mid_apply_is_followed(redis_factory, cluster_factory
     assert proc.returncode == 0, out + err[-3000:]
     assert "0 dead letters" in out and "lost" not in err, out + err[-3000:]
     assert_identical(src.client(), dst)
+
+
+def test_the_sweep_deletes_temporary_keys_on_every_primary(cluster_factory):
+    """Temporary keys of part sequences that cannot complete, in many slots of every primary."""
+    from apply.watch import sweep_temp_keys
+    from apply.writes import temp_key
+    dst = cluster_factory(3)
+    c = dst.client()
+    tmps = [temp_key(b"key:%d" % i, b"seq") for i in range(300)]
+    for t in tmps:
+        c.rpush(t, "part")
+    c.set("kept", "x")
+    assert sweep_temp_keys(c, set(tmps)) == 300
+    assert dst.dbsize() == 1 and c.get("kept") == b"x"
