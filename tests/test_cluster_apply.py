@@ -272,3 +272,21 @@ def test_the_sweep_deletes_temporary_keys_on_every_primary(cluster_factory):
     c.set("kept", "x")
     assert sweep_temp_keys(c, set(tmps)) == 300
     assert dst.dbsize() == 1 and c.get("kept") == b"x"
+
+
+def test_a_refused_permission_on_a_cluster_stops_apply_with_one_line(redis_factory,
+                                                                    cluster_factory, tmp_path):
+    from tests.cli import assert_one_line_error
+    src, dst = redis_factory(), cluster_factory(3)
+    load_keys(src.client(), 100)
+    for node in dst.live():
+        dst.conn(node).execute_command("ACL", "SETUSER", "writer", "on", ">secret-pw", "~*",
+                                       "&*", "+@all", "-restore")
+    log = f"file:{tmp_path / 'log'}"
+    cli.run("capture", src.url, "--log", log, check=True)
+    p = cli.run("apply", f"redis://writer:secret-pw@127.0.0.1:{dst.live()[0].port}", "--log",
+                log, "--idle-timeout", "1", timeout=60)
+    line = assert_one_line_error(p, 1)
+    assert "RESTORE" in line and "NOPERM" in line and "'writer'" in line, line
+    assert "secret-pw" not in p.stderr + p.stdout
+    assert dst.dbsize() == 0
