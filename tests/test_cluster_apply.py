@@ -15,6 +15,7 @@ from tests.compare import differences, wait_until
 from tests.datasets import load_mixed
 
 CLEAN = "verify: 0 missing, 0 type, 0 value, 0 ttl, 0 extra"
+FOLLOWED = "redirected or failed batches"
 
 
 def keys_per_primary(dst) -> dict[int, int]:
@@ -133,6 +134,7 @@ def test_a_target_primary_failed_over_mid_apply_is_waited_out(redis_factory, clu
     assert "0 dead letters" in out and CLEAN in out, out
     assert "converged" in out and "CANNOT" not in out, out
     assert "target lost data" not in out, out                     # a failover is no data loss
+    assert FOLLOWED in out, out                                   # apply met the failover
     assert_identical(src.client(), dst)
 
 
@@ -142,6 +144,7 @@ def test_a_target_primary_killed_mid_apply_is_waited_out(redis_factory, cluster_
     assert named in dst.primaries()
     out, src = live_run(redis_factory, dst, tmp_path, lambda c: c.kill(named))
     assert named.proc is None and named not in dst.primaries() and len(dst.primaries()) == 3
+    assert FOLLOWED in out, out
     assert "0 dead letters" in out and CLEAN in out, out
     assert "converged" in out and "CANNOT" not in out, out
     assert_identical(src.client(), dst)
@@ -220,6 +223,7 @@ def test_a_whole_target_cluster_down_mid_apply_is_waited_out(redis_factory, clus
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err[-3000:]
     assert REPLAY in err and "of the target cluster restarted" in err, err[-3000:]
+    assert FOLLOWED in out, out
     assert "0 dead letters" in out, out
     assert_identical(src.client(), dst)
 
@@ -250,13 +254,14 @@ def test_a_target_resharded_mid_apply_is_followed(redis_factory, cluster_factory
     no loss concluded."""
     dst = cluster_factory(3)
     src, log = captured(redis_factory, tmp_path)
-    proc = cli.start("apply", dst.url, "--log", log, "--batch", "200", "--idle-timeout", "2")
-    wait_until(lambda: dst.dbsize() > N // 10, 60, "apply to be under way")
+    proc = cli.start("apply", dst.url, "--log", log, "--batch", "10", "--idle-timeout", "2")
+    wait_until(lambda: dst.dbsize() > N // 20, 60, "apply to be under way")
     a, b = dst.primaries()[:2]
     dst.reshard(300, a, b)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err[-3000:]
     assert "0 dead letters" in out and "lost" not in err, out + err[-3000:]
+    assert FOLLOWED in out, out                                   # ASK / MOVED met
     assert_identical(src.client(), dst)
 
 
