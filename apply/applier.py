@@ -62,6 +62,7 @@ class ApplyStats(Tally):
     log_waits: int = 0        # waits for the log
     snapshot_ends: int = 0
     handed_over: int = 0      # records given to another group member while the target was down
+    cluster_redirects: int = 0  # MOVED/ASK/TRYAGAIN/CLUSTERDOWN and node failures followed
     last_write_ms: int = 0
     last_read_ms: int = 0     # source read time of the newest event applied (metrics: apply lag)
     log_lag: int | None = None  # the group's lag as last asked (metrics; None: not asked yet)
@@ -274,6 +275,7 @@ class Applier:
                 results = self._write(events)
         for watch, res in results:
             self._settle(watch, res)
+        self.stats.cluster_redirects = self.writer.redirects
         self.state = "running"
         return records
 

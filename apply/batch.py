@@ -16,8 +16,9 @@ import redis
 
 from apply.replies import check_replies, raise_for_connection, refused
 from apply.writes import CHUNK_SCRIPT, chunk_kind, convertible, script_args, temp_key
-from conveyor import values
+from conveyor import cluster, values
 from conveyor.acl import user_of
+from conveyor.cluster import is_cluster
 from conveyor.endpoints import server_info
 from conveyor.errors import CodecError
 from conveyor.events import Event, Kind, now_millis
@@ -127,6 +128,10 @@ class BatchWriter:
         self.open_parts: dict[tuple[int, bytes], bytes] = {}
         self._v7: dict[int, bool] = {}
         self._user: str | None = None          # the target's ACL user, named in a refusal
+        self.redirects = 0                     # cluster redirections and node failures followed
+
+    def _redirected(self, e: BaseException) -> None:
+        self.redirects += 1
 
     def forget_targets(self) -> None:
         """The target restarted: its version may have changed."""
@@ -159,7 +164,7 @@ class BatchWriter:
             pipe.commands += p.commands
             plan.append(p)
         probed = probe is not None and probe.queue(pipe)
-        replies = _execute(target, pipe)
+        replies = _execute(target, pipe, self._redirected)
         if probed:
             res.probe = replies[-3:]
         res.tally.temp_cleaned += sum(replies[i] for i in cleanups)
@@ -177,7 +182,7 @@ class BatchWriter:
         if convert:
             self._convert(target, convert, plan, v7, res, leftovers)
         if leftovers:                          # no half-built value left behind
-            _execute_commands(target, [("DEL", k) for k in leftovers])
+            _execute_commands(target, [("DEL", k) for k in leftovers], self._redirected)
         self.open_parts = parts
         res.removals = sum(p.removals for p in plan) + len(cleanups)
         res.late_removals = len(convert) + len(leftovers)
@@ -324,7 +329,7 @@ class BatchWriter:
             starts.append(len(pipe))
             for cmd in p.commands:
                 pipe.execute_command(*cmd)
-        replies = _execute(target, pipe)
+        replies = _execute(target, pipe, self._redirected)
         for c, value, start, n in sent:
             p = c.planned
             errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
@@ -400,18 +405,21 @@ def _text(v) -> str:
     return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
-def _execute(target: redis.Redis, pipe: Batch) -> list:
+def _execute(target: redis.Redis, pipe: Batch, on_redirect=None) -> list:
+    """``on_redirect``: told of each redirection or node failure a cluster target's batch met
+    (conveyor.cluster follows them)."""
     if not len(pipe):
         return []
     try:
-        replies = pipe.run(target)
+        replies = (cluster.run(target, pipe.commands, on_redirect) if is_cluster(target)
+                   else pipe.run(target))
     except Exception as e:  # noqa: BLE001 - classified in one place
         raise_for_connection(e, user_of(target))
     check_replies(replies, pipe.commands, user_of(target))
     return replies
 
 
-def _execute_commands(target: redis.Redis, commands: list[tuple]) -> list:
+def _execute_commands(target: redis.Redis, commands: list[tuple], on_redirect=None) -> list:
     pipe = Batch()
     pipe.commands = list(commands)
-    return _execute(target, pipe)
+    return _execute(target, pipe, on_redirect)

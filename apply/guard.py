@@ -13,9 +13,11 @@ from typing import Callable
 import redis
 
 from apply.batch import BatchResult
+from apply.cluster_watch import ClusterWatch
 from apply.replies import raise_for_connection
 from apply.watch import Finding, TargetWatch, sweep_temp_keys
 from conveyor.acl import user_of
+from conveyor.cluster import is_cluster
 
 log = logging.getLogger("conveyor.apply")
 
@@ -33,7 +35,8 @@ class TargetGuard:
         k = id(target)
         watch = self.watches.get(k)
         if watch is None:
-            watch = self.watches[k] = TargetWatch(target)
+            watch = self.watches[k] = (ClusterWatch(target) if is_cluster(target)
+                                       else TargetWatch(target))
         self.dbs.setdefault(k, set()).add(db)
         if watch.base is None:
             try:
@@ -55,10 +58,7 @@ class TargetGuard:
         before = self.previous.pop(str(db), None)
         if not before or watch.base is None or before.get("run_id") == watch.base.run_id:
             return
-        found = watch.judge_restart(Finding(
-            f"the target restarted since the last apply of group {self.group!r} (run_id "
-            f"{str(before.get('run_id'))[:8]} -> {watch.base.run_id[:8]}; "
-            f"{before.get('dbsize')} keys then, {watch.base.dbsize} now)", False))
+        found = watch.since_last_run(before, self.group)
         if found:
             self.findings.append(found)
 
@@ -66,8 +66,10 @@ class TargetGuard:
         """The reading a batch took at the end of its own pipeline."""
         if res.probe is not None:
             found = watch.observe(res.probe, res.removals, res.late_removals)
-            if found:
-                self.findings.append(found)
+        else:
+            found = watch.observe_later(res.removals, res.late_removals)
+        if found:
+            self.findings.append(found)
 
     def check(self) -> None:
         """A reading of each target of its own (apply is idle)."""
@@ -101,6 +103,8 @@ class TargetGuard:
             if watch.base is not None:
                 for db in self.dbs.get(k, ()):
                     doc[str(db)] = {"run_id": watch.base.run_id, "dbsize": watch.base.dbsize}
+                    if watch.base.nodes:            # a cluster's primaries, each
+                        doc[str(db)]["nodes"] = [list(n) for n in watch.base.nodes]
         return doc
 
     def sweep(self, open_parts: dict[tuple[int, bytes], bytes]) -> int:

@@ -16,9 +16,12 @@ from conveyor.errors import TargetError
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
                     redis.exceptions.OutOfMemoryError, redis.ReadOnlyError,
                     redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
-                    redis.exceptions.MasterDownError, OSError)
+                    redis.exceptions.MasterDownError, OSError,
+                    # A cluster changing under apply (conveyor.cluster follows these for a while,
+                    # then hands the last one here): waited out like a target that is down.
+                    redis.exceptions.AskError, redis.exceptions.SlotNotCoveredError)
 TRANSIENT_PREFIXES = ("BUSY ", "NOREPLICAS", "MISCONF", "LOADING", "OOM", "READONLY", "TRYAGAIN",
-                      "CLUSTERDOWN", "MASTERDOWN")
+                      "CLUSTERDOWN", "MASTERDOWN", "MOVED ", "ASK ")
 # Replies that waiting will not fix: the target's user lacks a permission, or our credentials.
 REFUSED_PREFIXES = ("NOPERM", "NOAUTH", "WRONGPASS")
 

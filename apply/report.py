@@ -16,6 +16,10 @@ def fault_lines(st: ApplyStats) -> list[str]:
     if st.temp_cleaned:
         lines.append(f"apply: {st.temp_cleaned} temporary keys of big keys whose parts can no "
                      "longer complete were deleted from the target")
+    if st.cluster_redirects:
+        lines.append(f"apply: the target cluster redirected or failed batches {st.cluster_redirects} "
+                     "times (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a node down): followed and sent "
+                     "again, nothing skipped")
     if st.log_waits:
         lines.append(f"apply: waited {st.log_waits} times for the log to be available again")
     if st.handed_over:

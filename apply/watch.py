@@ -15,6 +15,8 @@ import redis
 from redis._parsers.helpers import parse_info
 
 from apply.replies import TRANSIENT_ERRORS
+from conveyor import packed
+from conveyor.cluster import primary_clients
 
 log = logging.getLogger("conveyor.apply")
 
@@ -34,12 +36,13 @@ class Reading:
     dbsize: int
     expired: int
     evicted: int
+    nodes: tuple[tuple[str, str], ...] = ()    # a cluster's primaries: (host:port, run_id)
 
 
 class TargetWatch:
     """One target database: its run_id and DBSIZE at the last reading."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client) -> None:
         self.client = client
         self.base: Reading | None = None
         self.carry = 0             # keys apply removed after the last reading (conversions)
@@ -86,6 +89,11 @@ class TargetWatch:
         self.carry = late_removals
         return found
 
+    def observe_later(self, removals: int, late_removals: int) -> Finding | None:
+        """A batch that carried no reading: its removals count at the next one."""
+        self.carry += removals + late_removals
+        return None
+
     def check(self) -> Finding | None:
         """A reading of its own (apply is idle). A target that cannot be read right now is
         checked next time: nothing is concluded from an outage."""
@@ -109,6 +117,15 @@ class TargetWatch:
         self.base = now
         return found
 
+    def since_last_run(self, before: dict, group: str) -> Finding | None:
+        """The target's run_id differs from what the previous apply of ``group`` last read
+        (``before``): it restarted since; what it kept is judged as for a restart seen while
+        running."""
+        return self.judge_restart(Finding(
+            f"the target restarted since the last apply of group {group!r} (run_id "
+            f"{str(before.get('run_id'))[:8]} -> {self.base.run_id[:8]}; "
+            f"{before.get('dbsize')} keys then, {self.base.dbsize} now)", False))
+
     def judge_restart(self, found: Finding) -> Finding | None:
         """A restart whose DBSIZE did not fall: what the target's persistence says it kept."""
         persistence = self._persistence()
@@ -122,18 +139,22 @@ class TargetWatch:
         return found
 
     def _persistence(self) -> str:
-        """always (AOF, fsync before every reply), none (no AOF, no RDB saves), some, unknown."""
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.info("persistence")
-            pipe.config_get("appendfsync")
-            pipe.config_get("save")
-            persistence, fsync, save = pipe.execute()
-        except redis.RedisError:          # CONFIG not permitted, or the target went away again
-            return "unknown"
-        if persistence.get("aof_enabled"):
-            return "always" if fsync.get("appendfsync") == "always" else "some"
-        return "some" if (save.get("save") or "").strip() else "none"
+        return persistence_of(self.client)
+
+
+def persistence_of(client: redis.Redis) -> str:
+    """always (AOF, fsync before every reply), none (no AOF, no RDB saves), some, unknown."""
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.info("persistence")
+        pipe.config_get("appendfsync")
+        pipe.config_get("save")
+        persistence, fsync, save = pipe.execute()
+    except redis.RedisError:          # CONFIG not permitted, or the target went away again
+        return "unknown"
+    if persistence.get("aof_enabled"):
+        return "always" if fsync.get("appendfsync") == "always" else "some"
+    return "some" if (save.get("save") or "").strip() else "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +163,18 @@ class Finding:
     certain: bool       # keys are known to be missing (else: recent writes may be)
 
 
-def lost(before: Reading, now: Reading, removals: int) -> Finding | None:
+def fell_by(before: Reading, now: Reading, removals: int) -> tuple[bool, int]:
+    """Whether DBSIZE fell by more than ``removals`` and the target's expiries and evictions
+    explain, and how many keys that allowed."""
     # Counters reset (CONFIG RESETSTAT, a restart): take the new value as the delta.
     expired = now.expired - before.expired if now.expired >= before.expired else now.expired
     evicted = now.evicted - before.evicted if now.evicted >= before.evicted else now.evicted
     allowed = removals + expired + evicted + DBSIZE_SLACK
-    fell = now.dbsize < before.dbsize - allowed
+    return now.dbsize < before.dbsize - allowed, allowed
+
+
+def lost(before: Reading, now: Reading, removals: int) -> Finding | None:
+    fell, allowed = fell_by(before, now, removals)
     if now.run_id != before.run_id:
         restarted = f"the target restarted (run_id {before.run_id[:8]} -> {now.run_id[:8]})"
         if fell:
@@ -162,18 +189,21 @@ def lost(before: Reading, now: Reading, removals: int) -> Finding | None:
     return None
 
 
-def sweep_temp_keys(client: redis.Redis, ours: set[bytes]) -> int:
+def sweep_temp_keys(client, ours: set[bytes]) -> int:
     """Delete temporary keys of part sequences that can no longer complete: ``ours`` (sequences
     this run started and never finished, on a drained log), and any other temporary key nobody
-    touched for TEMP_IDLE_S. Returns how many were deleted."""
+    touched for TEMP_IDLE_S. Returns how many were deleted. A cluster's every primary is
+    scanned (a temporary key lives in its key's slot, on that slot's primary)."""
+    return sum(_sweep(node, ours) for node in primary_clients(client))
+
+
+def _sweep(client: redis.Redis, ours: set[bytes]) -> int:
     stale: list[bytes] = []
     for key in client.scan_iter(match=TEMP_PATTERN, count=SCAN_COUNT):
         if key in ours or _idle(client, key) >= TEMP_IDLE_S:
             stale.append(key)
-    deleted = 0
-    for i in range(0, len(stale), SCAN_COUNT):
-        deleted += client.delete(*stale[i:i + SCAN_COUNT])
-    return deleted
+    # One DEL per key: on a cluster node the keys are of many slots (a DEL of several is refused).
+    return sum(r for r in packed.run(client, [("DEL", k) for k in stale]) if isinstance(r, int))
 
 
 def _idle(client: redis.Redis, key: bytes) -> int:

@@ -8,9 +8,9 @@ crash (lists, strings, streams and DUMP parts grow by a known amount per part).
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from redis.crc import key_slot
+
+from conveyor.cluster import slot_tag
 
 # KEYS: temporary key, key. ARGV: index, offset, count, last (0/1), expire (-1 none, 0 passed,
 # else unix ms), kind (list|string|stream|payload|other), then commands as: n, token1..tokenN, ...
@@ -79,29 +79,9 @@ def convertible(error: Exception | str) -> bool:
     return any(c in text for c in CONVERTIBLE)
 
 
-@lru_cache(maxsize=1)
-def _slot_tags() -> list[bytes]:
-    """For every hash slot, a short hash tag that maps to it (built once, ~0.2 s)."""
-    tags: list[bytes | None] = [None] * 16384
-    missing, n = 16384, 0
-    while missing:
-        tag = b"%x" % n
-        slot = key_slot(tag)
-        if tags[slot] is None:
-            tags[slot] = tag
-            missing -= 1
-        n += 1
-    return tags  # type: ignore[return-value]
-
-
-def slot_tag(slot: int) -> bytes:
-    """A short hash tag whose slot is ``slot``."""
-    return _slot_tags()[slot]
-
-
 def temp_key(key: bytes, ident: bytes) -> bytes:
     """A temporary key in the same hash slot as ``key`` (RENAME needs that on a cluster)."""
-    return b"{" + slot_tag(key_slot(key)) + b"}conveyor-tmp:" + ident + b":" + key
+    return slot_tag(key_slot(key)) + b"conveyor-tmp:" + ident + b":" + key
 
 
 def chunk_kind(ev) -> str:

@@ -122,5 +122,7 @@ def refused_line(e: BaseException | str, side: str, user: str | None,
 def user_of(client) -> str | None:
     """The ACL user a redis-py client (or pipeline) authenticates as; None when it names none."""
     pool = getattr(client, "connection_pool", None)
+    # a RedisCluster keeps what every node's connection gets in its nodes manager
+    pool = pool or getattr(client, "nodes_manager", None)
     kwargs = getattr(pool, "connection_kwargs", None) or {}
     return kwargs.get("username") or None

@@ -20,7 +20,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError,
-                              TryAgainError)
+                              RedisClusterException, TryAgainError)
 
 from conveyor import packed
 
@@ -70,6 +70,19 @@ def node_client(client: RedisCluster, node: ClusterNode) -> redis.Redis:
         client.nodes_manager.create_redis_connections([node])
         conn = client.get_redis_connection(node)
     return conn
+
+
+def primary_clients(client) -> list[redis.Redis]:
+    """Plain clients of every primary of a cluster (what SCAN, DBSIZE and INFO must each ask),
+    or ``[client]`` for a single server."""
+    if not is_cluster(client):
+        return [client]
+    return [node_client(client, n) for n in primaries(client)]
+
+
+def refresh(client: RedisCluster) -> None:
+    """Reload the slot table (a failover or a resharding since); every node down: next time."""
+    _refresh(client)
 
 
 def slot_ranges(slots: Iterable[int]) -> list[tuple[int, int]]:
@@ -220,5 +233,6 @@ def _node(client: RedisCluster, e: AskError) -> ClusterNode:
 def _refresh(client: RedisCluster) -> None:
     try:
         client.nodes_manager.initialize()
-    except (redis.RedisError, OSError) as err:   # every node unreachable for now: next round
+    except (redis.RedisError, RedisClusterException, OSError) as err:
+        # every node unreachable for now (redis-py says so with RedisClusterException): next round
         log.debug("cluster topology refresh failed: %s", err)

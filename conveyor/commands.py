@@ -135,7 +135,6 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
     from apply import Applier
 
     first = first or dst.connect(db=source_db)
-    refuse_cluster(first, dst, "apply")
     refuse_log_on(first, dst, log_uri, log_opts)
     reader = open_waiting(lambda: open_reader(log_uri, group, log_opts, start), "opening it")
     meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
@@ -342,8 +341,6 @@ def verify(src: Endpoint, dst: Endpoint, key_filter, rewriter, kw, progress,
     source = src.connect()
     target = dst.connect(db=dbopts.target_db if dbopts.target_db is not None
                          else default_target_db(src.uri, dst.uri))
-    refuse_cluster(source, src, "verify")
-    refuse_cluster(target, dst, "verify")
     refuse_same_database(source, target, dst)
     display = Display(progress)
     proc = Verifier(source=source, target=target, key_filter=key_filter, rewriter=rewriter,
@@ -369,8 +366,6 @@ def _verify_databases(src: Endpoint, dst: Endpoint, dbs: list[int], dbopts: DbOp
     for_db = target_clients(dst, target, None, tdbs)
     pairs = [Pair(d, tdbs.target_of(d), src.connect(db=d), for_db(d)) for d in dbs]
     for p in pairs:
-        refuse_cluster(p.source, src, "verify")
-        refuse_cluster(p.target, dst, "verify")
         refuse_same_database(p.source, p.target, dst)
     display = Display(progress)
     interrupts = Interrupts()
@@ -467,8 +462,7 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     target_dbs = _target_dbs(dst, dbopts.target_db, dbs)
     for db in dbs or ():
         target_dbs.target_of(db)         # refused now, not at the first event (cluster, URI /N)
-    refuse_cluster(source, src, "replicate")
-    refuse_cluster(target, dst, "replicate")
+    refuse_cluster(source, src, "replicate")       # until capture reads a cluster
     if dbs is None:
         refuse_same_database(source, target, dst)
     for db in dbs or ():

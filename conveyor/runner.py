@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import redis
 
+from redis.cluster import ClusterNode
 from redis.exceptions import RedisClusterException
 
 from conveyor.cluster import cluster_client, cluster_enabled, is_cluster
@@ -38,6 +39,9 @@ class Endpoint:
     tls: Tls = Tls()
     cluster: bool | None = None
     _checked: bool = field(default=False, repr=False, compare=False)
+    # A cluster's nodes as last seen: connecting again must not depend on the URI's node alone
+    # (it may have been killed and replaced by its replica since).
+    _nodes: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def masked(self) -> str:
@@ -45,6 +49,8 @@ class Endpoint:
 
     def connect(self, db: int | None = None):
         """A client of the endpoint: redis.Redis, or RedisCluster for a cluster."""
+        if self._checked and self.cluster and self._nodes:
+            return self._cluster_client()
         client = self.connect_node(db)
         if not self._checked:
             self._detect(client, db)
@@ -85,8 +91,12 @@ class Endpoint:
             kw["password"] = self.password
         if self.username is not None:
             kw["username"] = self.username
+        if self._nodes:
+            kw["startup_nodes"] = [ClusterNode(host, port) for host, port in self._nodes]
         try:
-            return cluster_client(self.uri, **kw)
+            client = cluster_client(self.uri, **kw)
+            self._nodes = [(n.host, n.port) for n in client.get_nodes()]
+            return client
         except (redis.RedisError, RedisClusterException, OSError, IndexError) as e:
             # (redis-py 8 raises IndexError for a node whose cluster has no slots yet)
             raise self._error(f"{self.what} {self.masked}: cannot read the cluster's topology: "

@@ -16,6 +16,7 @@ from typing import Callable
 import redis
 
 from conveyor import packed
+from conveyor.cluster import is_cluster, primary_clients
 from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
@@ -151,27 +152,34 @@ class Verifier:
     # -- source side ---------------------------------------------------------------------------
     def _dbsize(self, side: _Side) -> int:
         try:
-            return side.client.dbsize()
+            return sum(c.dbsize() for c in primary_clients(side.client))
         except redis.RedisError as e:
             line = refused_line(e, side.name, user_of(side.client))
             raise side.error(line or f"{side.name} unreachable for verify: {e}") from e
 
     def _scan(self, side: _Side, args: dict, select: Callable[[list[bytes]], list[bytes]]):
-        cursor = 0
+        """Batches of keys of the side: of every primary of a cluster (one node holds only
+        its own slots)."""
         buf: list[bytes] = []
-        while not self._stop.is_set():
-            try:
-                cursor, keys = side.client.scan(cursor, count=self.scan_count, **args)
-            except redis.RedisError as e:
-                raise side.failed("SCAN", e) from e
-            buf += select(keys)
-            while len(buf) >= self.batch:
-                yield buf[:self.batch]
-                buf = buf[self.batch:]
-            if int(cursor) == 0:
-                break
+        for node in primary_clients(side.client):
+            for keys in self._scan_node(side, node, args):
+                buf += select(keys)
+                while len(buf) >= self.batch:
+                    yield buf[:self.batch]
+                    buf = buf[self.batch:]
         if buf and not self._stop.is_set():
             yield buf
+
+    def _scan_node(self, side: _Side, node: redis.Redis, args: dict):
+        cursor = 0
+        while not self._stop.is_set():
+            try:
+                cursor, keys = node.scan(cursor, count=self.scan_count, **args)
+            except redis.RedisError as e:
+                raise side.failed("SCAN", e) from e
+            yield keys
+            if int(cursor) == 0:
+                break
 
     def _compare(self, keys: list[bytes]) -> list[Diff]:
         names = [self.rewriter(k) for k in keys] if not self.rewriter.identity else keys
@@ -226,6 +234,9 @@ class Verifier:
         return self.src.check(s), self.dst.check(t)
 
     def _run_both(self, source: list[tuple], target: list[tuple]) -> tuple[list, list]:
+        if is_cluster(self.src.client) or is_cluster(self.dst.client):
+            # Routed per node by conveyor.cluster (each side's nodes at once).
+            return self._run_raw(self.src, source), self._run_raw(self.dst, target)
         try:
             s, t = packed.run_on([(self.src.client, source), (self.dst.client, target)])
         except redis.RedisError as e:
@@ -234,11 +245,15 @@ class Verifier:
         return s, t
 
     @staticmethod
-    def _run(side: _Side, commands: list[tuple]) -> list:
+    def _run_raw(side: _Side, commands: list[tuple]) -> list:
         try:
-            return side.check(packed.run(side.client, commands))
+            return packed.run(side.client, commands)
         except redis.RedisError as e:
             raise side.failed("read", e) from e
+
+    @staticmethod
+    def _run(side: _Side, commands: list[tuple]) -> list:
+        return side.check(Verifier._run_raw(side, commands))
 
     def _same_value(self, key: bytes, name: bytes, type_: str) -> bool:
         try:

@@ -5,17 +5,9 @@ import bisect
 
 import redis
 
+from conveyor import packed
+
 PAGE = 1000
-
-
-def _raw(r: redis.Redis) -> redis.Redis:
-    """A client on the same pool whose XRANGE replies stay as flat lists."""
-    raw = getattr(r, "_conveyor_raw", None)
-    if raw is None:
-        raw = redis.Redis(connection_pool=r.connection_pool)
-        raw.set_response_callback("XRANGE", lambda response, **_: response)
-        r._conveyor_raw = raw
-    return raw
 
 
 def read_typed(r: redis.Redis, key: bytes, type_: str, *, stream_ids: str = "keep"):
@@ -52,8 +44,7 @@ def _stream(r: redis.Redis, key: bytes, drop_ids: bool = False):
     entries, start = [], b"-"
     while True:
         # Raw reply: an entry may repeat a field name, which a dict would hide.
-        page = [(e[0], list(e[1])) for e in
-                _raw(r).execute_command("XRANGE", key, start, b"+", "COUNT", PAGE)]
+        page = [(e[0], list(e[1])) for e in _xrange(r, key, start)]
         entries.extend(page)
         if len(page) < PAGE:
             break
@@ -64,6 +55,14 @@ def _stream(r: redis.Redis, key: bytes, drop_ids: bool = False):
         return ([e[1] for e in entries],
                 sorted((name, bisect.bisect_right(ids, _id(last))) for name, last in groups))
     return entries, groups
+
+
+def _xrange(r, key: bytes, start: bytes) -> list:
+    """One page of raw XRANGE (routed by its key on a cluster)."""
+    reply = packed.run(r, [("XRANGE", key, start, b"+", "COUNT", PAGE)])[0]
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def _id(i: bytes) -> tuple[int, int]:
