@@ -119,9 +119,10 @@ class Notifications:
         if self.fatal is not None:
             raise self.fatal
 
-    def stop(self) -> None:
+    def stop(self, join: bool = True) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if join and self._thread.is_alive():
+            self._thread.join(5)
 
     @property
     def healthy(self) -> bool:
