@@ -89,6 +89,7 @@ class ClusterCapture(Capture):
         self.slots = {s for lo, hi in ranges for s in range(lo, hi + 1)}
         self._topo = self._topology()
         self._legs: list[Leg] = []
+        self._scan_slots: set[int] | None = None   # the slots the scan in progress covers
         self._resync_pending: set[int] | None = set()
         self._node_watch: dict[str, SourceWatch] = {}
         self._facts_refused = False
@@ -167,8 +168,18 @@ class ClusterCapture(Capture):
         return [self._leg(p, mine & slots) for p, mine in sorted(owned.items()) if mine & slots]
 
     def _new_scan(self, slots: set[int] | None = None) -> None:
+        self._scan_slots = set(slots) if slots is not None else None
         self._legs = self._legs_for(slots)
         self._cursor = 0
+
+    def _scan_step(self) -> None:
+        """Scanned keys are read where they were scanned (a replica with --read-from replica);
+        changed keys are read from primaries (a replica may not have applied the change yet)."""
+        self.reader.source.replica = self.read_from == "replica"
+        try:
+            super()._scan_step()
+        finally:
+            self.reader.source.replica = False
 
     def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
         while self._legs:
@@ -248,6 +259,8 @@ class ClusterCapture(Capture):
         again = self._drop_dead_legs(owned_before)
         if self._cursor is not None:
             self._legs += self._legs_for(moved | again)   # this scan covers them where they are
+            if self._scan_slots is not None:
+                self._scan_slots |= moved | again
         if self.mode != "snapshot" and self._notes is not None:
             self._resubscribe()
             for line in lines:
@@ -289,8 +302,16 @@ class ClusterCapture(Capture):
             log.warning("%s", warning)
 
     # -- live modes --------------------------------------------------------------------------------
+    def _subscriber(self, name: str) -> redis.Redis:
+        """A client of its own for a node's subscription: the cluster client's node pools are
+        renewed by topology refreshes, which would drop (and silently redo) the subscription."""
+        pool = self._client(name).connection_pool
+        kw = dict(pool.connection_kwargs)
+        kw.pop("redis_connect_func", None)
+        return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kw))
+
     def _subscribe(self) -> NotificationsGroup:
-        group = NotificationsGroup(connect=self._client, db=self.info.db, dirty=self.dirty,
+        group = NotificationsGroup(connect=self._subscriber, db=self.info.db, dirty=self.dirty,
                                    key_filter=self.filter,
                                    on_gap=lambda name, why: self._gap(why, self._slots_of(name)))
         self._notes = group
@@ -313,6 +334,13 @@ class ClusterCapture(Capture):
         with self._gap_lock:
             pending, self._resync_pending = self._resync_pending, set()
         return pending or None
+
+    def _reread_unseen(self) -> None:
+        """A resync of some slots did not see the known keys of the others: not deleted."""
+        known, seen = self.reader.known, self.reader.seen
+        if self._scan_slots is not None and known is not None and seen is not None:
+            seen.update(k for k in known if self.cl.keyslot(k) not in self._scan_slots)
+        super()._reread_unseen()
 
     def _start_watch(self) -> None:
         self._watch = None

@@ -119,9 +119,7 @@ def node_slots(client: RedisCluster, specs: list[str]) -> list[tuple[int, int]]:
         name = f"{m.group(1)}:{int(m.group(2))}"
         node = primaries.get(name) or _by_address(client, primaries, m.group(1), int(m.group(2)))
         if node is None:
-            known = client.nodes_manager.nodes_cache.get(name)
-            what = "a replica" if known is not None else "not a node"
-            raise ConfigError(f"--node {spec}: {what} of the source cluster, not one of its "
+            raise ConfigError(f"--node {spec}: {_what_is(client, name)}, not one of its "
                               f"primaries ({', '.join(sorted(primaries))})")
         slots |= cluster.slots_of(client, node)
     return cluster.slot_ranges(slots)
@@ -138,3 +136,18 @@ def _by_address(client, primaries, host: str, port: int):
         if node.port == port and node.host in addrs:
             return node
     return None
+
+
+def _what_is(client: RedisCluster, name: str) -> str:
+    """What CLUSTER NODES says ``name`` is (the slot table lists only primaries and synced
+    replicas)."""
+    try:
+        nodes = client.cluster_nodes()
+    except redis.RedisError:
+        nodes = {}
+    flags = str(nodes.get(name, {}).get("flags", ""))
+    if "slave" in flags:
+        return "a replica of the source cluster"
+    if "master" in flags:
+        return "a primary of the source cluster serving no slots"
+    return "not a node of the source cluster"

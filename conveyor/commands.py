@@ -165,6 +165,7 @@ def _capture_lines(st) -> tuple[list[str], bool]:
         if st.rescans:
             lines.append(f"capture: the source restarted during the scan: scanned again from the "
                          f"start ({st.rescans} times)")
+        lines += [f"  rescanned after {g}" for g in st.gaps]     # a cluster's topology changed
         return lines + _read_lines(st.reads), st.complete
     lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
