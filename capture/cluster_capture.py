@@ -84,6 +84,8 @@ class ClusterCapture(Capture):
     def __init__(self, *, read_from: str = "primary", **kw) -> None:
         super().__init__(**kw)
         self.cl: RedisCluster = self.source
+        # The ACL user named when a permission is refused (a cluster client has no single pool).
+        self.sup.user = self.cl.nodes_manager.connection_kwargs.get("username") or None
         self.read_from = read_from
         ranges = self.filter.slots or [(0, cluster.SLOTS - 1)]
         self.slots = {s for lo, hi in ranges for s in range(lo, hi + 1)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import threading
 import time
@@ -233,6 +234,77 @@ def test_live_capture_follows_failover_reshard_and_new_node(clusters, redis_fact
     assert "capture: converged" in out, out
     assert "failover:" in out and "moved from" in out, out
     assert writer.done > 500
+    target = redis_factory()
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    assert differences(c.client(), target.client()) == []
+
+
+def test_big_keys_and_typed_reads_from_a_cluster(clusters, redis_factory, tmp_path):
+    """Keys read in parts (HSCAN, LRANGE, ZSCAN, SSCAN, GETRANGE, XRANGE pages) and typed reads
+    go to the node of each key."""
+    c = clusters(3)
+    rc = c.client()
+    for i in range(6):
+        rc.hset(f"bh{i}", mapping={f"f{j}": "x" * 50 for j in range(1200)})
+        rc.rpush(f"bl{i}", *[f"e{j}" * 10 for j in range(1200)])
+        rc.zadd(f"bz{i}", {f"m{j}": j for j in range(1200)})
+        rc.sadd(f"bs{i}", *[f"s{j}" * 10 for j in range(1200)])
+        rc.set(f"bstr{i}", "y" * 20_000)
+        for j in range(1200):
+            rc.xadd(f"bx{i}", {"f": "v" * 30})
+        rc.xgroup_create(f"bx{i}", "g", id="0")
+        rc.xreadgroup("g", "c1", {f"bx{i}": ">"}, count=5)
+    fill(c, 300)
+    for args in (("--big-key-bytes", "4KiB"), ("--type", "struct")):
+        target = redis_factory()
+        cap = capture_apply(c.url, target, f"file:{tmp_path / args[1]}", *args)
+        if args[0] == "--big-key-bytes":
+            m = re.search(r"(\d+) keys read in parts \((\d+) part events", cap.stdout)
+            assert m and int(m.group(1)) >= 36 and int(m.group(2)) > int(m.group(1)) + 20, cap.stdout
+        assert differences(c.client(), target.client()) == []
+        t = target.client()
+        assert t.xinfo_groups("bx0")[0]["pending"] == 5
+
+
+def test_live_flushall_on_one_primary_is_a_gap_of_its_slots(clusters, redis_factory, tmp_path):
+    c = clusters(3)
+    fill(c, 2000)
+    log = f"file:{tmp_path / 'log'}"
+    proc = cli.start("capture", c.url, "--log", log, "--mode", "live", "--idle-timeout", "3",
+                     "--enable-notifications")
+    try:
+        time.sleep(4)
+        flushed = c.primaries()[1]
+        flushed.client().flushall()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (out, err)
+    assert f"gap: node {c.addr(flushed)}: FLUSHALL on the source" in out, out
+    target = redis_factory()
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    assert differences(c.client(), target.client()) == []
+    assert 1000 < target.client().dbsize() < 1800
+
+
+def test_live_read_from_replica_under_writes(clusters, redis_factory, tmp_path):
+    """Scans read replicas, changed keys primaries; a scan batch waits until the replica has
+    what the primary had, so an older replica value never follows a newer primary read."""
+    c = clusters(3, 1)
+    fill(c, 3000)
+    log = f"file:{tmp_path / 'log'}"
+    writer = Writer(c)
+    writer.start()
+    try:
+        proc = cli.start("capture", c.url, "--log", log, "--mode", "live", "--idle-timeout", "3",
+                         "--enable-notifications", "--read-from", "replica", "--scan-count", "100")
+        time.sleep(5)
+    finally:
+        writer.stop.set()
+        writer.join()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (out, err)
+    assert "capture: converged" in out
     target = redis_factory()
     cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
     assert differences(c.client(), target.client()) == []
