@@ -308,3 +308,11 @@ def test_live_read_from_replica_under_writes(clusters, redis_factory, tmp_path):
     target = redis_factory()
     cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
     assert differences(c.client(), target.client()) == []
+
+
+def test_cluster_options_on_a_standalone_source_are_refused(redis_factory, tmp_path):
+    src = redis_factory()
+    for args in (("--node", "127.0.0.1:7000"), ("--read-from", "replica")):
+        p = cli.run("capture", src.url, "--log", f"file:{tmp_path / 'log'}", *args)
+        line = cli.assert_one_line_error(p)
+        assert args[0] in line and "needs a Redis Cluster source" in line, line
