@@ -10,29 +10,14 @@ import signal
 import threading
 import time
 
-import pytest
 import redis
 from redis.crc import key_slot
 
 from tests import cli
-from tests.cluster import Cluster, start_cluster
+from tests.cluster import Cluster
 from tests.compare import differences, wait_until
 
 KEYS = 20_000
-
-
-@pytest.fixture
-def clusters():
-    started: list[Cluster] = []
-
-    def make(primaries: int = 3, replicas: int = 0, **kw) -> Cluster:
-        c = start_cluster(primaries, replicas, **kw)
-        started.append(c)
-        return c
-
-    yield make
-    for c in started:
-        c.cleanup()
 
 
 def fill(c: Cluster, n: int = KEYS, prefix: str = "k") -> None:
@@ -62,9 +47,9 @@ def dump_calls(node) -> int:
     return int(stat["calls"]) if stat else 0
 
 
-def test_snapshot_of_a_3_primary_cluster_is_complete(clusters, redis_factory, tmp_path):
+def test_snapshot_of_a_3_primary_cluster_is_complete(cluster_factory, redis_factory, tmp_path):
     """The issue's case: 20,000 keys on 3 primaries all reach a standalone target, not a third."""
-    c = clusters(3)
+    c = cluster_factory(3)
     fill(c)
     target = redis_factory()
     cap = capture_apply(c.url, target, f"file:{tmp_path / 'log'}")
@@ -73,8 +58,8 @@ def test_snapshot_of_a_3_primary_cluster_is_complete(clusters, redis_factory, tm
     assert differences(c.client(), target.client()) == []
 
 
-def test_read_from_replica_reads_replicas_not_primaries(clusters, redis_factory, tmp_path):
-    c = clusters(3, 1)
+def test_read_from_replica_reads_replicas_not_primaries(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3, 1)
     fill(c, 3000)
     for n in c.live():
         n.client().config_resetstat()
@@ -90,8 +75,8 @@ def test_read_from_replica_reads_replicas_not_primaries(clusters, redis_factory,
     assert differences(c.client(), target.client()) == []
 
 
-def test_read_from_replica_falls_back_to_a_primary_without_replica(clusters, redis_factory, tmp_path):
-    c = clusters(3)
+def test_read_from_replica_falls_back_to_a_primary_without_replica(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3)
     fill(c, 500)
     target = redis_factory()
     cap = capture_apply(c.url, target, f"file:{tmp_path / 'log'}", "--read-from", "replica")
@@ -99,8 +84,8 @@ def test_read_from_replica_falls_back_to_a_primary_without_replica(clusters, red
     assert differences(c.client(), target.client()) == []
 
 
-def test_valkey_cluster_source(clusters, redis_factory, tmp_path):
-    c = clusters(3, kind="valkey8.1")
+def test_valkey_cluster_source(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3, kind="valkey8.1")
     fill(c, 5000)
     target = redis_factory()
     capture_apply(c.url, target, f"file:{tmp_path / 'log'}")
@@ -108,8 +93,8 @@ def test_valkey_cluster_source(clusters, redis_factory, tmp_path):
     assert differences(c.client(), target.client()) == []
 
 
-def test_node_captures_only_that_primarys_slots(clusters, redis_factory, tmp_path):
-    c = clusters(3)
+def test_node_captures_only_that_primarys_slots(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3)
     fill(c, 3000)
     first = c.primaries()[0]
     mine = {s for v in c.view().values() if v.port == first.port for lo, hi in v.slots
@@ -122,8 +107,8 @@ def test_node_captures_only_that_primarys_slots(clusters, redis_factory, tmp_pat
     assert all(key_slot(k) in mine for k in got)
 
 
-def test_bad_node_is_one_line(clusters, tmp_path):
-    c = clusters(3, 1)
+def test_bad_node_is_one_line(cluster_factory, tmp_path):
+    c = cluster_factory(3, 1)
     replica = c.replicas()[0]
     for bad, says in (("nohost", "expected HOST:PORT"),
                       (c.addr(replica), "a replica of the source cluster"),
@@ -133,8 +118,8 @@ def test_bad_node_is_one_line(clusters, tmp_path):
         assert says in line and bad in line, line
 
 
-def test_live_refuses_a_primary_without_notifications(clusters, tmp_path):
-    c = clusters(3)
+def test_live_refuses_a_primary_without_notifications(cluster_factory, tmp_path):
+    c = cluster_factory(3)
     for p in c.primaries()[:2]:
         p.client().config_set("notify-keyspace-events", "KA")
     lacking = c.primaries()[2]
@@ -151,8 +136,8 @@ def status_captures(log: str) -> dict:
     return json.loads(p.stdout).get("captures", {})
 
 
-def test_killed_snapshot_resumes_per_node(clusters, redis_factory, tmp_path):
-    c = clusters(3)
+def test_killed_snapshot_resumes_per_node(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3)
     fill(c)
     log = f"file:{tmp_path / 'log'}"
     proc = cli.start("capture", c.url, "--log", log, "--scan-count", "50")
@@ -208,8 +193,8 @@ class Writer(threading.Thread):
             time.sleep(0.001)
 
 
-def test_live_capture_follows_failover_reshard_and_new_node(clusters, redis_factory, tmp_path):
-    c = clusters(3, 1)
+def test_live_capture_follows_failover_reshard_and_new_node(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3, 1)
     fill(c, 5000)
     log = f"file:{tmp_path / 'log'}"
     proc = cli.start("capture", c.url, "--log", log, "--mode", "live", "--idle-timeout", "4",
@@ -239,10 +224,10 @@ def test_live_capture_follows_failover_reshard_and_new_node(clusters, redis_fact
     assert differences(c.client(), target.client()) == []
 
 
-def test_big_keys_and_typed_reads_from_a_cluster(clusters, redis_factory, tmp_path):
+def test_big_keys_and_typed_reads_from_a_cluster(cluster_factory, redis_factory, tmp_path):
     """Keys read in parts (HSCAN, LRANGE, ZSCAN, SSCAN, GETRANGE, XRANGE pages) and typed reads
     go to the node of each key."""
-    c = clusters(3)
+    c = cluster_factory(3)
     rc = c.client()
     for i in range(6):
         rc.hset(f"bh{i}", mapping={f"f{j}": "x" * 50 for j in range(1200)})
@@ -266,8 +251,8 @@ def test_big_keys_and_typed_reads_from_a_cluster(clusters, redis_factory, tmp_pa
         assert t.xinfo_groups("bx0")[0]["pending"] == 5
 
 
-def test_live_flushall_on_one_primary_is_a_gap_of_its_slots(clusters, redis_factory, tmp_path):
-    c = clusters(3)
+def test_live_flushall_on_one_primary_is_a_gap_of_its_slots(cluster_factory, redis_factory, tmp_path):
+    c = cluster_factory(3)
     fill(c, 2000)
     log = f"file:{tmp_path / 'log'}"
     proc = cli.start("capture", c.url, "--log", log, "--mode", "live", "--idle-timeout", "3",
@@ -287,10 +272,10 @@ def test_live_flushall_on_one_primary_is_a_gap_of_its_slots(clusters, redis_fact
     assert 1000 < target.client().dbsize() < 1800
 
 
-def test_live_read_from_replica_under_writes(clusters, redis_factory, tmp_path):
+def test_live_read_from_replica_under_writes(cluster_factory, redis_factory, tmp_path):
     """Scans read replicas, changed keys primaries; a scan batch waits until the replica has
     what the primary had, so an older replica value never follows a newer primary read."""
-    c = clusters(3, 1)
+    c = cluster_factory(3, 1)
     fill(c, 3000)
     log = f"file:{tmp_path / 'log'}"
     writer = Writer(c)
