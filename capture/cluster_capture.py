@@ -92,6 +92,7 @@ class ClusterCapture(Capture):
         self._topo = self._topology()
         self._legs: list[Leg] = []
         self._scan_slots: set[int] | None = None   # the slots the scan in progress covers
+        self._migrations_seen: set[tuple[int, str]] = set()
         self._resync_pending: set[int] | None = set()
         self._node_watch: dict[str, SourceWatch] = {}
         self._facts_refused = False
@@ -170,6 +171,7 @@ class ClusterCapture(Capture):
         return [self._leg(p, mine & slots) for p, mine in sorted(owned.items()) if mine & slots]
 
     def _new_scan(self, slots: set[int] | None = None) -> None:
+        self._migrations_seen: set[tuple[int, str]] = set()
         self._scan_slots = set(slots) if slots is not None else None
         self._legs = self._legs_for(slots)
         self._cursor = 0
@@ -205,8 +207,8 @@ class ClusterCapture(Capture):
                 leg.cursor = nxt
             else:
                 self._leg_done(leg)
-            if keys or not self._legs:
-                return (1 if self._legs else 0), keys
+            # One SCAN call per step, keys or not: changed keys are read between steps.
+            return (1 if self._legs else 0), keys
         return 0, []
 
     def _leg_done(self, leg: Leg) -> None:
@@ -220,6 +222,31 @@ class ClusterCapture(Capture):
             return
         self._legs.remove(leg)
         self._check_topology()
+        if not self._legs:
+            self._legs += self._migration_legs()
+
+    def _migration_legs(self) -> list[Leg]:
+        """The scan is ending while slots are migrating: a key moved to the importing node after
+        that node was scanned was seen by neither, so those slots are scanned there once more
+        (once per slot and node in a scan)."""
+        wanted: dict[str, set[int]] = {}
+        for name in self._primaries():
+            try:
+                nodes = self._client(name).execute_command("CLUSTER NODES")
+            except redis.RedisError:
+                continue                     # a failing node: the topology watch follows it
+            by_id = {d["node_id"]: addr for addr, d in nodes.items()}
+            me = next((d for d in nodes.values() if "myself" in d["flags"]), None)
+            for m in (me or {}).get("migrations", []):
+                slot, dst = int(m["slot"]), by_id.get(m["node_id"])
+                if m["state"] == "migrating" and dst and slot in self.slots \
+                        and (slot, dst) not in self._migrations_seen:
+                    self._migrations_seen.add((slot, dst))
+                    wanted.setdefault(dst, set()).add(slot)
+        for dst, slots in wanted.items():
+            log.warning("slots %s are migrating to %s: scanning them there too", ranges_text(slots),
+                        dst)
+        return [self._leg(dst, slots) for dst, slots in sorted(wanted.items())]
 
     def _barrier(self, leg: Leg) -> None:
         """Live modes reading a replica: a change already read from the primary (after its
