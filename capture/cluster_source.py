@@ -43,8 +43,12 @@ class ClusterSource:
     def execute_command(self, *args):
         return self.run([args], raise_on_error=True)[0]
 
+    def run_packed(self, commands: list[tuple]) -> list:
+        """conveyor.packed.run on this source: raw replies, errors in place, routed per key."""
+        return cluster.run(self.client, commands, replica=self.replica)
+
     def run(self, commands: list[tuple], raise_on_error: bool = True) -> list:
-        replies = cluster.run(self.client, commands, replica=self.replica)
+        replies = self.run_packed(commands)
         out = []
         for cmd, r in zip(commands, replies):
             if isinstance(r, Exception):
