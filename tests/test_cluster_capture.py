@@ -136,7 +136,7 @@ def status_captures(log: str) -> dict:
     return json.loads(p.stdout).get("captures", {})
 
 
-def test_killed_snapshot_resumes_per_node(cluster_factory, redis_factory, tmp_path):
+def test_killed_snapshot_resumes_per_node_after_a_reshard(cluster_factory, redis_factory, tmp_path):
     c = cluster_factory(3)
     fill(c)
     log = f"file:{tmp_path / 'log'}"
@@ -155,8 +155,11 @@ def test_killed_snapshot_resumes_per_node(cluster_factory, redis_factory, tmp_pa
     doc = next(iter(status_captures(log).values()))
     assert doc["phase"] == "scanning" and len(doc["legs"]) >= 1, doc
     saved = doc["keys"]
+    a, b, _ = c.primaries()
+    c.reshard(100, a, b)               # while no capture runs: those slots are scanned again
     again = cli.run("capture", c.url, "--log", log, check=True)
     assert "[resumed]" in again.stdout, again.stdout
+    assert "since the checkpoint: scanning slots" in again.stderr, again.stderr
     total = int(again.stdout.split("capture: ")[1].split(" keys")[0])
     reread = total - saved
     assert reread < KEYS - saved + 2000, (saved, total)       # a full scan would read 20,000
