@@ -142,13 +142,9 @@ def test_killed_snapshot_resumes_per_node_after_a_reshard(cluster_factory, redis
     log = f"file:{tmp_path / 'log'}"
     proc = cli.start("capture", c.url, "--log", log, "--scan-count", "20")
 
-    def far_enough() -> bool:
-        # the file log's checkpoint document, read directly: a status process is too slow to
-        # catch the scan midway
-        docs = [json.loads(p.read_text() or "{}") for p in (tmp_path / "log").glob("meta/capture-*")]
-        return bool(docs) and docs[0].get("keys", 0) >= 6000
     try:
-        wait_until(far_enough, 120, "the first capture to checkpoint 6000 keys", every=0.02)
+        wait_until(lambda: checkpoint_keys(tmp_path / "log") >= 6000, 120,
+                   "the first capture to checkpoint 6000 keys", every=0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -331,3 +327,30 @@ def test_snapshot_while_a_slot_is_half_migrated(cluster_factory, redis_factory, 
     t = target.client()
     assert [t.get(n) for n in names] == [n.encode() for n in names]
     assert t.dbsize() == 3000 + 6 + 40
+
+
+def checkpoint_keys(log_dir) -> int:
+    """Keys the file log's capture checkpoint counts (read directly: polled every few ms)."""
+    docs = [json.loads(p.read_text() or "{}") for p in log_dir.glob("meta/capture-*")]
+    return docs[0].get("keys", 0) if docs else 0
+
+
+def test_snapshot_goes_on_through_a_primary_killed_mid_scan(cluster_factory, redis_factory,
+                                                            tmp_path):
+    c = cluster_factory(3, 1)
+    fill(c, 6000)
+    log = f"file:{tmp_path / 'log'}"
+    victim = max(c.primaries(), key=c.addr)       # primaries are scanned in name order: last
+    proc = cli.start("capture", c.url, "--log", log, "--scan-count", "20")
+    try:
+        wait_until(lambda: checkpoint_keys(tmp_path / "log") >= 300, 120, "the scan to start",
+                   every=0.02)
+        c.kill(victim)                            # its replica takes over
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (out, err)
+    assert "snapshot complete" in out and f"replaced {c.addr(victim)}" in out, (out, err)
+    target = redis_factory()
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    assert differences(c.client(), target.client()) == []
