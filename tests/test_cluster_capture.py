@@ -354,3 +354,19 @@ def test_snapshot_goes_on_through_a_primary_killed_mid_scan(cluster_factory, red
     target = redis_factory()
     cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
     assert differences(c.client(), target.client()) == []
+
+
+def test_one_capture_per_primary_into_one_log(cluster_factory, redis_factory, tmp_path):
+    """Scale-out: one capture per primary (--node), each with its own checkpoint, one log."""
+    c = cluster_factory(3)
+    fill(c, 3000)
+    log = f"{redis_factory().url}/0"                # a Redis Streams log takes several writers
+    procs = [cli.start("capture", c.url, "--log", log, "--node", c.addr(p)) for p in c.primaries()]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    keys = [int(re.search(r"capture: (\d+) keys", out).group(1)) for out, _ in outs]
+    assert sum(keys) == 3006 and min(keys) > 500, keys
+    assert len(status_captures(log)) == 3
+    target = redis_factory()
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    assert differences(c.client(), target.client()) == []
