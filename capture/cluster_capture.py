@@ -478,3 +478,45 @@ def prepare(client: RedisCluster, key_filter, nodes: list[str], mode: str, enabl
             if warning:
                 echo(f"capture: warning: {warning}")
     return key_filter
+
+
+def cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, opts, display):
+    """``conveyor capture`` of a cluster source: (ClusterCapture, resources to close), or None for
+    a standalone source (where --node and --read-from replica are refused)."""
+    from capture.process import checkpoint_name
+    from conveyor.errors import ConfigError
+    from conveyor.events import Codec
+    from conveyor.log import open_meta, open_writer
+    from conveyor.runner import open_waiting, refuse_log_on
+
+    if not cluster.is_cluster(client):
+        if opts.read_from != "primary" or opts.nodes:
+            raise ConfigError(f"{'--node' if opts.nodes else '--read-from replica'} needs a Redis "
+                              f"Cluster source; {src.masked} is a standalone server (give a "
+                              "replica's URI to read from it)")
+        return None
+    refuse_log_on(client, src, log_uri, log_opts)
+    captured = prepare(client, key_filter, list(opts.nodes), opts.mode, opts.enable_notifications)
+    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
+    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
+    # One checkpoint per --node set: scale-out runs one capture per primary, each resuming its own.
+    name = checkpoint_name(src.uri, info.db, key_filter, nodes=opts.nodes)
+    proc = ClusterCapture(
+        source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+        key_filter=captured, checkpoint=name, read_from=opts.read_from, mode=opts.mode,
+        scan_count=opts.scan_count, fresh=opts.fresh, idle_timeout=opts.idle_timeout,
+        dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
+        big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
+        mem_limit_skip=opts.mem_limit_skip, enable_notifications=opts.enable_notifications,
+        on_progress=lambda st: _show(display, st))
+    return proc, (writer, meta)
+
+
+def _show(display, st) -> None:
+    """Progress as commands.py shows a standalone capture's (main's _show_capture)."""
+    if st.mode == "snapshot" or st.scanning:
+        display.update("Scanning", st.events, st.total_hint, st.rate)
+    if st.mode != "snapshot":
+        display.update("Live", st.events, None, st.rate, unit="events",
+                       note=st.waiting[:60] or f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
+                       f"resyncs {st.resyncs_done}/{st.resyncs}")

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from conveyor.endpoints import mask_uri
-from conveyor.cluster import is_cluster
-from conveyor.errors import ConfigError, ConveyorError, LogError
+from conveyor.errors import ConveyorError, LogError
 from conveyor.events import Codec
 from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
@@ -26,6 +25,8 @@ class CaptureOptions:
     mode: str = "snapshot"
     scan_count: int = 1000
     fresh: bool = False
+    read_from: str = "primary"       # cluster source: scan and read the primaries or replicas
+    nodes: tuple[str, ...] = ()      # cluster source: only the slots of these primaries
     idle_timeout: float | None = None
     enable_notifications: bool = False
     max_dirty_keys: int = 1_000_000
@@ -33,8 +34,6 @@ class CaptureOptions:
     big_key_bytes: int | None = 8 * 1024 * 1024
     mem_limit: int | None = None
     mem_limit_skip: bool = False
-    read_from: str = "primary"       # cluster source: scan and read the primaries or replicas
-    nodes: tuple[str, ...] = ()      # cluster source: only the slots of these primaries
 
 
 @dataclass
@@ -49,14 +48,11 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
 
     client = src.connect()
     info = src.info(client)
+    from capture.cluster_capture import cluster_capture_process   # None: a standalone source
+    built = cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, opts, display)
+    if built is not None:
+        return built
     refuse_log_on(client, src, log_uri, log_opts)
-    if is_cluster(client):
-        return _cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, opts,
-                                        display)
-    if opts.read_from != "primary" or opts.nodes:
-        raise ConfigError(f"{'--node' if opts.nodes else '--read-from replica'} needs a Redis "
-                          f"Cluster source; {src.masked} is a standalone server (give a replica's "
-                          "URI to read from it)")
     if opts.mode != "snapshot":
         warning = check_notifications(client, enable=opts.enable_notifications,
                                       where=f"source {src.masked}")
@@ -65,47 +61,22 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
     writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
     meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
 
-    proc = Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
-                   key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
-                   **_capture_kw(src, opts, display))
-    return proc, (writer, meta)
-
-
-def _progress(display):
     def progress(st):
-        if st.mode == "snapshot" or st.scanning:
+        if st.mode == "snapshot" or proc._cursor is not None:
             display.update("Scanning", st.events, st.total_hint, st.rate)
         if st.mode != "snapshot":
             note = st.waiting[:60] or (f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
                                        f"resyncs {st.resyncs_done}/{st.resyncs}")
             display.update("Live", st.events, None, st.rate, unit="events", note=note)
-    return progress
 
-
-def _capture_kw(src: Endpoint, opts: CaptureOptions, display) -> dict:
-    return dict(mode=opts.mode, scan_count=opts.scan_count, fresh=opts.fresh,
-                idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
-                dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
-                big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
-                mem_limit_skip=opts.mem_limit_skip,
-                enable_notifications=opts.enable_notifications, on_progress=_progress(display))
-
-
-def _cluster_capture_process(client, info, src: Endpoint, log_uri, log_opts, key_filter,
-                             opts: CaptureOptions, display):
-    from capture import checkpoint_name
-    from capture.cluster_capture import ClusterCapture, prepare
-
-    nodes_filter = key_filter
-    key_filter = prepare(client, key_filter, list(opts.nodes), opts.mode,
-                         opts.enable_notifications)
-    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
-    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
-    # One checkpoint per --node set: scale-out runs one capture per primary, each resuming its own.
-    name = checkpoint_name(src.uri, info.db, nodes_filter, nodes=opts.nodes)
-    proc = ClusterCapture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
-                          key_filter=key_filter, checkpoint=name, read_from=opts.read_from,
-                          **_capture_kw(src, opts, display))
+    proc = Capture(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+                   key_filter=key_filter, checkpoint=checkpoint_name(src.uri, info.db, key_filter),
+                   mode=opts.mode, scan_count=opts.scan_count, fresh=opts.fresh,
+                   idle_timeout=opts.idle_timeout, connect=lambda: src.connect(),
+                   dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
+                   big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
+                   mem_limit_skip=opts.mem_limit_skip,
+                   enable_notifications=opts.enable_notifications, on_progress=progress)
     return proc, (writer, meta)
 
 
