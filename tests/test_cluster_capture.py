@@ -136,18 +136,34 @@ def status_captures(log: str) -> dict:
     return json.loads(p.stdout).get("captures", {})
 
 
+def checkpoint_keys(log_dir) -> int:
+    """Keys the file log's capture checkpoint counts (read directly: polled every few ms)."""
+    docs = [json.loads(p.read_text() or "{}") for p in log_dir.glob("meta/capture-*")]
+    return docs[0].get("keys", 0) if docs else 0
+
+
+
+def hold(node, log_dir, ms: int = 10_000) -> None:
+    """Once the capture has started (its first checkpoint), pause ``node``'s clients: the scan
+    of that primary waits, whatever the speed of the others."""
+    wait_until(lambda: any(log_dir.glob("meta/capture-*")), 60, "the capture to start", every=0.01)
+    node.client().execute_command("CLIENT", "PAUSE", ms, "ALL")
+
+
 def test_killed_snapshot_resumes_per_node_after_a_reshard(cluster_factory, redis_factory, tmp_path):
     c = cluster_factory(3)
     fill(c)
     log = f"file:{tmp_path / 'log'}"
-    proc = cli.start("capture", c.url, "--log", log, "--scan-count", "20")
-
+    last = max(c.primaries(), key=c.addr)         # primaries are scanned in name order
+    proc = cli.start("capture", c.url, "--log", log)
     try:
-        wait_until(lambda: checkpoint_keys(tmp_path / "log") >= 6000, 120,
-                   "the first capture to checkpoint 6000 keys", every=0.02)
+        hold(last, tmp_path / "log")              # the kill comes before its scan ends
+        wait_until(lambda: checkpoint_keys(tmp_path / "log") >= KEYS // 4, 120,
+                   "the first capture to checkpoint a quarter of the keys", every=0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
+        last.client().execute_command("CLIENT", "UNPAUSE")
     doc = next(iter(status_captures(log).values()))
     assert doc["phase"] == "scanning" and len(doc["legs"]) >= 1, doc
     saved = doc["keys"]
@@ -158,7 +174,7 @@ def test_killed_snapshot_resumes_per_node_after_a_reshard(cluster_factory, redis
     assert "since the checkpoint: scanning slots" in again.stderr, again.stderr
     total = int(again.stdout.split("capture: ")[1].split(" keys")[0])
     reread = total - saved
-    assert reread < KEYS - saved + 2000, (saved, total)       # a full scan would read 20,000
+    assert reread < KEYS - saved + 1000, (saved, total)       # a full scan would read 20,000
     target = redis_factory()
     cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
     assert differences(c.client(), target.client()) == []
@@ -329,22 +345,15 @@ def test_snapshot_while_a_slot_is_half_migrated(cluster_factory, redis_factory, 
     assert t.dbsize() == 3000 + 6 + 40
 
 
-def checkpoint_keys(log_dir) -> int:
-    """Keys the file log's capture checkpoint counts (read directly: polled every few ms)."""
-    docs = [json.loads(p.read_text() or "{}") for p in log_dir.glob("meta/capture-*")]
-    return docs[0].get("keys", 0) if docs else 0
-
-
 def test_snapshot_goes_on_through_a_primary_killed_mid_scan(cluster_factory, redis_factory,
                                                             tmp_path):
     c = cluster_factory(3, 1)
     fill(c, 6000)
     log = f"file:{tmp_path / 'log'}"
     victim = max(c.primaries(), key=c.addr)       # primaries are scanned in name order: last
-    proc = cli.start("capture", c.url, "--log", log, "--scan-count", "20")
+    proc = cli.start("capture", c.url, "--log", log)
     try:
-        wait_until(lambda: checkpoint_keys(tmp_path / "log") >= 300, 120, "the scan to start",
-                   every=0.02)
+        hold(victim, tmp_path / "log")            # its scan cannot be over before the kill
         c.kill(victim)                            # its replica takes over
         out, err = proc.communicate(timeout=180)
     finally:
