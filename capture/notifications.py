@@ -119,9 +119,10 @@ class Notifications:
         if self.fatal is not None:
             raise self.fatal
 
-    def stop(self) -> None:
+    def stop(self, join: bool = True) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if join and self._thread.is_alive():
+            self._thread.join(5)
 
     @property
     def healthy(self) -> bool:
@@ -161,6 +162,7 @@ class Notifications:
             # subscribed: every failure comes to us instead.
             pubsub.connection.retry = Retry(NoBackoff(), 0, supported_errors=())
             prefix_len = len(self._prefix)
+            confirmed = False
             while not self._stop.is_set():
                 msg = pubsub.get_message(timeout=0.5)
                 if msg is None:
@@ -174,6 +176,11 @@ class Notifications:
                         self.on_gap(f"dirty-key set full ({self.dirty.limit} keys, "
                                     f"{dropped} dropped for a resync)")
                 elif kind == "psubscribe":
+                    if confirmed and self._pending_gap is None:
+                        # redis-py reconnected and resubscribed by itself (a cluster client's
+                        # topology refresh renews connections): changes in between were lost.
+                        self._pending_gap = "subscriber connection renewed by the client"
+                    confirmed = True
                     self._subscribed()
         finally:
             try:

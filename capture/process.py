@@ -66,6 +66,7 @@ class CaptureStats:
     history_gap: str = ""        # ... and why that history is not everything ever appended
     incomplete_why: str = ""     # live: why convergence cannot be claimed
     waiting: str = ""            # what the run waits for now ("" when nothing)
+    scanning: bool = False       # a scan (first, resync or catch-up) is in progress
     rescans: int = 0             # snapshot: scans started over because the source restarted
     source_waits: int = 0        # retries after transient source failures
     log_waits: int = 0           # retries after the log was unavailable
@@ -81,14 +82,19 @@ class CaptureStats:
         return self.events / max(time.monotonic() - self.started, 1e-9)
 
 
-def checkpoint_name(source_uri: str, db: int, key_filter: KeyFilter) -> str:
-    """One checkpoint per source database and filter set (a different filter is another snapshot)."""
+def checkpoint_name(source_uri: str, db: int, key_filter: KeyFilter,
+                    nodes: tuple[str, ...] | list[str] = ()) -> str:
+    """One checkpoint per source database and filter set (a different filter is another snapshot),
+    and per ``--node`` set of a cluster capture."""
     ident = repr((mask_uri(source_uri).split("@")[-1], db, key_filter.match, key_filter.type,
-                  key_filter.include, key_filter.exclude, key_filter.slots))
+                  key_filter.include, key_filter.exclude, key_filter.slots)
+                 + ((tuple(sorted(nodes)),) if nodes else ()))
     return "capture-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 class Capture:
+    reader_cls = StateReader                 # ClusterCapture reads through the cluster client
+
     def __init__(self, *, source: redis.Redis, source_info: ServerInfo, writer: LogWriter,
                  meta: MetaStore, codec: Codec, key_filter: KeyFilter, checkpoint: str,
                  mode: str = "snapshot", scan_count: int = 1000, fresh: bool = False,
@@ -109,7 +115,7 @@ class Capture:
         self.enable_notifications = enable_notifications
         self.on_progress = on_progress
         self.stats = CaptureStats(mode=mode)
-        self.reader = StateReader(source=source, info=source_info, writer=self.writer, codec=codec,
+        self.reader = self.reader_cls(source=source, info=source_info, writer=self.writer, codec=codec,
                                   type_filter=key_filter.type, value_type=value_type,
                                   big_key_bytes=big_key_bytes, mem_limit=mem_limit,
                                   mem_limit_skip=mem_limit_skip)
@@ -160,7 +166,7 @@ class Capture:
 
     def _begin_snapshot(self) -> None:
         st = self.stats
-        st.total_hint = self._read(self.source.dbsize, "DBSIZE")
+        st.total_hint = self._dbsize()
         cp = None if self.fresh else self._meta_get()
         phase = cp and cp.get("phase", cp.get("state"))      # "state" may name a wait
         if cp and phase == "scanning" and cp.get("mode", "snapshot") == "snapshot":
@@ -168,30 +174,44 @@ class Capture:
             st.keys, st.deletes, self.reader.seq = cp["keys"], cp["deletes"], cp["seq"]
             self.reader.counts.upserts, self.reader.counts.deletes = st.keys, st.deletes
             self.reader.capture_id = st.capture_id
-            self._cursor = int(cp["cursor"])
-            self._scan_run_id = cp.get("run_id", "")
-            self._restart_scan_if_source_restarted()
+            self._resume_scan(cp)
             log.info("resuming snapshot %s at cursor %s after %d keys", st.capture_id,
                      self._cursor, st.keys)
             return
         self._new_capture_id()
         self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
-        self._cursor = 0
+        self._new_scan()
         self._scan_run_id = self._run_id()
         self._save("scanning")
+
+    def _dbsize(self) -> int:
+        return self._read(self.source.dbsize, "DBSIZE")
+
+    def _new_scan(self, slots: set[int] | None = None) -> None:
+        """A scan from the start (``slots``: only keys of those, where the source knows slots)."""
+        self._cursor = 0
+
+    def _resume_scan(self, cp: dict) -> None:
+        """Continue the scan a checkpoint saved (started over if the source restarted since)."""
+        self._cursor = int(cp["cursor"])
+        self._scan_run_id = cp.get("run_id", "")
+        self._restart_scan_if_source_restarted()
+
+    def _scan_doc(self) -> dict:
+        """What the checkpoint keeps of the scan besides its cursor."""
+        return {}
 
     def _run_live(self) -> CaptureStats:
         st = self.stats
         notes = None
         try:
-            st.total_hint = self._read(self.source.dbsize, "DBSIZE")
+            st.total_hint = self._dbsize()
             previous = None if self.fresh else self._meta_get()
             self._new_capture_id()
             self.sup.log(self._learn_known_keys, "reading its history")
             notes = self._notes = self._subscribe()
             self._sub_epoch = notes.epoch
-            facts = self._facts()
-            self._watch = SourceWatch(facts) if facts else None
+            self._start_watch()
             self._begin_live(previous)
             self._live_loop()
         except Interrupted as e:
@@ -201,6 +221,10 @@ class Capture:
                 notes.stop()
         self._end_live()
         return st
+
+    def _start_watch(self) -> None:
+        facts = self._facts()
+        self._watch = SourceWatch(facts) if facts else None
 
     def _subscribe(self) -> Notifications:
         notes = Notifications(connect=self.connect or (lambda: self.source), db=self.info.db,
@@ -217,7 +241,7 @@ class Capture:
         st = self.stats
         if self.mode == "live":
             self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
-            self._cursor = 0
+            self._new_scan()
             # After an earlier capture, keys the log holds that this scan does not see were
             # deleted while none ran: they are re-read.
             self._catch_up = bool(previous or st.history_records or st.history_gap)
@@ -371,7 +395,12 @@ class Capture:
         self.stats.resyncs += 1
         self.reader.seen = set()
         self.reader.marker(Kind.RESYNC, None, {"reason": self.stats.gaps[-1] if self.stats.gaps else ""})
-        self._cursor, self._scan_is_resync = 0, True
+        self._new_scan(self._resync_slots())
+        self._scan_is_resync = True
+
+    def _resync_slots(self) -> set[int] | None:
+        """Which slots the resync scans (None: every key)."""
+        return None
 
     def _log_lost(self, e: LogLost) -> None:
         """The log was reset under us: take the new one and write the whole source into it. The
@@ -389,7 +418,9 @@ class Capture:
         self.reader.seen = set()
         self.reader.marker(Kind.SNAPSHOT_BEGIN, self.stats.total_hint,
                            {**self._source_facts(), "reason": why})
-        self._cursor, self._scan_is_resync = 0, True
+        self._resync_slots()                 # a whole scan covers whatever was pending
+        self._new_scan()
+        self._scan_is_resync = True
         self._save("live")
 
     # -- scanning ------------------------------------------------------------------------------
@@ -421,7 +452,8 @@ class Capture:
         log.warning("the source restarted during the scan (run_id %s -> %s): scanning again from "
                     "the start", self._scan_run_id[:12], now[:12])
         self.stats.rescans += 1
-        self._scan_run_id, self._cursor = now, 0
+        self._scan_run_id = now
+        self._new_scan()
         return True
 
     def _scan_done(self) -> None:
@@ -494,7 +526,8 @@ class Capture:
         st = self.stats
         doc = {"state": phase, "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
                "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
-               "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis()}
+               "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis(),
+               **self._scan_doc()}
         self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
         self._doc = doc
 
@@ -536,6 +569,7 @@ class Capture:
             return self.sup.source(fn, what)
 
     def _progress(self) -> None:
+        self.stats.scanning = self._cursor is not None
         if self.on_progress:
             self.stats.dirty_waiting = len(self.dirty)
             self.on_progress(self.stats)

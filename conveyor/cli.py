@@ -213,7 +213,20 @@ def _capture_opts(mode, fresh, kw):
                           enable_notifications=kw.get("enable_notifications", False),
                           max_dirty_keys=kw.get("max_dirty_keys") or 1_000_000,
                           value_type=kw["value_type"], big_key_bytes=kw["big_key_bytes"] or None,
-                          mem_limit=kw["mem_limit"], mem_limit_skip=kw["mem_limit_skip"])
+                          mem_limit=kw["mem_limit"], mem_limit_skip=kw["mem_limit_skip"],
+                          read_from=kw.get("read_from") or "primary",
+                          nodes=tuple(kw.get("node") or ()))
+
+
+cluster_capture_options = _options(
+    click.option("--read-from", type=click.Choice(["primary", "replica"]), default="primary",
+                 show_default=True, help="Cluster source: scan and read each shard's primary, or "
+                 "a replica of it (sparing primaries; a shard without one is read from its "
+                 "primary, with a warning). Changed keys are always read from primaries."),
+    click.option("--node", multiple=True, metavar="HOST:PORT",
+                 help="Cluster source: capture only the slots these primaries serve (repeatable; "
+                      "one capture per primary scales out, each with its own checkpoint)."),
+)
 
 
 metrics_options = _options(
@@ -318,6 +331,7 @@ def cli(verbose: int, log_format: str) -> None:
 @live_options
 @type_options
 @_endpoint_options("source")
+@cluster_capture_options
 @filter_options
 @log_options
 @metrics_options

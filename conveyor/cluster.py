@@ -148,34 +148,61 @@ RETRY = (MovedError, AskError, TryAgainError, ClusterDownError, MasterDownError)
 
 
 def run(client: RedisCluster, commands: list[tuple],
-        on_redirect: Callable[[BaseException], None] | None = None) -> list:
+        on_redirect: Callable[[BaseException], None] | None = None,
+        replica: bool = False) -> list:
     """The replies of ``commands`` (error replies as exception instances), each from the node that
     owns its key's slot. Redirections are followed until every command has a real reply; a
     connection lost to a node mid-batch (a failover) refreshes the topology and resends that node's
     commands. After MAX_ROUNDS rounds the last error is raised (a cluster down for that long is
-    the caller's to wait out)."""
+    the caller's to wait out). ``replica``: read-only commands, sent to a replica of the slot's
+    shard (its primary when it has none), on a READONLY connection."""
     replies: list = [None] * len(commands)
     todo = list(range(len(commands)))
     asking: dict[int, ClusterNode] = {}
     last: BaseException | None = None
     for round_ in range(MAX_ROUNDS):
-        todo, last = _round(client, commands, todo, asking, replies, on_redirect)
+        todo, last = _round(client, commands, todo, asking, replies, on_redirect, replica)
         if not todo:
             return replies
         time.sleep(min(REDIRECT_WAIT_S[0] * (2 ** round_), REDIRECT_WAIT_S[1]))
     raise last  # type: ignore[misc]
 
 
-def _round(client, commands, todo, asking, replies, on_redirect):
+def shard_node(client: RedisCluster, slot: int, replica: bool = False) -> ClusterNode:
+    """The node that serves ``slot``: its primary, or with ``replica`` its shard's first replica
+    (the same one every time, so a read-your-scan barrier can wait for that one), else the
+    primary."""
+    if not replica:
+        return client.nodes_manager.get_node_from_slot(slot)
+    nodes = client.nodes_manager.slots_cache.get(slot)
+    if not nodes:
+        return client.nodes_manager.get_node_from_slot(slot)   # raises SlotNotCoveredError
+    return nodes[1] if len(nodes) > 1 else nodes[0]
+
+
+def replica_of(client: RedisCluster, primary: ClusterNode) -> ClusterNode | None:
+    """The replica that ``shard_node(..., replica=True)`` picks for ``primary``'s slots."""
+    for nodes in client.nodes_manager.slots_cache.values():
+        if nodes and nodes[0].name == primary.name:
+            return nodes[1] if len(nodes) > 1 else None
+    return None
+
+
+CONTROL = (("ASKING",), ("READONLY",))     # sent ahead of commands; their replies are dropped
+
+
+def _round(client, commands, todo, asking, replies, on_redirect, replica=False):
     groups: dict[str, tuple[ClusterNode, list[int]]] = {}
     slot_of: dict[int, int] = {}
     for i in todo:
         slot_of[i] = _slot(client, commands[i])
-        node = asking.get(i) or client.nodes_manager.get_node_from_slot(slot_of[i])
+        node = asking.get(i) or shard_node(client, slot_of[i], replica)
         groups.setdefault(node.name, (node, []))[1].append(i)
     batches, index = [], []
     for node, idx in groups.values():
-        cmds: list[tuple] = []
+        # READONLY: a replica answers reads of its primary's slots instead of redirecting them
+        # (a per-connection flag; a primary ignores it).
+        cmds: list[tuple] = [("READONLY",)] if replica else []
         for i in idx:
             if i in asking:
                 cmds.append(("ASKING",))
@@ -193,7 +220,7 @@ def _round(client, commands, todo, asking, replies, on_redirect):
         return sorted(todo), e
     got: dict[int, object] = {}
     for idx, res, (_, cmds) in zip(index, results, batches):
-        res = [r for c, r in zip(cmds, res) if c != ("ASKING",)]
+        res = [r for c, r in zip(cmds, res) if c not in CONTROL]
         got.update(zip(idx, res))
     again, last, stale = [], None, False
     new_asking: dict[int, ClusterNode] = {}

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from conveyor.cluster import is_cluster
 from conveyor.endpoints import mask_uri, uri_db
 from conveyor.errors import ConfigError, ConveyorError, LogError
 from conveyor.events import Codec
@@ -14,7 +15,7 @@ from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import log_exists, open_meta, open_reader, open_writer
 from conveyor.progress import Display, echo
 from conveyor.runner import (Endpoint, Interrupts, default_target_db, open_waiting,
-                             refuse_cluster, refuse_log_on, refuse_same_database, target_clients)
+                             refuse_log_on, refuse_same_database, target_clients)
 
 log = logging.getLogger("conveyor")
 
@@ -25,6 +26,8 @@ class CaptureOptions:
     mode: str = "snapshot"
     scan_count: int = 1000
     fresh: bool = False
+    read_from: str = "primary"       # cluster source: scan and read the primaries or replicas
+    nodes: tuple[str, ...] = ()      # cluster source: only the slots of these primaries
     idle_timeout: float | None = None
     enable_notifications: bool = False
     max_dirty_keys: int = 1_000_000
@@ -55,8 +58,11 @@ def _capture_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Capture
         return _databases_process(src, log_uri, log_opts, key_filter, opts, display)
     db = opts.dbs[0] if opts.dbs else None
     client = src.connect(db=db)
-    refuse_cluster(client, src, "capture")
     info = src.info(client)
+    from capture.cluster_capture import cluster_capture_process   # None: a standalone source
+    built = cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, opts, display)
+    if built is not None:
+        return built
     refuse_log_on(client, src, log_uri, log_opts)
     _check_notifications(client, src, opts)
     writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
@@ -76,7 +82,8 @@ def _databases_process(src: Endpoint, log_uri, log_opts, key_filter, opts: Captu
 
     clients = {db: src.connect(db=db) for db in opts.dbs}
     first = clients[opts.dbs[0]]
-    refuse_cluster(first, src, "capture")
+    if is_cluster(first):
+        raise ConfigError(f"--db: source {src.masked} is a Redis Cluster, which has only database 0")
     infos = {db: src.info(client) for db, client in clients.items()}
     for client in clients.values():
         refuse_log_on(client, src, log_uri, log_opts)
@@ -206,6 +213,7 @@ def _capture_summary(st) -> tuple[list[str], bool]:
         if st.rescans:
             lines.append(f"capture: the source restarted during the scan: scanned again from the "
                          f"start ({st.rescans} times)")
+        lines += [f"  rescanned after {g}" for g in st.gaps]     # a cluster's topology changed
         return lines + _read_lines(st.reads), st.complete
     lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
              f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
@@ -462,7 +470,6 @@ def replicate(src: Endpoint, dst: Endpoint, log_uri, log_opts, group, key_filter
     target_dbs = _target_dbs(dst, dbopts.target_db, dbs)
     for db in dbs or ():
         target_dbs.target_of(db)         # refused now, not at the first event (cluster, URI /N)
-    refuse_cluster(source, src, "replicate")       # until capture reads a cluster
     if dbs is None:
         refuse_same_database(source, target, dst)
     for db in dbs or ():

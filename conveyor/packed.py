@@ -42,6 +42,9 @@ def run(client: redis.Redis, commands: list[tuple]) -> list:
     if isinstance(client, RedisCluster):
         from conveyor import cluster          # it builds on this module
         return cluster.run(client, commands)
+    routed = getattr(client, "run_packed", None)   # a source that routes batches itself
+    if routed is not None:
+        return routed(commands)
     return run_on([(client, commands)])[0]
 
 

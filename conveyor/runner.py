@@ -124,14 +124,6 @@ def refuse_unready_cluster(node: redis.Redis, ep: Endpoint) -> None:
                           "slots assigned (cluster not created yet?)")
 
 
-def refuse_cluster(client, ep: Endpoint, doing: str) -> None:
-    """Where cluster mode is not supported, a cluster is refused in one line rather than copied in
-    part (a single node holds only its own slots)."""
-    if is_cluster(client):
-        raise ConfigError(f"{ep.what} {ep.masked} is a Redis Cluster: {doing} does not support "
-                          "clusters yet; refusing rather than copying part of the data")
-
-
 def target_clients(target: Endpoint, first: redis.Redis, source_db: int | None,
                    dbs: "TargetDbs | None" = None) -> Callable[[int], redis.Redis]:
     """Which target client writes events of source db N (see conveyor.databases.TargetDbs:

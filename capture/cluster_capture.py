@@ -1,0 +1,522 @@
+"""Capture from a Redis Cluster: every primary scanned, every primary subscribed, the topology watched.
+
+The scan is a list of legs, one per primary (or per primary whose slots must be scanned again): a
+leg SCANs one node (the primary, or with ``--read-from replica`` its replica) and keeps the keys of
+the capture's slots. The checkpoint keeps every leg's cursor, the node it belongs to and that
+node's run_id, and the slot table: a restarted capture resumes each leg whose node is still there
+unchanged and rescans, on their current owner, only the slots whose owner changed meanwhile.
+
+Keys are read through the cluster client (capture/cluster_source.py): MOVED and ASK are followed,
+so a key read while its slot migrates is read where it is.
+
+The topology is read again after each leg and, in live modes, about once a second. Slots that
+changed owner (a failover, a reshard, a node added or removed) are a gap: the new primaries are
+subscribed to, and those slots are scanned again on their new owner. A primary restarted (a new
+run_id) or flushed (FLUSHALL/FLUSHDB counters, per node) is a gap of that primary's slots.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import redis
+from redis.cluster import RedisCluster
+
+from capture.cluster_notes import NotificationsGroup
+from capture.cluster_source import ClusterStateReader
+from capture.notifications import check_notifications
+from capture.process import WATCH_INTERVAL_S, Capture
+from capture.watch import SourceWatch, read_facts
+from conveyor import cluster
+from conveyor.errors import SourceError
+from conveyor.progress import echo
+
+log = logging.getLogger("conveyor.capture")
+
+BARRIER_TIMEOUT_S = 30.0      # live + replica: how long a scan waits for the replica to catch up
+MAX_NAMED_RANGES = 8
+
+
+@dataclass
+class Leg:
+    primary: str                  # whose keys: the primary (host:port) that owned them
+    node: str                     # the node scanned: that primary or its replica
+    slots: list[tuple[int, int]] | None = None   # only these slots (None: all of the capture's)
+    cursor: int = 0
+    run_id: str = ""              # of ``node`` when the leg began (a cursor is per server run)
+
+    def __post_init__(self) -> None:
+        self.slots = [tuple(r) for r in self.slots] if self.slots is not None else None
+        self.slot_set = (frozenset(s for lo, hi in self.slots for s in range(lo, hi + 1))
+                         if self.slots is not None else None)
+
+    def doc(self) -> dict:
+        d = asdict(self)
+        d.pop("slot_set", None)
+        return d
+
+
+def ranges_text(slots) -> str:
+    rs = cluster.slot_ranges(slots)
+    parts = [f"{a}-{b}" if a != b else str(a) for a, b in rs[:MAX_NAMED_RANGES]]
+    more = f" and {len(rs) - MAX_NAMED_RANGES} more ranges" if len(rs) > MAX_NAMED_RANGES else ""
+    return ",".join(parts) + more
+
+
+def describe(moves: dict[tuple[str | None, str], set[int]], primaries: set[str],
+             owned_before: dict[str, set[int]]) -> list[str]:
+    """One line per (old owner -> new owner) move of slots."""
+    lines = []
+    for (old, new), slots in sorted(moves.items(), key=lambda kv: min(kv[1])):
+        if old is None:
+            lines.append(f"topology changed: slots {ranges_text(slots)} now served by {new}")
+        elif old not in primaries and slots == owned_before.get(old):
+            lines.append(f"failover: {new} replaced {old} (slots {ranges_text(slots)})")
+        else:
+            lines.append(f"topology changed: slots {ranges_text(slots)} moved from {old} to {new}")
+    return lines
+
+
+class ClusterCapture(Capture):
+    reader_cls = ClusterStateReader
+
+    def __init__(self, *, read_from: str = "primary", **kw) -> None:
+        super().__init__(**kw)
+        self.cl: RedisCluster = self.source
+        # The ACL user named when a permission is refused (a cluster client has no single pool).
+        self.sup.user = self.cl.nodes_manager.connection_kwargs.get("username") or None
+        self.read_from = read_from
+        ranges = self.filter.slots or [(0, cluster.SLOTS - 1)]
+        self.slots = {s for lo, hi in ranges for s in range(lo, hi + 1)}
+        self._topo = self._topology()
+        self._legs: list[Leg] = []
+        self._scan_slots: set[int] | None = None   # the slots the scan in progress covers
+        self._migrations_seen: set[tuple[int, str]] = set()
+        self._resync_pending: set[int] | None = set()
+        self._node_watch: dict[str, SourceWatch] = {}
+        self._facts_refused = False
+        self._no_replica_warned: set[str] = set()
+        self.topology_changes = 0
+
+    # -- the cluster as it is now ------------------------------------------------------------------
+    def _topology(self) -> dict[int, str]:
+        return {s: n for s, n in cluster.topology(self.cl).items() if s in self.slots}
+
+    def _primaries(self) -> list[str]:
+        """Primaries serving slots of this capture, by name."""
+        return sorted(set(self._topo.values()))
+
+    def _owned(self, topo: dict[int, str] | None = None) -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for s, n in (self._topo if topo is None else topo).items():
+            out.setdefault(n, set()).add(s)
+        return out
+
+    def _slots_of(self, name: str) -> set[int]:
+        return self._owned().get(name, set())
+
+    def _client(self, name: str) -> redis.Redis:
+        node = self.cl.get_node(node_name=name)
+        if node is None:
+            raise redis.ConnectionError(f"node {name} is no longer part of the cluster")
+        return cluster.node_client(self.cl, node)
+
+    def _serving(self) -> set[str]:
+        """Every node that holds slots of this capture: primaries and their replicas."""
+        names = set()
+        for s in self.slots:
+            for n in self.cl.nodes_manager.slots_cache.get(s, ()):
+                names.add(n.name)
+        return names
+
+    def _node_run_id(self, name: str) -> str:
+        return str(self._client(name).info("server").get("run_id", ""))
+
+    def _dbsize(self) -> int:
+        return self._read(lambda: sum(self._client(n).dbsize() for n in self._primaries()),
+                          "DBSIZE of every primary")
+
+    def _run_id(self) -> str:
+        return ""                            # per leg (Leg.run_id)
+
+    def _restart_scan_if_source_restarted(self) -> bool:
+        return False                         # per leg, when it ends
+
+    # -- legs --------------------------------------------------------------------------------------
+    def _scan_node(self, primary: str) -> str:
+        if self.read_from != "replica":
+            return primary
+        node = self.cl.get_node(node_name=primary)
+        replica = cluster.replica_of(self.cl, node) if node is not None else None
+        if replica is None:
+            if primary not in self._no_replica_warned:
+                self._no_replica_warned.add(primary)
+                echo(f"capture: warning: --read-from replica: the shard of primary {primary} has "
+                     "no replica; reading it from the primary")
+            return primary
+        return replica.name
+
+    def _leg(self, primary: str, slots: set[int] | None) -> Leg:
+        node = self._scan_node(primary)
+        run_id = self._read(lambda: self._node_run_id(node), f"INFO server of {node}")
+        return Leg(primary, node, cluster.slot_ranges(slots) if slots is not None else None,
+                   0, run_id)
+
+    def _legs_for(self, slots: set[int] | None) -> list[Leg]:
+        """Legs covering ``slots`` (None: every slot of the capture, one whole-node leg each)."""
+        owned = self._owned()
+        if slots is None:
+            return [self._leg(p, None) for p in sorted(owned)]
+        return [self._leg(p, mine & slots) for p, mine in sorted(owned.items()) if mine & slots]
+
+    def _new_scan(self, slots: set[int] | None = None) -> None:
+        self._migrations_seen: set[tuple[int, str]] = set()
+        self._scan_slots = set(slots) if slots is not None else None
+        self._legs = self._legs_for(slots)
+        self._cursor = 0
+
+    def _scan_step(self) -> None:
+        """Scanned keys are read where they were scanned (a replica with --read-from replica);
+        changed keys are read from primaries (a replica may not have applied the change yet)."""
+        self.reader.source.replica = self.read_from == "replica"
+        try:
+            super()._scan_step()
+        finally:
+            self.reader.source.replica = False
+
+    def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
+        while self._legs:
+            leg = self._legs[0]
+            try:
+                if self.mode != "snapshot" and leg.node != leg.primary:
+                    self._barrier(leg)
+                nxt, keys = self._client(leg.node).scan(leg.cursor, count=self.scan_count,
+                                                        **self.filter.scan_args())
+            except (redis.ConnectionError, redis.TimeoutError):
+                if not self._check_topology() and self._legs and self._legs[0] is leg:
+                    raise                    # the node is still in the cluster: wait for it
+                continue
+            nxt = int(nxt)
+            keys = self.filter.select(keys)
+            if leg.slot_set is not None:
+                keys = [k for k in keys if self.cl.keyslot(k) in leg.slot_set]
+            else:
+                keys = [k for k in keys if self.cl.keyslot(k) in self.slots]
+            if nxt:
+                leg.cursor = nxt
+            else:
+                self._leg_done(leg)
+            # One SCAN call per step, keys or not: changed keys are read between steps.
+            return (1 if self._legs else 0), keys
+        return 0, []
+
+    def _leg_done(self, leg: Leg) -> None:
+        """A leg's SCAN ended: over, unless its node restarted meanwhile (then again)."""
+        now = self._read(lambda: self._node_run_id(leg.node), f"INFO server of {leg.node}")
+        if now != leg.run_id:
+            log.warning("source node %s restarted during the scan (run_id %s -> %s): scanning its "
+                        "keys again", leg.node, leg.run_id[:12], now[:12])
+            self.stats.rescans += 1
+            leg.cursor, leg.run_id = 0, now
+            return
+        self._legs.remove(leg)
+        self._check_topology()
+        if not self._legs:
+            self._legs += self._migration_legs()
+
+    def _migration_legs(self) -> list[Leg]:
+        """The scan is ending while slots are migrating: a key moved to the importing node after
+        that node was scanned was seen by neither, so those slots are scanned there once more
+        (once per slot and node in a scan)."""
+        wanted: dict[str, set[int]] = {}
+        for name in self._primaries():
+            try:
+                nodes = self._client(name).execute_command("CLUSTER NODES")
+            except redis.RedisError:
+                continue                     # a failing node: the topology watch follows it
+            by_id = {d["node_id"]: addr for addr, d in nodes.items()}
+            me = next((d for d in nodes.values() if "myself" in d["flags"]), None)
+            for m in (me or {}).get("migrations", []):
+                slot, dst = int(m["slot"]), by_id.get(m["node_id"])
+                if m["state"] == "migrating" and dst and slot in self.slots \
+                        and (slot, dst) not in self._migrations_seen:
+                    self._migrations_seen.add((slot, dst))
+                    wanted.setdefault(dst, set()).add(slot)
+        for dst, slots in wanted.items():
+            log.warning("slots %s are migrating to %s: scanning them there too", ranges_text(slots),
+                        dst)
+        return [self._leg(dst, slots) for dst, slots in sorted(wanted.items())]
+
+    def _barrier(self, leg: Leg) -> None:
+        """Live modes reading a replica: a change already read from the primary (after its
+        notification) must not be overwritten by the replica's older value. Wait until the
+        replica has applied everything the primary had done when this scan batch starts."""
+        target = int(self._client(leg.primary).info("replication").get("master_repl_offset", 0))
+        deadline = time.monotonic() + BARRIER_TIMEOUT_S
+        while True:
+            info = self._client(leg.node).info("replication")
+            if int(info.get("slave_repl_offset", info.get("master_repl_offset", 0))) >= target:
+                return
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError(f"replica {leg.node} is more than {BARRIER_TIMEOUT_S:.0f}s "
+                                         f"behind its primary {leg.primary}")
+            time.sleep(0.01)
+
+    # -- topology ----------------------------------------------------------------------------------
+    def _check_topology(self) -> bool:
+        """Read the slot table again; slots that changed owner are reported (a gap in live modes)
+        and scanned again on their new owner. True when something changed."""
+        cluster._refresh(self.cl)
+        new = self._topology()
+        moves: dict[tuple[str | None, str], set[int]] = {}
+        for s, owner in new.items():
+            old = self._topo.get(s)
+            if owner != old:
+                moves.setdefault((old, owner), set()).add(s)
+        owned_before = self._owned()
+        if not moves:
+            again = self._drop_dead_legs(owned_before)
+            self._legs += self._legs_for(again) if again else []
+            return bool(again)
+        self._topo = {**self._topo, **new}   # an uncovered slot keeps its last owner for now
+        self.topology_changes += 1
+        moved = set().union(*moves.values())
+        lines = describe(moves, set(new.values()), owned_before)
+        for line in lines:
+            log.warning("%s", line)
+        again = self._drop_dead_legs(owned_before)
+        if self._cursor is not None:
+            self._legs += self._legs_for(moved | again)   # this scan covers them where they are
+            if self._scan_slots is not None:
+                self._scan_slots |= moved | again
+        if self.mode != "snapshot" and self._notes is not None:
+            self._resubscribe()
+            for line in lines:
+                self._gap(line, moved)
+        else:
+            self.stats.gaps.extend(lines)
+        return True
+
+    def _drop_dead_legs(self, owned: dict[str, set[int]]) -> set[int]:
+        """Legs scanning a node that no longer serves the capture's slots are dropped; returns
+        their slots (``owned``: what each primary served when the leg began), to scan on their
+        owners now."""
+        serving = self._serving()
+        again: set[int] = set()
+        for leg in [leg for leg in self._legs if leg.node not in serving]:
+            self._legs.remove(leg)
+            slots = set(leg.slot_set) if leg.slot_set is not None else owned.get(leg.primary, set())
+            log.warning("source node %s no longer serves slots %s: scanning them on their current "
+                        "owner", leg.node, ranges_text(slots) if slots else "-")
+            again |= slots
+        return again
+
+    def _resubscribe(self) -> None:
+        wanted = self._primaries()
+        for name in wanted:
+            if name not in self._notes.members:
+                self._check_notifications(name)
+        added, removed = self._notes.update(wanted)
+        if added or removed:
+            log.warning("keyspace notifications: subscribed to %s%s", ", ".join(added) or "-",
+                        f"; dropped {', '.join(removed)}" if removed else "")
+
+    def _check_notifications(self, name: str) -> None:
+        warning = self._read(lambda: check_notifications(self._client(name),
+                                                         enable=self.enable_notifications,
+                                                         where=f"source node {name}"),
+                             f"CONFIG GET notify-keyspace-events on {name}")
+        if warning:
+            log.warning("%s", warning)
+
+    # -- live modes --------------------------------------------------------------------------------
+    def _subscriber(self, name: str) -> redis.Redis:
+        """A client of its own for a node's subscription: the cluster client's node pools are
+        renewed by topology refreshes, which would drop (and silently redo) the subscription."""
+        pool = self._client(name).connection_pool
+        kw = dict(pool.connection_kwargs)
+        kw.pop("redis_connect_func", None)
+        return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kw))
+
+    def _subscribe(self) -> NotificationsGroup:
+        group = NotificationsGroup(connect=self._subscriber, db=self.info.db, dirty=self.dirty,
+                                   key_filter=self.filter,
+                                   on_gap=lambda name, why: self._gap(why, self._slots_of(name)))
+        self._notes = group
+        try:
+            group.update(self._primaries())
+        except BaseException:
+            group.stop()
+            raise
+        return group
+
+    def _gap(self, why: str, slots: set[int] | None = None) -> None:
+        with self._gap_lock:
+            if slots is None or self._resync_pending is None:
+                self._resync_pending = None
+            else:
+                self._resync_pending |= slots
+        super()._gap(why)
+
+    def _resync_slots(self) -> set[int] | None:
+        with self._gap_lock:
+            pending, self._resync_pending = self._resync_pending, set()
+        return pending or None
+
+    def _reread_unseen(self) -> None:
+        """A resync of some slots did not see the known keys of the others: not deleted."""
+        known, seen = self.reader.known, self.reader.seen
+        if self._scan_slots is not None and known is not None and seen is not None:
+            seen.update(k for k in known if self.cl.keyslot(k) not in self._scan_slots)
+        super()._reread_unseen()
+
+    def _start_watch(self) -> None:
+        self._watch = None
+        self._node_watch = {}
+        self._watch_nodes()
+
+    def _watch_source(self) -> None:
+        self._next_watch = time.monotonic() + WATCH_INTERVAL_S
+        self._check_topology()
+        self._watch_nodes()
+
+    def _watch_nodes(self) -> None:
+        """Per primary: a restart or FLUSHALL/FLUSHDB since the last look is a gap of its slots."""
+        if self._facts_refused:
+            return
+        for name in self._primaries():
+            try:
+                facts = read_facts(self._client(name), self.info.version)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue                     # a failing node: the topology watch follows it
+            except redis.ResponseError as e:
+                self._facts_refused = True
+                log.warning("INFO refused on source node %s (%s): restarts and FLUSHALL/FLUSHDB "
+                            "of a primary cannot be detected in this run", name, e)
+                return
+            w = self._node_watch.get(name)
+            if w is None:
+                self._node_watch[name] = SourceWatch(facts)
+                continue
+            restarted = facts.run_id != w.last.run_id
+            for why in w.changes(facts):
+                self._gap(f"node {name}: {why}", self._slots_of(name))
+            if restarted:
+                self._check_notifications(name)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _scan_doc(self) -> dict:
+        return {"legs": [leg.doc() for leg in self._legs],
+                "topology": {n: cluster.slot_ranges(s) for n, s in self._owned().items()},
+                "read_from": self.read_from}
+
+    def _resume_scan(self, cp: dict) -> None:
+        """Each leg whose node is still there, unrestarted, resumes at its cursor; slots whose
+        owner changed while no capture ran, and those of legs that cannot resume, are scanned on
+        their current owner."""
+        if "legs" not in cp:
+            self._new_scan()
+            return
+        owned = {n: {s for lo, hi in rs for s in range(lo, hi + 1)}
+                 for n, rs in cp.get("topology", {}).items()}
+        before = {s: n for n, ss in owned.items() for s in ss}
+        cluster._refresh(self.cl)
+        self._topo = self._topology()
+        moved = {s for s, n in self._topo.items() if before.get(s) != n}
+        serving = self._serving()
+        self._legs, stale = [], set(moved)
+        for d in cp["legs"]:
+            leg = Leg(**d)
+            if leg.node in serving and self._safe_run_id(leg.node) == leg.run_id:
+                self._legs.append(leg)
+            else:
+                stale |= set(leg.slot_set) if leg.slot_set is not None else owned.get(leg.primary, set())
+        if stale:
+            log.warning("the topology changed or nodes restarted since the checkpoint: scanning "
+                        "slots %s again", ranges_text(stale))
+            self._legs += self._legs_for(stale)
+        self._cursor = 0
+        log.info("resuming %d scan legs (%s)", len(self._legs),
+                 ", ".join(f"{leg.node}@{leg.cursor}" for leg in self._legs))
+
+    def _safe_run_id(self, name: str) -> str | None:
+        try:
+            return self._node_run_id(name)
+        except redis.RedisError:
+            return None
+
+
+def checkpoint_nodes(nodes: list[str]) -> str:
+    return ",".join(sorted(nodes))
+
+
+__all__ = ["ClusterCapture", "Leg", "SourceError", "checkpoint_nodes"]
+
+
+def prepare(client: RedisCluster, key_filter, nodes: list[str], mode: str, enable: bool):
+    """The key filter of a cluster capture (``--node``: the slots those primaries serve now, unless
+    --key-slots gives them) and, in live modes, notifications checked on every primary involved
+    (a primary lacking them is one line naming it)."""
+    from dataclasses import replace
+
+    from capture.cluster_source import node_slots
+    from conveyor.errors import ConfigError
+
+    if nodes and key_filter.slots:
+        raise ConfigError("--node and --key-slots: give one (--node captures the slots its "
+                          "primaries serve, --key-slots names slots)")
+    if nodes:
+        key_filter = replace(key_filter, slots=node_slots(client, nodes))
+    if mode != "snapshot":
+        ranges = key_filter.slots or [(0, cluster.SLOTS - 1)]
+        want = {s for lo, hi in ranges for s in range(lo, hi + 1)}
+        for name in sorted({n for s, n in cluster.topology(client).items() if s in want}):
+            node = client.get_node(node_name=name)
+            warning = check_notifications(cluster.node_client(client, node), enable=enable,
+                                          where=f"source node {name}")
+            if warning:
+                echo(f"capture: warning: {warning}")
+    return key_filter
+
+
+def cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, opts, display):
+    """``conveyor capture`` of a cluster source: (ClusterCapture, resources to close), or None for
+    a standalone source (where --node and --read-from replica are refused)."""
+    from capture.process import checkpoint_name
+    from conveyor.errors import ConfigError
+    from conveyor.events import Codec
+    from conveyor.log import open_meta, open_writer
+    from conveyor.runner import open_waiting, refuse_log_on
+
+    if not cluster.is_cluster(client):
+        if opts.read_from != "primary" or opts.nodes:
+            raise ConfigError(f"{'--node' if opts.nodes else '--read-from replica'} needs a Redis "
+                              f"Cluster source; {src.masked} is a standalone server (give a "
+                              "replica's URI to read from it)")
+        return None
+    refuse_log_on(client, src, log_uri, log_opts)
+    captured = prepare(client, key_filter, list(opts.nodes), opts.mode, opts.enable_notifications)
+    writer = open_waiting(lambda: open_writer(log_uri, log_opts), "opening it")
+    meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
+    # One checkpoint per --node set: scale-out runs one capture per primary, each resuming its own.
+    name = checkpoint_name(src.uri, info.db, key_filter, nodes=opts.nodes)
+    proc = ClusterCapture(
+        source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+        key_filter=captured, checkpoint=name, read_from=opts.read_from, mode=opts.mode,
+        scan_count=opts.scan_count, fresh=opts.fresh, idle_timeout=opts.idle_timeout,
+        dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
+        big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
+        mem_limit_skip=opts.mem_limit_skip, enable_notifications=opts.enable_notifications,
+        on_progress=lambda st: _show(display, st))
+    return proc, (writer, meta)
+
+
+def _show(display, st) -> None:
+    """Progress as commands.py shows a standalone capture's (main's _show_capture)."""
+    if st.mode == "snapshot" or st.scanning:
+        display.update("Scanning", st.events, st.total_hint, st.rate)
+    if st.mode != "snapshot":
+        display.update("Live", st.events, None, st.rate, unit="events",
+                       note=st.waiting[:60] or f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
+                       f"resyncs {st.resyncs_done}/{st.resyncs}")
