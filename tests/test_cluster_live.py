@@ -80,8 +80,9 @@ def test_live_cluster_to_cluster_follows_failovers_reshards_and_a_new_node(tmp_p
                          "--state-dir", str(tmp_path), "--recheck-delay", "2",
                          "--enable-notifications")      # also on the node added mid-run
         try:
-            target = dst.client()
-            wait_until(lambda: target.dbsize() >= 4000, 120, "the snapshot to reach the target")
+            wait_until(lambda: dst.dbsize() >= 4000 or proc.poll() is not None, 120,
+                       "the snapshot to reach the target")
+            assert proc.poll() is None, proc.communicate()
             load = ClusterWrites(src.client()).start()
             time.sleep(1)
             src.failover(src.primaries()[0])                       # a source primary
