@@ -346,3 +346,41 @@ def test_several_dbs_into_a_cluster_need_target_db_0(redis_factory, cluster_fact
     assert "Redis Cluster" in line and "--target-db 0" in line and "database 3" in line, line
     assert not any(tmp_path.iterdir())             # refused before a log was made
     assert cluster.dbsize() == 0
+
+
+def test_apply_into_a_cluster_stops_at_another_db_without_target_db(redis_factory,
+                                                                     cluster_factory, tmp_path):
+    source, cluster = redis_factory(), cluster_factory(3)
+    fill(source, dbs=(0, 3), n=20)
+    log = f"file:{tmp_path / 'log'}"
+    assert cli.run("capture", source.url, "--db", "0,3", "--log", log).returncode == 0
+    app = cli.run("apply", cluster.url, "--log", log, "--idle-timeout", "1")
+    line = cli.assert_one_line_error(app, 2)
+    assert "Redis Cluster" in line and "--target-db 0" in line and "database 3" in line, line
+    lag = int(re.search(r"total lag (\d+)", cli.run("status", "--log", log).stdout).group(1))
+    assert lag >= source.client(3).dbsize()       # nothing of db 3 was committed
+
+
+def test_several_dbs_into_a_cluster_with_target_db_0(redis_factory, cluster_factory, tmp_path):
+    source, cluster = redis_factory(), cluster_factory(3)
+    fill(source)
+    for db in DBS:                                 # distinct names only: no collision
+        for k in list(source.client(db).scan_iter(match="shared:*")):
+            source.client(db).delete(k)
+    p = cli.run("replicate", source.url, cluster.url, "--db", "0,3,7", "--target-db", "0",
+                "--state-dir", str(tmp_path), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "key collision" not in p.stdout
+    c = cluster.client()
+    for db in DBS:
+        others = frozenset(k for k in c.scan_iter() if not k.startswith(f"k{db}:".encode()))
+        assert not differences(source.client(db), c, ignore=others), db
+    assert cluster.dbsize() == sum(source.client(db).dbsize() for db in DBS)
+
+
+def test_collisions_into_a_cluster_are_reported(redis_factory, cluster_factory, tmp_path):
+    source, cluster = redis_factory(), cluster_factory(3)
+    fill(source, dbs=(0, 3), n=20)
+    p = cli.run("replicate", source.url, cluster.url, "--db", "0,3", "--target-db", "0",
+                "--state-dir", str(tmp_path), "--no-progress")
+    assert p.returncode == 1 and "apply: 10 key collisions" in p.stdout, p.stdout + p.stderr
