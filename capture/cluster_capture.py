@@ -29,7 +29,6 @@ from capture.notifications import check_notifications
 from capture.process import WATCH_INTERVAL_S, Capture
 from capture.watch import SourceWatch, read_facts
 from conveyor import cluster
-from conveyor.errors import SourceError
 from conveyor.progress import echo
 
 log = logging.getLogger("conveyor.capture")
@@ -446,12 +445,6 @@ class ClusterCapture(Capture):
         except redis.RedisError:
             return None
 
-
-def checkpoint_nodes(nodes: list[str]) -> str:
-    return ",".join(sorted(nodes))
-
-
-__all__ = ["ClusterCapture", "Leg", "SourceError", "checkpoint_nodes"]
 
 
 def prepare(client: RedisCluster, key_filter, nodes: list[str], mode: str, enable: bool):
