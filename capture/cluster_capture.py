@@ -506,10 +506,6 @@ def cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, op
 
 
 def _show(display, st) -> None:
-    """Progress as commands.py shows a standalone capture's (main's _show_capture)."""
-    if st.mode == "snapshot" or st.scanning:
-        display.update("Scanning", st.events, st.total_hint, st.rate)
-    if st.mode != "snapshot":
-        display.update("Live", st.events, None, st.rate, unit="events",
-                       note=st.waiting[:60] or f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
-                       f"resyncs {st.resyncs_done}/{st.resyncs}")
+    from conveyor.commands import _show_capture       # progress as a standalone capture's
+
+    _show_capture(display, st, st.scanning)
