@@ -282,6 +282,9 @@ class StreamLogReader(StreamLog, LogReader):
         except LogUnavailable:
             pass        # the leases lapse on their own; poll() says what happened once it is back
 
+    def held(self) -> list[str]:
+        return sorted(self._leases.current())
+
     def owned(self, records: list[Record]) -> list[Record]:
         mine = self._leases.current()
         return [r for r in records if r.partition in mine]
