@@ -1,8 +1,10 @@
 """Redis Streams log on a *buffer* Redis (neither the source nor the target).
 
 Options (``--log-opt`` or URI query): ``stream`` name prefix (default ``conveyor``), ``partitions``
-(default 1: records are spread over streams ``{stream}:0..N-1`` by a hash of their key, so each
-key's events stay in order in one stream), ``consumer`` (this apply process's member name; default
+(default 6, see stream_base.DEFAULT_PARTITIONS: records are spread over streams
+``{stream}:0..N-1`` by a hash of their key, so each key's events stay in order in one stream; the
+count is stored in ``{stream}:partitions`` when the log is created and cannot change later),
+``consumer`` (this apply process's member name; default
 unique per process: host-pid-random), ``lease_ms`` (default 10000: how long a partition stream
 stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``retention``, the
 default: drop entries older than ``retention`` (default ``7d``; units s, m, h, d) that no group
@@ -300,8 +302,10 @@ class StreamLogReader(StreamLog, LogReader):
                 return []
             out = self._read_pending(max_records)
             if not out:
+                # COUNT is per stream: a share each keeps the whole reply within max_records.
                 out = self._records(self.r.execute_command(
-                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
+                    "XREADGROUP", "GROUP", self.group, self.consumer,
+                    "COUNT", max(1, max_records // len(owned)),
                     "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned))))
                 if self._pending_from:
                     # Reconnected under this call: entries of a lost reply come before these,
