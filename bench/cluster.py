@@ -55,12 +55,10 @@ def standalone() -> Side:
 
 def cluster() -> Side:
     """A 3-primary Redis 7.0 cluster (tests/cluster.py); one share per primary."""
-    from redis.cluster import RedisCluster
-
     from tests.cluster import start_cluster
 
     c = start_cluster(3, 0, "redis7.0")
-    client = RedisCluster.from_url(c.url)
+    client = c.client()
     return Side(c.url, client, [_node_share(client, node) for node in client.get_primaries()],
                 c.cleanup)
 
