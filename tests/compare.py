@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 
 import redis
+from redis.cluster import RedisCluster
 
 TTL_TOLERANCE_MS = 3000
+Client = redis.Redis | RedisCluster
 
 
 def _value(r: redis.Redis, key: bytes, kind: bytes):
@@ -44,12 +46,22 @@ def _differs(a, b) -> bool:
     return (a[2] < 0) != (b[2] < 0) or abs(a[2] - b[2]) > TTL_TOLERANCE_MS
 
 
-def differences(source: redis.Redis, target: redis.Redis, recheck_s: float = 1.0,
+def _keys(r: Client) -> set[bytes]:
+    """Every key; on a cluster client, of every current primary (SCAN goes to the primaries the
+    client knows, so its slot table is refreshed first: a primary added since it was made would
+    be left out)."""
+    if isinstance(r, RedisCluster):
+        r.nodes_manager.initialize()
+    return set(r.scan_iter(count=1000))
+
+
+def differences(source: Client, target: Client, recheck_s: float = 1.0,
                 ignore: frozenset[bytes] = frozenset()) -> list[str]:
     """Every key of either side whose type, value or expiry differs (or that one side lacks);
     an empty list means the databases hold the same data. A key that differs is read again
-    after ``recheck_s`` (it may have been expiring while read)."""
-    keys = (set(source.scan_iter(count=1000)) | set(target.scan_iter(count=1000))) - ignore
+    after ``recheck_s`` (it may have been expiring while read). Either side may be a RedisCluster
+    client: keys are then read wherever their slot lives."""
+    keys = (_keys(source) | _keys(target)) - ignore
     suspects = [k for k in keys if _differs(_state(source, k), _state(target, k))]
     if suspects and recheck_s:
         time.sleep(recheck_s)
@@ -61,7 +73,7 @@ def differences(source: redis.Redis, target: redis.Redis, recheck_s: float = 1.0
     return out
 
 
-def wait_identical(source: redis.Redis, target: redis.Redis, timeout: float = 30.0,
+def wait_identical(source: Client, target: Client, timeout: float = 30.0,
                    ignore: frozenset[bytes] = frozenset()) -> list[str]:
     """Compare until identical or ``timeout``; the last differences (empty when identical)."""
     deadline = time.monotonic() + timeout

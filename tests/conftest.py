@@ -28,6 +28,24 @@ def redis_factory():
         s.cleanup()
 
 
+@pytest.fixture
+def cluster_factory():
+    """Start any number of real clusters: ``cluster_factory(3, replicas=1, kind="valkey8.1")``;
+    every server is stopped at the end, also when the test fails."""
+    from tests.cluster import start_cluster
+
+    started = []
+
+    def make(primaries: int = 3, replicas: int = 0, **kw):
+        c = start_cluster(primaries, replicas, **kw)
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:
+        c.cleanup()
+
+
 # -- logs: one fixture, one entry per backend; every log test runs against each ----------------------
 def _file_log(request, tmp_path):
     return f"file:{tmp_path / 'log'}"
