@@ -88,8 +88,13 @@ def run(name: str, src: Side, dst: Side, log: str, shares: list[list[str]], appl
                          "--batch", "5000")) for _ in range(applies)]
     time.sleep(1.0)              # the members join before records arrive: a fair share each
     caps = [Run(conveyor("capture", src.uri, "--log", log, *opts, *share)) for share in shares]
-    for r in caps + apps:
-        r.wait()
+    try:
+        for r in caps + apps:
+            r.wait()
+    finally:                     # one failed: the others must not outlive the run
+        for r in caps + apps:
+            if r.proc.poll() is None:
+                r.proc.kill()
     wall = max(r.wall for r in apps) - IDLE_S
     cpu = sum(r.cpu for r in caps + apps)
     print(f"{name}: {n / wall:>9,.0f} keys/s end to end, CPU {cpu / n * 1e6:6.1f} µs/key in all "

@@ -380,10 +380,11 @@ class StreamLogReader(StreamLog, LogReader):
         oldest: tuple[int, int] | None = None
         for g in groups:
             g = info_map(g)
-            if int(g["pending"]):
-                first = parse_id(self.r.xpending(stream, g["name"])["min"])
-            else:
-                first = parse_id(next_id(text(g["last-delivered-id"])))
+            # Another member may acknowledge the last pending entries between the two calls:
+            # no pending entry left then (min is None), and the group needs what follows.
+            pending = self.r.xpending(stream, g["name"])["min"] if int(g["pending"]) else None
+            first = parse_id(pending if pending is not None
+                             else next_id(text(g["last-delivered-id"])))
             oldest = first if oldest is None else min(oldest, first)
         return oldest
 
@@ -408,7 +409,8 @@ class StreamLogReader(StreamLog, LogReader):
                     continue
                 pending = int(g["pending"])
                 delivered = text(g["last-delivered-id"])
-                committed = text(self.r.xpending(s, self.group)["min"]) if pending else delivered
+                first = self.r.xpending(s, self.group)["min"] if pending else None
+                committed = text(first) if first is not None else delivered   # acked meanwhile
                 parts.append(PartitionStatus(s, committed, end,
                                              self._undelivered(s, info, g) + pending))
         return LogStatus(self.uri, self.group, parts)
