@@ -101,7 +101,7 @@ def run(name: str, src: Side, dst: Side, log: str, shares: list[list[str]], appl
           f"({len(caps)} captures, {len(apps)} applies)", flush=True)
     for i, r in enumerate(caps):
         keys = counted(r.out, r"capture: (\d+) keys")
-        print(f"  capture {i} {' '.join(shares[i])}: {keys:,} keys, {keys / r.wall:,.0f} keys/s, "
+        print(f"  capture {i} ({' '.join(shares[i]) or 'everything'}): {keys:,} keys, {keys / r.wall:,.0f} keys/s, "
               f"{r.cpu / max(keys, 1) * 1e6:.1f} µs/key CPU, {r.mib} MiB", flush=True)
     for i, r in enumerate(apps):
         recs = counted(r.out, r"apply: applied (\d+) records")
