@@ -405,7 +405,8 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
 @click.option("--gone-after", type=click.FloatRange(0), default=30.0, show_default=True,
               metavar="SECONDS",
               help="A capture or apply process whose status was not refreshed for this long "
-                   "(killed, host lost) is shown as gone.")
+                   "(killed, host lost) is shown as gone. Processes refresh it every second, live "
+                   "captures every 5 s: keep it above that.")
 @log_options
 def status(log_uri, group, as_json, gone_after, log_opts):
     """Every capture process of the log and every apply process of the group (state, keys,

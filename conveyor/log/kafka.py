@@ -862,7 +862,10 @@ class KafkaMetaStore(MetaStore):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         _, topic, self.props, _, create = parse(uri, opts)
         self.topic = f"{topic}.meta"
-        ensure_topic(self.props, self.topic, {"cleanup.policy": "compact"},
+        # Every process refreshes its document every few seconds and documents() reads the
+        # topic from its start: segments roll every 10 minutes so compaction (which leaves the
+        # active segment alone) keeps what is read to about one record per name.
+        ensure_topic(self.props, self.topic, {"cleanup.policy": "compact", "segment.ms": "600000"},
                      {**create, "partitions": 1})
         self.producer = _made(Producer, {**PRODUCER_DEFAULTS, **self.props, "linger.ms": 0})
         self._out = _OneRecord(self.producer, self.topic)
