@@ -29,6 +29,7 @@ from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnava
 from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
+from conveyor.members import member_name, process_facts, stale_snapshots, unfinished_snapshots
 
 if TYPE_CHECKING:
     from conveyor.databases import TargetDbs
@@ -129,6 +130,8 @@ class Applier:
         self._damaged_seen = 0
         self._last_status = self._last_watch = self._last_identity = 0.0
         self.state = "starting"
+        self._idle_note = ""                 # what an idle apply waits for before it may end
+        self._facts = process_facts()
 
     def stop(self) -> None:
         self._stop.set()
@@ -163,12 +166,12 @@ class Applier:
                 self._meet_previous_targets()
                 self._watch_targets()
                 if self._may_end(last_record):
-                    if (self._drained() and not self._watch_targets(force=True)
-                            and self._targets_checked()):
+                    if (self._captures_done() and self._drained()
+                            and not self._watch_targets(force=True) and self._targets_checked()):
                         self._sweep_temp_keys()
                         return
                     last_record = time.monotonic()
-                self._status("idle")
+                self._status(self._idle_note or "idle")
             except LogLost as e:
                 self._log_lost(e)
                 last_record = time.monotonic()
@@ -192,6 +195,29 @@ class Applier:
         """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size."""
         avg = sum(len(r.value) for r in records) / len(records)
         self._poll_n = max(1, min(self.batch, int(BATCH_BYTES / max(avg, 1.0))))
+
+    def _captures_done(self) -> bool:
+        """Several captures may feed the log: the run ends only once every snapshot capture that
+        is still alive has finished its scan (its checkpoint says done after its SNAPSHOT_END
+        was stored; the group's lag of 0, checked next, says it was applied). A capture gone for
+        good (no sign of life for members.GONE_AFTER_S) does not hold apply: it is reported."""
+        try:
+            docs = self._log_call(self.meta.documents)
+        except LogLost:
+            raise
+        except LogError as e:
+            log.warning("cannot read the captures' checkpoints (%s): not waiting for them", e)
+            return True
+        waiting = unfinished_snapshots(docs)
+        for c in stale_snapshots(docs):
+            log.warning("capture %s stopped in the middle of its snapshot (%s keys, no sign of "
+                        "life for %.0fs): the target lacks what it did not capture; run it again",
+                        c.name, c.doc.get("keys", 0), c.age or 0)
+        self._idle_note = (f"waiting for {len(waiting)} capture(s) to finish their snapshot "
+                           f"({', '.join(c.name for c in waiting)})" if waiting else "")
+        if waiting:
+            log.info("%s", self._idle_note)
+        return not waiting
 
     def _drained(self) -> bool:
         """Nothing left to read: the group's lag on the log is zero. (An empty poll alone is not
@@ -341,6 +367,8 @@ class Applier:
                 self.reader.keepalive()
             except LogError as e:
                 log.debug("keepalive failed: %s", e)
+            if self.target_down:             # status shows this member alive, waiting
+                self._status(self.state)
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
@@ -487,13 +515,16 @@ class Applier:
             return
         self._last_status = now
         st = self.stats
+        doc = {"state": state, "last_write_ms": st.last_write_ms, "records": st.records,
+               "dead_letters": st.dead_letters, "retries": st.retries,
+               "log_waits": st.log_waits, "replays": len(st.replays),
+               "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run,
+               "collisions": self.collisions}
         try:
-            self.meta.put(status_name(self.group), {
-                "state": state, "last_write_ms": st.last_write_ms, "records": st.records,
-                "dead_letters": st.dead_letters, "retries": st.retries,
-                "log_waits": st.log_waits, "replays": len(st.replays),
-                "log_lost": len(st.log_lost), "updated_ms": now_millis(), "dry_run": self.dry_run,
-                "collisions": self.collisions,
-                "targets": self.guard.doc()})
+            self.meta.put(status_name(self.group), {**doc, "targets": self.guard.doc()})
+            # This member's own document: several apply processes share the group's.
+            self.meta.put(member_name(self.group, self.reader.consumer), {
+                **doc, **self._facts, "group": self.group, "member": self.reader.consumer,
+                "partitions": self.reader.held(), "last_read_ms": st.last_read_ms})
         except Exception as e:  # status is informative; never let it stop apply
             log.warning("could not record apply status: %s", e)

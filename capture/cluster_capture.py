@@ -480,6 +480,7 @@ def cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, op
     from conveyor.errors import ConfigError
     from conveyor.events import Codec
     from conveyor.log import open_meta, open_writer
+    from conveyor.commands import _announce
     from conveyor.runner import open_waiting, refuse_log_on
 
     if not cluster.is_cluster(client):
@@ -501,6 +502,7 @@ def cluster_capture_process(client, info, src, log_uri, log_opts, key_filter, op
         dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
         big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
         mem_limit_skip=opts.mem_limit_skip, enable_notifications=opts.enable_notifications,
+        announce={**_announce(src, info.db, captured), "node": ",".join(opts.nodes)},
         on_progress=lambda st: _show(display, st))
     return proc, (writer, meta)
 

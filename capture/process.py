@@ -34,6 +34,7 @@ from conveyor.errors import LOG_LOST, LogError, LogLost, SourceError
 from conveyor.events import Codec, Kind, now_millis
 from conveyor.keys import KeyFilter
 from conveyor.log import LogWriter, MetaStore
+from conveyor.members import HEARTBEAT_S
 from conveyor.progress import echo
 
 log = logging.getLogger("conveyor.capture")
@@ -102,8 +103,10 @@ class Capture:
                  dirty_limit: int | None = None, max_tracked_keys: int = MAX_TRACKED_KEYS,
                  value_type: str = "dump", big_key_bytes: int | None = BIG_KEY_BYTES,
                  mem_limit: int | None = None, mem_limit_skip: bool = False,
-                 enable_notifications: bool = False,
+                 enable_notifications: bool = False, announce: dict | None = None,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
+        """``announce``: what this process covers and where it runs (conveyor.members), added
+        to every checkpoint it saves so that ``status`` can list the captures of a log."""
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz
         self.sup = Supervisor(self._stop, on_wait=self._waiting, user=user_of(source))
@@ -134,6 +137,9 @@ class Capture:
         self._next_watch = self._next_identity = 0.0
         self._pending = False                # live: events appended and not flushed yet
         self._last_activity = self._last_flush = time.monotonic()
+        self.announce = announce or {}
+        self._last_event_ms = 0              # when the last event was appended (status)
+        self._events_seen = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -346,6 +352,8 @@ class Capture:
         if now >= self._next_identity:
             self._next_identity = now + IDENTITY_INTERVAL_S
             self.writer.check_identity()
+        if self._doc and now_millis() - self._doc["saved_ms"] >= HEARTBEAT_S * 1000:
+            self._save(self._doc["phase"])   # a sign of life for status (members.GONE_AFTER_S)
 
     def _watch_source(self) -> None:
         """A restart, FLUSHDB, FLUSHALL or SWAPDB since the last look is a gap."""
@@ -514,6 +522,8 @@ class Capture:
     def _sync_counts(self) -> None:
         self._track_limit()
         self.stats.keys, self.stats.deletes = self.reader.counts.upserts, self.reader.counts.deletes
+        if self.stats.events != self._events_seen:
+            self._events_seen, self._last_event_ms = self.stats.events, now_millis()
         self.stats.reads = self.reader.counts
         self.stats.dirty_waiting = len(self.dirty)
         self.stats.notifications = self.dirty.marked
@@ -527,7 +537,7 @@ class Capture:
         doc = {"state": phase, "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
                "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
                "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis(),
-               **self._scan_doc()}
+               "last_event_ms": self._last_event_ms, **self.announce, **self._scan_doc()}
         self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
         self._doc = doc
 

@@ -470,11 +470,17 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
 @click.option("--log", "log_uri", required=True, metavar="URI")
 @click.option("--group", default="apply", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--gone-after", type=click.FloatRange(0), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="A capture or apply process whose status was not refreshed for this long "
+                   "(killed, host lost) is shown as gone. Processes refresh it every second, live "
+                   "captures every 5 s: keep it above that.")
 @log_options
-def status(log_uri, group, as_json, log_opts):
-    """Per partition: committed position, end of the log, lag; and what apply last did."""
+def status(log_uri, group, as_json, gone_after, log_opts):
+    """Every capture process of the log and every apply process of the group (state, keys,
+    lag, last seen); per partition: committed position, end of the log, lag."""
     from conveyor import commands
-    commands.status(log_uri, _log_opts(log_opts), group, as_json)
+    commands.status(log_uri, _log_opts(log_opts), group, as_json, gone_after)
 
 
 @cli.command()

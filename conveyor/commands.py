@@ -133,7 +133,18 @@ def _make_capture(src: Endpoint, client, info, writer, meta, key_filter, opts: C
                    dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
                    big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
                    mem_limit_skip=opts.mem_limit_skip,
-                   enable_notifications=opts.enable_notifications, on_progress=progress)
+                   enable_notifications=opts.enable_notifications,
+                   announce=_announce(src, info.db, key_filter), on_progress=progress)
+
+
+def _announce(src: Endpoint, db: int, key_filter: KeyFilter) -> dict:
+    """What a capture process covers, for ``status`` (no credentials: host and port only)."""
+    from conveyor.members import process_facts
+
+    slots = ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in key_filter.slots)
+    host_port = src.uri.split("://", 1)[-1].rpartition("@")[2].split("/")[0].split("?")[0]
+    return {"source": host_port, "db": db, "slots": slots or "all",
+            **process_facts()}
 
 
 def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout, batch, dry_run,
@@ -532,8 +543,9 @@ def _refuse_same(src: Endpoint, dst: Endpoint, db: int, target_db: int) -> None:
         target.close()
 
 
-def status(log_uri, log_opts, group, as_json: bool) -> None:
+def status(log_uri, log_opts, group, as_json: bool, gone_after: float | None = None) -> None:
     from apply.applier import status_name
+    from conveyor import members as m
 
     if not log_exists(log_uri, log_opts):      # status is read-only: it must not create the log
         raise LogError(f"no log at {mask_uri(log_uri)}: nothing has captured to it or applied "
@@ -545,24 +557,33 @@ def status(log_uri, log_opts, group, as_json: bool) -> None:
         docs = meta.documents()
     finally:
         _close(reader, meta)
+    now = m.now_ms()
     applied = docs.get(status_name(group)) or {}
-    captures = {name: doc for name, doc in docs.items() if name.startswith("capture-")}
+    gone_after = m.GONE_AFTER_S if gone_after is None else gone_after
+    captures = m.captures(docs, now, gone_after)
+    members, forgotten = m.members(docs, group, now, gone_after)
     if as_json:
-        echo(json.dumps({"log": st.uri, "group": group, "lag": st.lag, "apply": applied,
-                         "captures": captures,
+        echo(json.dumps({"log": st.uri, "group": group, "lag": st.lag,
+                         "partition_count": len(st.partitions), "apply": applied,
+                         "captures": {c.name: {**c.doc, "gone": c.gone, "seen_s_ago": c.age}
+                                      for c in captures},
+                         "members": [_member_json(x, st.partitions, now) for x in members],
+                         "members_not_listed": forgotten,
                          "partitions": [{"partition": p.partition, "committed": p.committed,
                                          "end": p.end, "lag": p.lag} for p in st.partitions]},
                         default=str))
         return
-    for name, doc in sorted(captures.items()):
-        saved = doc.get("saved_ms") or 0
-        age = f" ({time.time() - saved / 1000:.0f}s ago)" if saved else ""
-        echo(f"capture {name}: {doc.get('state')} ({doc.get('mode')}); {doc.get('keys', 0)} keys, "
-             f"{doc.get('deletes', 0)} deletes; saved{age}")
-    echo(f"log {st.uri}  group {group!r}  total lag {st.lag}")
+    for c in captures:
+        echo(_capture_line(c, now))
+    n = len(st.partitions)
+    echo(f"log {st.uri} ({n} partition{'s' if n != 1 else ''})  group {group!r}  total lag {st.lag}")
     echo(f"{'partition':<24} {'committed':>22} {'end':>22} {'lag':>10}")
     for p in st.partitions:
         echo(f"{p.partition:<24} {str(p.committed):>22} {str(p.end):>22} {p.lag:>10}")
+    for x in members:
+        echo(_member_line(x, st.partitions, now))
+    if forgotten:
+        echo(f"  ({forgotten} members that stopped or vanished over a day ago not listed)")
     if applied:
         last = applied.get("last_write_ms") or 0
         when = (datetime.fromtimestamp(last / 1000, timezone.utc).isoformat(timespec="seconds")
@@ -575,3 +596,36 @@ def status(log_uri, log_opts, group, as_json: bool) -> None:
                 if applied.get("collisions") else ""))
     else:
         echo("apply: no status recorded for this group yet")
+
+
+def _capture_line(c, now: int) -> str:
+    from conveyor.members import ago, age_s
+
+    d = c.doc
+    where = (f"{d.get('source', '?')} db {d.get('db', '?')} slots {d.get('slots', '?')}"
+             + (f" node {d['node']}" if d.get("node") else "")
+             + (f", pid {d['pid']} on {d['host']}" if d.get("pid") else ""))
+    change = age_s(d, "last_event_ms", now)
+    return (f"capture {c.name}: {c.shown_state} ({d.get('mode')}); {d.get('keys', 0)} keys, "
+            f"{d.get('deletes', 0)} deletes; last change {ago(change)}"
+            f"{' ago' if change is not None else ''}; saved {ago(c.age)} ago; {where}")
+
+
+def _member_json(x, partitions, now: int) -> dict:
+    from conveyor.members import lag_seconds, member_lag
+
+    lag = member_lag(x.doc, partitions)
+    return {**x.doc, "gone": x.gone, "seen_s_ago": x.age, "lag": lag,
+            "lag_s": lag_seconds(x.doc, lag, now)}
+
+
+def _member_line(x, partitions, now: int) -> str:
+    from conveyor.members import ago
+
+    j = _member_json(x, partitions, now)
+    lag = "?" if j["lag"] is None else f"{j['lag']} records"
+    secs = "" if j["lag_s"] is None else f" / {j['lag_s']:.1f}s"
+    held = ",".join(j.get("partitions") or []) if j.get("partitions") is not None else "all"
+    return (f"apply member {j.get('member')} (pid {j.get('pid')} on {j.get('host')}): "
+            f"{x.shown_state}; {j.get('records', 0)} records applied; lag {lag}{secs}; "
+            f"partitions {held or 'none'}; seen {ago(x.age)} ago")

@@ -54,12 +54,17 @@ def _file_log(request, tmp_path):
 def _redis_log(request, tmp_path):
     buffer = start_server("redis7.0")
     request.addfinalizer(buffer.cleanup)
+    # A log of one stream, as if created with partitions=1 (the count a log keeps): these tests
+    # read records back in append order across keys (the default of 6: tests/test_scale_out.py).
+    buffer.client().set("conveyor:partitions", 1)
     return f"{buffer.url}/0"
 
 
 def _kafka_log(request, tmp_path):
     from tests.kafka_broker import kafka_log_uri
-    return kafka_log_uri(request.getfixturevalue("kafka_broker"))
+    # One partition: these tests read records back in append order across keys, which only one
+    # partition keeps (the default of 6 and several members: tests/test_scale_out.py).
+    return kafka_log_uri(request.getfixturevalue("kafka_broker")) + "?partitions=1"
 
 
 LOG_BACKENDS = {"file": _file_log, "redis": _redis_log, "kafka": _kafka_log}

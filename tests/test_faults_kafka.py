@@ -198,8 +198,9 @@ def test_static_membership_only_with_a_named_consumer(kafka_broker):
 
 def test_keepalive_keeps_the_member_past_max_poll_interval(kafka_broker):
     uri = kafka_log_uri(kafka_broker)
-    write(uri, ITEMS[:300])
-    short = {"max.poll.interval.ms": "6000", "session.timeout.ms": "6000"}
+    short = {"max.poll.interval.ms": "6000", "session.timeout.ms": "6000",
+             "partitions": "1"}                    # one partition: records in append order
+    write(uri, ITEMS[:300], short)
     alive, idle = open_reader(uri, "alive", short), open_reader(uri, "idle", short)
     held = until(lambda: alive.poll(100, 0.5), 30, "a first batch")
     idle_held = until(lambda: idle.poll(100, 0.5), 30, "a first batch")
@@ -264,7 +265,7 @@ def test_replayable_unless_retention_removed_records(kafka_broker):
     assert r.replayable() == (True, "")
     r.close()
     deleting = kafka_log_uri(kafka_broker)
-    opts = {"topic.cleanup.policy": "delete"}
+    opts = {"topic.cleanup.policy": "delete", "partitions": "1"}
     write(deleting, ITEMS[:10], opts)
     r = open_reader(deleting, "g", opts)
     assert r.replayable() == (True, "")             # nothing removed yet

@@ -188,7 +188,7 @@ def test_a_buffer_restarted_empty_is_a_lost_log_for_writer_and_reader_until_adop
 
 def test_flushall_and_deleted_streams_are_lost_logs_even_without_a_restart(redis_factory):
     buf = redis_factory()
-    uri = f"{buf.url}/0"
+    uri = f"{buf.url}/0?partitions=1"      # one stream: records in append order
     w = open_writer(uri)
     w.append_many(items(5))
     w.flush()
@@ -267,7 +267,7 @@ def rewrite_aof(buf) -> None:
 
 def test_lag_is_right_after_an_aof_reload(redis_factory):
     buf = redis_factory(extra=AOF)
-    uri = f"{buf.url}/0"
+    uri = f"{buf.url}/0?partitions=1"      # one stream: records in append order
     w = open_writer(uri)
     w.append_many(items(300))
     w.close()
@@ -326,7 +326,7 @@ def test_default_retention_lets_apply_from_earliest_rebuild_a_wiped_target(redis
 
 def test_retention_trims_only_old_entries_no_group_still_needs(redis_factory):
     buf = redis_factory()
-    uri = f"{buf.url}/0"
+    uri = f"{buf.url}/0?partitions=1"      # one stream: records in append order
     w = open_writer(uri)
     w.append_many(items(30))
     w.close()

@@ -24,6 +24,14 @@ def drain(reader, want: int, timeout: float = 30.0):
     return out
 
 
+def spread(log_uri: str, n: int) -> dict:
+    """Options of a log of ``n`` partitions (the fixture's Redis log was made with one: another
+    stream name is another log)."""
+    if log_uri.startswith("file"):
+        return {}
+    return {"partitions": str(n), **({"stream": f"p{n}"} if log_uri.startswith("redis") else {})}
+
+
 BINARY = [(b"0:\x00\xff key %d" % i, bytes(range(256)) + b"%d" % i) for i in range(50)]
 
 
@@ -52,7 +60,7 @@ def test_uncommitted_records_are_redelivered_after_a_crash(log_uri):
 
 
 def test_per_key_order_holds_across_partitions(log_uri):
-    opts = {"partitions": "4"} if not log_uri.startswith("file") else {}
+    opts = spread(log_uri, 4)
     items = [(b"0:key%d" % (i % 7), b"%d" % i) for i in range(700)]
     write(log_uri, items, opts=opts)
     r = open_reader(log_uri, "g", opts)
@@ -133,7 +141,7 @@ def test_reader_follows_records_appended_while_it_waits(log_uri):
 
 
 def test_history_holds_every_record_in_order_without_joining_a_group(log_uri):
-    opts = {"partitions": "3"} if not log_uri.startswith("file") else {}
+    opts = spread(log_uri, 3)
     items = [(b"0:key%d" % (i % 11), b"%d" % i) for i in range(500)]
     write(log_uri, items, opts=opts)
     w = open_writer(log_uri, opts)
@@ -153,7 +161,7 @@ def test_history_holds_every_record_in_order_without_joining_a_group(log_uri):
 @pytest.mark.parametrize("log_uri", ["redis", "kafka"], indirect=True)   # a file log never trims
 def test_history_of_a_trimmed_log_says_it_is_incomplete(log_uri):
     if log_uri.startswith("kafka"):
-        log_uri += "?topic.cleanup.policy=delete"      # Kafka deletes records of those only
+        log_uri += "&topic.cleanup.policy=delete"      # Kafka deletes records of those only
     write(log_uri, BINARY)
     if log_uri.startswith("redis"):
         r = open_reader(log_uri, "apply")

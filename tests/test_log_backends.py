@@ -54,7 +54,7 @@ def test_file_segments_roll_and_the_reader_crosses_them(tmp_path):
 # -- Redis Streams -----------------------------------------------------------------------------------
 def test_stream_trims_only_what_every_group_acknowledged(redis_factory):
     buf = redis_factory()
-    uri = f"{buf.url}/0"
+    uri = f"{buf.url}/0?partitions=1"      # one stream: records in append order
     write(uri, BINARY)
     fast, slow = open_reader(uri, "fast"), open_reader(uri, "slow")
     slow_got = drain(slow, 50)
@@ -69,7 +69,7 @@ def test_stream_trims_only_what_every_group_acknowledged(redis_factory):
 
 def test_stream_pending_entries_of_a_dead_consumer_are_claimed(redis_factory):
     buf = redis_factory()
-    uri = f"{buf.url}/0"
+    uri = f"{buf.url}/0?partitions=1"      # one stream: records in append order
     write(uri, BINARY[:10])
     dead = open_reader(uri, "g", {"consumer": "a"})
     assert len(drain(dead, 10)) == 10                # delivered, never acknowledged

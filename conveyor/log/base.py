@@ -167,6 +167,11 @@ class LogReader(Identity, _Closing, abc.ABC):
         segments or records removed by retention). Backends override."""
         return False, "this log cannot tell whether it still holds every record"
 
+    def held(self) -> list[str] | None:
+        """The partitions this member reads now (``status`` shows each member's share of the lag
+        from them); None when it reads every partition (the file log's one reader)."""
+        return None
+
     def owned(self, records: list[Record]) -> list[Record]:
         """Those of ``records`` whose partition this member still holds. After a rebalance during
         a long wait, the others belong to another member, which replays them from the committed

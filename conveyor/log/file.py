@@ -265,7 +265,8 @@ class FileLogWriter(LogWriter):
     def _open(self) -> None:
         self.root = _open_dir(self.uri)
         self._lock = _lock(self.root / "writer.lock", f"log {self.root} is being written by another "
-                                                      "process ({holder}; one capture per log at a time)")
+                                                      "process ({holder}; a file log takes one capture at a time: "
+                                                      "use a Kafka or Redis Streams log for several)")
         self.log_id = _ensure_id(self.root)
         self._base = (_segments(self.root) or [0])[-1]
         path = _seg_path(self.root, self._base)

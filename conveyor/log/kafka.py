@@ -5,6 +5,13 @@ Options are librdkafka properties passed through unchanged (``security.protocol`
 is created) and ``topic.<name>`` topic configs for creation (``topic.cleanup.policy=delete`` to
 opt out of the default ``compact``, ``topic.retention.ms``...).
 
+Creation defaults: DEFAULT_PARTITIONS (6) partitions and a replication factor of min(3, brokers in
+the cluster's metadata). Why 6: a key's events stay in order within its partition, so the partition
+count caps how many apply processes of one group share the work, and it cannot be lowered later
+(raising it moves keys to other partitions, breaking per-key order for records already written);
+6 divides evenly among 1, 2, 3 or 6 members, and costs a single apply nothing measurable. A topic
+that exists is used as it is, whatever its partition count (``status`` shows it).
+
 The producer is idempotent with acks=all, so retries neither duplicate nor reorder records of a
 partition. Records are keyed by db + Redis key: all events of a key go to one partition in order,
 and a compacted topic keeps the latest state of every key. Consumers commit explicitly, only what
@@ -49,6 +56,8 @@ from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaSto
 log = logging.getLogger("conveyor.kafka")
 
 OURS = ("partitions", "replication.factor", "consumer")
+DEFAULT_PARTITIONS = 6        # see the module docstring: per-key order, members, never lowered
+MAX_REPLICATION = 3           # the default replication factor is min(this, brokers)
 METADATA_TIMEOUT_S = 10.0
 METADATA_STEP_S = 1.0         # a metadata lookup is retried this often until METADATA_TIMEOUT_S
 APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
@@ -86,7 +95,7 @@ def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
     props: dict = {"bootstrap.servers": hosts, "log_level": RDKAFKA_LOG_LEVEL, "logger": _RDKAFKA_LOG,
                    "error_cb": _SecurityWatch(secrets)}
     topic_cfg: dict = {"cleanup.policy": "compact"}
-    create: dict = {"partitions": 1, "replication.factor": 1}
+    create: dict = {}           # explicit creation settings only; ensure_topic fills the defaults
     for k, v in opts.items():
         if k == "consumer":
             continue
@@ -322,25 +331,34 @@ def _check_same_log(admin: AdminClient, topic: str, log_id: str, seen: dict[int,
                           f"below the {seen[p]} already seen: records were removed")
 
 
+def creation(create: dict, brokers: int) -> tuple[int, int]:
+    """(partitions, replication factor) of a new topic: the explicit options, else the defaults."""
+    return (create.get("partitions", DEFAULT_PARTITIONS),
+            create.get("replication.factor", max(1, min(MAX_REPLICATION, brokers))))
+
+
 def ensure_topic(props: dict, topic: str, cfg: dict, create: dict) -> int:
     """Creates ``topic`` if missing; returns its partition count. Unreachable -> LogError."""
     admin, md = _cluster(props)
     if topic in md.topics and not md.topics[topic].error:
         return len(md.topics[topic].partitions)
-    fut = admin.create_topics([NewTopic(topic, create["partitions"], create["replication.factor"],
-                                        config=cfg)], operation_timeout=METADATA_TIMEOUT_S)[topic]
+    partitions, replication = creation(create, len(md.brokers))
+    fut = admin.create_topics([NewTopic(topic, partitions, replication, config=cfg)],
+                              operation_timeout=METADATA_TIMEOUT_S)[topic]
     try:
         fut.result(METADATA_TIMEOUT_S)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise _failure(e, f"cannot create Kafka topic {topic!r}") from e
-    _wait_visible(admin, topic)
-    return create["partitions"]
+        return _wait_visible(admin, topic)
+    log.info("kafka: created topic %r with %d partitions, replication factor %d", topic,
+             partitions, replication)
+    return _wait_visible(admin, topic)
 
 
-def _wait_visible(admin: AdminClient, topic: str) -> None:
+def _wait_visible(admin: AdminClient, topic: str) -> int:
     """A topic just created is in the broker's metadata (every partition has a leader) a little
-    later; a client asking before that is told "unknown partition"."""
+    later; a client asking before that is told "unknown partition". Returns its partition count."""
     deadline = time.monotonic() + METADATA_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -349,7 +367,7 @@ def _wait_visible(admin: AdminClient, topic: str) -> None:
             raise _failure(e, f"cannot look up Kafka topic {topic!r}") from e
         if t is not None and not t.error and t.partitions and all(
                 p.leader >= 0 for p in t.partitions.values()):
-            return
+            return len(t.partitions)
         time.sleep(0.1)
     raise LogUnavailable(f"Kafka topic {topic!r} was created but has no leader yet")
 
@@ -386,6 +404,12 @@ class KafkaLogWriter(LogWriter):
         self._admin = _made(AdminClient, _client_props(props))
         self.log_id = _topic_id(self._admin, self.topic)
         self.warnings = []
+        if self.partitions < DEFAULT_PARTITIONS and "partitions" not in create:
+            self.warnings.append(
+                f"Kafka topic {self.topic!r} existed with {self.partitions} partition(s): at most "
+                f"{self.partitions} apply process(es) of a group share its work (a topic's "
+                "partitions cannot be lowered, and raising them breaks per-key order: use a new "
+                "topic to spread wider)")
         conf = {**PRODUCER_DEFAULTS, **props, "error_cb": _weak(self._client_error)}
         self.producer = _made(Producer, conf)
         # Room for the record's key and Kafka's per-record and batch overhead.
@@ -584,6 +608,9 @@ class KafkaLogReader(LogReader):
             self._swallowed.pop(tp.partition, None)
         log.info("kafka: member %s gave up partitions %s of %r", self.consumer,
                  sorted(tp.partition for tp in partitions), self.topic)
+
+    def held(self) -> list[str]:
+        return [str(p) for p in sorted(self._assigned)]
 
     def owned(self, records: list[Record]) -> list[Record]:
         return [r for r in records if int(r.partition) in self._assigned]
@@ -835,7 +862,10 @@ class KafkaMetaStore(MetaStore):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         _, topic, self.props, _, create = parse(uri, opts)
         self.topic = f"{topic}.meta"
-        ensure_topic(self.props, self.topic, {"cleanup.policy": "compact"},
+        # Every process refreshes its document every few seconds and documents() reads the
+        # topic from its start: segments roll every 10 minutes so compaction (which leaves the
+        # active segment alone) keeps what is read to about one record per name.
+        ensure_topic(self.props, self.topic, {"cleanup.policy": "compact", "segment.ms": "600000"},
                      {**create, "partitions": 1})
         self.producer = _made(Producer, {**PRODUCER_DEFAULTS, **self.props, "linger.ms": 0})
         self._out = _OneRecord(self.producer, self.topic)

@@ -1,8 +1,10 @@
 """Redis Streams log on a *buffer* Redis (neither the source nor the target).
 
 Options (``--log-opt`` or URI query): ``stream`` name prefix (default ``conveyor``), ``partitions``
-(default 1: records are spread over streams ``{stream}:0..N-1`` by a hash of their key, so each
-key's events stay in order in one stream), ``consumer`` (this apply process's member name; default
+(default 6, see stream_base.DEFAULT_PARTITIONS: records are spread over streams
+``{stream}:0..N-1`` by a hash of their key, so each key's events stay in order in one stream; the
+count is stored in ``{stream}:partitions`` when the log is created and cannot change later),
+``consumer`` (this apply process's member name; default
 unique per process: host-pid-random), ``lease_ms`` (default 10000: how long a partition stream
 stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``retention``, the
 default: drop entries older than ``retention`` (default ``7d``; units s, m, h, d) that no group
@@ -282,6 +284,9 @@ class StreamLogReader(StreamLog, LogReader):
         except LogUnavailable:
             pass        # the leases lapse on their own; poll() says what happened once it is back
 
+    def held(self) -> list[str]:
+        return sorted(self._leases.current())
+
     def owned(self, records: list[Record]) -> list[Record]:
         mine = self._leases.current()
         return [r for r in records if r.partition in mine]
@@ -297,8 +302,10 @@ class StreamLogReader(StreamLog, LogReader):
                 return []
             out = self._read_pending(max_records)
             if not out:
+                # COUNT is per stream: a share each keeps the whole reply within max_records.
                 out = self._records(self.r.execute_command(
-                    "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", max_records,
+                    "XREADGROUP", "GROUP", self.group, self.consumer,
+                    "COUNT", max(1, max_records // len(owned)),
                     "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *owned, *([">"] * len(owned))))
                 if self._pending_from:
                     # Reconnected under this call: entries of a lost reply come before these,
@@ -373,10 +380,11 @@ class StreamLogReader(StreamLog, LogReader):
         oldest: tuple[int, int] | None = None
         for g in groups:
             g = info_map(g)
-            if int(g["pending"]):
-                first = parse_id(self.r.xpending(stream, g["name"])["min"])
-            else:
-                first = parse_id(next_id(text(g["last-delivered-id"])))
+            # Another member may acknowledge the last pending entries between the two calls:
+            # no pending entry left then (min is None), and the group needs what follows.
+            pending = self.r.xpending(stream, g["name"])["min"] if int(g["pending"]) else None
+            first = parse_id(pending if pending is not None
+                             else next_id(text(g["last-delivered-id"])))
             oldest = first if oldest is None else min(oldest, first)
         return oldest
 
@@ -401,7 +409,8 @@ class StreamLogReader(StreamLog, LogReader):
                     continue
                 pending = int(g["pending"])
                 delivered = text(g["last-delivered-id"])
-                committed = text(self.r.xpending(s, self.group)["min"]) if pending else delivered
+                first = self.r.xpending(s, self.group)["min"] if pending else None
+                committed = text(first) if first is not None else delivered   # acked meanwhile
                 parts.append(PartitionStatus(s, committed, end,
                                              self._undelivered(s, info, g) + pending))
         return LogStatus(self.uri, self.group, parts)

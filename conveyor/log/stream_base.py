@@ -17,6 +17,13 @@ from conveyor.endpoints import Tls, connect, mask_uri
 from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
 
 MAX_SEQ = 18446744073709551615
+# Partition streams of a new log, for the same reasons as Kafka's default (conveyor/log/kafka.py):
+# a key's events stay in order within one stream, so the count caps how many apply processes of
+# a group share the work, and it cannot change once records are written; 6 divides among 1, 2,
+# 3 or 6 members. The count is stored with the log ({stream}:partitions) when it is created, and
+# a log is always read with the count it was created with.
+DEFAULT_PARTITIONS = 6
+LEGACY_PARTITIONS = 1       # a log made before the count was stored: its streams are counted
 UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # redis-py retries a command this often on a dropped connection before we say LogUnavailable: the
 # processes wait out longer outages themselves (one retry policy, theirs).
@@ -62,15 +69,52 @@ def client(uri: str, opts: dict[str, str], on_connect=None) -> redis.Redis:
         raise LogError(str(e)) from e
 
 
-def stream_names(opts: dict[str, str]) -> list[str]:
-    prefix = opts.get("stream", "conveyor")
+def asked_partitions(opts: dict[str, str]) -> int | None:
+    """The ``partitions`` option, checked; None when not given."""
+    if "partitions" not in opts:
+        return None
     try:
-        n = int(opts.get("partitions", "1"))
+        n = int(opts["partitions"])
     except ValueError:
         raise LogError(f"partitions={opts['partitions']!r} is not a number") from None
     if n < 1:
         raise LogError("partitions must be at least 1")
+    return n
+
+
+def stream_names(opts: dict[str, str], n: int | None = None) -> list[str]:
+    prefix = opts.get("stream", "conveyor")
+    n = n or asked_partitions(opts) or DEFAULT_PARTITIONS
     return [f"{prefix}:{i}" for i in range(n)]
+
+
+def log_partitions(r: redis.Redis, opts: dict[str, str], *, create: bool) -> int:
+    """How many partition streams the log has: the count stored when it was created; for a log
+    older than that, the streams it has; for a new log, ``partitions`` or the default (stored
+    now when ``create``, first writer or reader wins). An explicit ``partitions`` that differs
+    from an existing log's is refused: keys would move to other streams and lose their order."""
+    prefix = opts.get("stream", "conveyor")
+    key, asked = f"{prefix}:partitions", asked_partitions(opts)
+    stored = r.get(key)
+    if stored is None and r.exists(f"{prefix}:id"):
+        n = 0
+        while r.exists(f"{prefix}:{n}"):
+            n += 1
+        stored = asked or n or LEGACY_PARTITIONS
+        if create:                      # a log created meanwhile stored its count first
+            r.set(key, stored, nx=True)
+            stored = r.get(key)
+    elif stored is None:
+        if not create:
+            return asked or DEFAULT_PARTITIONS
+        r.set(key, asked or DEFAULT_PARTITIONS, nx=True)
+        stored = r.get(key)
+    n = int(stored)
+    if asked is not None and asked != n:
+        raise LogError(f"the Redis Streams log {prefix!r} was created with {n} partition streams; "
+                       f"partitions={asked} cannot change that (keys would lose their order): "
+                       f"drop the option, or use a new log (option stream=NAME)")
+    return n
 
 
 def duration_ms(text: str) -> int:
@@ -155,11 +199,11 @@ class StreamLog:
         self.user = user_of(self.r)
         self.refused = False                # the buffer refused a permission (ACL)
         self.prefix = opts.get("stream", "conveyor")
-        self.streams = stream_names(opts)
         self.id_key = f"{self.prefix}:id"
         self._down = False
         self.warnings = []
         with converted("opening the log", self.user):
+            self.streams = stream_names(opts, log_partitions(self.r, opts, create=create))
             if create:
                 self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
             self.log_id = text(self.r.get(self.id_key) or b"")
@@ -235,6 +279,7 @@ class StreamLog:
         with converted("adopting the log as it is now", self.user):
             self._ready = False
             self.r.set(self.id_key, uuid.uuid4().hex, nx=True)
+            self.r.set(f"{self.prefix}:partitions", len(self.streams), nx=True)
             self.log_id = text(self.r.get(self.id_key))
             self._adopted()
             self._ready = True
