@@ -216,3 +216,42 @@ def test_an_existing_topic_is_used_as_it_is_and_explicit_options_win(kafka_broke
 def test_default_replication_is_min_of_3_and_the_brokers(brokers, replication):
     assert creation({}, brokers) == (DEFAULT_PARTITIONS, replication)
     assert creation({"partitions": 2, "replication.factor": 1}, brokers) == (2, 1)
+
+
+def test_one_capture_per_primary_and_two_applies_over_kafka_one_of_each_killed(
+        kafka_broker, cluster_factory):
+    """The issue's scale-out case on real clusters: a capture per source primary (--node) and two
+    applies of one group over Kafka, one capture and one apply SIGKILLed mid-run and restarted."""
+    src, dst = cluster_factory(3), cluster_factory(3)
+    log = kafka_log_uri(kafka_broker)
+    load(src.client(), KEYS)
+    nodes = [f"127.0.0.1:{p.port}" for p in src.primaries()]
+
+    def capture_node(node: str):
+        return cli.start("capture", src.url, "--log", log, "--node", node, "--scan-count", "5")
+
+    procs = [apply(dst, log) for _ in range(2)]
+    caps = {n: capture_node(n) for n in nodes}
+    procs += caps.values()
+    try:
+        first = lambda: next((d for d in checkpoints(log, {}).values()  # noqa: E731
+                              if d.get("node") == nodes[0]), {})
+        wait_until(lambda: first().get("keys", 0) > 0, 120,
+                   "the first primary's capture to save a checkpoint mid-scan")
+        kill(caps[nodes[0]])
+        kill(procs[0])
+        assert first()["state"] == "scanning"
+        caps[nodes[0]] = capture_node(nodes[0])
+        procs[0] = apply(dst, log)
+        procs.append(caps[nodes[0]])
+        outs = {}
+        for p in [*caps.values(), procs[0], procs[1]]:
+            code, out, err = finished(p)
+            assert code == 0, (out, err)
+            outs[p] = out
+        assert "[resumed]" in outs[caps[nodes[0]]], outs[caps[nodes[0]]]
+    finally:
+        stop_all(procs)
+    assert differences(src.client(), dst.client()) == []
+    st = status(log, "--gone-after", "2")
+    assert sorted(c.get("node") for c in st["captures"].values()) == sorted(nodes)
