@@ -26,7 +26,7 @@ from apply.guard import TargetGuard
 from apply.replies import TargetUnavailable
 from apply.watch import Finding, TargetWatch
 from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
-from conveyor.events import Codec, Event, Kind, now_millis
+from conveyor.events import Codec, Event, Kind, block_size, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
 
@@ -44,6 +44,24 @@ BATCH_BYTES = 1024 * 1024        # record bytes per batch (decoded, a part takes
 FIRST_POLL = 16                  # records asked first, before their size is known
 MAX_REASONS = 20
 PASS_OPENERS = (Kind.SNAPSHOT_BEGIN, Kind.RESYNC)
+
+
+class InBlock:
+    """One event of a block record, standing for its key where apply speaks of that key alone
+    (a target refusing it: the dead letter is that event). The block is what is committed."""
+
+    __slots__ = ("block", "event")
+
+    def __init__(self, block: Record, event: Event) -> None:
+        self.block, self.event = block, event
+
+    @property
+    def partition(self) -> str:
+        return self.block.partition
+
+    @property
+    def offset(self):
+        return self.block.offset
 
 
 class Stopped(Exception):
@@ -150,8 +168,8 @@ class Applier:
                 records = self._log_call(self.reader.poll, self._poll_n, POLL_TIMEOUT_S)
                 self._count_damaged()
                 if records:
-                    self._size_batches(records)
-                    self._apply(records)
+                    events = self._apply(records)
+                    self._size_batches(records, events)
                     last_record = time.monotonic()
                     continue
                 self._meet_previous_targets()
@@ -182,10 +200,12 @@ class Applier:
                      and time.monotonic() - last_record >= self.idle_timeout)
         return producer_done or idle_over
 
-    def _size_batches(self, records: list[Record]) -> None:
-        """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size."""
+    def _size_batches(self, records: list[Record], events: int) -> None:
+        """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size,
+        and (a block holds many events) as hold about ``batch`` events, at least one record."""
         avg = sum(len(r.value) for r in records) / len(records)
-        self._poll_n = max(1, min(self.batch, int(BATCH_BYTES / max(avg, 1.0))))
+        per_record = max(events, 1) / len(records)
+        self._poll_n = max(1, min(int(self.batch / per_record), int(BATCH_BYTES / max(avg, 1.0))))
 
     def _drained(self) -> bool:
         """Nothing left to read: the group's lag on the log is zero. (An empty poll alone is not
@@ -203,7 +223,8 @@ class Applier:
         return True
 
     # -- one batch -----------------------------------------------------------------------------
-    def _apply(self, records: list[Record]) -> None:
+    def _apply(self, records: list[Record]) -> int:
+        """Write and commit a batch; returns how many events it held."""
         events, markers = self._decode(records)
         if not self.dry_run:
             records = self._write_with_retry(records, events)
@@ -218,6 +239,7 @@ class Applier:
         self._status("running")
         if self.on_progress:
             self.on_progress(self.stats)
+        return len(events) + len(markers)
 
     def _decode(self, records: list[Record]
                 ) -> tuple[dict[tuple, tuple[Event, Record]], list[tuple[Kind, str]]]:
@@ -225,10 +247,19 @@ class Applier:
         wins), and the markers in log order."""
         latest: dict[tuple, tuple[Event, Record]] = {}
         markers: list[tuple[Kind, str]] = []
-        for rec, ev in zip(records, self.codec.decode_many([r.value for r in records])):
-            if isinstance(ev, CodecError):
-                self._dead_letter(rec, f"undecodable record: {ev}")
+        for rec, got in zip(records, self.codec.decode_many([r.value for r in records])):
+            if isinstance(got, list):          # a block: UPSERTs and DELETEs of whole states
+                for ev in got:
+                    k = (ev.db, ev.key)
+                    latest.pop(k, None)
+                    latest[k] = (ev, InBlock(rec, ev))
                 continue
+            if isinstance(got, CodecError):
+                n = block_size(rec.key)
+                self._dead_letter(rec, f"undecodable record: {got}" if n is None else
+                                  f"undecodable block of {n} keys: {got}")
+                continue
+            ev = got
             if ev.chunk is not None:
                 # Parts of a key are applied one by one, in order. A whole state of the key read
                 # before them is superseded by them (the last part replaces the key).
@@ -296,10 +327,11 @@ class Applier:
             return records, events
         keep = {id(r) for r in owned}
         self.stats.handed_over += len(records) - len(owned)
+        events = {k: v for k, v in events.items() if id(getattr(v[1], "block", v[1])) in keep}
         log.warning("%d records were handed to another member of group %r while the target was "
                     "down: left unwritten, that member applies them", len(records) - len(owned),
                     self.group)
-        return owned, {k: v for k, v in events.items() if id(v[1]) in keep}
+        return owned, events
 
     @property
     def target_down(self) -> bool:
@@ -456,6 +488,12 @@ class Applier:
 
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:
+        if isinstance(rec, InBlock):
+            # One key of a block: the dead letter holds its event alone (the block's other keys
+            # were written), at the block's position.
+            b = rec.block
+            rec = Record(b.partition, b.offset, rec.event.record_key(), self.codec.encode(rec.event),
+                         b.timestamp_ms)
         self.reader.dead_letter(rec, reason)
         log.error("dead-lettered record %s@%s: %s", rec.partition, rec.offset, reason)
         self._count_dead_letter(reason)

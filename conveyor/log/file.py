@@ -50,6 +50,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from conveyor.errors import ConfigError, LogError, LogLost
+from conveyor.events import block_size
 from conveyor.log import segment
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
@@ -252,6 +253,8 @@ def _gone(segs: list[int]) -> str:
 
 # -- writer ------------------------------------------------------------------------------------------
 class FileLogWriter(LogWriter):
+    takes_blocks = True             # one partition, never compacted
+
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         self.uri = uri
         self.segment_bytes = _size_option(opts, "segment_bytes", SEGMENT_BYTES)
@@ -560,9 +563,10 @@ class FileLogReader(LogReader):
     def _damage(self, start: int, end: int) -> None:
         """Dead-letter a damaged stretch with its real place, and say so in ``damaged``."""
         name = _seg_path(self.root, self._seg).name
-        reason = (f"damaged log stretch in {self.root / name} at byte {start} ({end - start} bytes, "
-                  f"before record {self._offset}): no valid record there; dead-lettered and skipped")
         data = self._scan.raw(start, min(end - start, DEAD_LETTER_MAX_BYTES))
+        reason = (f"damaged log stretch in {self.root / name} at byte {start} ({end - start} bytes, "
+                  f"before record {self._offset}): no valid record there; dead-lettered and skipped"
+                  + _held(data))
         self._dead_line({"segment": name, "byte": start, "length": end - start, "offset": self._offset,
                          "reason": reason, "group": self.group,
                          "data": base64.b64encode(data).decode()})
@@ -633,6 +637,16 @@ class FileLogReader(LogReader):
     def close(self) -> None:
         self._close_scan()
         _unlock(self._lock)
+
+
+def _held(data: bytes) -> str:
+    """What a damaged stretch held, when it starts with a block whose key is intact: its key
+    names how many events (keys) were lost with it."""
+    if len(data) < segment.HEADER.size:
+        return ""
+    klen = segment.HEADER.unpack_from(data)[3]
+    n = block_size(data[segment.HEADER.size:segment.HEADER.size + min(klen, 64)])
+    return f" (a block of {n} keys: their states are lost with it)" if n else ""
 
 
 class FileMetaStore(MetaStore):
