@@ -24,6 +24,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 from apply.batch import BatchResult, BatchWriter, Tally
 from apply.guard import TargetGuard
 from apply.replies import TargetUnavailable
+from apply.restores import write_whole
 from apply.watch import Finding, TargetWatch
 from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
 from conveyor.events import Codec, Event, Kind, block_size, now_millis
@@ -44,24 +45,6 @@ BATCH_BYTES = 1024 * 1024        # record bytes per batch (decoded, a part takes
 FIRST_POLL = 16                  # records asked first, before their size is known
 MAX_REASONS = 20
 PASS_OPENERS = (Kind.SNAPSHOT_BEGIN, Kind.RESYNC)
-
-
-class InBlock:
-    """One event of a block record, standing for its key where apply speaks of that key alone
-    (a target refusing it: the dead letter is that event). The block is what is committed."""
-
-    __slots__ = ("block", "event")
-
-    def __init__(self, block: Record, event: Event) -> None:
-        self.block, self.event = block, event
-
-    @property
-    def partition(self) -> str:
-        return self.block.partition
-
-    @property
-    def offset(self):
-        return self.block.offset
 
 
 class Stopped(Exception):
@@ -94,6 +77,16 @@ class ApplyStats(Tally):
         return self.records / max((self.last_active or time.monotonic()) - self.started, 1e-9)
 
     @property
+    def keys(self) -> int:
+        """Keys written (restored, typed, converted, deleted, expired) and parts: a record of a
+        block log holds many, so this is what progress counts."""
+        return self.restored + self.written + self.converted + self.deleted + self.expired + self.chunks
+
+    @property
+    def key_rate(self) -> float:
+        return self.keys / max((self.last_active or time.monotonic()) - self.started, 1e-9)
+
+    @property
     def log_loss_healed(self) -> bool:
         return not self.log_lost or self.pass_after_loss
 
@@ -103,6 +96,11 @@ class ApplyStats(Tally):
         return {"restored": self.restored, "written": self.written, "converted": self.converted,
                 "deleted": self.deleted, "expired": self.expired, "part": self.chunks,
                 "dead_letter": self.dead_letters}
+
+
+def _block_of(rec) -> Record:
+    """The log record an event came from (a block's event carries (block, event))."""
+    return rec[0] if isinstance(rec, tuple) else rec
 
 
 def status_name(group: str) -> str:
@@ -252,7 +250,9 @@ class Applier:
                 for ev in got:
                     k = (ev.db, ev.key)
                     latest.pop(k, None)
-                    latest[k] = (ev, InBlock(rec, ev))
+                    # (block, event) stands for the key where apply speaks of it alone (a
+                    # dead letter holds that event); the block is what is committed.
+                    latest[k] = (ev, (rec, ev))
                 continue
             if isinstance(got, CodecError):
                 n = block_size(rec.key)
@@ -311,7 +311,10 @@ class Applier:
         for db, items in by_db.items():
             target = self.target_for_db(db)
             watch = self.guard.watch_for(db, target)
-            out.append((watch, self.writer.write(target, db, items, probe=watch)))
+            # Whole states only (a snapshot's blocks): no planning per key; else, or when the
+            # target refused one, the careful way.
+            res = write_whole(self.writer, target, items, probe=watch)
+            out.append((watch, res or self.writer.write(target, db, items, probe=watch)))
         return out
 
     def _settle(self, watch: TargetWatch, res: BatchResult) -> None:
@@ -327,7 +330,7 @@ class Applier:
             return records, events
         keep = {id(r) for r in owned}
         self.stats.handed_over += len(records) - len(owned)
-        events = {k: v for k, v in events.items() if id(getattr(v[1], "block", v[1])) in keep}
+        events = {k: v for k, v in events.items() if id(_block_of(v[1])) in keep}
         log.warning("%d records were handed to another member of group %r while the target was "
                     "down: left unwritten, that member applies them", len(records) - len(owned),
                     self.group)
@@ -488,11 +491,11 @@ class Applier:
 
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:
-        if isinstance(rec, InBlock):
+        if isinstance(rec, tuple):
             # One key of a block: the dead letter holds its event alone (the block's other keys
             # were written), at the block's position.
-            b = rec.block
-            rec = Record(b.partition, b.offset, rec.event.record_key(), self.codec.encode(rec.event),
+            b, ev = rec
+            rec = Record(b.partition, b.offset, ev.record_key(), self.codec.encode(ev),
                          b.timestamp_ms)
         self.reader.dead_letter(rec, reason)
         log.error("dead-lettered record %s@%s: %s", rec.partition, rec.offset, reason)

@@ -1,7 +1,8 @@
 """Emitting: events built from what was read and appended to the log, counted, and the
 keys the log knows followed; expiries turned into absolute times.
 
-On a log that takes blocks, whole DUMP payloads and deletes go straight into the columns of the
+Whole DUMP payloads and deletes are ``state.v1`` records on a log that keeps one record per key
+(compacted Kafka). On a log that takes blocks, whole DUMP payloads and deletes go straight into the columns of the
 block of their partition (no Event object per key); a block is appended once it holds
 BLOCK_EVENTS events or BLOCK_BYTES, and every pending block is appended at the end of each read
 and before any record that is not part of a block, so the log gets every event in the order it
@@ -32,12 +33,47 @@ class Emitting:
         cols = self._open_blocks.get(p)
         if cols is None:
             cols = self._open_blocks[p] = Columns()
-        elif cols.size + len(key) + len(payload or b"") > self.block_bytes:
+        elif cols.keys and cols.size + len(key) + len(payload or b"") > self.block_bytes:
             self._append_block(p)
             cols = self._open_blocks[p] = Columns()
         cols.add(key, payload, expire, read_ms)
         if len(cols.keys) >= BLOCK_EVENTS:
             self._append_block(p)
+
+    def _upsert_dumps(self, keys: list[bytes], payloads: list[bytes], ttls: list[int],
+                      read_ms: int) -> None:
+        """UPSERTs of whole DUMP payloads read together, with their PEXPIRETIME (or PTTL): the
+        hot path, into the columns a slice at a time when the log has one partition."""
+        if not keys:
+            return
+        if self.known is not None:
+            self.known.update(keys)
+        self.counts.upserts += len(keys)
+        if self.info.has_pexpiretime:
+            expires = [t if t >= 0 else None for t in ttls]
+        else:
+            expires = [read_ms + t if t >= 0 else None for t in ttls]
+        if not self.blocks or self._many:
+            self.counts.upserts -= len(keys)       # counted again one by one
+            for k, p, x in zip(keys, payloads, expires):
+                self._upsert(k, read_ms, x, payload=p)
+            return
+        at = 0
+        while at < len(keys):
+            cols = self._open_blocks.get(0)
+            if cols is None:
+                cols = self._open_blocks[0] = Columns()
+            end = min(len(keys), at + BLOCK_EVENTS - len(cols.keys))
+            size = sum(map(len, keys[at:end])) + sum(map(len, payloads[at:end]))
+            if cols.size + size <= self.block_bytes:
+                cols.extend(keys[at:end], payloads[at:end], expires[at:end], read_ms, size)
+            else:                                   # big payloads: the block fills by bytes
+                for i in range(at, end):
+                    self._column(keys[i], payloads[i], expires[i], read_ms)
+            at = end
+            cols = self._open_blocks.get(0)
+            if cols is not None and len(cols.keys) >= BLOCK_EVENTS:
+                self._append_block(0)
 
     def _append_block(self, p: int) -> None:
         cols = self._open_blocks.pop(p)
@@ -75,10 +111,20 @@ class Emitting:
             return
         if self._open_blocks:
             self.flush_blocks()
+        if value is None:
+            self._state(key, payload, expire, read_ms)
+            return
         self.seq += 1
         ev = Event(Kind.UPSERT, self.info.db, key, payload, expire, read_ms, self.capture_id,
                    self.seq, value=value)
         self.writer.append(ev.record_key(), self.codec.encode(ev))
+
+    def _state(self, key: bytes, payload: bytes | None, expire: int | None, read_ms: int) -> None:
+        """A whole state (a DELETE when ``payload`` is None) as a record of its own."""
+        self.seq += 1
+        db = self.info.db
+        self.writer.append(record_key(db, key), self.codec.encode_state(
+            db, key, payload, expire, read_ms, self.capture_id, self.seq))
 
     def _delete(self, key: bytes, read_ms: int) -> None:
         self.counts.deletes += 1
@@ -86,10 +132,8 @@ class Emitting:
             self.known.discard(key)
         if self.blocks:
             self._column(key, None, None, read_ms)
-            return
-        self.seq += 1
-        ev = Event(Kind.DELETE, self.info.db, key, None, None, read_ms, self.capture_id, self.seq)
-        self.writer.append(ev.record_key(), self.codec.encode(ev))
+        else:
+            self._state(key, None, None, read_ms)
 
     def marker(self, kind: Kind, count: int | None = None, info: dict | None = None) -> None:
         if self._open_blocks:

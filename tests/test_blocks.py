@@ -218,3 +218,46 @@ def test_a_block_damaged_on_disk_loses_exactly_its_keys_and_says_how_many(redis_
     t = target.client()
     assert set(t.keys("*")) == {k for k in s.keys("*") if k not in lost}
     assert len(lost) == block_size(victim.key) > 0
+
+
+# -- Kafka: one record per key ---------------------------------------------------------------------------
+def test_a_whole_state_record_round_trips_next_to_other_records():
+    codec = Codec()
+    recs = [codec.encode_state(2, b"a", b"payload-a", None, 10, "cap", 1),
+            codec.encode_state(2, b"gone", None, None, 11, "cap", 2),
+            codec.encode_state(2, b"ttl", b"payload-t", 1_700_000_000_123, 12, "cap", 3),
+            codec.encode(Event(Kind.SNAPSHOT_END, 2, capture_id="cap", seq=4, count=2))]
+    got = codec.decode_many(recs + [recs[0][:-3]])
+    assert [(e.kind, e.db, e.key, e.payload, e.expire_at_ms, e.read_time_ms, e.seq)
+            for e in got[:3]] == [
+        (Kind.UPSERT, 2, b"a", b"payload-a", None, 10, 1), (Kind.DELETE, 2, b"gone", None, None, 11, 2),
+        (Kind.UPSERT, 2, b"ttl", b"payload-t", 1_700_000_000_123, 12, 3)]
+    assert got[3].kind is Kind.SNAPSHOT_END and isinstance(got[4], CodecError)
+    assert codec.decode(recs[1]) == got[1] and codec.decode_all(recs[2]) == [got[2]]
+
+
+def test_kafka_keeps_one_record_per_key_under_the_keys_record_key(redis_factory, kafka_broker):
+    # given a source, and a compacted topic (the default): compaction keeps a record per key
+    from tests.kafka_broker import kafka_log_uri
+    source, target = redis_factory(), redis_factory()
+    s = source.client()
+    for i in range(500):
+        s.set(f"k:{i}", i, px=3_600_000 if i % 5 == 0 else None)
+    uri = kafka_log_uri(kafka_broker)
+
+    # when capture runs, and keys are deleted and captured again
+    cli.run("capture", source.url, "--log", uri, check=True)
+    s.delete(*[f"k:{i}" for i in range(0, 500, 9)])
+    cli.run("capture", source.url, "--log", uri, "--mode", "live", "--idle-timeout", "1",
+            "--enable-notifications", check=True)
+
+    # then every record of a key stands alone under that key's record key (no blocks)
+    codec = Codec()
+    recs = [r for r in log_records(uri) if b"conveyor-marker" not in r.key]
+    assert recs and not [r for r in recs if BLOCK_KEY in r.key]
+    for r in recs:
+        (ev,) = codec.decode_all(r.value)
+        assert r.key == b"0:" + ev.key
+    # and apply writes exactly the source's keys, expiries included
+    cli.run("apply", target.url, "--log", uri, "--idle-timeout", "3", check=True)
+    assert differences(s, target.client()) == []
