@@ -104,7 +104,7 @@ class _Side:
 class Verifier:
     def __init__(self, *, source: redis.Redis, target: redis.Redis, key_filter: KeyFilter,
                  rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
-                 scan_count: int = 1000, batch: int = 500, check_extra: bool = True,
+                 scan_count: int = 1000, batch: int = 1000, check_extra: bool = True,
                  stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None) -> None:
         self.filter, self.rewriter = key_filter, rewriter
         self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
