@@ -42,7 +42,7 @@ KEEPALIVE_S = 1.0                # how often the group hears from us while we wa
 WATCH_INTERVAL_S = 1.0           # how often the target is checked for lost data
 IDENTITY_INTERVAL_S = 5.0        # how often the log is checked for having been reset
 BATCH_BYTES = 1024 * 1024        # record bytes per batch (decoded, a part takes several times more)
-FIRST_POLL = 16                  # records asked first, before their size is known
+FIRST_POLL = 1                   # records asked first, before their size is known (a block holds 1000 keys)
 MAX_REASONS = 20
 PASS_OPENERS = (Kind.SNAPSHOT_BEGIN, Kind.RESYNC)
 
@@ -129,6 +129,7 @@ class Applier:
         self.writer = BatchWriter(rewriter=rewriter, merge=merge_policy == "merge",
                                   stream_ids=stream_ids)
         self._poll_n = min(batch, FIRST_POLL)
+        self._per_record = 1000.0          # until seen, a record may be a block of 1000 events
         self.stats = ApplyStats()
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz, even while waiting
@@ -202,7 +203,9 @@ class Applier:
         """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size,
         and (a block holds many events) as hold about ``batch`` events, at least one record."""
         avg = sum(len(r.value) for r in records) / len(records)
-        per_record = max(events, 1) / len(records)
+        # Events per record as seen, forgotten slowly: a batch of markers must not make the next
+        # poll take a batch's worth of blocks.
+        self._per_record = per_record = max(max(events, 1) / len(records), self._per_record / 2)
         self._poll_n = max(1, min(int(self.batch / per_record), int(BATCH_BYTES / max(avg, 1.0))))
 
     def _drained(self) -> bool:
