@@ -24,9 +24,10 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 from apply.batch import BatchResult, BatchWriter, Tally
 from apply.guard import TargetGuard
 from apply.replies import TargetUnavailable
+from apply.restores import write_whole
 from apply.watch import Finding, TargetWatch
 from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
-from conveyor.events import Codec, Event, Kind, now_millis
+from conveyor.events import Codec, Event, Kind, block_size, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
 from conveyor.members import member_name, process_facts, stale_snapshots, unfinished_snapshots
@@ -45,7 +46,7 @@ KEEPALIVE_S = 1.0                # how often the group hears from us while we wa
 WATCH_INTERVAL_S = 1.0           # how often the target is checked for lost data
 IDENTITY_INTERVAL_S = 5.0        # how often the log is checked for having been reset
 BATCH_BYTES = 1024 * 1024        # record bytes per batch (decoded, a part takes several times more)
-FIRST_POLL = 16                  # records asked first, before their size is known
+FIRST_POLL = 1                   # records asked first, before their size is known (a block holds 1000 keys)
 MAX_REASONS = 20
 PASS_OPENERS = (Kind.SNAPSHOT_BEGIN, Kind.RESYNC)
 
@@ -81,6 +82,16 @@ class ApplyStats(Tally):
         return self.records / max((self.last_active or time.monotonic()) - self.started, 1e-9)
 
     @property
+    def keys(self) -> int:
+        """Keys written (restored, typed, converted, deleted, expired) and parts: a record of a
+        block log holds many, so this is what progress counts."""
+        return self.restored + self.written + self.converted + self.deleted + self.expired + self.chunks
+
+    @property
+    def key_rate(self) -> float:
+        return self.keys / max((self.last_active or time.monotonic()) - self.started, 1e-9)
+
+    @property
     def log_loss_healed(self) -> bool:
         return not self.log_lost or self.pass_after_loss
 
@@ -90,6 +101,11 @@ class ApplyStats(Tally):
         return {"restored": self.restored, "written": self.written, "converted": self.converted,
                 "deleted": self.deleted, "expired": self.expired, "part": self.chunks,
                 "dead_letter": self.dead_letters}
+
+
+def _block_of(rec) -> Record:
+    """The log record an event came from (a block's event carries (block, event))."""
+    return rec[0] if isinstance(rec, tuple) else rec
 
 
 def status_name(group: str) -> str:
@@ -120,6 +136,7 @@ class Applier:
         self.writer = BatchWriter(rewriter=rewriter, merge=merge_policy == "merge",
                                   stream_ids=stream_ids)
         self._poll_n = min(batch, FIRST_POLL)
+        self._per_record = 1000.0          # until seen, a record may be a block of 1000 events
         self.stats = ApplyStats()
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz, even while waiting
@@ -159,8 +176,8 @@ class Applier:
                 records = self._log_call(self.reader.poll, self._poll_n, POLL_TIMEOUT_S)
                 self._count_damaged()
                 if records:
-                    self._size_batches(records)
-                    self._apply(records)
+                    events = self._apply(records)
+                    self._size_batches(records, events)
                     last_record = time.monotonic()
                     continue
                 self._meet_previous_targets()
@@ -191,10 +208,14 @@ class Applier:
                      and time.monotonic() - last_record >= self.idle_timeout)
         return producer_done or idle_over
 
-    def _size_batches(self, records: list[Record]) -> None:
-        """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size."""
+    def _size_batches(self, records: list[Record], events: int) -> None:
+        """Bounded memory: ask for as many records as fit in BATCH_BYTES at their recent size,
+        and (a block holds many events) as hold about ``batch`` events, at least one record."""
         avg = sum(len(r.value) for r in records) / len(records)
-        self._poll_n = max(1, min(self.batch, int(BATCH_BYTES / max(avg, 1.0))))
+        # Events per record as seen, forgotten slowly: a batch of markers must not make the next
+        # poll take a batch's worth of blocks.
+        self._per_record = per_record = max(max(events, 1) / len(records), self._per_record / 2)
+        self._poll_n = max(1, min(int(self.batch / per_record), int(BATCH_BYTES / max(avg, 1.0))))
 
     def _captures_done(self) -> bool:
         """Several captures may feed the log: the run ends only once every snapshot capture that
@@ -235,7 +256,8 @@ class Applier:
         return True
 
     # -- one batch -----------------------------------------------------------------------------
-    def _apply(self, records: list[Record]) -> None:
+    def _apply(self, records: list[Record]) -> int:
+        """Write and commit a batch; returns how many events it held."""
         events, markers = self._decode(records)
         if not self.dry_run:
             records = self._write_with_retry(records, events)
@@ -250,6 +272,7 @@ class Applier:
         self._status("running")
         if self.on_progress:
             self.on_progress(self.stats)
+        return len(events) + len(markers)
 
     def _decode(self, records: list[Record]
                 ) -> tuple[dict[tuple, tuple[Event, Record]], list[tuple[Kind, str]]]:
@@ -257,10 +280,21 @@ class Applier:
         wins), and the markers in log order."""
         latest: dict[tuple, tuple[Event, Record]] = {}
         markers: list[tuple[Kind, str]] = []
-        for rec, ev in zip(records, self.codec.decode_many([r.value for r in records])):
-            if isinstance(ev, CodecError):
-                self._dead_letter(rec, f"undecodable record: {ev}")
+        for rec, got in zip(records, self.codec.decode_many([r.value for r in records])):
+            if isinstance(got, list):          # a block: UPSERTs and DELETEs of whole states
+                for ev in got:
+                    k = (ev.db, ev.key)
+                    latest.pop(k, None)
+                    # (block, event) stands for the key where apply speaks of it alone (a
+                    # dead letter holds that event); the block is what is committed.
+                    latest[k] = (ev, (rec, ev))
                 continue
+            if isinstance(got, CodecError):
+                n = block_size(rec.key)
+                self._dead_letter(rec, f"undecodable record: {got}" if n is None else
+                                  f"undecodable block of {n} keys: {got}")
+                continue
+            ev = got
             if ev.chunk is not None:
                 # Parts of a key are applied one by one, in order. A whole state of the key read
                 # before them is superseded by them (the last part replaces the key).
@@ -315,7 +349,10 @@ class Applier:
             if self.target_dbs is not None:
                 self.target_dbs.see(db, items)
             watch = self.guard.watch_for(db, target)
-            out.append((watch, self.writer.write(target, db, items, probe=watch)))
+            # Whole states only (a snapshot's blocks): no planning per key; else, or when the
+            # target refused one, the careful way.
+            res = write_whole(self.writer, target, items, probe=watch)
+            out.append((watch, res or self.writer.write(target, db, items, probe=watch)))
         return out
 
     def _settle(self, watch: TargetWatch, res: BatchResult) -> None:
@@ -331,10 +368,11 @@ class Applier:
             return records, events
         keep = {id(r) for r in owned}
         self.stats.handed_over += len(records) - len(owned)
+        events = {k: v for k, v in events.items() if id(_block_of(v[1])) in keep}
         log.warning("%d records were handed to another member of group %r while the target was "
                     "down: left unwritten, that member applies them", len(records) - len(owned),
                     self.group)
-        return owned, {k: v for k, v in events.items() if id(v[1]) in keep}
+        return owned, events
 
     @property
     def collisions(self) -> int:
@@ -499,6 +537,12 @@ class Applier:
 
     # -- reporting -----------------------------------------------------------------------------
     def _dead_letter(self, rec: Record, reason: str) -> None:
+        if isinstance(rec, tuple):
+            # One key of a block: the dead letter holds its event alone (the block's other keys
+            # were written), at the block's position.
+            b, ev = rec
+            rec = Record(b.partition, b.offset, ev.record_key(), self.codec.encode(ev),
+                         b.timestamp_ms)
         self.reader.dead_letter(rec, reason)
         log.error("dead-lettered record %s@%s: %s", rec.partition, rec.offset, reason)
         self._count_dead_letter(reason)

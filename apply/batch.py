@@ -365,6 +365,8 @@ class BatchWriter:
 def _track(parts: dict[tuple[int, bytes], bytes], db: int, p: Planned) -> bytes | None:
     """Follow the part sequences of each key; return the temporary key of one that can no longer
     complete (its key's events are in log order: a new sequence or a whole state supersedes it)."""
+    if not parts and p.tmp is None:
+        return None                          # no part sequence open, none started (most keys)
     k = (db, p.key)
     stale = None
     if p.ev.chunk is None or p.ev.chunk["index"] == 0:

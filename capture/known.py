@@ -31,15 +31,16 @@ def known_keys(history: History, codec: Codec, db: int, key_filter: KeyFilter,
         for _key, value in history.records:
             found.records += 1
             try:
-                ev = codec.decode(value)
+                evs = codec.decode_all(value)
             except CodecError:
                 continue                      # apply dead-letters it; it wrote nothing
-            if ev.is_marker or ev.db != db:
-                continue
-            if ev.kind == Kind.DELETE:
-                keys.discard(ev.key)
-            else:
-                keys.add(ev.key)              # a part too: the key may be half-replaced
+            for ev in evs:
+                if ev.is_marker or ev.db != db:
+                    continue
+                if ev.kind == Kind.DELETE:
+                    keys.discard(ev.key)
+                else:
+                    keys.add(ev.key)          # a part too: the key may be half-replaced
             if len(keys) > limit:
                 found.keys = None
                 break

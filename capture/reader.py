@@ -82,6 +82,7 @@ class StateReader(DumpReads, Sizing, TypedReads, Paging, StreamMeta, Splitting, 
         # deleted while notifications were lost is in ``known`` but not seen by the scan: re-read.
         self.known: set[bytes] | None = None
         self.seen: set[bytes] | None = None
+        self._start_blocks()
 
     @property
     def sizing(self) -> bool:
@@ -89,6 +90,11 @@ class StateReader(DumpReads, Sizing, TypedReads, Paging, StreamMeta, Splitting, 
 
     def read(self, keys: list[bytes], *, check_type: bool = False) -> int:
         """Read and append events for ``keys``; returns how many keys were read."""
+        n = self._read(keys, check_type)
+        self.flush_blocks()
+        return n
+
+    def _read(self, keys: list[bytes], check_type: bool) -> int:
         check_type = check_type and self.type_filter is not None
         if self.seen is not None:
             self.seen.update(keys)

@@ -127,6 +127,9 @@ class SupervisedWriter(LogWriter):
     def __init__(self, inner: LogWriter, supervisor: Supervisor) -> None:
         self.inner, self.sup = inner, supervisor
         self.max_record_bytes = inner.max_record_bytes
+        self.takes_blocks = inner.takes_blocks
+        self.partition_of = inner.partition_of
+        self.partitions = getattr(inner, "partitions", 1)
 
     @property
     def log_id(self) -> str:  # type: ignore[override]

@@ -158,7 +158,7 @@ def _apply_process(dst: Endpoint, log_uri, log_opts, group, start, idle_timeout,
     meta = open_waiting(lambda: open_meta(log_uri, log_opts), "opening its metadata")
 
     def progress(st):
-        display.update("Applying", st.records, None, st.rate, unit="records",
+        display.update("Applying", st.keys, None, st.key_rate, unit="keys",
                        note="" if "waiting" not in proc.state else proc.state[:60])
 
     target_dbs = target_dbs or _target_dbs(dst, None)
@@ -257,7 +257,7 @@ def _apply_lines(st, dry_run: bool) -> tuple[list[str], bool]:
     verb = "would apply" if dry_run else "applied"
     lines = [f"apply: {verb} {st.records} records ({st.restored} restored, {st.written} typed, "
              f"{st.converted} converted, {st.deleted} deleted, "
-             f"{st.expired} expired on arrival), {st.rate:,.0f} records/s, "
+             f"{st.expired} expired on arrival), {st.key_rate:,.0f} keys/s, "
              f"{st.retries} target retries, {st.dead_letters} dead letters"]
     if st.converted:
         lines.append(f"apply: {st.converted} keys the target refused as DUMP payloads (older "

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from conveyor.errors import LogLost
+from conveyor.events import Codec, block_size
 from conveyor.log import open_reader, open_writer
 from tests import cli
 from tests.compare import differences
@@ -45,13 +46,14 @@ def middle_key_record(seg: Path) -> tuple[int, int, bytes]:
     return recs[len(recs) // 2]
 
 
-def count_records(uri: str) -> int:
-    """Valid records the log hands out, read by a group of its own."""
+def count_events(uri: str) -> int:
+    """Events in the valid records the log hands out (a block counts its keys), read by a group
+    of its own."""
     r = open_reader(uri, f"count-{uuid.uuid4().hex}", start="earliest")
-    n = 0
+    codec, n = Codec(), 0
     try:
         while got := r.poll(10_000, 0.5):
-            n += len(got)
+            n += sum(len(codec.decode_all(rec.value)) for rec in got)
     finally:
         r.close()
     return n
@@ -113,7 +115,7 @@ def test_damage_in_the_middle_is_kept_dead_lettered_once_and_the_rest_arrives(re
     # given a captured log with one record in the middle of its segment damaged on disk
     source, target, log_dir, uri = captured_log(redis_factory, tmp_path)
     seg = segments(log_dir)[0]
-    before = count_records(uri)
+    before = count_events(uri)
     start, end, key = middle_key_record(seg)
     if damage == "value byte":
         flip(seg, end - 3, b"\xff")                   # its CRC no longer matches
@@ -135,7 +137,8 @@ def test_damage_in_the_middle_is_kept_dead_lettered_once_and_the_rest_arrives(re
     # then nothing was cut: the segment still starts with every byte it had, damage included
     assert seg.read_bytes()[:len(damaged)] == damaged
     second = source.client().dbsize() + 2             # every key again, between two markers
-    assert count_records(uri) == before - 1 + second
+    lost = block_size(key) or 1                       # the events the damaged record held
+    assert count_events(uri) == before - lost + second
 
     # when apply replays it
     p = cli.run("apply", target.url, "--log", uri, "--idle-timeout", "1")
@@ -144,7 +147,8 @@ def test_damage_in_the_middle_is_kept_dead_lettered_once_and_the_rest_arrives(re
     letters = dead_letters(log_dir, "apply")
     assert [(d["segment"], d["byte"]) for d in letters] == [(seg.name, start)], letters
     assert f"at byte {start}" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    # and every key arrived (the damaged key's state came again with the second capture)
+    assert f"(a block of {lost} keys" in p.stderr, p.stderr        # what went with it, counted
+    # and every key arrived (the damaged keys' states came again with the second capture)
     assert differences(source.client(), target.client()) == []
     # and the log is drained: lag 0
     st = json.loads(cli.run("status", "--log", uri, "--json", check=True).stdout)
@@ -186,7 +190,7 @@ def test_torn_tail_is_still_cut_by_the_next_capture(redis_factory, tmp_path):
     # given a log whose last record was torn halfway by a crash
     source, target, log_dir, uri = captured_log(redis_factory, tmp_path, n=1000)
     seg = segments(log_dir)[0]
-    before = count_records(uri)
+    before = count_events(uri)
     start, end, _ = frames(seg)[-1]
     os.truncate(seg, start + (end - start) // 2)
     # when capture runs again
@@ -195,7 +199,7 @@ def test_torn_tail_is_still_cut_by_the_next_capture(redis_factory, tmp_path):
     # then the torn half is gone, every whole record kept, the new ones follow
     recs = frames(seg)
     assert any(s == start for s, _, _ in recs)        # the next record starts where the torn one did
-    assert count_records(uri) == before - 1 + source.client().dbsize() + 2
+    assert count_events(uri) == before - 1 + source.client().dbsize() + 2
     # and apply has nothing to dead-letter
     p = cli.run("apply", target.url, "--log", uri, "--idle-timeout", "1")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -237,7 +241,7 @@ def age(paths: list[Path], seconds: float) -> None:
 def test_retention_deletes_only_old_segments_every_group_is_past(redis_factory, tmp_path):
     # given a log of many small segments, group a past all of them, group b half way
     opts = ("--log-opt", "segment_bytes=4000", "--scan-count", "20")
-    _, target, log_dir, uri = captured_log(redis_factory, tmp_path, n=400, opts=opts)
+    _, target, log_dir, uri = captured_log(redis_factory, tmp_path, n=800, opts=opts)
     cli.run("apply", target.url, "--log", uri, "--group", "a", "--idle-timeout", "1", check=True)
     segs = segments(log_dir)
     assert len(segs) > 10

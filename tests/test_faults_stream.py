@@ -431,11 +431,12 @@ def test_apply_processes_share_a_group_and_survive_one_killed(redis_factory, mem
     source, target, buf = redis_factory(), redis_factory(), redis_factory(extra=AOF)
     log_uri, opt = f"{buf.url}/0", ("--log-opt", "partitions=4", "--log-opt", "lease_ms=3000")
     n = 20_000                                   # enough that every member gets a share
+    small = ("--scan-count", "20")               # ... of records: blocks of a few keys each
     s = source.client()
     s.mset({f"k{i}": f"old{i}" for i in range(n)})
-    cli.run("capture", source.url, "--log", log_uri, *opt, check=True)
+    cli.run("capture", source.url, "--log", log_uri, *opt, *small, check=True)
     s.mset({f"k{i}": f"new{i}" * 20 for i in range(n)})
-    cli.run("capture", source.url, "--log", log_uri, *opt, "--fresh", check=True)
+    cli.run("capture", source.url, "--log", log_uri, *opt, *small, "--fresh", check=True)
     # when several apply processes read the group and one is SIGKILLed mid-run
     watch = PendingWatch(buf, [f"conveyor:{i}" for i in range(4)])
     watch.start()

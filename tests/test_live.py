@@ -218,7 +218,7 @@ def log_events(log_uri: str) -> list:
     codec, reader, out = Codec(), open_reader(log_uri, "inspect", start="earliest"), []
     try:
         while batch := reader.poll(1000, 1.0):
-            out += [codec.decode(r.value) for r in batch]
+            out += [ev for r in batch for ev in codec.decode_all(r.value)]
     finally:
         reader.close()
     return out

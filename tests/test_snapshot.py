@@ -56,6 +56,13 @@ def test_killed_apply_and_stopped_target_lose_nothing(redis_factory, log_uri):
     source = redis_factory()
     target = redis_factory(extra=("--appendonly", "yes", "--appendfsync", "always"))
     n = load_mixed(source.client(), 6000)
+    # and enough keys (without expiries: none may expire during the test) that a restarted apply
+    # is still busy when the target stops: a batch of a block log is a block of up to 1000 keys
+    fill = source.client().pipeline(transaction=False)
+    for i in range(54_000):
+        fill.set(f"plain:{i}", i)
+    fill.execute()
+    n += 54_000
     cli.run("capture", source.url, "--log", log_uri, check=True)
     # when apply is SIGKILLed mid-run
     proc = cli.start("apply", target.url, "--log", log_uri, "--batch", "50")

@@ -1,8 +1,8 @@
 """Compare source and target key by key: missing, type, value, ttl, and keys only in the target.
 
-Per batch: one pipeline per server reads TYPE + DUMP + expiry of every key, so equal keys cost no
-extra round trip. Where DUMP bytes differ, typed values are compared (encodings differ between
-server versions). Keys that differ are re-checked after a short delay before being reported, so a
+Per batch: one pipeline per server reads DUMP + expiry of every key, so equal keys cost no
+extra round trip. Where DUMP bytes differ, the types are asked and typed values are compared
+(encodings differ between server versions). Keys that differ are re-checked after a short delay before being reported, so a
 key written during the compare is not a false alarm.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ class _Side:
 
     def commands(self, keys: list[bytes]) -> list[tuple]:
         expiry = "PEXPIRETIME" if self.absolute else "PTTL"
-        return [c for k in keys for c in (("TYPE", k), ("DUMP", k), (expiry, k))]
+        return [c for k in keys for c in (("DUMP", k), (expiry, k))]
 
     def check(self, replies: list) -> list:
         for r in replies:
@@ -105,7 +105,7 @@ class _Side:
 class Verifier:
     def __init__(self, *, source: redis.Redis, target: redis.Redis, key_filter: KeyFilter,
                  rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
-                 scan_count: int = 1000, batch: int = 500, check_extra: bool = True,
+                 scan_count: int = 1000, batch: int = 1000, check_extra: bool = True,
                  stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None) -> None:
         self.filter, self.rewriter = key_filter, rewriter
         self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
@@ -186,24 +186,34 @@ class Verifier:
         now = now_millis()
         s, t = self._read_both(keys, names)
         found: list[Diff | None] = [None] * len(keys)
-        unsure: list[int] = []             # same type, different DUMP bytes: compared typed
-        for i, (key, name) in enumerate(zip(keys, names)):
-            stype, sdump = _text(s[3 * i]), s[3 * i + 1]
-            ttype, tdump = _text(t[3 * i]), t[3 * i + 1]
-            if stype == "none":
+        unequal: list[int] = []            # DUMP bytes differ: their types are asked next
+        for i, (sdump, tdump) in enumerate(zip(s[0::2], t[0::2])):
+            if sdump is None:
                 continue                   # vanished from the source since the scan: no difference
-            if ttype == "none":
-                found[i] = Diff("missing", key, name)
-            elif stype != ttype:
-                found[i] = Diff("type", key, name, f"{stype} != {ttype}")
+            if tdump is None:
+                found[i] = Diff("missing", keys[i], names[i])
             elif sdump != tdump:
-                unsure.append(i)
-            else:
-                found[i] = self._ttl(key, name, now, s[3 * i + 2], t[3 * i + 2])
-        same = self._same_values([(keys[i], names[i], _text(s[3 * i])) for i in unsure])
-        for i, ok in zip(unsure, same):
-            found[i] = (self._ttl(keys[i], names[i], now, s[3 * i + 2], t[3 * i + 2]) if ok
-                        else Diff("value", keys[i], names[i], f"{_text(s[3 * i])} values differ"))
+                unequal.append(i)
+            else:                          # equal DUMP bytes: same type and value
+                found[i] = self._ttl(keys[i], names[i], now, s[2 * i + 1], t[2 * i + 1])
+        unsure: list[tuple[int, str]] = []  # same type, different DUMP bytes: compared typed
+        if unequal:
+            st, tt = self._run_both([("TYPE", keys[i]) for i in unequal],
+                                    [("TYPE", names[i]) for i in unequal])
+            for i, stype, ttype in zip(unequal, self.src.check(st), self.dst.check(tt)):
+                stype, ttype = _text(stype), _text(ttype)
+                if stype == "none":
+                    continue
+                if ttype == "none":
+                    found[i] = Diff("missing", keys[i], names[i])
+                elif stype != ttype:
+                    found[i] = Diff("type", keys[i], names[i], f"{stype} != {ttype}")
+                else:
+                    unsure.append((i, stype))
+        same = self._same_values([(keys[i], names[i], type_) for i, type_ in unsure])
+        for (i, type_), ok in zip(unsure, same):
+            found[i] = (self._ttl(keys[i], names[i], now, s[2 * i + 1], t[2 * i + 1]) if ok
+                        else Diff("value", keys[i], names[i], f"{type_} values differ"))
         return [d for d in found if d is not None]
 
     def _ttl(self, key: bytes, name: bytes, now: int, sexp: int, texp: int) -> Diff | None:
@@ -229,7 +239,7 @@ class Verifier:
                 for j, ok in enumerate(same)]
 
     def _read_both(self, keys: list[bytes], names: list[bytes]) -> tuple[list, list]:
-        """TYPE, DUMP and expiry of each key on both sides, the two servers read at once."""
+        """DUMP and expiry of each key on both sides, the two servers read at once."""
         s, t = self._run_both(self.src.commands(keys), self.dst.commands(names))
         return self.src.check(s), self.dst.check(t)
 
@@ -292,8 +302,11 @@ class Verifier:
 
     def _extra(self) -> list[tuple[bytes, bytes]]:
         found = []
+        every = (self.rewriter.identity and not self.filter.checks_names
+                 and not self.filter.match)        # every target key is ours: no test per key
         for names in self._scan(self.dst, {}, lambda ks: ks):
-            cand = [(k, n) for n in names if (k := self._belongs(n)) is not None]
+            cand = ([(n, n) for n in names] if every else
+                    [(k, n) for n in names if (k := self._belongs(n)) is not None])
             if self.filter.type and cand:
                 cand = self._of_filtered_type(cand)
             if not cand:
@@ -310,6 +323,12 @@ class Verifier:
         return [c for c, t in zip(cand, types) if _text(t) == self.filter.type]
 
     def _absent_in_source(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        if not self.filter.type:
+            # One EXISTS of the whole page first: when the source has every key (the common
+            # case) nothing is absent, and no command per key is needed.
+            (present,) = self._run(self.src, [("EXISTS", *(k for k, _ in cand))])
+            if present == len(cand):
+                return []
         types = self._run(self.src, [("TYPE", k) for k, _ in cand])
         out = []
         for (k, n), t in zip(cand, types):

@@ -119,6 +119,13 @@ class LogWriter(Identity, _Closing, abc.ABC):
     """
 
     max_record_bytes: int = 64 * 1024 * 1024
+    # Whether capture may append blocks of events (conveyor.events): a log whose records are
+    # not replaced by key. A compacted Kafka topic keeps one record per key: no blocks there.
+    takes_blocks: bool = False
+
+    def partition_of(self, partition_key: bytes) -> int:
+        """The partition records with this partition key land in (a block holds events of one)."""
+        return 0
 
     @abc.abstractmethod
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None: ...

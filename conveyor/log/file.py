@@ -30,6 +30,10 @@ deleted, oldest first and never the one being written, once every group has comm
 and they are older than the retention; a log no group has read yet keeps everything. After that
 ``history()`` is incomplete and ``replayable()`` is False, both saying why.
 
+Commits. ``commit`` writes the group's position at most every COMMIT_INTERVAL_S while records
+keep coming (and whenever reading pauses, ``status`` is asked, or the reader closes): a crash may
+replay up to that much again, which whole-state events tolerate.
+
 Groups. One reader per group: a second one is refused (a second ``apply`` of the same group would
 overwrite the first one's position). Readers of other groups are independent.
 """
@@ -50,6 +54,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from conveyor.errors import ConfigError, LogError, LogLost
+from conveyor.events import block_size
 from conveyor.log import segment
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
@@ -63,6 +68,10 @@ IDENTITY_CHECK_S = 1.0           # a reader waiting for records checks the log's
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024
 DEFAULT_RETENTION = "7d"
 DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024   # of a damaged stretch kept in dead-letter.jsonl
+# A group's position is written (and fsynced) at most this often while records keep coming; a
+# position committed meanwhile is written once reading pauses, by status() and by close(). An fsync
+# also flushes what the writer wrote meanwhile: one per batch made apply wait on the disk.
+COMMIT_INTERVAL_S = 0.25
 SEGMENT_RE = re.compile(r"^(\d{20})\.log$")
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -252,6 +261,8 @@ def _gone(segs: list[int]) -> str:
 
 # -- writer ------------------------------------------------------------------------------------------
 class FileLogWriter(LogWriter):
+    takes_blocks = True             # one partition, never compacted
+
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         self.uri = uri
         self.segment_bytes = _size_option(opts, "segment_bytes", SEGMENT_BYTES)
@@ -414,6 +425,8 @@ class FileLogReader(LogReader):
         self._counted = (-1, 0, 0)       # status(): (segment, byte, records) counted so far
         self._checked = time.monotonic()
         self._saved_seg = -1
+        self._unsaved: tuple[int, int, int] | None = None   # committed, not written yet
+        self._saved_at = 0.0
         if observe:                      # status() only: it creates, locks and moves nothing
             self.log_id = _read_id(self.root)
             return
@@ -434,6 +447,7 @@ class FileLogReader(LogReader):
     def adopt_new_log(self) -> None:
         """Read the directory as it is now, from its group position (its earliest record for a new
         log). Records polled before are void: they cannot be committed any more."""
+        self._unsaved = None                 # a position in the log that is gone
         self.close()
         self._positions.clear()
         self._counted = (-1, 0, 0)
@@ -451,6 +465,7 @@ class FileLogReader(LogReader):
     def seek(self, where: StartAt) -> None:
         segs = _segments(self.root)
         self._last = None
+        self._unsaved = None
         if where == "committed":
             c = _read_json(self._group_file)
             if c:
@@ -488,6 +503,7 @@ class FileLogReader(LogReader):
             out = self._read(max_records)
             if out or time.monotonic() >= deadline:
                 return out
+            self.save_commits()              # reading pauses: the last commit is written now
             if time.monotonic() - self._checked >= IDENTITY_CHECK_S:
                 self._checked = time.monotonic()
                 self.check_identity()
@@ -561,9 +577,10 @@ class FileLogReader(LogReader):
     def _damage(self, start: int, end: int) -> None:
         """Dead-letter a damaged stretch with its real place, and say so in ``damaged``."""
         name = _seg_path(self.root, self._seg).name
-        reason = (f"damaged log stretch in {self.root / name} at byte {start} ({end - start} bytes, "
-                  f"before record {self._offset}): no valid record there; dead-lettered and skipped")
         data = self._scan.raw(start, min(end - start, DEAD_LETTER_MAX_BYTES))
+        reason = (f"damaged log stretch in {self.root / name} at byte {start} ({end - start} bytes, "
+                  f"before record {self._offset}): no valid record there; dead-lettered and skipped"
+                  + _held(data))
         self._dead_line({"segment": name, "byte": start, "length": end - start, "offset": self._offset,
                          "reason": reason, "group": self.group,
                          "data": base64.b64encode(data).decode()})
@@ -579,9 +596,19 @@ class FileLogReader(LogReader):
             raise LogError(f"cannot commit offset {after - 1}: it was not polled by this reader")
         self.check_identity()
         self._positions = {o: p for o, p in self._positions.items() if o > after}
-        self._save(*where)
+        self._unsaved = where
+        if time.monotonic() - self._saved_at >= COMMIT_INTERVAL_S:
+            self.save_commits()
+
+    def save_commits(self) -> None:
+        """Write the last position committed, if it is not written yet."""
+        if self._unsaved is not None:
+            where, self._unsaved = self._unsaved, None
+            self._save(*where)
+            self._saved_at = time.monotonic()
 
     def _save(self, offset: int | None = None, seg: int | None = None, pos: int | None = None) -> None:
+        self._unsaved = None                 # this position is at or after any commit pending
         if offset is None:
             offset, seg, pos = self._offset, self._seg, self._pos
         _atomic_json(self._group_file, {"offset": offset, "segment": seg, "pos": pos,
@@ -592,6 +619,8 @@ class FileLogReader(LogReader):
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> LogStatus:
+        if self._lock is not None:
+            self.save_commits()              # the lag counts from the last commit
         segs = _segments(self.root)
         end = 0
         if segs:
@@ -632,8 +661,20 @@ class FileLogReader(LogReader):
             self._scan = None
 
     def close(self) -> None:
+        if self._lock is not None and not self._lock.closed:
+            self.save_commits()
         self._close_scan()
         _unlock(self._lock)
+
+
+def _held(data: bytes) -> str:
+    """What a damaged stretch held, when it starts with a block whose key is intact: its key
+    names how many events (keys) were lost with it."""
+    if len(data) < segment.HEADER.size:
+        return ""
+    klen = segment.HEADER.unpack_from(data)[3]
+    n = block_size(data[segment.HEADER.size:segment.HEADER.size + min(klen, 64)])
+    return f" (a block of {n} keys: their states are lost with it)" if n else ""
 
 
 class FileMetaStore(MetaStore):

@@ -72,9 +72,18 @@ class StreamLogWriter(StreamLog, LogWriter):
             self._existing = {s for s in self.streams if self.r.exists(s)}
         self._ready = True
 
-    def _stream_of(self, key: bytes) -> str:
+    takes_blocks = True             # streams are trimmed by age or acknowledgement, not by key
+
+    @property
+    def partitions(self) -> int:
+        return len(self.streams)
+
+    def partition_of(self, partition_key: bytes) -> int:
         n = len(self.streams)
-        return self.streams[zlib.crc32(key) % n] if n > 1 else self.streams[0]
+        return zlib.crc32(partition_key) % n if n > 1 else 0
+
+    def _stream_of(self, key: bytes) -> str:
+        return self.streams[self.partition_of(key)]
 
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
         self._buf.append((key, value, partition_key or key))
