@@ -164,7 +164,7 @@ class BatchWriter:
             pipe.commands += p.commands
             plan.append(p)
         probed = probe is not None and probe.queue(pipe)
-        replies = _execute(target, pipe, self._redirected)
+        replies = execute(target, pipe, self._redirected)
         if probed:
             res.probe = replies[-3:]
         res.tally.temp_cleaned += sum(replies[i] for i in cleanups)
@@ -329,7 +329,7 @@ class BatchWriter:
             starts.append(len(pipe))
             for cmd in p.commands:
                 pipe.execute_command(*cmd)
-        replies = _execute(target, pipe, self._redirected)
+        replies = execute(target, pipe, self._redirected)
         for c, value, start, n in sent:
             p = c.planned
             errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
@@ -407,7 +407,7 @@ def _text(v) -> str:
     return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
-def _execute(target: redis.Redis, pipe: Batch, on_redirect=None) -> list:
+def execute(target: redis.Redis, pipe: Batch, on_redirect=None) -> list:
     """``on_redirect``: told of each redirection or node failure a cluster target's batch met
     (conveyor.cluster follows them)."""
     if not len(pipe):
@@ -424,4 +424,4 @@ def _execute(target: redis.Redis, pipe: Batch, on_redirect=None) -> list:
 def _execute_commands(target: redis.Redis, commands: list[tuple], on_redirect=None) -> list:
     pipe = Batch()
     pipe.commands = list(commands)
-    return _execute(target, pipe, on_redirect)
+    return execute(target, pipe, on_redirect)

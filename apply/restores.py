@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import redis
 
-from apply.batch import BatchResult, BatchWriter
-from apply.replies import check_replies, raise_for_connection
-from conveyor.acl import user_of
+from apply.batch import BatchResult, BatchWriter, execute
 from conveyor.events import Event, Kind, now_millis
 from conveyor.log import Record
 from conveyor.packed import Batch
@@ -53,12 +51,9 @@ def write_whole(writer: BatchWriter, target: redis.Redis, items: list[tuple[Even
     pipe = Batch()
     pipe.commands = cmds
     probed = probe is not None and probe.queue(pipe)
-    user = user_of(target)
-    try:
-        replies = pipe.run(target)
-    except Exception as e:  # noqa: BLE001 - classified in one place
-        raise_for_connection(e, user)
-    check_replies(replies, pipe.commands, user)
+    # As the careful path sends it: per node on a cluster (redirections followed and counted),
+    # connection failures and refused permissions classified the same way.
+    replies = execute(target, pipe, writer._redirected)
     if any(isinstance(r, Exception) for r in replies):
         return None
     res = BatchResult(removals=removals, probe=replies[-3:] if probed else None)
