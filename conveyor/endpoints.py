@@ -10,6 +10,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from conveyor.acl import refused_line, user_of
+from conveyor.cluster import primary_clients
 from conveyor.errors import ConfigError, ConveyorError, SourceError
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -226,15 +227,10 @@ def server_info(r) -> ServerInfo:
 
 
 def _cluster_info(r: RedisCluster) -> ServerInfo:
-    infos = [server_info(r.get_redis_connection(n) or _node_conn(r, n)) for n in r.get_primaries()]
+    infos = [server_info(node) for node in primary_clients(r)]
     oldest = min(infos, key=lambda i: i.version)
     run_ids = ",".join(sorted(i.run_id for i in infos))
     return ServerInfo(oldest.version, oldest.version_text, oldest.flavor, run_ids, 0)
-
-
-def _node_conn(r: RedisCluster, node) -> redis.Redis:
-    r.nodes_manager.create_redis_connections([node])
-    return r.get_redis_connection(node)
 
 
 def _checked_info(r: redis.Redis, what: str) -> ServerInfo:

@@ -16,6 +16,38 @@ def _sets(keys, version: int) -> list[tuple]:
     return [(b"SET", k, b"v%d" % version) for k in keys]
 
 
+class Versions:
+    """Writes version 1, 2, ... of every key through conveyor.cluster.run in a thread until the
+    ``with`` block ends; ``last`` is the last version every key took, ``errors`` what failed
+    (a reply other than OK included), ``redirects`` what the routing followed."""
+
+    def __init__(self, client, keys) -> None:
+        self.client, self.keys = client, keys
+        self.last, self.errors, self.redirects = 0, [], []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        v = 0
+        try:
+            while not self._done.is_set():
+                v += 1
+                replies = cluster.run(self.client, _sets(self.keys, v),
+                                      on_redirect=lambda e: self.redirects.append(type(e).__name__))
+                assert all(r == b"OK" for r in replies), replies[:3]
+                self.last = v
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(e)
+
+    def __enter__(self) -> "Versions":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(60)
+
+
 def test_a_batch_reaches_every_primary_and_reads_back_through_the_routing():
     with start_cluster(3) as c:
         client = c.client()
@@ -39,34 +71,12 @@ def test_writes_during_a_reshard_follow_ask_and_moved_and_keep_the_last_version(
         keys = [k for k in keys if client.keyslot(k) in moving][:1500]
         assert len(keys) > 500
         packed.run(client, _sets(keys, 0))
-        redirects: list[str] = []
-        done = threading.Event()
-        errors: list[BaseException] = []
-        last = [0]
-
-        def write() -> None:
-            v = 0
-            try:
-                while not done.is_set():
-                    v += 1
-                    replies = cluster.run(client, _sets(keys, v),
-                                          on_redirect=lambda e: redirects.append(type(e).__name__))
-                    assert all(r == b"OK" for r in replies), replies[:3]
-                    last[0] = v
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                errors.append(e)
-
-        t = threading.Thread(target=write)
-        t.start()
-        try:
+        with Versions(client, keys) as w:
             c.reshard(400, src, dst)
-        finally:
-            done.set()
-            t.join(60)
-        assert not errors, errors
-        assert redirects, "the reshard redirected nothing: the test did not exercise ASK/MOVED"
+        assert not w.errors, w.errors
+        assert w.redirects, "the reshard redirected nothing: the test did not exercise ASK/MOVED"
         plain = RedisCluster(host="127.0.0.1", port=dst.port)
-        assert all(plain.get(k) == b"v%d" % last[0] for k in keys)
+        assert all(plain.get(k) == b"v%d" % w.last for k in keys)
         assert dst.client().dbsize() >= len(keys)            # they really moved
 
 
@@ -75,34 +85,15 @@ def test_batches_go_on_through_a_primary_failover():
         client = c.client()
         keys = [b"f:%d" % i for i in range(2000)]
         victim = c.primary_of(keys[0])
-        done = threading.Event()
-        errors: list[BaseException] = []
-        versions = [0]
-
-        def write() -> None:
-            v = 0
-            try:
-                while not done.is_set():
-                    v += 1
-                    assert set(cluster.run(client, _sets(keys, v))) == {b"OK"}
-                    versions[0] = v
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        t = threading.Thread(target=write)
-        t.start()
-        try:
+        with Versions(client, keys) as w:
             new = c.failover(victim)
-            before = versions[0]
+            before = w.last
             threading.Event().wait(0.5)
-        finally:
-            done.set()
-            t.join(60)
-        assert not errors, errors
-        assert versions[0] > before                         # writes went on after the failover
+        assert not w.errors, w.errors
+        assert w.last > before                         # writes went on after the failover
         assert c.primary_of(keys[0]) is new
         fresh = RedisCluster(host="127.0.0.1", port=new.port)
-        assert all(fresh.get(k) == b"v%d" % versions[0] for k in keys)
+        assert all(fresh.get(k) == b"v%d" % w.last for k in keys)
 
 
 def test_a_stale_slot_table_is_corrected_not_answered_with_moved():

@@ -34,6 +34,13 @@ def fill(server, dbs=DBS, n=200) -> None:
         p.execute()
 
 
+def drop_shared(server, dbs) -> None:
+    """Remove the key names ``fill`` gives every db alike: what is left cannot collide."""
+    for db in dbs:
+        for k in list(server.client(db).scan_iter(match="shared:*")):
+            server.client(db).delete(k)
+
+
 def assert_identical_per_db(source, target, pairs) -> None:
     for sdb, tdb in pairs:
         diffs = differences(source.client(sdb), target.client(tdb))
@@ -228,9 +235,7 @@ def test_live_merge_of_two_dbs_into_one_under_writes_converges(redis_factory, tm
 def test_distinct_names_merge_into_one_target_db_without_collisions(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
     fill(source, dbs=(3, 7))
-    for db in (3, 7):
-        for k in list(source.client(db).scan_iter(match="shared:*")):
-            source.client(db).delete(k)
+    drop_shared(source, (3, 7))
     p = cli.run("replicate", source.url, target.url, "--db", "3,7", "--target-db", "0",
                 "--state-dir", str(tmp_path), "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -364,9 +369,7 @@ def test_apply_into_a_cluster_stops_at_another_db_without_target_db(redis_factor
 def test_several_dbs_into_a_cluster_with_target_db_0(redis_factory, cluster_factory, tmp_path):
     source, cluster = redis_factory(), cluster_factory(3)
     fill(source)
-    for db in DBS:                                 # distinct names only: no collision
-        for k in list(source.client(db).scan_iter(match="shared:*")):
-            source.client(db).delete(k)
+    drop_shared(source, DBS)                       # distinct names only: no collision
     p = cli.run("replicate", source.url, cluster.url, "--db", "0,3,7", "--target-db", "0",
                 "--state-dir", str(tmp_path), "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
