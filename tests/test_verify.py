@@ -128,3 +128,23 @@ def test_report_json_shows_binary_and_unicode_keys(pair):
     keys = [d["key"] for d in doc["diffs"]]
     assert "ключ:ünïcode:🔑" in keys and {"base64": "AP9iaW4NCmtleQ=="} in keys
     assert doc["counts"]["missing"] == 2
+
+
+def test_keys_the_source_evicts_during_verify_are_named_in_the_report(redis_factory):
+    """A source at its maxmemory evicts keys when verify's own reads need buffer memory: the
+    extras that follow are the source's changes, and the report says how many it evicted."""
+    server = redis_factory(extra=("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-random"))
+    src, dst = server.client(), redis_factory().client()
+    for i in range(6000):
+        src.set(f"k{i}", "v" * 1000)
+    src.config_set("maxmemory", 0)               # copied while nothing is evicted
+    copy(src, dst)
+    src.config_set("maxmemory", "3mb")
+    before = int(src.info("stats")["evicted_keys"])
+    report = run(src, dst)
+    src.config_set("maxmemory", 0)
+    evicted = int(src.info("stats")["evicted_keys"]) - before
+    assert 0 < report.evicted <= evicted
+    assert 0 < report.counts["extra"] <= dst.dbsize() - src.dbsize()
+    assert f"the source evicted {report.evicted} keys while verify read it" in report.summary_line()
+    assert report.to_json()["source_evicted"] == report.evicted

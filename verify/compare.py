@@ -47,6 +47,7 @@ class VerifyReport:
     checked: int = 0
     diffs: list[Diff] = field(default_factory=list)
     complete: bool = False
+    evicted: int = 0             # keys the source evicted (maxmemory) while verify read it
 
     @property
     def counts(self) -> dict[str, int]:
@@ -61,11 +62,18 @@ class VerifyReport:
 
     def summary_line(self) -> str:
         c = self.counts
-        return (f"{c['missing']} missing, {c['type']} type, {c['value']} value, {c['ttl']} ttl, "
+        line = (f"{c['missing']} missing, {c['type']} type, {c['value']} value, {c['ttl']} ttl, "
                 f"{c['extra']} extra ({self.checked} keys checked)")
+        if self.evicted:
+            # A source at its maxmemory evicts keys when clients (verify's own reads too) need
+            # memory: such a key is then extra on the target, a change of the source itself.
+            line += (f"; the source evicted {self.evicted} keys while verify read it "
+                     f"(maxmemory reached): differences may be its own changes")
+        return line
 
     def to_json(self) -> dict:
         return {"checked": self.checked, "complete": self.complete, "counts": self.counts,
+                "source_evicted": self.evicted,
                 "summary": self.summary_line(),
                 "diffs": [{"kind": d.kind, "key": _show(d.key), "target_key": _show(d.target_key),
                            "detail": d.detail} for d in self.diffs]}
@@ -132,6 +140,7 @@ class Verifier:
     def run(self) -> VerifyReport:
         report = VerifyReport()
         total = self._dbsize(self.src)
+        evicted = self._evicted()
         suspects: list[bytes] = []
         for keys in self._scan(self.src, self.filter.scan_args(), self.filter.select):
             if not self.rewriter.invertible:
@@ -147,7 +156,17 @@ class Verifier:
             report.diffs += self._compare(suspects[i:i + self.batch])
         report.diffs += self._confirm_extra(extra)
         report.complete = not self._stop.is_set()
+        if evicted is not None:
+            report.evicted = max(0, (self._evicted() or evicted) - evicted)
         return report
+
+    def _evicted(self) -> int | None:
+        """The source's evicted_keys (every primary of a cluster); None when INFO is refused."""
+        try:
+            return sum(int(c.info("stats").get("evicted_keys", 0))
+                       for c in primary_clients(self.src.client))
+        except redis.RedisError:
+            return None
 
     # -- source side ---------------------------------------------------------------------------
     def _dbsize(self, side: _Side) -> int:
