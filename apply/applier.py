@@ -343,9 +343,12 @@ class Applier:
         by_db: dict[int, list[tuple[Event, Record]]] = {}
         for k, item in events.items():
             by_db.setdefault(k[0], []).append(item)
+        # Every database's target first: a batch with a database that cannot be written is
+        # refused before any of it is written.
+        targets = {db: self.target_for_db(db) for db in by_db}
         out = []
         for db, items in by_db.items():
-            target = self.target_for_db(db)
+            target = targets[db]
             if self.target_dbs is not None:
                 self.target_dbs.see(db, items)
             watch = self.guard.watch_for(db, target)

@@ -84,19 +84,19 @@ class ClusterStateReader(StateReader):
         self._script = False                 # keys of a batch span slots: pipelined reads
         self._suspects: list[bytes] | None = None
 
-    def read(self, keys: list[bytes], *, check_type: bool = False) -> int:
+    def read(self, keys: list[bytes], *, check_type: bool = False, scanned: bool = False) -> int:
         if not self.source.replica:
-            return super().read(keys, check_type=check_type)
+            return super().read(keys, check_type=check_type, scanned=scanned)
         self._suspects = []
         try:
-            n = super().read(keys, check_type=check_type)
+            n = super().read(keys, check_type=check_type, scanned=scanned)
             suspects = self._suspects
         finally:
             self._suspects = None
         if suspects:
             self.source.replica = False
             try:
-                super().read(suspects, check_type=check_type)
+                super().read(suspects, check_type=check_type, scanned=scanned)
             finally:
                 self.source.replica = True
         return n

@@ -2,8 +2,9 @@
 keys the log knows followed; expiries turned into absolute times.
 
 Whole DUMP payloads and deletes are ``state.v1`` records on a log that keeps one record per key
-(compacted Kafka). On a log that takes blocks, whole DUMP payloads and deletes go straight into the columns of the
-block of their partition (no Event object per key); a block is appended once it holds
+(compacted Kafka), except what a scan read: a block is never compacted away, so scans (one copy of
+the keyspace per pass) use blocks there and live changes stay records compaction replaces. In a
+block, whole DUMP payloads and deletes go straight into the columns of the block of their partition (no Event object per key); a block is appended once it holds
 BLOCK_EVENTS events or BLOCK_BYTES, and every pending block is appended at the end of each read
 and before any record that is not part of a block, so the log gets every event in the order it
 was read. Sequence numbers are given when a block is appended: consecutive within a block.
@@ -21,7 +22,7 @@ class Emitting:
 
     def _start_blocks(self) -> None:
         w = self.writer
-        self.blocks = w.takes_blocks
+        self.blocks = w.takes_blocks and not w.compacted     # read() decides per read
         self.block_bytes = max(1024, min(BLOCK_BYTES, w.max_record_bytes * 8 // 10))
         self._open_blocks: dict[int, Columns] = {}
         self._many = getattr(w, "partitions", 1) > 1
@@ -43,7 +44,7 @@ class Emitting:
     def _upsert_dumps(self, keys: list[bytes], payloads: list[bytes], ttls: list[int],
                       read_ms: int) -> None:
         """UPSERTs of whole DUMP payloads read together, with their PEXPIRETIME (or PTTL): the
-        hot path, into the columns a slice at a time when the log has one partition."""
+        hot path, into the columns of each partition's block a slice at a time."""
         if not keys:
             return
         if self.known is not None:
@@ -53,16 +54,30 @@ class Emitting:
             expires = [t if t >= 0 else None for t in ttls]
         else:
             expires = [read_ms + t if t >= 0 else None for t in ttls]
-        if not self.blocks or self._many:
+        if not self.blocks:
             self.counts.upserts -= len(keys)       # counted again one by one
             for k, p, x in zip(keys, payloads, expires):
                 self._upsert(k, read_ms, x, payload=p)
             return
+        if not self._many:
+            self._extend(0, keys, payloads, expires, read_ms)
+            return
+        db, part_of = self.info.db, self.writer.partition_of
+        by_part: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_part.setdefault(part_of(record_key(db, k)), []).append(i)
+        for p, at in by_part.items():
+            self._extend(p, [keys[i] for i in at], [payloads[i] for i in at],
+                         [expires[i] for i in at], read_ms)
+
+    def _extend(self, p: int, keys: list[bytes], payloads: list[bytes], expires: list,
+                read_ms: int) -> None:
+        """UPSERTs of one partition into its block, a slice at a time."""
         at = 0
         while at < len(keys):
-            cols = self._open_blocks.get(0)
+            cols = self._open_blocks.get(p)
             if cols is None:
-                cols = self._open_blocks[0] = Columns()
+                cols = self._open_blocks[p] = Columns()
             end = min(len(keys), at + BLOCK_EVENTS - len(cols.keys))
             size = sum(map(len, keys[at:end])) + sum(map(len, payloads[at:end]))
             if cols.size + size <= self.block_bytes:
@@ -71,9 +86,9 @@ class Emitting:
                 for i in range(at, end):
                     self._column(keys[i], payloads[i], expires[i], read_ms)
             at = end
-            cols = self._open_blocks.get(0)
+            cols = self._open_blocks.get(p)
             if cols is not None and len(cols.keys) >= BLOCK_EVENTS:
-                self._append_block(0)
+                self._append_block(p)
 
     def _append_block(self, p: int) -> None:
         cols = self._open_blocks.pop(p)

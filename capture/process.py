@@ -436,7 +436,7 @@ class Capture:
         self.heartbeat = time.monotonic()
         cursor, keys = self._read(lambda: self._scan(self._cursor), "SCAN")
         if keys:
-            self._read(lambda: self.reader.read(keys), "reading scanned keys")
+            self._read(lambda: self.reader.read(keys, scanned=True), "reading scanned keys")
             self._sync_counts()
             self._progress()
         if cursor == 0 and self.mode == "snapshot" and self._restart_scan_if_source_restarted():

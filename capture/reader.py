@@ -88,8 +88,11 @@ class StateReader(DumpReads, Sizing, TypedReads, Paging, StreamMeta, Splitting, 
     def sizing(self) -> bool:
         return bool(self.big_key_bytes or self.mem_limit)
 
-    def read(self, keys: list[bytes], *, check_type: bool = False) -> int:
-        """Read and append events for ``keys``; returns how many keys were read."""
+    def read(self, keys: list[bytes], *, check_type: bool = False, scanned: bool = False) -> int:
+        """Read and append events for ``keys`` (``scanned``: keys a scan found); returns how
+        many keys were read."""
+        w = self.writer
+        self.blocks = w.takes_blocks and (scanned or not w.compacted)
         n = self._read(keys, check_type)
         self.flush_blocks()
         return n

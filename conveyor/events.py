@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 import io
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -98,8 +100,9 @@ def record_key(db: int, key: bytes) -> bytes:
 
 def block_record_key(db: int, n: int) -> bytes:
     """A block's record key names its event count, so that a damaged block can say how many
-    keys it held even when its value cannot be decoded."""
-    return b"%d:%s%d" % (db, BLOCK_KEY, n)
+    keys it held even when its value cannot be decoded, and ends in a random token: on a
+    compacted Kafka topic no block ever replaces another (blocks are never compacted away)."""
+    return b"%d:%s%d:%s" % (db, BLOCK_KEY, n, os.urandom(8).hex().encode())
 
 
 def block_size(record_key_: bytes) -> int | None:
@@ -107,10 +110,8 @@ def block_size(record_key_: bytes) -> int | None:
     at = record_key_.find(BLOCK_KEY)
     if at < 0:
         return None
-    try:
-        return int(record_key_[at + len(BLOCK_KEY):])
-    except ValueError:
-        return None
+    count = re.match(rb"\d+", record_key_[at + len(BLOCK_KEY):])
+    return int(count.group()) if count else None
 
 
 @dataclass(slots=True)

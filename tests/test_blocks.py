@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 import zlib
 from pathlib import Path
@@ -220,7 +221,7 @@ def test_a_block_damaged_on_disk_loses_exactly_its_keys_and_says_how_many(redis_
     assert len(lost) == block_size(victim.key) > 0
 
 
-# -- Kafka: one record per key ---------------------------------------------------------------------------
+# -- Kafka: state records and blocks ---------------------------------------------------------------------------
 def test_a_whole_state_record_round_trips_next_to_other_records():
     codec = Codec()
     recs = [codec.encode_state(2, b"a", b"payload-a", None, 10, "cap", 1),
@@ -236,28 +237,113 @@ def test_a_whole_state_record_round_trips_next_to_other_records():
     assert codec.decode(recs[1]) == got[1] and codec.decode_all(recs[2]) == [got[2]]
 
 
-def test_kafka_keeps_one_record_per_key_under_the_keys_record_key(redis_factory, kafka_broker):
-    # given a source, and a compacted topic (the default): compaction keeps a record per key
+def _kafka_records(uri: str) -> tuple[list, list]:
+    """(blocks, other records but markers) the topic holds now."""
+    recs = [r for r in log_records(uri) if b"conveyor-marker" not in r.key]
+    return [r for r in recs if BLOCK_KEY in r.key], [r for r in recs if BLOCK_KEY not in r.key]
+
+
+def _topic_ends(bootstrap: str, topic: str) -> list[int]:
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ends", "log_level": 0})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return [c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts]
+    finally:
+        c.close()
+
+
+def _liveonly_capture(source, uri: str, change, idle_timeout: float = 2) -> str:
+    """A liveonly capture (no scan) that reads what ``change()`` does to the source."""
+    from tests.test_live import wait_for_subscriber
+    proc = cli.start("capture", source.url, "--log", uri, "--mode", "liveonly", "--idle-timeout",
+                     str(idle_timeout), "--enable-notifications")
+    wait_for_subscriber(source)
+    change()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    return out
+
+
+def test_a_compacted_kafka_topic_keeps_scans_as_blocks_and_rebuilds_a_new_target(redis_factory,
+                                                                                  kafka_broker):
+    # given a compacted topic (the default) whose segments roll every second and get compacted
     from tests.kafka_broker import kafka_log_uri
     source, target = redis_factory(), redis_factory()
     s = source.client()
-    for i in range(500):
-        s.set(f"k:{i}", i, px=3_600_000 if i % 5 == 0 else None)
-    uri = kafka_log_uri(kafka_broker)
+    load_mixed(s, 3000)
+    uri = (kafka_log_uri(kafka_broker) + "?topic.segment.ms=1000&topic.min.compaction.lag.ms=0"
+           "&topic.min.cleanable.dirty.ratio=0.01")
 
-    # when capture runs, and keys are deleted and captured again
+    # when a snapshot is captured: the scan appends blocks, each under a record key of its own
     cli.run("capture", source.url, "--log", uri, check=True)
-    s.delete(*[f"k:{i}" for i in range(0, 500, 9)])
-    cli.run("capture", source.url, "--log", uri, "--mode", "live", "--idle-timeout", "1",
-            "--enable-notifications", check=True)
-
-    # then every record of a key stands alone under that key's record key (no blocks)
+    blocks, singles = _kafka_records(uri)
+    assert not singles and 3000 // 1000 <= len(blocks) < 3000 // 100
+    assert len({r.key for r in blocks}) == len(blocks)
     codec = Codec()
-    recs = [r for r in log_records(uri) if b"conveyor-marker" not in r.key]
-    assert recs and not [r for r in recs if BLOCK_KEY in r.key]
-    for r in recs:
+    assert sorted(e.key for r in blocks for e in codec.decode_all(r.value)) == sorted(s.keys("*"))
+
+    # when live changes follow, some seconds apart: every changed key written twice, some keys
+    # deleted, one key written a third time
+    names = sorted(s.keys("*"))
+    changed, gone = names[:600:2], names[601:1200:7]
+
+    def changes():
+        time.sleep(2)       # after the run's resync scan (it did not see what happened before)
+        s.mset({k: b"first" for k in changed})
+        s.delete(*gone)
+        # a record more than segment.ms after the first of a segment rolls it (records are
+        # stamped when capture read the change: a second and a half to spare)
+        time.sleep(2.5)
+        s.mset({k: b"second" for k in changed})
+        time.sleep(2.5)
+        s.set(changed[0], b"last")
+        s.mset({k: b"roll" for k in rollers})     # a record in every partition rolls them all
+    rollers, hit = [], set()
+    for i in range(1000):
+        p = zlib.crc32(b"0:roll:%d" % i) % 6
+        if p not in hit:
+            hit.add(p)
+            rollers.append(b"roll:%d" % i)
+    out = _liveonly_capture(source, uri, changes, idle_timeout=5)
+    blocks, _ = _kafka_records(uri)
+    # (the topic's end offsets count every record appended, compacted away or not: beside the
+    # blocks, a few markers and the live records; a change made while the run's resync scan
+    # read the key may travel in its block instead)
+    appended = sum(_topic_ends(kafka_broker.bootstrap, uri.split("/")[-1].split("?")[0]))
+    live = appended - len(blocks)
+    assert live >= 2 * len(changed) - 50, out
+
+    # then live changes are records of their own under the key's record key, and compaction
+    # removes superseded ones (the "first" writes: 300, spread over 6 partitions; the broker's
+    # cleaner may leave a partition for later) while every block stays
+    deadline = time.monotonic() + 90
+    while True:
+        after, singles = _kafka_records(uri)
+        if live - len(singles) >= 200 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert live - len(singles) >= 200, ("compaction never ran", live, len(singles))
+    assert sorted(r.key for r in after) == sorted(r.key for r in blocks)
+    assert {r.key for r in singles} == {b"0:" + k for k in changed + gone + rollers}
+    for r in singles:
         (ev,) = codec.decode_all(r.value)
         assert r.key == b"0:" + ev.key
-    # and apply writes exactly the source's keys, expiries included
+
+    # and a new target rebuilt from the compacted topic alone equals the source
     cli.run("apply", target.url, "--log", uri, "--idle-timeout", "3", check=True)
     assert differences(s, target.client()) == []
+    assert target.client().get(changed[0]) == b"last" and not target.client().exists(*gone)
+
+
+def test_a_kafka_topic_that_deletes_by_age_takes_live_changes_in_blocks_too(redis_factory,
+                                                                         kafka_broker):
+    from tests.kafka_broker import kafka_log_uri
+    source, target = redis_factory(), redis_factory()
+    s = source.client()
+    uri = kafka_log_uri(kafka_broker) + "?topic.cleanup.policy=delete"
+    _liveonly_capture(source, uri, lambda: s.mset({f"k:{i}": i for i in range(2000)}))
+    blocks, singles = _kafka_records(uri)
+    assert blocks and not singles
+    cli.run("apply", target.url, "--log", uri, "--idle-timeout", "3", check=True)
+    assert differences(s, target.client()) == [] and target.client().dbsize() == 2000

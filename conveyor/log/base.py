@@ -119,9 +119,13 @@ class LogWriter(Identity, _Closing, abc.ABC):
     """
 
     max_record_bytes: int = 64 * 1024 * 1024
-    # Whether capture may append blocks of events (conveyor.events): a log whose records are
-    # not replaced by key. A compacted Kafka topic keeps one record per key: no blocks there.
+    # Whether capture may append blocks of events (conveyor.events).
     takes_blocks: bool = False
+    # A log that keeps only the latest record of each record key (a compacted Kafka topic). A
+    # block is never replaced there (its record key is unique), so capture appends blocks only
+    # for what a scan read: one copy of the keyspace per pass, while live changes stay records
+    # of their own that compaction replaces key by key.
+    compacted: bool = False
 
     def partition_of(self, partition_key: bytes) -> int:
         """The partition records with this partition key land in (a block holds events of one)."""

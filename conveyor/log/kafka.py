@@ -14,8 +14,11 @@ that exists is used as it is, whatever its partition count (``status`` shows it)
 
 The producer is idempotent with acks=all, so retries neither duplicate nor reorder records of a
 partition. Records are keyed by db + Redis key: all events of a key go to one partition in order,
-and a compacted topic keeps the latest state of every key. Consumers commit explicitly, only what
-apply has written to the target.
+and a compacted topic keeps the latest state of every key. Blocks (many keys of one partition)
+have record keys of their own that nothing replaces; on a compacted topic capture uses them for
+what scans read only (LogWriter.compacted). Consumers commit explicitly, only what apply has
+written to the target. No compression by default (see PRODUCER_DEFAULTS); the consumer prefetches
+at most 4 MiB.
 
 Faults: a broker that is down or restarting is waited out. The producer never gives up on a
 record (message.timeout.ms=0: librdkafka retries for ever, idempotence keeps order), a flush that
@@ -76,10 +79,13 @@ PRODUCER_DEFAULTS = {"enable.idempotence": True, "acks": "all", "linger.ms": 10,
                      # retrying (in order, without duplicates: idempotence) and flush() says
                      # LogUnavailable until the broker acknowledged.
                      "message.timeout.ms": 0,
-                     "batch.size": 1_000_000, "compression.type": "lz4",
+                     # No compression by default: a consumer holds a fetched batch and its
+                     # decompressed copy (apply's peak RSS 81 MiB with lz4, 65 without, for the
+                     # same keys/s). Over a slow link, pass compression.type=lz4.
+                     "batch.size": 1_000_000, "compression.type": "none",
                      "queue.buffering.max.messages": 500_000,
                      # bounded memory: at most this much waits in the producer's queue
-                     "queue.buffering.max.kbytes": 16384,
+                     "queue.buffering.max.kbytes": 4096,
                      # only failures need a report (a Python callback per record costs ~1 µs)
                      "delivery.report.only.error": True}
 
@@ -306,8 +312,12 @@ def _topic_id(admin: AdminClient, topic: str) -> str:
         raise _failure(e, f"cannot describe Kafka topic {topic!r}") from e
 
 
-def _high_watermarks(admin: AdminClient, topic: str, parts) -> dict[int, int]:
-    asked = {TopicPartition(topic, p): OffsetSpec.latest() for p in parts}
+def _high_watermarks(admin: AdminClient, topic: str, parts, earliest: bool = False) -> dict[int, int]:
+    """Partition -> end offset (start offset with ``earliest``), in one request through the
+    admin client: a consumer's own lookups queue behind its fetch in flight (up to
+    fetch.wait.max.ms each)."""
+    spec = OffsetSpec.earliest() if earliest else OffsetSpec.latest()
+    asked = {TopicPartition(topic, p): spec for p in parts}
     if not asked:
         return {}
     out = {}
@@ -372,6 +382,17 @@ def _wait_visible(admin: AdminClient, topic: str) -> int:
     raise LogUnavailable(f"Kafka topic {topic!r} was created but has no leader yet")
 
 
+def cleanup_policy(admin: AdminClient, topic: str) -> str:
+    """The topic's cleanup.policy as the broker applies it ("compact", "delete" or both)."""
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        cfg = admin.describe_configs([res], request_timeout=METADATA_TIMEOUT_S)[res].result(
+            METADATA_TIMEOUT_S)
+    except KafkaException as e:
+        raise _failure(e, f"cannot read the settings of Kafka topic {topic!r}") from e
+    return cfg["cleanup.policy"].value
+
+
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
     _hosts, topic, props, _cfg, _create = parse(uri, opts)
     _admin, md = _cluster(props)
@@ -397,12 +418,18 @@ def _data(msgs, topic: str, on_trouble=None):
 
 
 class KafkaLogWriter(LogWriter):
+    # Blocks: every event of a block is in the block's partition (partition_of), in order with
+    # the records around it. A compacted topic gets them for scans only (LogWriter.compacted).
+    takes_blocks = True
+
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         _, self.topic, props, cfg, create = parse(uri, opts)
         self._props, self._cfg, self._create = props, cfg, create
         self.partitions = ensure_topic(props, self.topic, cfg, create)
         self._admin = _made(AdminClient, _client_props(props))
         self.log_id = _topic_id(self._admin, self.topic)
+        # As the broker has it (a topic that existed keeps its own policy).
+        self.compacted = "compact" in cleanup_policy(self._admin, self.topic)
         self.warnings = []
         if self.partitions < DEFAULT_PARTITIONS and "partitions" not in create:
             self.warnings.append(
@@ -431,10 +458,13 @@ class KafkaLogWriter(LogWriter):
             p = msg.partition()
             self._acked[p] = max(self._acked.get(p, 0), msg.offset() + 1)
 
+    def partition_of(self, partition_key: bytes) -> int:
+        # CRC-32 of the partition key, as librdkafka's consistent partitioner does.
+        return zlib.crc32(partition_key) % self.partitions
+
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
-        # With several partitions the partition is chosen here (CRC-32 of the partition key, as
-        # librdkafka's consistent partitioner does), so parts of a key stored under their own
-        # record keys still share the key's partition and order.
+        # With several partitions the partition is chosen here, so parts of a key stored under
+        # their own record keys, and blocks, still share the key's partition and order.
         kw = {}
         if self.partitions > 1:
             kw["partition"] = zlib.crc32(partition_key or key) % self.partitions
@@ -488,8 +518,9 @@ class KafkaLogWriter(LogWriter):
         self.flush()
         consumer = _made(Consumer, {**self._props, "group.id": f"{self.topic}-history",
                                     "enable.auto.commit": False, "enable.auto.offset.store": False,
-                                    "queued.max.messages.kbytes": 16384,
-                                    "fetch.max.bytes": 16 * 1024 * 1024})
+                                    "queued.max.messages.kbytes": 4096,
+                                    "fetch.max.bytes": 4 * 1024 * 1024,
+                                    "fetch.queue.backoff.ms": 5})
         ends, starts, removed = {}, [], 0
         try:
             for p in range(self.partitions):
@@ -557,9 +588,13 @@ class KafkaLogReader(LogReader):
                                    # Cooperative: a member gives up only the partitions that move,
                                    # between two polls, so its batch in flight is committed first.
                                    "partition.assignment.strategy": "cooperative-sticky",
-                                   # bounded memory: prefetch at most this much per partition set
-                                   "queued.max.messages.kbytes": 16384,
-                                   "fetch.max.bytes": 16 * 1024 * 1024,
+                                   # bounded memory: prefetch at most this much, fetch at most
+                                   # this much at once (blocks are up to 1 MB records), and fetch
+                                   # again as soon as apply took some (the 1 s default backoff
+                                   # left apply waiting on an empty queue)
+                                   "queued.max.messages.kbytes": 4096,
+                                   "fetch.max.bytes": 4 * 1024 * 1024,
+                                   "fetch.queue.backoff.ms": 5,
                                    **self.props, "error_cb": _weak(self._client_error),
                                    "group.id": group, "enable.auto.commit": False,
                                    "enable.auto.offset.store": False,
@@ -773,12 +808,8 @@ class KafkaLogReader(LogReader):
     def replayable(self) -> tuple[bool, str]:
         """A compacted topic keeps every key's latest record; with cleanup.policy=delete, records
         removed by retention (a low watermark above 0) mean it does not."""
-        res = ConfigResource(ConfigResource.Type.TOPIC, self.topic)
+        policy = cleanup_policy(self._admin, self.topic)
         try:
-            cfg = self._admin.describe_configs([res],
-                                               request_timeout=METADATA_TIMEOUT_S)[res].result(
-                METADATA_TIMEOUT_S)
-            policy = cfg["cleanup.policy"].value
             parts = sorted(self._c.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
                            .topics[self.topic].partitions)
             removed = 0
@@ -797,18 +828,19 @@ class KafkaLogReader(LogReader):
     def status(self) -> LogStatus:
         """Every partition of the topic, so the lag is the whole group's."""
         try:
-            md = self._c.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
+            md = self._admin.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
             parts = sorted(md.topics[self.topic].partitions)
             committed = self._c.committed(self._tps(parts), timeout=METADATA_TIMEOUT_S)
-            out = []
-            for tp in committed:
-                low, high = self._c.get_watermark_offsets(
-                    TopicPartition(self.topic, tp.partition), timeout=METADATA_TIMEOUT_S)
-                pos = tp.offset if tp.offset >= 0 else None
-                out.append(PartitionStatus(str(tp.partition), pos, high,
-                                           max(high - (pos if pos is not None else low), 0)))
         except KafkaException as e:
             raise _failure(e, f"Kafka status of {self.topic!r} failed") from e
+        highs = _high_watermarks(self._admin, self.topic, parts)
+        unread = [tp.partition for tp in committed if tp.offset < 0]
+        lows = _high_watermarks(self._admin, self.topic, unread, earliest=True)
+        out = []
+        for tp in committed:
+            pos, high = (tp.offset if tp.offset >= 0 else None), highs[tp.partition]
+            out.append(PartitionStatus(str(tp.partition), pos, high,
+                                       max(high - (pos if pos is not None else lows[tp.partition]), 0)))
         return LogStatus(self.uri, self.group, out)
 
     def dead_letter(self, record: Record, reason: str) -> None:
