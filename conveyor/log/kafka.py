@@ -18,7 +18,7 @@ and a compacted topic keeps the latest state of every key. Blocks (many keys of 
 have record keys of their own that nothing replaces; on a compacted topic capture uses them for
 what scans read only (LogWriter.compacted). Consumers commit explicitly, only what apply has
 written to the target. No compression by default (see PRODUCER_DEFAULTS); the consumer prefetches
-at most 4 MiB.
+at most 2 MiB.
 
 Faults: a broker that is down or restarting is waited out. The producer never gives up on a
 record (message.timeout.ms=0: librdkafka retries for ever, idempotence keeps order), a flush that
@@ -592,8 +592,8 @@ class KafkaLogReader(LogReader):
                                    # this much at once (blocks are up to 1 MB records), and fetch
                                    # again as soon as apply took some (the 1 s default backoff
                                    # left apply waiting on an empty queue)
-                                   "queued.max.messages.kbytes": 4096,
-                                   "fetch.max.bytes": 4 * 1024 * 1024,
+                                   "queued.max.messages.kbytes": 2048,
+                                   "fetch.max.bytes": 2 * 1024 * 1024,
                                    "fetch.queue.backoff.ms": 5,
                                    **self.props, "error_cb": _weak(self._client_error),
                                    "group.id": group, "enable.auto.commit": False,
