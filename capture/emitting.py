@@ -4,8 +4,9 @@ keys the log knows followed; expiries turned into absolute times.
 Whole DUMP payloads and deletes are ``state.v1`` records on a log that keeps one record per key
 (compacted Kafka), except what a scan read: a block is never compacted away, so scans (one copy of
 the keyspace per pass) use blocks there and live changes stay records compaction replaces. In a
-block, whole DUMP payloads and deletes go straight into the columns of the block of their partition (no Event object per key); a block is appended once it holds
-BLOCK_EVENTS events or BLOCK_BYTES, and every pending block is appended at the end of each read
+block, whole DUMP payloads and deletes go straight into the columns of the block of their
+partition (no Event object per key); a block is appended once it holds BLOCK_EVENTS events or
+BLOCK_BYTES, and every pending block is appended at the end of each read
 and before any record that is not part of a block, so the log gets every event in the order it
 was read. Sequence numbers are given when a block is appended: consecutive within a block.
 """
