@@ -428,9 +428,17 @@ class KafkaLogWriter(LogWriter):
         self.partitions = ensure_topic(props, self.topic, cfg, create)
         self._admin = _made(AdminClient, _client_props(props))
         self.log_id = _topic_id(self._admin, self.topic)
-        # As the broker has it (a topic that existed keeps its own policy).
-        self.compacted = "compact" in cleanup_policy(self._admin, self.topic)
         self.warnings = []
+        # As the broker has it (a topic that existed keeps its own policy).
+        try:
+            policy = cleanup_policy(self._admin, self.topic)
+        except LogUnavailable:
+            raise
+        except LogError as e:              # allowed to write, not to read the topic's settings
+            policy = "compact"
+            self.warnings.append(f"{e}: taking the topic as compacted (blocks for scans only, "
+                                 "one record per live change)")
+        self.compacted = "compact" in policy
         if self.partitions < DEFAULT_PARTITIONS and "partitions" not in create:
             self.warnings.append(
                 f"Kafka topic {self.topic!r} existed with {self.partitions} partition(s): at most "
