@@ -248,6 +248,7 @@ def records_of_db(log: str, db: int) -> int:
     from tests.test_blocks import log_records
     return sum(1 for r in log_records(log) if r.key.startswith(b"%d:" % db))
 
+
 def test_apply_refuses_several_dbs_into_the_uris_db_without_committing(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
     fill(source, dbs=(0, 3))

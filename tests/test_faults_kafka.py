@@ -369,7 +369,6 @@ def test_apply_processes_share_a_group_and_survive_one_sigkill(kafka_broker, red
     source, target = redis_factory(), redis_factory()
     load_strings_and_hashes(source.client(), 30_000)
     log = kafka_log_uri(kafka_broker)
-    topic = log.rsplit("/", 1)[1]
     # The members join first, so that each holds partitions the capture then fills.
     procs = [cli.start("apply", target.url, "--log", log, "--log-opt", "partitions=4",
                        "--idle-timeout", "15", "--batch", "100") for _ in range(members)]
