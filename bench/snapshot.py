@@ -102,7 +102,7 @@ class Run:
 
     def wait(self) -> "Run":
         self.out = self.proc.stdout.read()
-        self.err = err = self.proc.stderr.read()
+        err = self.proc.stderr.read()
         _, status, usage = os.wait4(self.proc.pid, 0)
         self.wall = time.perf_counter() - self.t0
         self.cpu = usage.ru_utime + usage.ru_stime

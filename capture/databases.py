@@ -61,10 +61,7 @@ class WriterView(LogWriter):
         self.shared = shared
         self.prefix = record_key(db, b"")   # the records of this db (capture/known.py's reads)
         self.inner = shared.writer
-        self.max_record_bytes = self.inner.max_record_bytes
-        self.takes_blocks, self.compacted = self.inner.takes_blocks, self.inner.compacted
-        self.partition_of = self.inner.partition_of
-        self.partitions = getattr(self.inner, "partitions", 1)
+        self._shaped_like(self.inner)
         self.generation = shared.generation
         self.warnings = list(warnings)       # the log's warnings, told by one capture only
 

@@ -126,10 +126,7 @@ class SupervisedWriter(LogWriter):
 
     def __init__(self, inner: LogWriter, supervisor: Supervisor) -> None:
         self.inner, self.sup = inner, supervisor
-        self.max_record_bytes = inner.max_record_bytes
-        self.takes_blocks, self.compacted = inner.takes_blocks, inner.compacted
-        self.partition_of = inner.partition_of
-        self.partitions = getattr(inner, "partitions", 1)
+        self._shaped_like(inner)
 
     @property
     def log_id(self) -> str:  # type: ignore[override]

@@ -131,6 +131,14 @@ class LogWriter(Identity, _Closing, abc.ABC):
         """The partition records with this partition key land in (a block holds events of one)."""
         return 0
 
+    def _shaped_like(self, inner: "LogWriter") -> None:
+        """For a writer that appends through ``inner``: the same record size, blocks, compaction
+        and partitions, so capture splits and batches as ``inner`` needs."""
+        self.max_record_bytes = inner.max_record_bytes
+        self.takes_blocks, self.compacted = inner.takes_blocks, inner.compacted
+        self.partition_of = inner.partition_of            # type: ignore[method-assign]
+        self.partitions = getattr(inner, "partitions", 1)
+
     @abc.abstractmethod
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None: ...
 

@@ -312,7 +312,7 @@ def _topic_id(admin: AdminClient, topic: str) -> str:
         raise _failure(e, f"cannot describe Kafka topic {topic!r}") from e
 
 
-def _high_watermarks(admin: AdminClient, topic: str, parts, earliest: bool = False) -> dict[int, int]:
+def _offsets(admin: AdminClient, topic: str, parts, earliest: bool = False) -> dict[int, int]:
     """Partition -> end offset (start offset with ``earliest``), in one request through the
     admin client: a consumer's own lookups queue behind its fetch in flight (up to
     fetch.wait.max.ms each)."""
@@ -335,7 +335,7 @@ def _check_same_log(admin: AdminClient, topic: str, log_id: str, seen: dict[int,
     now = _topic_id(admin, topic)
     if log_id and now != log_id:
         raise LogLost(f"Kafka topic {topic!r} was deleted and recreated (id {log_id} is now {now})")
-    for p, end in _high_watermarks(admin, topic, seen).items():
+    for p, end in _offsets(admin, topic, seen).items():
         if end < seen[p]:
             raise LogLost(f"Kafka topic {topic!r} partition {p} ends at offset {end}, "
                           f"below the {seen[p]} already seen: records were removed")
@@ -841,9 +841,9 @@ class KafkaLogReader(LogReader):
             committed = self._c.committed(self._tps(parts), timeout=METADATA_TIMEOUT_S)
         except KafkaException as e:
             raise _failure(e, f"Kafka status of {self.topic!r} failed") from e
-        highs = _high_watermarks(self._admin, self.topic, parts)
+        highs = _offsets(self._admin, self.topic, parts)
         unread = [tp.partition for tp in committed if tp.offset < 0]
-        lows = _high_watermarks(self._admin, self.topic, unread, earliest=True)
+        lows = _offsets(self._admin, self.topic, unread, earliest=True)
         out = []
         for tp in committed:
             pos, high = (tp.offset if tp.offset >= 0 else None), highs[tp.partition]
