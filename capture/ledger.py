@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from conveyor.errors import ConfigError
+from conveyor.errors import CodecError, ConfigError
+from conveyor.events import Codec, Kind
+from conveyor.log.base import History
 
 log = logging.getLogger("conveyor.capture")
 
@@ -270,3 +272,60 @@ class Ledger:
     def size_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal"))
                    if os.path.exists(p))
+
+
+@dataclass
+class Rebuilt:
+    records: int = 0              # records of the log read
+    keys: int = 0                 # keys the ledger holds afterwards
+    gap: str = ""                 # why the log no longer holds everything appended ("" if it does)
+
+
+def rebuild(ledger: Ledger, history: History, codec: Codec, db: int, accepts,
+            slot_of=None, digests: bool = True) -> Rebuilt:
+    """Fill an empty ledger from what the log holds (the ledger was lost, or kept for another
+    log): every key of ``db`` that ``accepts(key)`` takes, at its latest state on the log, marked
+    as seen by no scan (epoch 0), so that the next complete scan finds the deleted ones. Without
+    ``digests`` every state is UNKNOWN (``--fresh``: everything is logged again)."""
+    found = Rebuilt(gap="" if history.complete else history.why)
+    batch: list = []
+    try:
+        for _key, value in history.records:
+            found.records += 1
+            try:
+                events = codec.decode_all(value)
+            except CodecError:
+                continue                          # apply dead-letters it; it wrote nothing
+            for ev in events:
+                if ev.is_marker or ev.db != db or not accepts(ev.key):
+                    continue
+                if ev.kind == Kind.DELETE:
+                    _rebuild_flush(ledger, batch, slot_of)
+                    ledger.deleted([ev.key], [slot_of(ev.key)] if slot_of else None)
+                    continue
+                whole = digests and ev.payload is not None and ev.chunk is None and ev.value is None
+                batch.append((ev.key, ev.payload if whole else None, ev.expire_at_ms))
+                if len(batch) >= PAGE:
+                    _rebuild_flush(ledger, batch, slot_of)
+            if found.records % 1_000_000 == 0:
+                log.info("read %d records of the log's history", found.records)
+    finally:
+        close = getattr(history.records, "close", None)
+        if close:
+            close()
+    _rebuild_flush(ledger, batch, slot_of)
+    if not history.complete:                      # a backend may learn of damage while reading
+        found.gap = history.why
+    ledger.fold()
+    found.keys = len(ledger)
+    return found
+
+
+def _rebuild_flush(ledger: Ledger, batch: list, slot_of) -> None:
+    if not batch:
+        return
+    keys = [k for k, _, _ in batch]
+    crcs = b"".join(p[-8:] if p is not None else UNKNOWN_CRC for _, p, _ in batch)
+    ledger.logged(keys, crcs, expiries([x for _, _, x in batch]),
+                  [slot_of(k) for k in keys] if slot_of else None)
+    batch.clear()

@@ -112,3 +112,31 @@ def test_the_pacer_holds_the_average_rate():
     pacer.charge(keys=1, nbytes=50_000)             # big values: the byte rate decides
     assert 4.8 <= pacer.delay() <= 5.0
     assert not Pacer().limited and Pacer().delay() == 0 and Pacer().batch_for(7) == 7
+
+
+def test_a_lost_ledger_is_rebuilt_from_what_the_log_holds(tmp_path):
+    from capture.ledger import rebuild
+    from conveyor.events import Codec, Event, Kind
+    from conveyor.log.base import History
+
+    codec = Codec()
+    events = [Event(Kind.SNAPSHOT_BEGIN, 0, capture_id="c", seq=1),
+              Event(Kind.UPSERT, 0, b"a", _payload(b"v1"), None, 1, "c", 2),
+              Event(Kind.UPSERT, 0, b"b", _payload(b"v2"), 1_900_000_000_000, 1, "c", 3),
+              Event(Kind.UPSERT, 1, b"other-db", _payload(b"v3"), None, 1, "c", 4),
+              Event(Kind.UPSERT, 0, b"skip:me", _payload(b"v4"), None, 1, "c", 5),
+              Event(Kind.UPSERT, 0, b"gone", _payload(b"v5"), None, 1, "c", 6),
+              Event(Kind.DELETE, 0, b"gone", None, None, 1, "c", 7),
+              Event(Kind.UPSERT, 0, b"a", _payload(b"v1-new"), None, 1, "c", 8)]
+    history = History(True, iter([(e.record_key(), codec.encode(e)) for e in events]))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.reset("log-a")
+    found = rebuild(ledger, history, codec, 0, lambda k: not k.startswith(b"skip:"))
+    assert (found.records, found.keys, found.gap) == (8, 2, "")
+    # the source as the log says it is: nothing to log again; a changed key is logged
+    epoch = ledger.new_epoch()
+    state = {b"a": (b"v1-new", None), b"b": (b"v2", 1_900_000_000_000)}
+    assert _scan(ledger, state) == []
+    assert [k for p in ledger.unseen(epoch) for k in p] == []
+    state[b"b"] = (b"v2-changed", None)
+    assert _scan(ledger, state) == [b"b"]
