@@ -50,7 +50,7 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
     first = dst.connect(db=dbopts.target_db)
     built = apply_process(dst, log, opts, display, first=first,
                           targets=target_dbs(dst, dbopts.target_db))
-    proc, reader = built.proc, built.resources[0]
+    proc = built.proc
     _watch(metrics, apply=proc)
     try:
         with interrupts.installed(), display:
@@ -58,7 +58,7 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
             st = proc.run()
             empty = False
             try:
-                ls = reader.status()
+                ls = proc.reader.status()
                 lag, empty = f"{ls.lag} records", ls.empty
             except LogError as e:
                 lag = f"unknown ({e})"
