@@ -23,8 +23,8 @@ from tests.servers import start_server  # noqa: E402
 
 STAGES = (("codec", ("conveyor/events.py", "fastavro")),
           ("log", ("conveyor/log/",)),
-          ("redis I/O", ("redis/", "conveyor/packed.py", "hiredis", "socket", "recv_into",
-                         "sendall")),
+          ("redis I/O", ("redis/", "conveyor/packed.py", "conveyor/exchange.py", "hiredis",
+                         "socket", "recv_into", "sendall")),
           ("capture logic", ("capture/",)),
           ("apply logic", ("apply/",)),
           ("values/rdb", ("conveyor/values.py", "conveyor/rdb/")))
@@ -56,10 +56,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", type=int, default=100_000)
     a = ap.parse_args()
-    from conveyor.commands import CaptureOptions, _apply_process, _capture_process, _close
-    from conveyor.keys import KeyFilter, KeyRewriter
+    from conveyor.options import ApplyOptions, CaptureOptions, LogSpec
     from conveyor.progress import Display
     from conveyor.runner import Endpoint
+    from conveyor.wiring import apply_process, capture_process
 
     src, dst = start_server(), start_server()
     tmp = tempfile.mkdtemp(prefix="conveyor-stages-")
@@ -68,20 +68,18 @@ def main() -> None:
         runs = iter(range(100))
 
         def capture():
-            uri = f"file:{tmp}/log{next(runs)}"
-            capture.uri = uri
-            proc, res = _capture_process(Endpoint(src.url, "source"), uri, {}, KeyFilter(),
-                                         CaptureOptions(fresh=True), Display(False))
-            proc.run()
-            _close(*res)
+            capture.log = LogSpec(f"file:{tmp}/log{next(runs)}")
+            built = capture_process(Endpoint(src.url, "source"), capture.log,
+                                    CaptureOptions(fresh=True), Display(False))
+            built.proc.run()
+            built.close()
 
         def apply():
             dst.client().flushall()
-            proc, res = _apply_process(Endpoint(dst.url, "target"), capture.uri, {},
-                                       f"g{next(runs)}", "earliest", 0.5, 2000, False,
-                                       KeyRewriter(), Display(False))
-            proc.run()
-            _close(*res)
+            opts = ApplyOptions(group=f"g{next(runs)}", start="earliest", idle_timeout=0.5)
+            built = apply_process(Endpoint(dst.url, "target"), capture.log, opts, Display(False))
+            built.proc.run()
+            built.close()
 
         for name, fn in (("capture", capture), ("apply", apply)):
             plain, by = profiled(fn)

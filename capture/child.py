@@ -16,8 +16,11 @@ import signal
 import threading
 import time
 from types import SimpleNamespace
+from typing import Callable
 
 from conveyor.errors import ConveyorError
+from conveyor.progress import Display, setup_logging
+from conveyor.runner import Interrupts
 
 log = logging.getLogger("conveyor.capture")
 
@@ -25,19 +28,19 @@ FORWARD_INTERVAL_S = 0.25
 
 
 class CaptureChild:
-    """Runs capture (as ``conveyor capture`` would) in a spawned process."""
+    """Runs capture (as ``conveyor capture`` would) in a spawned process. ``build(display)``, called
+    in the child, returns the capture ready to run: its ``proc`` and a ``close()`` for what it
+    opened; it is pickled to the child (a module-level function, or a partial of one)."""
 
-    def __init__(self, src, log_uri: str, log_opts: dict, key_filter, opts, display) -> None:
-        from conveyor.progress import Display
-
+    def __init__(self, build: Callable, display) -> None:
         self.display = display
         ctx = multiprocessing.get_context("spawn")
         self._stop_r, self._stop_w = ctx.Pipe(duplex=False)
         self._result_r, result_w = ctx.Pipe(duplex=False)
         fmt = "json" if Display.json else "text"
         self.proc = ctx.Process(target=_main, name="conveyor-capture", daemon=True,
-                                args=(self._stop_r, result_w, src, log_uri, log_opts, key_filter,
-                                      opts, logging.getLogger().level, fmt))
+                                args=(self._stop_r, result_w, build, logging.getLogger().level,
+                                      fmt))
         self._result_w = result_w
         self.result = None
         self.error: ConveyorError | None = None
@@ -119,22 +122,18 @@ class _Forward:
             self.result_w.send(("counts", (counts, self.proc.caught_up)))
 
 
-def _main(stop_r, result_w, src, log_uri, log_opts, key_filter, opts, level, fmt) -> None:
-    from conveyor.commands import _capture_process, _close
-    from conveyor.progress import setup_logging
-    from conveyor.runner import Interrupts
-
+def _main(stop_r, result_w, build: Callable, level: int, fmt: str) -> None:
     setup_logging(level, fmt)
     interrupts = Interrupts()
     with interrupts.installed():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         forward = _Forward(result_w)
         try:
-            proc, res = _capture_process(src, log_uri, log_opts, key_filter, opts, forward)
+            built = build(forward)
         except ConveyorError as e:
             result_w.send(("error", str(e)))
             return
-        forward.proc = proc
+        proc = forward.proc = built.proc
         interrupts.register(proc)
         threading.Thread(target=_stop_when_told, args=(stop_r, proc), daemon=True).start()
         try:
@@ -145,7 +144,7 @@ def _main(stop_r, result_w, src, log_uri, log_opts, key_filter, opts, level, fmt
             log.exception("capture failed")
             result_w.send(("error", f"capture failed: {type(e).__name__}: {e}"))
         finally:
-            _close(*res)
+            built.close()
 
 
 def _stop_when_told(stop_r, proc) -> None:

@@ -198,7 +198,7 @@ class Databases:
 
     @property
     def scanning(self) -> bool:
-        return any(c._cursor is not None for c in self.captures.values())
+        return any(c.scanning for c in self.captures.values())
 
     def stop(self) -> None:
         for c in self.captures.values():

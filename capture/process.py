@@ -305,6 +305,11 @@ class Capture:
         """The first scan is over (/readyz): what follows are changes as they happen."""
         return self._cursor is None and bool(self.stats.capture_id)
 
+    @property
+    def scanning(self) -> bool:
+        """A scan (the first, a resync or a catch-up) is in progress."""
+        return self._cursor is not None
+
     def _live_step(self) -> bool:
         """One round: watch, read dirty keys, scan, flush; True when the idle timeout ends the run."""
         self.heartbeat = time.monotonic()

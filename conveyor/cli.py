@@ -1,4 +1,8 @@
-"""The ``conveyor`` command line (contract in DESIGN.md: scripts and tests depend on it)."""
+"""The ``conveyor`` command line (contract in DESIGN.md: scripts and tests depend on it): options
+parsed into the dataclasses of conveyor/options.py, handed to the command functions.
+
+Each command imports conveyor.commands when it runs: ``--help`` and usage errors do not load the
+processes and their drivers."""
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +17,10 @@ import click
 
 from conveyor.endpoints import Tls, mask_text, mask_uri
 from conveyor.errors import ConfigError, ConveyorError
-from conveyor.progress import LOG_FORMATS, setup_logging
 from conveyor.keys import REDIS_TYPES, KeyFilter, KeyRewriter, parse_slots
+from conveyor.options import (ApplyOptions, CaptureOptions, DbOptions, LogSpec, ReplicateOptions,
+                              VerifyOptions)
+from conveyor.progress import LOG_FORMATS, setup_logging
 from conveyor.runner import Endpoint
 
 log = logging.getLogger("conveyor")
@@ -178,10 +184,9 @@ collisions_option = click.option(
          "wins) is reported but does not make the run fail.")
 
 
-def _db_opts(source: str | None, target: str | None, kw):
+def _db_opts(source: str | None, target: str | None, kw) -> DbOptions:
     """--db / --target-db / --allow-collisions; a database named both in a URI and by an
     option is refused."""
-    from conveyor.commands import DbOptions
     from conveyor.databases import refuse_uri_and_option
     from conveyor.endpoints import uri_db
 
@@ -197,19 +202,19 @@ def _db_opts(source: str | None, target: str | None, kw):
                      allow_collisions=bool(kw.get("allow_collisions")))
 
 
-def _write_opts(kw):
-    from conveyor.commands import ApplyOptions
-    return ApplyOptions(merge_policy=kw["merge_policy"], stream_ids=kw["stream_ids"])
+def _apply_opts(kw, rewriter: KeyRewriter, **given) -> ApplyOptions:
+    """``given``: what the command itself names (group, start, dry_run, ...)."""
+    return ApplyOptions(rewriter=rewriter, merge_policy=kw["merge_policy"],
+                        stream_ids=kw["stream_ids"], **given)
 
 
-def _capture_opts(mode, fresh, kw):
-    from conveyor.commands import CaptureOptions
+def _capture_opts(mode, fresh, kw, key_filter: KeyFilter) -> CaptureOptions:
     if kw.get("idle_timeout") is not None and mode == "snapshot":
         raise click.UsageError("--idle-timeout applies to --mode live and liveonly")
     if kw["mem_limit_skip"] and not kw["mem_limit"]:
         raise click.UsageError("--mem-limit-skip needs --mem-limit SIZE")
-    return CaptureOptions(mode=mode, scan_count=kw["scan_count"], fresh=fresh,
-                          idle_timeout=kw.get("idle_timeout"),
+    return CaptureOptions(key_filter=key_filter, mode=mode, scan_count=kw["scan_count"],
+                          fresh=fresh, idle_timeout=kw.get("idle_timeout"),
                           enable_notifications=kw.get("enable_notifications", False),
                           max_dirty_keys=kw.get("max_dirty_keys") or 1_000_000,
                           value_type=kw["value_type"], big_key_bytes=kw["big_key_bytes"] or None,
@@ -259,6 +264,13 @@ def _filter(kw) -> KeyFilter:
 
 def _rewriter(kw) -> KeyRewriter:
     return KeyRewriter(prefix=kw["key_prefix"], replacements=list(kw["key_replace"]))
+
+
+def _verify_opts(kw, key_filter: KeyFilter, rewriter: KeyRewriter) -> VerifyOptions:
+    return VerifyOptions(key_filter=key_filter, rewriter=rewriter,
+                         ttl_tolerance_ms=kw["ttl_tolerance"], recheck_delay=kw["recheck_delay"],
+                         scan_count=kw["scan_count"], stream_ids=kw.get("stream_ids") or "keep",
+                         show_diffs=bool(kw.get("show_diffs")), report_path=kw.get("report_path"))
 
 
 def _log_opts(pairs) -> dict[str, str]:
@@ -340,9 +352,9 @@ def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
     """Read SOURCE (SCAN + DUMP, and/or keyspace notifications) and append its keys to the log."""
     from conveyor import commands
     dbopts = _db_opts(source, None, kw)
-    ok = commands.capture(_endpoint(source, "source", kw), log_uri, _log_opts(log_opts),
-                          _filter(kw), _capture_opts(mode, fresh, kw), progress,
-                          metrics=_metrics(kw), dbopts=dbopts)
+    src, logspec = _endpoint(source, "source", kw), LogSpec(log_uri, _log_opts(log_opts))
+    opts = _capture_opts(mode, fresh, kw, _filter(kw))
+    ok = commands.capture(src, logspec, opts, dbopts, progress=progress, metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
 
@@ -373,13 +385,14 @@ def apply_cmd(target, log_uri, group, start, idle_timeout, consumer, batch, dry_
               progress, **kw):
     """Replay the log into TARGET (RESTORE ... REPLACE ABSTTL, DEL)."""
     from conveyor import commands
-    opts = _log_opts(log_opts)
+    logspec = LogSpec(log_uri, _log_opts(log_opts))
     if consumer:
-        opts["consumer"] = consumer
+        logspec.opts["consumer"] = consumer
     dbopts = _db_opts(None, target, kw)
-    ok = commands.apply(_endpoint(target, "target", kw), log_uri, opts, group,
-                        start, idle_timeout, batch, dry_run, _rewriter(kw), progress,
-                        _write_opts(kw), metrics=_metrics(kw), dbopts=dbopts)
+    dst = _endpoint(target, "target", kw)
+    opts = _apply_opts(kw, _rewriter(kw), group=group, start=start, idle_timeout=idle_timeout,
+                       batch=batch, dry_run=dry_run)
+    ok = commands.apply(dst, logspec, opts, dbopts, progress=progress, metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
 
@@ -412,8 +425,9 @@ def verify(source, target, progress, **kw):
     """Compare SOURCE and TARGET key by key; exit 1 when anything differs."""
     from conveyor import commands
     dbopts = _db_opts(source, target, kw)
-    ok = commands.verify(_endpoint(source, "source", kw), _endpoint(target, "target", kw),
-                         _filter(kw), _rewriter(kw), kw, progress, dbopts)
+    src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
+    opts = _verify_opts(kw, _filter(kw), _rewriter(kw))
+    ok = commands.verify(src, dst, opts, dbopts, progress=progress)
     sys.exit(0 if ok else 1)
 
 
@@ -457,12 +471,15 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
         if dry_run or no_verify or dbopts.allow_collisions:
             raise click.UsageError("--mode compare only verifies: --dry-run, --no-verify and "
                                    "--allow-collisions mean nothing to it")
-        sys.exit(0 if commands.verify(src, dst, flt, rw, kw, progress, dbopts) else 1)
-    log_uri = log_uri or _state_log(state_dir, source, target)
-    ok = commands.replicate(src, dst, log_uri, _log_opts(log_opts), group, flt, rw,
-                            _capture_opts(mode, fresh, kw), dry_run,
-                            not no_verify and not dry_run, kw, progress, _write_opts(kw),
-                            metrics=_metrics(kw), dbopts=dbopts)
+        ok = commands.verify(src, dst, _verify_opts(kw, flt, rw), dbopts, progress=progress)
+        sys.exit(0 if ok else 1)
+    logspec = LogSpec(log_uri or _state_log(state_dir, source, target), _log_opts(log_opts))
+    opts = ReplicateOptions(
+        capture=_capture_opts(mode, fresh, kw, flt),
+        apply=_apply_opts(kw, rw, group=group, dry_run=dry_run),
+        verify=None if no_verify or dry_run else _verify_opts(kw, flt, rw))
+    ok = commands.replicate(src, dst, logspec, opts, dbopts, progress=progress,
+                            metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
 
@@ -480,7 +497,7 @@ def status(log_uri, group, as_json, gone_after, log_opts):
     """Every capture process of the log and every apply process of the group (state, keys,
     lag, last seen); per partition: committed position, end of the log, lag."""
     from conveyor import commands
-    commands.status(log_uri, _log_opts(log_opts), group, as_json, gone_after)
+    commands.status(LogSpec(log_uri, _log_opts(log_opts)), group, as_json, gone_after)
 
 
 @cli.command()

@@ -3,7 +3,7 @@
 Routing is redis-py's: ``RedisCluster`` keeps the slot table (its NodesManager), ``keyslot`` hashes a
 key, ``move_slot`` learns a MOVED redirection and ``initialize`` reloads the topology. What is ours is
 the batch: the commands of a batch are grouped by the node that owns each key's slot and every group
-goes out as one packed buffer (conveyor.packed), all nodes at once. A reply that is a redirection or
+goes out as one packed buffer (conveyor.exchange), all nodes at once. A reply that is a redirection or
 a cluster-state error (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a node that went away during a failover) is
 never taken as the command's outcome: the topology is refreshed and the command is sent again, in
 its original order among the commands of its key, until it gets a real reply.
@@ -22,7 +22,7 @@ from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError,
                               RedisClusterException, TryAgainError)
 
-from conveyor import packed
+from conveyor.exchange import run_on
 
 log = logging.getLogger("conveyor.cluster")
 
@@ -210,7 +210,7 @@ def _round(client, commands, todo, asking, replies, on_redirect, replica=False):
         batches.append((node_client(client, node), cmds))
         index.append(idx)
     try:
-        results = packed.run_on(batches)
+        results = run_on(batches)
     except (redis.ConnectionError, redis.TimeoutError) as e:
         # One node failed (killed, failing over): the whole round is sent again after a topology
         # refresh (state writes and reads are idempotent, and per-key order is kept).

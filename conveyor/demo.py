@@ -10,8 +10,12 @@ from pathlib import Path
 
 import redis
 
+from conveyor import commands
 from conveyor.errors import ConfigError, ConveyorError
+from conveyor.options import (ApplyOptions, CaptureOptions, DbOptions, LogSpec, ReplicateOptions,
+                              VerifyOptions)
 from conveyor.progress import echo
+from conveyor.runner import Endpoint
 from conveyor.sample import load_mixed
 
 
@@ -50,10 +54,6 @@ def _start(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run(keys: int, progress: bool | None) -> bool:
-    from conveyor import commands
-    from conveyor.keys import KeyFilter, KeyRewriter
-    from conveyor.runner import Endpoint
-
     binary = _server_binary()
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-demo-"))
     procs = []
@@ -64,11 +64,10 @@ def run(keys: int, progress: bool | None) -> bool:
         procs.append(dst_proc)
         n = load_mixed(redis.Redis.from_url(src), keys)
         echo(f"demo: source {src} ({binary}) loaded with {n} keys of every type; target {dst} empty")
-        opts = {"ttl_tolerance": 1000, "recheck_delay": 1.0, "scan_count": 1000,
-                "show_diffs": True, "report_path": None}
+        opts = ReplicateOptions(CaptureOptions(), ApplyOptions(), VerifyOptions(show_diffs=True))
         ok = commands.replicate(Endpoint(src, "source"), Endpoint(dst, "target"),
-                                f"file:{workdir / 'log'}", {}, "apply", KeyFilter(), KeyRewriter(),
-                                commands.CaptureOptions(), False, True, opts, progress)
+                                LogSpec(f"file:{workdir / 'log'}"), opts, DbOptions(),
+                                progress=progress)
         echo("demo: " + ("the target is identical to the source" if ok else "FAILED"))
         return ok
     finally:

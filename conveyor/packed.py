@@ -1,23 +1,17 @@
-"""Batches of commands on the hot paths: one packed buffer out, the replies parsed by one hiredis
-Reader fed straight from the socket.
-
-A redis-py Pipeline costs about 6 µs per command in Python (command stack, one read_response and
-one response callback per reply); this costs about 1 µs. Replies come back raw (no response
-callbacks: bytes, ints, lists) and an error reply is an exception instance in its place, as with
-``pipeline.execute(raise_on_error=False)``. A failure of the connection itself is raised as redis-py
-raises it (ConnectionError / TimeoutError), after the connection was dropped: its replies are lost.
+"""Batches of commands on the hot paths, routed: to the one server of a plain client, per key's
+node for a RedisCluster (conveyor.cluster), or to a source that routes batches itself. Each batch
+goes out as one packed buffer and its replies are parsed by one hiredis Reader (conveyor.exchange):
+raw replies, an error reply as an exception instance in its place.
 """
 from __future__ import annotations
 
-import socket
-import ssl
-
-import hiredis
 import redis
 from redis.cluster import RedisCluster
 
-READ_BYTES = 256 * 1024
-SEND_BYTES = 1024 * 1024          # a buffer sent at once (bounds the packed copy in memory)
+from conveyor import cluster
+from conveyor.exchange import SEND_BYTES, run_on  # noqa: F401 - re-exported
+
+__all__ = ["Batch", "run", "run_on", "SEND_BYTES"]
 
 
 class Batch:
@@ -40,110 +34,8 @@ def run(client: redis.Redis, commands: list[tuple]) -> list:
     """The replies of ``commands``, in order (error replies as exception instances). With a
     RedisCluster client, each command goes to the node of its key's slot (conveyor.cluster)."""
     if isinstance(client, RedisCluster):
-        from conveyor import cluster          # it builds on this module
         return cluster.run(client, commands)
     routed = getattr(client, "run_packed", None)   # a source that routes batches itself
     if routed is not None:
         return routed(commands)
     return run_on([(client, commands)])[0]
-
-
-def run_on(batches: list[tuple[redis.Redis, list[tuple]]]) -> list[list]:
-    """Several batches on several servers at once: every batch is sent before any reply is
-    read, so the servers work in parallel. The replies of each batch, in order."""
-    taken: list[tuple] = []
-    at = 0                                   # which batch a failure belongs to (``e.batch``)
-    try:
-        for at, (client, commands) in enumerate(batches):
-            pool = client.connection_pool
-            ex = _Exchange(pool.get_connection()) if commands else None
-            taken.append((pool, ex))
-            if ex is not None:
-                ex.send(commands)
-        out = []
-        for at, ((_, ex), (_, cmds)) in enumerate(zip(taken, batches)):
-            out.append(ex.receive(len(cmds)) if ex is not None else [])
-        return out
-    except BaseException as e:
-        e.batch = at
-        for _, ex in taken:
-            if ex is not None:
-                ex.conn.disconnect()         # replies may be left unread on it
-        raise
-    finally:
-        for pool, ex in taken:
-            if ex is not None:
-                pool.release(ex.conn)
-
-
-class _Exchange:
-    """One batch on one connection: its own hiredis Reader, fed straight from the socket."""
-
-    def __init__(self, conn) -> None:
-        enc = conn.encoder
-        self.conn, self.sock, self.out = conn, conn._sock, []
-        self.reader = hiredis.Reader(replyError=conn._parser.parse_error,
-                                     **({"encoding": enc.encoding} if enc.decode_responses else {}))
-        self.buf = bytearray(READ_BYTES)
-
-    def send(self, commands: list[tuple]) -> None:
-        enc, pack = self.conn.encoder, hiredis.pack_command
-        chunk: list[bytes] = []
-        size = 0
-        try:
-            for c in commands:
-                try:
-                    b = pack(c)
-                except TypeError:          # bytearray, bool, ...: as redis-py would take them
-                    b = pack(tuple(_encoded(enc, a) for a in c))
-                chunk.append(b)
-                size += len(b)
-                if size >= SEND_BYTES:
-                    self.sock.sendall(b"".join(chunk))
-                    chunk, size = [], 0
-                    self._drain()          # the server's replies must not pile up meanwhile
-            if chunk:
-                self.sock.sendall(b"".join(chunk))
-        except socket.timeout as e:
-            raise redis.TimeoutError(f"Timeout writing to socket: {e}") from e
-        except OSError as e:
-            raise redis.ConnectionError(f"Error while writing to {self._where()}: {e}") from e
-
-    def receive(self, n: int) -> list:
-        try:
-            while len(self.out) < n:
-                self._feed(self.sock.recv_into(self.buf))
-        except socket.timeout as e:
-            raise redis.TimeoutError(f"Timeout reading from socket: {e}") from e
-        except OSError as e:
-            raise redis.ConnectionError(f"Error while reading from {self._where()}: {e}") from e
-        return self.out
-
-    def _feed(self, got: int) -> None:
-        if not got:
-            raise redis.ConnectionError("Connection closed by server.")
-        self.reader.feed(self.buf, 0, got)
-        while (r := self.reader.gets()) is not False:
-            self.out.append(r)
-
-    def _drain(self) -> None:
-        """Read whatever replies already arrived, without waiting."""
-        timeout = self.sock.gettimeout()
-        self.sock.setblocking(False)
-        try:
-            while True:
-                try:
-                    got = self.sock.recv_into(self.buf)
-                except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-                    return
-                self._feed(got)
-        finally:
-            self.sock.settimeout(timeout)
-
-    def _where(self) -> str:
-        return f"{getattr(self.conn, 'host', '?')}:{getattr(self.conn, 'port', '?')}"
-
-
-def _encoded(enc, a):
-    a = enc.encode(a)                       # raises DataError for what redis-py refuses
-    return bytes(a) if isinstance(a, (bytearray, memoryview)) else a

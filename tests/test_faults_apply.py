@@ -404,8 +404,8 @@ def test_a_lost_log_without_a_whole_pass_afterwards_fails_the_run(redis_factory,
     _, stats = through_flaky_log(src, dst, tmp_path, monkeypatch, lost_after_commits=2,
                                  new_log_empty=True)
     assert len(stats.log_lost) == 1 and not stats.log_loss_healed
-    from conveyor.commands import _apply_lines
-    lines, ok = _apply_lines(stats, False)
+    from conveyor.summary import apply_lines
+    lines, ok = apply_lines(stats, False)
     assert not ok and any("no whole capture pass" in ln for ln in lines), lines
 
 
