@@ -1,43 +1,50 @@
-"""The key ledger: what one capture has put on the log, per key, kept on disk (SQLite).
+"""The key ledger: what one capture has put on the log, per key, kept on disk.
 
-Per key: a digest of the state last logged, the epoch of the last scan that saw the key (or in
-which it was logged), the generation of the log it was last logged in, and its hash slot (cluster
-sources). Nothing per key lives in memory, whatever the number of keys.
+Per key: a digest of the state last logged and the generation of the log it was logged in. Nothing
+per key lives in memory for the run, whatever the number of keys.
 
-Why. A gap (notifications lost, a restart, a source that failed over or restarted) is healed by
-scanning the source again. With the ledger the scan logs only the keys whose digest differs from
-the one logged (new or changed keys), and the keys a complete scan did not see are the deletes
-of the gap: they are read again (gone, so logged as deletes). Unchanged values are neither logged
-nor applied again.
+Why. A gap (notifications lost, a restart, a source that failed over or restarted) is healed by a
+rescan of the source. With the ledger, the rescan first reads only digests (``Rescan.saw``); then,
+bucket by bucket, it compares them with the ledger (``Rescan.to_read``): the keys whose digest
+differs (new or changed) and the keys the ledger has but the rescan did not see (deleted during the
+gap, or created since) are read again and logged; unchanged values are neither logged nor applied
+again.
 
-Digest. For a DUMP payload: its last 8 bytes (the CRC-64 Redis appends to every payload, so no
-hashing here) and the absolute expiry. A state without such a digest (typed values, keys read in
-parts) is stored as UNKNOWN, which never equals anything: such a key is logged again by every
-scan (harmless: the log holds whole states).
+Digest. For a key that fits a DUMP payload: the payload's last 8 bytes (the CRC-64 Redis appends to
+every payload) and its absolute expiry. A state without one (a typed value, a key read in parts) is
+UNKNOWN and never equal: such a key is logged again by every rescan (harmless: states are whole).
 
-Cost. What capture logs reaches the ledger as one journal row per batch (the keys joined, their
-lengths as JSON, the digests joined): a few C-speed joins per batch on the hot path. The journal
-is folded into the ``keys`` table by SQLite itself (one INSERT ... SELECT, sorted by key) when a
-scan needs to compare or to list unseen keys, and when the journal grows past FOLD_KEYS.
+Layout (``root``)::
 
-Durability. Changes are made in an open transaction and committed only by ``commit()``, which
-the capture calls after the log flushed the events they describe: the ledger never claims more
-than the log holds. It may claim less (a crash between the flush and the commit): a key is then
-logged once more, which is harmless. The meta table keeps the log id, and the capture id and
-sequence number of the last commit; a ledger of another log, or behind the capture's checkpoint
-(commits lost in a power failure), is not trusted: it is emptied and rebuilt from the log.
+    meta.json      the log it describes, bucket count, generations, the last commit, clean close
+    journal        what was logged since the journal was last distributed (append-only)
+    delta/NNN      journal entries of bucket NNN, in order, not merged into its base yet
+    base/NNN       bucket NNN: the latest entry of each of its keys
+    spill/NNN      digests a rescan read, by bucket (gone once the rescan is compared)
+
+Order and durability. Every journal entry is written to the file (an OS write, not fsynced) before
+the log append of its event (``LedgerWriter`` makes sure), so the ledger never lacks a key the log
+holds: a key deleted during a later gap is always found. Its digest counts only once a commit record
+follows it, written after the log flushed (``commit``): entries after the last commit are taken as
+UNKNOWN (read again). Entries survive a killed process (the OS has them); after a machine restart
+with no clean close, or for another log, or behind the capture's checkpoint, the ledger is not
+trusted and is rebuilt from the log (``rebuild``).
+
+Cost. The hot path joins a batch's keys and digests into one journal record (C-speed joins, one
+write). Distributing, merging and comparing are per-bucket passes with one bucket in memory.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import sqlite3
+import shutil
+import struct
+import zlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from conveyor.errors import CodecError, ConfigError
 from conveyor.events import Codec, Kind
@@ -45,233 +52,413 @@ from conveyor.log.base import History
 
 log = logging.getLogger("conveyor.capture")
 
-UNKNOWN_CRC = bytes(8)            # the digest of a state that has none (never equal: see _SEEN)
-PAGE = 1000                       # keys per query when listing keys a scan did not see
-CACHE_KIB = 32 * 1024             # SQLite's page cache: the ledger's memory, whatever its size
-FOLD_KEYS = 2_000_000             # journal entries folded into the keys table at the latest
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    k BLOB PRIMARY KEY,           -- the key's name
-    d BLOB,                       -- digest of the state last logged (CRC + expiry); NULL: deleted
-    e INTEGER NOT NULL,           -- epoch: the last scan that saw it, or in which it was logged
-    g INTEGER NOT NULL,           -- generation of the log holding its latest event
-    s INTEGER                     -- hash slot (cluster sources), else NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS journal (
-    id INTEGER PRIMARY KEY,
-    kb BLOB NOT NULL,             -- the keys of a batch, joined
-    spans TEXT NOT NULL,          -- JSON: offset << 32 | length of each key in kb
-    crcs BLOB,                    -- 8 bytes a key (NULL: a batch of deletes)
-    exps BLOB,                    -- 8 bytes a key: absolute expiry in ms, -1 for none
-    slots TEXT,                   -- JSON: each key's slot, or NULL
-    e INTEGER NOT NULL,
-    g INTEGER NOT NULL,
-    n INTEGER NOT NULL            -- keys in the batch
-);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-# The keys of one batch as rows (?1 joined keys, ?2 spans JSON, ?3 crcs, ?4 expiries). SQLite's
-# || makes text of blobs: the digest is cast back, or a compare with a blob would never match.
-_BATCH = """
-SELECT substr(?1, (j.value >> 32) + 1, j.value & 4294967295) AS k,
-       CAST(substr(?3, j.key * 8 + 1, 8) || substr(?4, j.key * 8 + 1, 8) AS BLOB) AS d
-FROM json_each(?2) AS j
-"""
-# Every journal row as key rows, in the order they were logged.
-_JOURNAL = """
-SELECT substr(r.kb, (j.value >> 32) + 1, j.value & 4294967295) AS k,
-       CASE WHEN r.crcs IS NULL THEN NULL
-            ELSE CAST(substr(r.crcs, j.key * 8 + 1, 8) || substr(r.exps, j.key * 8 + 1, 8)
-                      AS BLOB) END AS d,
-       r.e AS e, r.g AS g,
-       CASE WHEN r.slots IS NULL THEN NULL ELSE json_extract(r.slots, '$[' || j.key || ']') END AS s,
-       r.id AS rid, j.key AS i
-FROM journal AS r, json_each(r.spans) AS j
-"""
-_FOLD = f"""
-INSERT OR REPLACE INTO keys (k, d, e, g, s)
-SELECT k, d, e, g, s FROM ({_JOURNAL}) ORDER BY k, rid, i
-"""
-_SEEN = f"""
-UPDATE keys SET e = ?5 FROM ({_BATCH}) AS b
-WHERE keys.k = b.k AND keys.d = b.d AND substr(b.d, 1, 8) != ?6
-RETURNING keys.k
-"""
+BUCKETS = 512                     # buckets of a new ledger (one is in memory at a time)
+UNKNOWN_CRC = bytes(8)
+UNKNOWN, DELETED, NO_EXPIRY = -3, -2, -1      # expiry values with a meaning of their own
+BUFFER_BYTES = 64 * 1024          # per-bucket write buffer while distributing or spilling
+DISTRIBUTE_BYTES = 256 * 1024 * 1024          # journal size that is distributed at a commit
+PAGE = 1000                       # keys handed back at a time
+VERSION = 1
+_HEAD = struct.Struct("<cII")     # record type, key count (or body length), body length
+_CRC = struct.Struct("<I")
 
 
-def expiries(expires: list[int | None]) -> bytes:
-    """Absolute expiries (None: none) in the ledger's form."""
-    return array("q", [-1 if x is None else x for x in expires]).tobytes()
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def crcs_of(payloads: list[bytes]) -> bytes:
-    """The CRC-64 that ends every DUMP payload, joined."""
+    """The CRC-64 that ends every DUMP payload, joined (8 bytes a key)."""
     return b"".join([p[-8:] for p in payloads])
 
 
-def _spans(keys: list[bytes]) -> str:
-    lengths = list(map(len, keys))
-    return json.dumps([(o << 32) | n for o, n in
-                       zip(itertools.accumulate(lengths, initial=0), lengths)])
+def expiries(expires: list[int | None]) -> bytes:
+    """Absolute expiries in ms (None: none), 8 bytes a key."""
+    return array("q", [NO_EXPIRY if x is None else x for x in expires]).tobytes()
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Keys with their digests (crc, expiry) and generations, as columns."""
+    keys: list[bytes]
+    crcs: bytes
+    exps: array
+    gens: array
+
+    def encode(self, kind: bytes = b"B") -> bytes:
+        lens = array("I", map(len, self.keys)).tobytes()
+        body = b"".join((lens, *self.keys, self.crcs, self.exps.tobytes(), self.gens.tobytes()))
+        return _HEAD.pack(kind, len(self.keys), len(body)) + body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def decode(cls, n: int, body: bytes) -> "Chunk":
+        lens = array("I")
+        lens.frombytes(body[:4 * n])
+        at, keys = 4 * n, []
+        for size in lens:
+            keys.append(body[at:at + size])
+            at += size
+        exps, gens = array("q"), array("I")
+        exps.frombytes(body[at + 8 * n:at + 16 * n])
+        gens.frombytes(body[at + 16 * n:at + 20 * n])
+        return cls(keys, body[at:at + 8 * n], exps, gens)
+
+    def entries(self) -> Iterator[tuple[bytes, bytes, int, int]]:
+        crcs = self.crcs
+        for i, key in enumerate(self.keys):
+            yield key, crcs[8 * i:8 * i + 8], self.exps[i], self.gens[i]
+
+
+def _records(f: BinaryIO) -> Iterator[tuple[int, bytes, int, bytes]]:
+    """(offset, type, count, body) of each whole record; stops at a torn or damaged tail."""
+    while True:
+        at = f.tell()
+        head = f.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            return
+        kind, n, size = _HEAD.unpack(head)
+        body = f.read(size)
+        tail = f.read(_CRC.size)
+        if len(body) < size or len(tail) < _CRC.size or _CRC.unpack(tail)[0] != zlib.crc32(body):
+            f.seek(at)
+            return
+        yield at, kind, n, body
+
+
+def _chunks(path: Path) -> Iterator[Chunk]:
+    try:
+        with open(path, "rb") as f:
+            for _, kind, n, body in _records(f):
+                if kind == b"B":
+                    yield Chunk.decode(n, body)
+    except FileNotFoundError:
+        return
+
+
+class _Buckets:
+    """Per-bucket append files (delta, spill) written through small buffers."""
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.folder, self.count = folder, count
+        folder.mkdir(parents=True, exist_ok=True)
+        self._buf: dict[int, list] = {}
+
+    def add(self, bucket: int, key: bytes, crc: bytes, exp: int, gen: int) -> None:
+        entries = self._buf.setdefault(bucket, [])
+        entries.append((key, crc, exp, gen))
+        if len(entries) >= 1024:
+            self._write(bucket)
+
+    def _write(self, bucket: int) -> None:
+        entries = self._buf.pop(bucket, None)
+        if not entries:
+            return
+        keys, crcs, exps, gens = zip(*entries)
+        chunk = Chunk(list(keys), b"".join(crcs), array("q", exps), array("I", gens))
+        with open(self.folder / f"{bucket:04d}", "ab") as f:
+            f.write(chunk.encode())
+
+    def close(self) -> None:
+        for bucket in list(self._buf):
+            self._write(bucket)
 
 
 @dataclass
 class Trust:
     """Whether the ledger on disk describes the log as the capture's checkpoint left it."""
     trusted: bool
-    why: str = ""                 # why not, for the output
+    why: str = ""
 
 
 class Ledger:
-    """One capture's ledger (see the module docstring). Used by one thread at a time."""
+    """One capture's ledger (see the module docstring), used by one thread at a time."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._db = self._connect()
-        self._meta = dict(self._db.execute("SELECT name, value FROM meta"))
-        self.epoch = int(self._meta.get("epoch", 0))        # the current scan epoch
-        self.generation = int(self._meta.get("generation", 0))
-        self._journaled = self._db.execute("SELECT coalesce(sum(n), 0) FROM journal").fetchone()[0]
-        self._db.execute("BEGIN")
-
-    def _connect(self) -> sqlite3.Connection:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")     # a process crash loses nothing committed
-            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            db.execute("PRAGMA temp_store=FILE")        # sorts of a fold spill to disk, not RAM
-            db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as e:
-            raise ConfigError(f"cannot use the key ledger {self.path}: {e}") from e
-        return db
+            for sub in ("base", "delta"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.meta = self._read_meta()
+            self._pending: list[bytes] = []          # journal records not written yet
+            self._journal = open(self.root / "journal", "a+b")
+            self._scan_journal()
+            self._opened_clean = self.meta.get("clean", False) and \
+                self.meta.get("boot_id") == _boot_id()
+            self._restarted = self.meta.get("boot_id") not in (None, _boot_id())
+            self.meta.update(boot_id=_boot_id(), clean=False)
+            self._write_meta()
+        except OSError as e:
+            raise ConfigError(f"cannot use the key ledger {self.root}: {e}") from e
+        self.buckets = int(self.meta.get("buckets", BUCKETS))
+        self.generation = int(self.meta.get("generation", 0))
 
-    # -- identity --------------------------------------------------------------------------------
+    # -- meta -------------------------------------------------------------------------------------
+    def _read_meta(self) -> dict:
+        try:
+            return json.loads((self.root / "meta.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {}                                  # torn: the ledger is not trusted
+
+    def _write_meta(self) -> None:
+        tmp = self.root / "meta.json.tmp"
+        tmp.write_text(json.dumps(self.meta))
+        os.replace(tmp, self.root / "meta.json")
+
+    def _scan_journal(self) -> None:
+        """Find the last commit in the journal and cut a torn tail (a killed write)."""
+        f = self._journal
+        f.seek(0)
+        self._committed_at = 0
+        for at, kind, _, body in _records(f):
+            if kind == b"C":
+                self.meta.update(json.loads(body))
+                self._committed_at = f.tell()
+        end = f.tell()
+        f.truncate(end)
+        self._journal_bytes = end
+
+    # -- identity ---------------------------------------------------------------------------------
     def check(self, log_id: str, capture_id: str | None, seq: int | None) -> Trust:
-        """Whether this ledger can be used as it is: kept for the log ``log_id``, and at least as
-        far as the checkpoint the capture saved last (``capture_id``, ``seq``; None: none)."""
-        meta = self._meta
-        if not meta.get("log_id"):
-            return Trust(False, "no ledger yet")
-        if meta["log_id"] != log_id:
+        """Whether the ledger can be used as it is: kept for ``log_id``, as far as the checkpoint
+        the capture saved last (``capture_id``/``seq``; None: none), with nothing lost since."""
+        m = self.meta
+        if not m.get("log_id"):
+            return Trust(False, "there is no ledger yet")
+        if m["log_id"] != log_id:
             return Trust(False, "the ledger was kept for another log")
+        if self._restarted and not self._opened_clean:
+            return Trust(False, "the machine restarted since the ledger was last written")
         if capture_id is None:
             return Trust(False, "the capture left no checkpoint")
-        if meta.get("capture_id") != capture_id or int(meta.get("seq", -1)) < (seq or 0):
+        if m.get("capture_id") != capture_id or int(m.get("seq", -1)) < (seq or 0):
             return Trust(False, "the ledger is behind the capture's last checkpoint")
         return Trust(True)
 
     def reset(self, log_id: str) -> None:
         """Empty the ledger and keep it for ``log_id`` (a new log, or one it cannot trust)."""
-        self._db.execute("DELETE FROM keys")
-        self._db.execute("DELETE FROM journal")
-        self._db.execute("DELETE FROM meta")
-        self._journaled = 0
-        self.epoch = self.generation = 0
-        self._meta = {}
-        self._put_meta(log_id=log_id, epoch=0, generation=0)
+        self._pending.clear()
+        for sub in ("base", "delta", "spill"):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+        for sub in ("base", "delta"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._journal.truncate(0)
+        self._journal.seek(0)
+        self._journal_bytes = self._committed_at = 0
+        self.generation = 0
+        self.meta = {"version": VERSION, "log_id": log_id, "buckets": self.buckets,
+                     "boot_id": _boot_id(), "clean": False, "generation": 0, "started": {}}
+        self._write_meta()
+
+    def forget_digests(self, log_id: str) -> None:
+        """The log was replaced by an empty one: every key must be logged again, and the keys
+        the ledger names still tell which ones were deleted meanwhile."""
+        self.distribute()
+        for b in range(self.buckets):
+            state = self._merged(b)
+            self._write_base(b, {k: (UNKNOWN_CRC, UNKNOWN, 0) for k in state})
+        self.meta["log_id"] = log_id
+        self._write_meta()
 
     @property
     def log_id(self) -> str:
-        return self._meta.get("log_id", "")
+        return self.meta.get("log_id", "")
 
-    # -- what was logged (the hot path) ----------------------------------------------------------
-    def logged(self, keys: list[bytes], crcs: bytes | None = None, exps: bytes | None = None,
-               slots: list[int] | None = None) -> None:
-        """``keys`` were appended to the log as upserts: ``crcs`` and ``exps`` (8 bytes a key,
-        see crcs_of/expiries) give their digests; without them the states are unknown."""
+    @property
+    def empty(self) -> bool:
+        """Nothing was ever logged through this ledger (a first scan logs everything directly)."""
+        return not self._journal_bytes and not any((self.root / "base").iterdir()) \
+            and not any((self.root / "delta").iterdir())
+
+    # -- what was logged (the hot path) -----------------------------------------------------------
+    def logged(self, keys: list[bytes], crcs: bytes | None = None, exps: bytes | None = None) -> None:
+        """``keys`` are being appended to the log as upserts, with these digests (none: UNKNOWN)."""
         if keys:
             n = len(keys)
-            self._journal(keys, crcs if crcs is not None else UNKNOWN_CRC * n,
-                          exps if exps is not None else bytes(8 * n), slots)
+            e = array("q")
+            e.frombytes(exps) if crcs is not None and exps is not None else e.extend([UNKNOWN] * n)
+            self._add(Chunk(keys, crcs if crcs is not None else UNKNOWN_CRC * n, e,
+                            array("I", [self.generation]) * n))
 
-    def deleted(self, keys: list[bytes], slots: list[int] | None = None) -> None:
-        """``keys`` were appended to the log as deletes."""
+    def deleted(self, keys: list[bytes]) -> None:
+        """``keys`` are being appended to the log as deletes."""
         if keys:
-            self._journal(keys, None, None, slots)
+            n = len(keys)
+            self._add(Chunk(keys, UNKNOWN_CRC * n, array("q", [DELETED]) * n,
+                            array("I", [self.generation]) * n))
 
-    def _journal(self, keys, crcs, exps, slots) -> None:
-        self._db.execute("INSERT INTO journal (kb, spans, crcs, exps, slots, e, g, n) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (b"".join(keys), _spans(keys), crcs, exps,
-                          json.dumps(slots) if slots is not None else None, self.epoch,
-                          self.generation, len(keys)))
-        self._journaled += len(keys)
+    def _add(self, chunk: Chunk) -> None:
+        self._pending.append(chunk.encode())
 
-    def fold(self) -> None:
-        """The journal into the keys table (SQLite does it, sorted by key)."""
-        if not self._journaled:
+    def write_ahead(self) -> None:
+        """Hand the entries of events about to be appended to the OS (LedgerWriter calls it
+        before every append)."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._journal.seek(0, os.SEEK_END)
+            self._journal.write(data)
+            self._journal.flush()
+            self._journal_bytes += len(data)
+
+    def commit(self, capture_id: str, seq: int) -> None:
+        """Everything appended so far is durable on the log (called after a flush)."""
+        body = json.dumps({"capture_id": capture_id, "seq": seq}).encode()
+        self._pending.append(_HEAD.pack(b"C", 0, len(body)) + body + _CRC.pack(zlib.crc32(body)))
+        self.write_ahead()
+        self._committed_at = self._journal_bytes
+        self.meta.update(capture_id=capture_id, seq=seq)
+        if self._journal_bytes >= DISTRIBUTE_BYTES:
+            self.distribute()
+
+    def new_generation(self, started_ms: int) -> int:
+        self.generation += 1
+        self.meta["generation"] = self.generation
+        self.meta.setdefault("started", {})[str(self.generation)] = started_ms
+        return self.generation
+
+    # -- distributing and merging -----------------------------------------------------------------
+    def bucket_of(self, key: bytes) -> int:
+        return zlib.crc32(key) % self.buckets
+
+    def distribute(self) -> None:
+        """Move the journal into the buckets' delta files. Entries after the last commit (a
+        killed run's last events, maybe not on the log) keep their names, not their digests."""
+        self.write_ahead()
+        if not self._journal_bytes:
             return
-        self._db.execute(_FOLD)
-        self._db.execute("DELETE FROM keys WHERE d IS NULL")
-        self._db.execute("DELETE FROM journal")
-        self._journaled = 0
+        deltas = _Buckets(self.root / "delta", self.buckets)
+        f = self._journal
+        f.seek(0)
+        bucket_of = self.bucket_of
+        for at, kind, n, body in _records(f):
+            if kind != b"B":
+                continue
+            committed = at < self._committed_at
+            for key, crc, exp, gen in Chunk.decode(n, body).entries():
+                if not committed and exp != DELETED:
+                    crc, exp = UNKNOWN_CRC, UNKNOWN
+                deltas.add(bucket_of(key), key, crc, exp, gen)
+        deltas.close()
+        self._write_meta()                 # the last commit, now that the journal is cut
+        f.truncate(0)
+        self._journal_bytes = self._committed_at = 0
 
-    # -- scans -----------------------------------------------------------------------------------
-    def new_epoch(self) -> int:
-        """A scan (first, resync, catch-up) begins: keys it sees are marked with a new epoch."""
-        self.fold()
-        self.epoch += 1
-        self._put_meta(epoch=self.epoch)
-        return self.epoch
+    def _merged(self, bucket: int) -> dict[bytes, tuple[bytes, int, int]]:
+        """Bucket ``bucket`` as key -> (crc, expiry, generation), base and delta applied."""
+        state: dict[bytes, tuple[bytes, int, int]] = {}
+        for name in ("base", "delta"):
+            for chunk in _chunks(self.root / name / f"{bucket:04d}"):
+                for key, crc, exp, gen in chunk.entries():
+                    if exp == DELETED:
+                        state.pop(key, None)
+                    else:
+                        state[key] = (crc, exp, gen)
+        return state
 
-    def unchanged(self, keys: list[bytes], crcs: bytes, exps: bytes) -> set[bytes]:
-        """Those of ``keys`` (read by a scan) whose digest equals the one logged: they need not be
-        logged again. Every one of them is marked seen by the current epoch."""
-        if not keys:
-            return set()
-        rows = self._db.execute(_SEEN, (b"".join(keys), _spans(keys), crcs, exps, self.epoch,
-                                        UNKNOWN_CRC))
-        return {r[0] for r in rows}
+    def _write_base(self, bucket: int, state: dict[bytes, tuple[bytes, int, int]]) -> None:
+        path = self.root / "base" / f"{bucket:04d}"
+        if state:
+            keys = list(state)
+            vals = list(state.values())
+            chunk = Chunk(keys, b"".join(v[0] for v in vals), array("q", (v[1] for v in vals)),
+                          array("I", (v[2] for v in vals)))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(chunk.encode())
+            os.replace(tmp, path)
+        else:
+            path.unlink(missing_ok=True)
+        (self.root / "delta" / f"{bucket:04d}").unlink(missing_ok=True)
 
-    def unseen(self, epoch: int, slots: Iterable[int] | None = None) -> Iterator[list[bytes]]:
-        """Pages of keys the scan of ``epoch`` did not see (in ``slots`` only, when given): gone
-        from the source unless changed meanwhile, so the capture reads them again."""
-        self.fold()
-        where = "e < ?2" + (" AND s IN (SELECT value FROM json_each(?3))" if slots is not None
-                            else "")
-        sql = f"SELECT k FROM keys WHERE k > ?1 AND {where} ORDER BY k LIMIT {PAGE}"
-        args = (json.dumps(sorted(slots)),) if slots is not None else ()
-        after = b""
-        while True:
-            page = [r[0] for r in self._db.execute(sql, (after, epoch, *args))]
-            if not page:
-                return
-            yield page
-            after = page[-1]
+    def buckets_merged(self) -> Iterator[tuple[int, dict]]:
+        """Every bucket, merged (and rewritten as its new base), one at a time."""
+        self.distribute()
+        for b in range(self.buckets):
+            state = self._merged(b)
+            if (self.root / "delta" / f"{b:04d}").exists():
+                self._write_base(b, state)
+            yield b, state
 
     def __len__(self) -> int:
-        self.fold()
-        return self._db.execute("SELECT count(*) FROM keys").fetchone()[0]
+        return sum(len(s) for _, s in self.buckets_merged())
 
-    # -- durability ------------------------------------------------------------------------------
-    def commit(self, capture_id: str, seq: int) -> None:
-        """Everything logged so far is durable on the log: make the ledger say so."""
-        if self._journaled >= FOLD_KEYS:
-            self.fold()
-        self._put_meta(capture_id=capture_id, seq=seq)
-        self._db.execute("COMMIT")
-        self._db.execute("BEGIN")
+    def census(self) -> dict[int, int]:
+        """How many keys have their latest event in each generation."""
+        counts: dict[int, int] = {}
+        for _, state in self.buckets_merged():
+            for _, _, gen in state.values():
+                counts[gen] = counts.get(gen, 0) + 1
+        return counts
 
-    def _put_meta(self, **values) -> None:
-        for name, value in values.items():
-            self._meta[name] = str(value)
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, str(value)))
+    def keys_of(self, generations: set[int]) -> Iterator[list[bytes]]:
+        """Pages of the keys whose latest event is in one of ``generations``."""
+        for _, state in self.buckets_merged():
+            keys = [k for k, v in state.items() if v[2] in generations]
+            for i in range(0, len(keys), PAGE):
+                yield keys[i:i + PAGE]
 
-    def close(self) -> None:
-        """Close without committing what the log may not hold (an open transaction is dropped)."""
-        try:
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
-        self._db.close()
+    # -- rescans ----------------------------------------------------------------------------------
+    def rescan(self) -> "Rescan":
+        return Rescan(self)
 
-    def size_bytes(self) -> int:
-        return sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal"))
-                   if os.path.exists(p))
+    def close(self, clean: bool = True) -> None:
+        """Close; ``clean``: everything is synced, a machine restart after it loses nothing."""
+        if self._journal.closed:
+            return
+        self._journal.flush()
+        if clean:
+            os.fsync(self._journal.fileno())
+            self.meta["clean"] = True
+            self._write_meta()
+        self._journal.close()
+
+
+@dataclass
+class Rescan:
+    """A rescan against the ledger: digests first (``saw``), then what to read (``to_read``)."""
+    ledger: Ledger
+    seen: int = 0
+    _spill: _Buckets | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        shutil.rmtree(self.ledger.root / "spill", ignore_errors=True)
+        self._spill = _Buckets(self.ledger.root / "spill", self.ledger.buckets)
+
+    def saw(self, keys: list[bytes], crcs: bytes, exps: bytes) -> None:
+        """The rescan read these digests (UNKNOWN_CRC: a key without one, e.g. a big key)."""
+        e = array("q")
+        e.frombytes(exps)
+        bucket_of, add = self.ledger.bucket_of, self._spill.add
+        for i, key in enumerate(keys):
+            add(bucket_of(key), key, crcs[8 * i:8 * i + 8], e[i], 0)
+        self.seen += len(keys)
+
+    def to_read(self, in_scope: Callable[[bytes], bool] | None = None) -> Iterator[list[bytes]]:
+        """Pages of keys to read again and log: new, changed, or in the ledger and not seen (only
+        those ``in_scope`` accepts: a rescan of some slots). Call once the scan is complete."""
+        self._spill.close()
+        page: list[bytes] = []
+        for b, state in self.ledger.buckets_merged():
+            seen: dict[bytes, tuple[bytes, int]] = {}
+            for chunk in _chunks(self._spill.folder / f"{b:04d}"):
+                for key, crc, exp, _ in chunk.entries():
+                    seen[key] = (crc, exp)
+            for key, (crc, exp) in seen.items():
+                had = state.get(key)
+                if had is None or had[1] == UNKNOWN or crc == UNKNOWN_CRC \
+                        or had[0] != crc or had[1] != exp:
+                    page.append(key)
+            page.extend(k for k in state if k not in seen and (in_scope is None or in_scope(k)))
+            while len(page) >= PAGE:
+                yield page[:PAGE]
+                del page[:PAGE]
+        if page:
+            yield page
+        shutil.rmtree(self._spill.folder, ignore_errors=True)
 
 
 @dataclass
@@ -281,12 +468,11 @@ class Rebuilt:
     gap: str = ""                 # why the log no longer holds everything appended ("" if it does)
 
 
-def rebuild(ledger: Ledger, history: History, codec: Codec, db: int, accepts,
-            slot_of=None, digests: bool = True) -> Rebuilt:
-    """Fill an empty ledger from what the log holds (the ledger was lost, or kept for another
-    log): every key of ``db`` that ``accepts(key)`` takes, at its latest state on the log, marked
-    as seen by no scan (epoch 0), so that the next complete scan finds the deleted ones. Without
-    ``digests`` every state is UNKNOWN (``--fresh``: everything is logged again)."""
+def rebuild(ledger: Ledger, history: History, codec: Codec, db: int,
+            accepts: Callable[[bytes], bool], digests: bool = True) -> Rebuilt:
+    """Fill an emptied ledger from what the log holds: every key of ``db`` that ``accepts``
+    takes, at its latest state on the log (generation 0). Without ``digests`` every state is
+    UNKNOWN (``--fresh``: everything is logged again). Returns what was read."""
     found = Rebuilt(gap="" if history.complete else history.why)
     batch: list = []
     try:
@@ -300,32 +486,41 @@ def rebuild(ledger: Ledger, history: History, codec: Codec, db: int, accepts,
                 if ev.is_marker or ev.db != db or not accepts(ev.key):
                     continue
                 if ev.kind == Kind.DELETE:
-                    _rebuild_flush(ledger, batch, slot_of)
-                    ledger.deleted([ev.key], [slot_of(ev.key)] if slot_of else None)
+                    _rebuilt(ledger, batch)
+                    ledger.deleted([ev.key])
                     continue
                 whole = digests and ev.payload is not None and ev.chunk is None and ev.value is None
-                batch.append((ev.key, ev.payload if whole else None, ev.expire_at_ms))
+                batch.append((ev.key, ev.payload[-8:] if whole else None, ev.expire_at_ms))
                 if len(batch) >= PAGE:
-                    _rebuild_flush(ledger, batch, slot_of)
+                    _rebuilt(ledger, batch)
             if found.records % 1_000_000 == 0:
                 log.info("read %d records of the log's history", found.records)
     finally:
         close = getattr(history.records, "close", None)
         if close:
             close()
-    _rebuild_flush(ledger, batch, slot_of)
+    _rebuilt(ledger, batch)
     if not history.complete:                      # a backend may learn of damage while reading
         found.gap = history.why
-    ledger.fold()
+    ledger.distribute()
     found.keys = len(ledger)
     return found
 
 
-def _rebuild_flush(ledger: Ledger, batch: list, slot_of) -> None:
+def _rebuilt(ledger: Ledger, batch: list) -> None:
+    """Entries of keys as the log holds them: their digests count (the log has them)."""
     if not batch:
         return
     keys = [k for k, _, _ in batch]
-    crcs = b"".join(p[-8:] if p is not None else UNKNOWN_CRC for _, p, _ in batch)
-    ledger.logged(keys, crcs, expiries([x for _, _, x in batch]),
-                  [slot_of(k) for k in keys] if slot_of else None)
+    crcs = b"".join(c if c is not None else UNKNOWN_CRC for _, c, _ in batch)
+    exps = array("q", [UNKNOWN if c is None else NO_EXPIRY if x is None else x
+                       for _, c, x in batch]).tobytes()
+    ledger.logged(keys, crcs, exps)
+    ledger.write_ahead()
+    ledger._committed_at = ledger._journal_bytes          # read from the log: on the log
     batch.clear()
+
+
+def digests_of(payloads: Iterable[bytes | None]) -> bytes:
+    """CRCs of payloads that may be missing (UNKNOWN_CRC where none)."""
+    return b"".join([p[-8:] if p is not None else UNKNOWN_CRC for p in payloads])

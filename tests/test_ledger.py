@@ -1,8 +1,14 @@
-"""The key ledger and the read pacer: pure logic on a real SQLite file, no server."""
+"""The key ledger and the read pacer: pure logic on real files, no server."""
 from __future__ import annotations
 
-from capture.ledger import Ledger, crcs_of, expiries
+import os
+
+from capture.ledger import Ledger, crcs_of, expiries, rebuild
+from conveyor.events import Codec, Event, Kind
+from conveyor.log.base import History
 from conveyor.rate import Pacer
+
+State = dict[bytes, tuple[bytes, "int | None"]]
 
 
 def _payload(value: bytes) -> bytes:
@@ -10,115 +16,121 @@ def _payload(value: bytes) -> bytes:
     return b"\x00" + value + b"\x0b\x00" + value[-8:].rjust(8, b"\x00")
 
 
-def _log(ledger: Ledger, state: dict[bytes, tuple[bytes, int | None]]) -> None:
+def _log(ledger: Ledger, state: State, seq: int) -> None:
+    """A capture appending these states, then flushing the log."""
     keys = list(state)
     ledger.logged(keys, crcs_of([_payload(state[k][0]) for k in keys]),
                   expiries([state[k][1] for k in keys]))
+    ledger.write_ahead()
+    ledger.commit("cap-1", seq)
 
 
-def _scan(ledger: Ledger, state: dict[bytes, tuple[bytes, int | None]]) -> list[bytes]:
-    """What a rescan logs: the keys whose state differs from the ledger's."""
+def _rescan(ledger: Ledger, state: State, in_scope=None) -> list[bytes]:
+    """What a rescan reads again: digests first, then the keys that differ or vanished."""
+    rescan = ledger.rescan()
     keys = list(state)
-    same = ledger.unchanged(keys, crcs_of([_payload(state[k][0]) for k in keys]),
-                            expiries([state[k][1] for k in keys]))
-    changed = [k for k in keys if k not in same]
-    _log(ledger, {k: state[k] for k in changed})
-    return changed
+    for i in range(0, len(keys), 700):
+        part = keys[i:i + 700]
+        rescan.saw(part, crcs_of([_payload(state[k][0]) for k in part]),
+                   expiries([state[k][1] for k in part]))
+    return sorted(k for page in rescan.to_read(in_scope) for k in page)
 
 
-def test_a_rescan_logs_changed_keys_and_finds_the_deleted_ones(tmp_path):
-    # given a ledger that saw a first scan of 3000 keys
-    ledger = Ledger(tmp_path / "ledger.sqlite")
+def _first_scan(tmp_path, n: int = 3000) -> tuple[Ledger, State]:
+    ledger = Ledger(tmp_path / "ledger")
     ledger.reset("log-a")
-    ledger.new_epoch()
     state = {b"k:%d" % i: (b"value-%08d" % i, None if i % 3 else 1_900_000_000_000 + i)
-             for i in range(3000)}
-    _log(ledger, state)
-    ledger.commit("cap-1", 3001)
-    # when values change, expiries change, keys are deleted and created while nothing was seen
+             for i in range(n)}
+    _log(ledger, state, n)
+    return ledger, state
+
+
+def test_a_rescan_reads_again_only_what_changed_or_vanished(tmp_path):
+    # given a ledger that saw a first scan of 3000 keys
+    ledger, state = _first_scan(tmp_path)
+    assert len(ledger) == 3000
+    # when, while changes were not seen, values and expiries change, keys go and come
     state[b"k:10"] = (b"changed-value", None)
     state[b"k:11"] = (state[b"k:11"][0], 1_950_000_000_000)
     del state[b"k:12"], state[b"k:2000"]
     state[b"new"] = (b"fresh", None)
-    epoch = ledger.new_epoch()
-    changed = _scan(ledger, state)
-    unseen = [k for page in ledger.unseen(epoch) for k in page]
-    # then only what changed is logged again, and the deleted keys are the unseen ones
-    assert sorted(changed) == [b"k:10", b"k:11", b"new"]
-    assert sorted(unseen) == [b"k:12", b"k:2000"]
-    ledger.deleted(unseen)
-    ledger.commit("cap-1", 3010)
+    # then the rescan reads again exactly those keys
+    assert _rescan(ledger, state) == [b"k:10", b"k:11", b"k:12", b"k:2000", b"new"]
+    # and once they are logged (the deletes as deletes), a second rescan reads nothing
+    ledger.deleted([b"k:12", b"k:2000"])
+    _log(ledger, {k: state[k] for k in (b"k:10", b"k:11", b"new")}, 3010)
     assert len(ledger) == len(state)
-    # and a second rescan with nothing changed logs nothing and finds nothing deleted
-    epoch = ledger.new_epoch()
-    assert _scan(ledger, state) == []
-    assert [k for page in ledger.unseen(epoch) for k in page] == []
+    assert _rescan(ledger, state) == []
 
 
-def test_unknown_states_are_always_logged_again(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.sqlite")
+def test_unknown_states_are_always_read_again(tmp_path):
+    ledger = Ledger(tmp_path / "ledger")
     ledger.reset("log-a")
-    ledger.new_epoch()
     ledger.logged([b"typed"])                       # no digest: a typed value or a big key
     ledger.commit("cap-1", 1)
-    ledger.new_epoch()
-    zero = bytes(8)                                 # even a digest of zeros is not "the same"
-    assert ledger.unchanged([b"typed"], zero, zero) == set()
+    assert _rescan(ledger, {b"typed": (b"x", None)}) == [b"typed"]
 
 
-def test_only_committed_changes_survive_and_trust_follows_the_checkpoint(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_entries_after_the_last_commit_keep_their_names_not_their_digests(tmp_path):
+    # given a capture killed after appending (a, b) but before the flush of b was committed
+    ledger, state = _first_scan(tmp_path, 10)
+    ledger.logged([b"late"], crcs_of([_payload(b"v")]), expiries([None]))
+    ledger.write_ahead()                            # handed to the OS before the log append
+    ledger._journal.close()                         # killed: no commit, no clean close
+    # when it restarts, the ledger is trusted as far as the checkpoint it committed
+    again = Ledger(tmp_path / "ledger")
+    assert again.check("log-a", "cap-1", 10).trusted
+    # then the late key is still known (a later delete is found), its state is read again
+    assert _rescan(again, {**state, b"late": (b"v", None)}) == [b"late"]
+    assert _rescan(again, state) == [b"late"]       # gone from the source: read, then deleted
+
+
+def test_trust_follows_the_log_the_checkpoint_and_a_clean_close(tmp_path):
+    path = tmp_path / "ledger"
     ledger = Ledger(path)
-    assert not ledger.check("log-a", None, None).trusted
+    assert "no ledger" in ledger.check("log-a", None, None).why
     ledger.reset("log-a")
-    ledger.new_epoch()
-    _log(ledger, {b"a": (b"1", None)})
-    ledger.commit("cap-1", 5)
-    _log(ledger, {b"b": (b"2", None)})              # appended, never flushed: not committed
+    _log(ledger, {b"a": (b"1", None)}, 5)
     ledger.close()
 
     again = Ledger(path)
-    assert len(again) == 1
     assert again.check("log-a", "cap-1", 5).trusted
-    assert again.check("log-a", "cap-1", 4).trusted          # the ledger may be ahead
-    assert "behind" in again.check("log-a", "cap-1", 6).why   # commits lost: rebuild
+    assert again.check("log-a", "cap-1", 4).trusted             # the ledger may be ahead
+    assert "behind" in again.check("log-a", "cap-1", 6).why      # commits lost: rebuild
     assert "another log" in again.check("log-b", "cap-1", 5).why
     assert not again.check("log-a", "cap-2", 5).trusted
-    again.reset("log-b")
-    assert len(again) == 0 and again.log_id == "log-b"
+    again.close(clean=False)
+    meta = (path / "meta.json").read_text().replace(again.meta["boot_id"], "another-boot")
+    (path / "meta.json").write_text(meta)
+    assert "machine restarted" in Ledger(path).check("log-a", "cap-1", 5).why
 
 
-def test_unseen_keys_of_some_slots_only(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.reset("log-a")
-    ledger.new_epoch()
-    keys = [b"a", b"b", b"c"]
-    ledger.logged(keys, crcs_of([_payload(b"x")] * 3), expiries([None] * 3), slots=[1, 2, 3])
-    epoch = ledger.new_epoch()
-    assert [k for p in ledger.unseen(epoch, slots={2, 3}) for k in p] == [b"b", b"c"]
+def test_a_torn_journal_tail_is_cut(tmp_path):
+    ledger, state = _first_scan(tmp_path, 50)
+    ledger.close(clean=False)
+    with open(tmp_path / "ledger" / "journal", "ab") as f:
+        f.write(b"B\x05\x00\x00\x00garbage")        # a record a kill tore
+    again = Ledger(tmp_path / "ledger")
+    assert again.check("log-a", "cap-1", 50).trusted
+    assert _rescan(again, state) == []
 
 
-def test_the_pacer_holds_the_average_rate():
-    now = [0.0]
-    pacer = Pacer(keys_per_s=1000, bytes_per_s=10_000, clock=lambda: now[0])
-    assert pacer.batch_for(1000) == 100
-    pacer.charge(keys=100)
-    assert abs(pacer.delay() - 0.0) < 1e-9 or pacer.delay() <= 0.1   # a tenth of a second credit
-    for _ in range(10):
-        pacer.charge(keys=100)
-    assert 0.9 <= pacer.delay() <= 1.1
-    now[0] += 5
-    assert pacer.delay() == 0
-    pacer.charge(keys=1, nbytes=50_000)             # big values: the byte rate decides
-    assert 4.8 <= pacer.delay() <= 5.0
-    assert not Pacer().limited and Pacer().delay() == 0 and Pacer().batch_for(7) == 7
+def test_a_rescan_of_some_slots_reads_the_unseen_keys_of_those_only(tmp_path):
+    ledger, state = _first_scan(tmp_path, 100)
+    kept = {k: v for k, v in state.items() if k.endswith(b"7")}
+    wanted = [k for k in state if k not in kept and k.endswith(b"1")]
+    assert _rescan(ledger, kept, in_scope=lambda k: k.endswith(b"1")) == sorted(wanted)
+
+
+def test_generations_tell_where_each_key_was_logged_last(tmp_path):
+    ledger, state = _first_scan(tmp_path, 100)
+    ledger.new_generation(1000)
+    _log(ledger, {b"k:1": (b"new", None), b"k:2": (b"new", None)}, 200)
+    assert ledger.census() == {0: 98, 1: 2}
+    assert sorted(k for p in ledger.keys_of({1}) for k in p) == [b"k:1", b"k:2"]
 
 
 def test_a_lost_ledger_is_rebuilt_from_what_the_log_holds(tmp_path):
-    from capture.ledger import rebuild
-    from conveyor.events import Codec, Event, Kind
-    from conveyor.log.base import History
-
     codec = Codec()
     events = [Event(Kind.SNAPSHOT_BEGIN, 0, capture_id="c", seq=1),
               Event(Kind.UPSERT, 0, b"a", _payload(b"v1"), None, 1, "c", 2),
@@ -129,14 +141,34 @@ def test_a_lost_ledger_is_rebuilt_from_what_the_log_holds(tmp_path):
               Event(Kind.DELETE, 0, b"gone", None, None, 1, "c", 7),
               Event(Kind.UPSERT, 0, b"a", _payload(b"v1-new"), None, 1, "c", 8)]
     history = History(True, iter([(e.record_key(), codec.encode(e)) for e in events]))
-    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger = Ledger(tmp_path / "ledger")
     ledger.reset("log-a")
     found = rebuild(ledger, history, codec, 0, lambda k: not k.startswith(b"skip:"))
     assert (found.records, found.keys, found.gap) == (8, 2, "")
-    # the source as the log says it is: nothing to log again; a changed key is logged
-    epoch = ledger.new_epoch()
+    # the source as the log says it is: nothing to read again; a changed key is read
     state = {b"a": (b"v1-new", None), b"b": (b"v2", 1_900_000_000_000)}
-    assert _scan(ledger, state) == []
-    assert [k for p in ledger.unseen(epoch) for k in p] == []
+    assert _rescan(ledger, state) == []
     state[b"b"] = (b"v2-changed", None)
-    assert _scan(ledger, state) == [b"b"]
+    assert _rescan(ledger, state) == [b"b"]
+
+
+def test_memory_stays_one_bucket_whatever_the_keys(tmp_path):
+    # 200k keys in 512 buckets: a rescan holds one bucket (~400 keys) at a time, not 200k
+    ledger, state = _first_scan(tmp_path, 200_000)
+    sizes = [len(s) for _, s in ledger.buckets_merged()]
+    assert sum(sizes) == 200_000 and max(sizes) < 2_000
+    assert os.path.getsize(tmp_path / "ledger" / "journal") == 0     # distributed
+
+
+def test_the_pacer_holds_the_average_rate():
+    now = [0.0]
+    pacer = Pacer(keys_per_s=1000, bytes_per_s=10_000, clock=lambda: now[0])
+    assert pacer.batch_for(1000) == 100
+    for _ in range(11):
+        pacer.charge(keys=100)
+    assert 0.9 <= pacer.delay() <= 1.1            # 1100 keys at 1000/s, a tenth of a second credit
+    now[0] += 5
+    assert pacer.delay() == 0
+    pacer.charge(keys=1, nbytes=50_000)             # big values: the byte rate decides
+    assert 4.8 <= pacer.delay() <= 5.0
+    assert not Pacer().limited and Pacer().delay() == 0 and Pacer().batch_for(7) == 7
