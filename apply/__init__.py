@@ -1,6 +1,6 @@
 """The apply process: log -> target Redis."""
 from __future__ import annotations
 
-from apply.applier import Applier, ApplyStats
+from conveyor.apply.applier import Applier, ApplyStats
 
 __all__ = ["Applier", "ApplyStats"]

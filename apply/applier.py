@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Callable
 import redis
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from apply.batch import BatchResult, BatchWriter, Tally
-from apply.guard import TargetGuard
-from apply.replies import TargetUnavailable
-from apply.restores import write_whole
-from apply.watch import Finding, TargetWatch
+from conveyor.apply.batch import BatchResult, BatchWriter, Tally
+from conveyor.apply.guard import TargetGuard
+from conveyor.apply.replies import TargetUnavailable
+from conveyor.apply.restores import write_whole
+from conveyor.apply.watch import Finding, TargetWatch
 from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
 from conveyor.events import Codec, Event, Kind, block_size, now_millis
 from conveyor.keys import KeyRewriter

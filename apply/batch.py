@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from apply.replies import check_replies, raise_for_connection, refused
-from apply.writes import CHUNK_SCRIPT, chunk_kind, convertible, script_args, temp_key
+from conveyor.apply.replies import check_replies, raise_for_connection, refused
+from conveyor.apply.writes import CHUNK_SCRIPT, chunk_kind, convertible, script_args, temp_key
 from conveyor import cluster, values
 from conveyor.acl import user_of
 from conveyor.cluster import is_cluster

@@ -25,7 +25,7 @@ import time
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from apply.watch import Finding, Reading, TargetWatch, fell_by, persistence_of
+from conveyor.apply.watch import Finding, Reading, TargetWatch, fell_by, persistence_of
 from conveyor import cluster, packed
 
 log = logging.getLogger("conveyor.apply")

@@ -12,10 +12,10 @@ from typing import Callable
 
 import redis
 
-from apply.batch import BatchResult
-from apply.cluster_watch import ClusterWatch
-from apply.replies import raise_for_connection
-from apply.watch import Finding, TargetWatch, sweep_temp_keys
+from conveyor.apply.batch import BatchResult
+from conveyor.apply.cluster_watch import ClusterWatch
+from conveyor.apply.replies import raise_for_connection
+from conveyor.apply.watch import Finding, TargetWatch, sweep_temp_keys
 from conveyor.acl import user_of
 from conveyor.cluster import is_cluster
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import redis
 
-from apply.batch import BatchResult, BatchWriter, execute
+from conveyor.apply.batch import BatchResult, BatchWriter, execute
 from conveyor.events import Event, Kind, now_millis
 from conveyor.log import Record
 from conveyor.packed import Batch

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis
 from redis._parsers.helpers import parse_info
 
-from apply.replies import TRANSIENT_ERRORS
+from conveyor.apply.replies import TRANSIENT_ERRORS
 from conveyor import packed
 from conveyor.cluster import primary_clients
 

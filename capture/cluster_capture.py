@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import redis
 from redis.cluster import RedisCluster
 
-from capture.cluster_notes import NotificationsGroup
-from capture.cluster_source import ClusterStateReader
-from capture.notifications import check_notifications
-from capture.process import WATCH_INTERVAL_S, Capture
-from capture.watch import SourceWatch, read_facts
+from conveyor.capture.cluster_notes import NotificationsGroup
+from conveyor.capture.cluster_source import ClusterStateReader
+from conveyor.capture.notifications import check_notifications
+from conveyor.capture.process import WATCH_INTERVAL_S, Capture
+from conveyor.capture.watch import SourceWatch, read_facts
 from conveyor import cluster
 from conveyor.progress import echo
 
@@ -453,7 +453,7 @@ def prepare(client: RedisCluster, key_filter, nodes: list[str], mode: str, enabl
     (a primary lacking them is one line naming it)."""
     from dataclasses import replace
 
-    from capture.cluster_source import node_slots
+    from conveyor.capture.cluster_source import node_slots
     from conveyor.errors import ConfigError
 
     if nodes and key_filter.slots:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import redis
 
-from capture.notifications import DirtySet, Notifications
+from conveyor.capture.notifications import DirtySet, Notifications
 from conveyor.keys import KeyFilter
 
 log = logging.getLogger("conveyor.capture")

@@ -18,7 +18,7 @@ import re
 import redis
 from redis.cluster import RedisCluster
 
-from capture.reader import StateReader, _raw
+from conveyor.capture.reader import StateReader, _raw
 from conveyor import cluster
 from conveyor.errors import ConfigError
 

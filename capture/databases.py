@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable
 
-from capture.process import Capture, CaptureStats
-from capture.reader import ReadCounts
+from conveyor.capture.process import Capture, CaptureStats
+from conveyor.capture.reader import ReadCounts
 from conveyor.errors import ConveyorError, LogLost
 from conveyor.events import record_key
 from conveyor.log.base import History, LogWriter, MetaStore

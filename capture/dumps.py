@@ -6,7 +6,7 @@ import logging
 
 import redis
 
-from capture.emitting import text
+from conveyor.capture.emitting import text
 from conveyor import packed, values
 from conveyor.acl import in_script
 from conveyor.events import now_millis

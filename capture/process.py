@@ -23,11 +23,11 @@ from typing import Callable
 
 import redis
 
-from capture.known import known_keys
-from capture.notifications import DirtySet, Notifications, check_notifications
-from capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
-from capture.supervise import Interrupted, Supervisor, SupervisedWriter
-from capture.watch import SourceFacts, SourceWatch, read_facts
+from conveyor.capture.known import known_keys
+from conveyor.capture.notifications import DirtySet, Notifications, check_notifications
+from conveyor.capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
+from conveyor.capture.supervise import Interrupted, Supervisor, SupervisedWriter
+from conveyor.capture.watch import SourceFacts, SourceWatch, read_facts
 from conveyor.acl import user_of
 from conveyor.endpoints import ServerInfo, mask_uri
 from conveyor.errors import LOG_LOST, LogError, LogLost, SourceError

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import redis
 
-from capture.dumps import SCRIPT_BUDGET, DumpReads
-from capture.emitting import Emitting
-from capture.paging import Paging
-from capture.sizing import Sizing
-from capture.splitting import Splitting, cuts_of
-from capture.stream_meta import StreamMeta
-from capture.typed import TypedReads
+from conveyor.capture.dumps import SCRIPT_BUDGET, DumpReads
+from conveyor.capture.emitting import Emitting
+from conveyor.capture.paging import Paging
+from conveyor.capture.sizing import Sizing
+from conveyor.capture.splitting import Splitting, cuts_of
+from conveyor.capture.stream_meta import StreamMeta
+from conveyor.capture.typed import TypedReads
 from conveyor.endpoints import ServerInfo
 from conveyor.events import Codec
 from conveyor.log import LogWriter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from capture.emitting import text
+from conveyor.capture.emitting import text
 from conveyor import values
 from conveyor.events import now_millis
 

@@ -6,7 +6,7 @@ import json
 from functools import partial
 from typing import TYPE_CHECKING
 
-from capture.child import CaptureChild
+from conveyor.capture.child import CaptureChild
 from conveyor import members, summary
 from conveyor.errors import ConveyorError, LogError
 from conveyor.log import log_exists, open_meta, open_reader
@@ -18,7 +18,7 @@ from conveyor.runner import (Endpoint, Interrupts, default_target_db, refuse_log
 from conveyor.status_view import status_lines
 from conveyor.wiring import (apply_process, capture_process, close_all, source_dbs, target_dbs,
                              verify_process)
-from verify import VerifyReport
+from conveyor.verify import VerifyReport
 
 if TYPE_CHECKING:
     from conveyor.metrics import Metrics

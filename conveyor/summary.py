@@ -2,12 +2,12 @@
 the run succeeded. The command functions (conveyor/commands.py) print them; tests match them."""
 from __future__ import annotations
 
-from apply import ApplyStats
-from apply.report import fault_lines
-from capture import CaptureStats
-from capture.reader import ReadCounts
+from conveyor.apply import ApplyStats
+from conveyor.apply.report import fault_lines
+from conveyor.capture import CaptureStats
+from conveyor.capture.reader import ReadCounts
 from conveyor.databases import TargetDbs
-from verify import Diff, VerifyReport
+from conveyor.verify import Diff, VerifyReport
 
 
 # -- capture ---------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ from typing import Callable
 
 import redis
 
-from apply import Applier
-from capture import Capture, CaptureStats, checkpoint_name
-from capture.cluster_capture import ClusterCapture, prepare
-from capture.databases import Databases, SharedLog
-from capture.notifications import check_notifications
+from conveyor.apply import Applier
+from conveyor.capture import Capture, CaptureStats, checkpoint_name
+from conveyor.capture.cluster_capture import ClusterCapture, prepare
+from conveyor.capture.databases import Databases, SharedLog
+from conveyor.capture.notifications import check_notifications
 from conveyor.cluster import is_cluster
 from conveyor.databases import ALL, TargetDbs, resolve
 from conveyor.endpoints import ServerInfo, uri_db
@@ -28,8 +28,8 @@ from conveyor.options import ApplyOptions, CaptureOptions, DbOptions, LogSpec, V
 from conveyor.progress import Display, echo
 from conveyor.runner import (Endpoint, default_target_db, open_waiting, refuse_log_on,
                              refuse_same_database, target_clients)
-from verify import Verifier, VerifyReport
-from verify.databases import Pair, verify_pairs
+from conveyor.verify import Verifier, VerifyReport
+from conveyor.verify.databases import Pair, verify_pairs
 
 logger = logging.getLogger("conveyor")
 

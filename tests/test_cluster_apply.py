@@ -267,8 +267,8 @@ def test_a_target_resharded_mid_apply_is_followed(redis_factory, cluster_factory
 
 def test_the_sweep_deletes_temporary_keys_on_every_primary(cluster_factory):
     """Temporary keys of part sequences that cannot complete, in many slots of every primary."""
-    from apply.watch import sweep_temp_keys
-    from apply.writes import temp_key
+    from conveyor.apply.watch import sweep_temp_keys
+    from conveyor.apply.writes import temp_key
     dst = cluster_factory(3)
     c = dst.client()
     tmps = [temp_key(b"key:%d" % i, b"seq") for i in range(300)]

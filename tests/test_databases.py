@@ -278,7 +278,7 @@ def test_a_lost_log_is_lost_for_every_database(tmp_path):
     others: each has to resync its own database into the new log."""
     import shutil
 
-    from capture.databases import SharedLog
+    from conveyor.capture.databases import SharedLog
     from conveyor.errors import LogLost
     from conveyor.log import open_meta, open_writer
 

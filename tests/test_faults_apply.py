@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from apply import Applier
+from conveyor.apply import Applier
 from conveyor.errors import LogLost, LogUnavailable
 from conveyor.events import BLOCK_KEY, Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter

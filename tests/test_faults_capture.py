@@ -16,8 +16,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from capture import Capture, checkpoint_name
-from capture.supervise import Interrupted, Supervisor
+from conveyor.capture import Capture, checkpoint_name
+from conveyor.capture.supervise import Interrupted, Supervisor
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, LogLost, LogUnavailable, SourceError
 from conveyor.events import Codec, Kind
@@ -358,7 +358,7 @@ def test_an_unavailable_log_is_waited_out_and_nothing_is_lost(redis_factory, tmp
 
 def test_a_lost_log_in_live_mode_is_resynced_whole_into_the_new_one(redis_factory, tmp_path,
                                                                     monkeypatch):
-    import capture.process as process
+    import conveyor.capture.process as process
     monkeypatch.setattr(process, "IDENTITY_INTERVAL_S", 0.2)
     source = notifying_source(redis_factory)
     source.client().mset({f"k{i}": i for i in range(100)})
@@ -497,7 +497,7 @@ def test_supervisor_gives_up_only_on_stop_and_never_on_a_refusal():
 
 
 def test_source_watch_names_each_change_and_a_reset_of_the_counters():
-    from capture.watch import SourceFacts, SourceWatch
+    from conveyor.capture.watch import SourceFacts, SourceWatch
 
     calls = {"flushdb": 2, "flushall": 0, "swapdb": 1}
     watch = SourceWatch(SourceFacts("a" * 40, calls))

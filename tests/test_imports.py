@@ -19,9 +19,12 @@ CLI_LAYER = ("conveyor.cli", "conveyor.commands", "conveyor.demo", "conveyor.opt
 
 
 def module_name(path: Path) -> str:
+    """The name a module is imported by: capture/, apply/ and verify/ install under conveyor."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if parts[0] != "conveyor":
+        parts.insert(0, "conveyor")
     return ".".join(parts)
 
 
@@ -119,8 +122,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_modules_and_their_imports():
     graph = import_graph()
-    assert "conveyor.cli" in graph and "capture.process" in graph and "conveyor.log" in graph
-    assert "conveyor.errors" in graph["capture.process"]
+    assert "conveyor.cli" in graph and "conveyor.capture.process" in graph and "conveyor.log" in graph
+    assert "conveyor.errors" in graph["conveyor.capture.process"]
     # an import inside a function counts as well
     assert "conveyor.log" in graph["conveyor.runner"]
 
@@ -138,3 +141,20 @@ def test_no_import_cycles():
 
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_wheel_installs_everything_under_conveyor(tmp_path):
+    """Given the project built as a wheel, every module in it lives under conveyor/: no top-level
+    capture, apply or verify that would clash with other packages of those names."""
+    import subprocess
+    import sys
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    wheel, = tmp_path.glob("conveyor-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"conveyor"}
+    for module in ("capture/process.py", "apply/applier.py", "verify/compare.py",
+                   "schemas/event.v2.avsc"):
+        assert f"conveyor/{module}" in names

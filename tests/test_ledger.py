@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from capture.ledger import Ledger, crcs_of, expiries, rebuild
+from conveyor.capture.ledger import Ledger, crcs_of, expiries, rebuild
 from conveyor.events import Codec, Event, Kind
 from conveyor.log.base import History
 from conveyor.rate import Pacer

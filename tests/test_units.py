@@ -119,7 +119,7 @@ def test_log_uris_dispatch_and_merge_query_options():
 
 # -- dirty-key set (live capture) ------------------------------------------------------------------
 def test_a_key_already_waiting_is_not_queued_twice():
-    from capture.notifications import DirtySet
+    from conveyor.capture.notifications import DirtySet
 
     d = DirtySet(limit=10)
     for k in (b"a", b"b", b"a", b"a", b"c", b"b"):
@@ -131,7 +131,7 @@ def test_a_key_already_waiting_is_not_queued_twice():
 
 
 def test_a_full_dirty_set_refuses_new_keys_but_not_waiting_ones():
-    from capture.notifications import DirtySet
+    from conveyor.capture.notifications import DirtySet
 
     d = DirtySet(limit=2)
     assert d.add(b"a") and d.add(b"b")

@@ -5,8 +5,8 @@ import click
 import pytest
 from redis.crc import key_slot
 
-from apply.writes import temp_key
-from capture.reader import _cuts
+from conveyor.apply.writes import temp_key
+from conveyor.capture.reader import _cuts
 from conveyor import values
 from conveyor.cli import ByteSize
 

@@ -8,7 +8,7 @@ import pytest
 
 from conveyor.keys import KeyFilter, KeyRewriter
 from tests.datasets import load_mixed
-from verify import Verifier
+from conveyor.verify import Verifier
 
 
 def copy(src, dst, rename=lambda k: k):

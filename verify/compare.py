@@ -22,7 +22,7 @@ from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
 from conveyor.keys import KeyFilter, KeyRewriter
-from verify.typed import PAGE, read_typed
+from conveyor.verify.typed import PAGE, read_typed
 
 KINDS = ("missing", "type", "value", "ttl", "extra")
 

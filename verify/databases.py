@@ -13,7 +13,7 @@ import redis
 
 from conveyor import packed
 from conveyor.keys import KeyFilter, KeyRewriter
-from verify.compare import Diff, Verifier, VerifyReport
+from conveyor.verify.compare import Diff, Verifier, VerifyReport
 
 BATCH = 500
 
