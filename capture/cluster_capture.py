@@ -363,12 +363,10 @@ class ClusterCapture(Capture):
             pending, self._resync_pending = self._resync_pending, set()
         return pending or None
 
-    def _reread_unseen(self) -> None:
-        """A resync of some slots did not see the known keys of the others: not deleted."""
-        known, seen = self.reader.known, self.reader.seen
-        if self._scan_slots is not None and known is not None and seen is not None:
-            seen.update(k for k in known if self.cl.keyslot(k) not in self._scan_slots)
-        super()._reread_unseen()
+    def _in_scope(self):
+        """A resync of some slots did not see the ledger's keys of the others: not deleted."""
+        slots, keyslot = self._scan_slots, self.cl.keyslot
+        return None if slots is None else (lambda k: keyslot(k) in slots)
 
     def _start_watch(self) -> None:
         self._watch = None

@@ -59,7 +59,7 @@ class WriterView(LogWriter):
 
     def __init__(self, shared: SharedLog, db: int, warnings: Iterable[str] = ()) -> None:
         self.shared = shared
-        self.prefix = record_key(db, b"")   # the records of this db (capture/known.py's reads)
+        self.prefix = record_key(db, b"")   # the records of this db (a rebuilt ledger's reads)
         self.inner = shared.writer
         self._shaped_like(self.inner)
         self.generation = shared.generation
@@ -140,8 +140,8 @@ class DatabasesStats(CaptureStats):
 
 
 SUMMED = ("keys", "deletes", "total_hint", "resyncs", "resyncs_done", "dirty_waiting",
-          "notifications", "unseen_reread", "history_records", "rescans", "source_waits",
-          "log_waits")
+          "notifications", "unseen_reread", "digests_read", "history_records", "rescans",
+          "source_waits", "log_waits")
 
 
 def merged(by_db: dict[int, CaptureStats], mode: str) -> DatabasesStats:
@@ -154,7 +154,6 @@ def merged(by_db: dict[int, CaptureStats], mode: str) -> DatabasesStats:
     out.capture_id = ",".join(st.capture_id for st in stats if st.capture_id)
     out.resumed = any(st.resumed for st in stats)
     out.complete = all(st.complete for st in stats)
-    out.untracked = any(st.untracked for st in stats)
     out.started = min(st.started for st in stats)
     out.gaps = [f"db {db}: {g}" for db, st in by_db.items() for g in st.gaps]
     out.history_gap = next((st.history_gap for st in stats if st.history_gap), "")

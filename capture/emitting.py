@@ -12,6 +12,7 @@ was read. Sequence numbers are given when a block is appended: consecutive withi
 """
 from __future__ import annotations
 
+from conveyor.capture.ledger import crcs_of, expiries
 from conveyor.events import Columns, Event, Kind, block_record_key, now_millis, record_key
 
 BLOCK_EVENTS = 1000               # events of one block at most
@@ -48,13 +49,13 @@ class Emitting:
         hot path, into the columns of each partition's block a slice at a time."""
         if not keys:
             return
-        if self.known is not None:
-            self.known.update(keys)
         self.counts.upserts += len(keys)
         if self.info.has_pexpiretime:
             expires = [t if t >= 0 else None for t in ttls]
         else:
             expires = [read_ms + t if t >= 0 else None for t in ttls]
+        if self.ledger is not None:
+            self.ledger.logged(keys, crcs_of(payloads), expiries(expires))
         if not self.blocks:
             self.counts.upserts -= len(keys)       # counted again one by one
             for k, p, x in zip(keys, payloads, expires):
@@ -113,14 +114,17 @@ class Emitting:
                                                 "last": last})
         if self._open_blocks:
             self.flush_blocks()
+        if self.ledger is not None and index == 0:
+            self.ledger.logged([key])         # in parts: no digest (read again by a rescan)
         self.writer.append(ev.record_key(), self.codec.encode(ev), ev.partition_key())
         self.counts.chunks += 1
-        if self.known is not None and last:
-            self.known.add(key)
 
     def _upsert(self, key: bytes, read_ms: int, expire, *, payload=None, value=None) -> None:
-        if self.known is not None:
-            self.known.add(key)
+        if self.ledger is not None:
+            if value is None and payload is not None:
+                self.ledger.logged([key], payload[-8:], expiries([expire]))
+            else:
+                self.ledger.logged([key])     # a typed value: no digest
         self.counts.upserts += 1
         if value is None and self.blocks:
             self._column(key, payload, expire, read_ms)
@@ -144,8 +148,8 @@ class Emitting:
 
     def _delete(self, key: bytes, read_ms: int) -> None:
         self.counts.deletes += 1
-        if self.known is not None:
-            self.known.discard(key)
+        if self.ledger is not None:
+            self.ledger.deleted([key])
         if self.blocks:
             self._column(key, None, None, read_ms)
         else:

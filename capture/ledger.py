@@ -219,6 +219,9 @@ class Ledger:
         except OSError as e:
             raise ConfigError(f"cannot use the key ledger {self.root}: {e}") from e
         self.buckets = int(self.meta.get("buckets", BUCKETS))
+        # A rescan's comparison walks the buckets between reads that append to the journal: the
+        # journal is not distributed meanwhile (a bucket being compared would lose its delta).
+        self.iterating = False
         self.generation = int(self.meta.get("generation", 0))
 
     # -- meta -------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ class Ledger:
         self.write_ahead()
         self._committed_at = self._journal_bytes
         self.meta.update(capture_id=capture_id, seq=seq)
-        if self._journal_bytes >= DISTRIBUTE_BYTES:
+        if self._journal_bytes >= DISTRIBUTE_BYTES and not self.iterating:
             self.distribute()
 
     def new_generation(self, started_ms: int) -> int:
@@ -455,27 +458,42 @@ class Rescan:
         self._spill.add(Chunk(keys, crcs, e, array("I", bytes(4 * len(keys)))))
         self.seen += len(keys)
 
-    def to_read(self, in_scope: Callable[[bytes], bool] | None = None) -> Iterator[list[bytes]]:
+    def to_read(self, in_scope: Callable[[bytes], bool] | None = None,
+                expiry_slack_ms: int = 0) -> Iterator[list[bytes]]:
         """Pages of keys to read again and log: new, changed, or in the ledger and not seen (only
-        those ``in_scope`` accepts: a rescan of some slots). Call once the scan is complete."""
+        those ``in_scope`` accepts: a rescan of some slots). Call once the scan is complete.
+        ``expiry_slack_ms``: expiries this close are the same (a source without PEXPIRETIME
+        gives them as read time + PTTL, a few ms apart from one read to the next)."""
         self._spill.close()
         page: list[bytes] = []
-        for b, state in self.ledger.buckets_merged():
-            seen: dict[bytes, tuple[bytes, int, int]] = {}
-            for chunk in _chunks(self._spill.folder / f"{b:04d}"):
-                chunk.apply_to(seen)
-            for key, (crc, exp, _) in seen.items():
-                had = state.get(key)
-                if had is None or had[0] != crc or had[1] != exp or exp == UNKNOWN \
-                        or crc == UNKNOWN_CRC:
-                    page.append(key)
-            page.extend(k for k in state if k not in seen and (in_scope is None or in_scope(k)))
-            while len(page) >= PAGE:
-                yield page[:PAGE]
-                del page[:PAGE]
-        if page:
-            yield page
-        shutil.rmtree(self._spill.folder, ignore_errors=True)
+        ledger = self.ledger
+        ledger.iterating = True                # no distribute between two pages (see commit)
+        try:
+            for b, state in ledger.buckets_merged():
+                seen: dict[bytes, tuple[bytes, int, int]] = {}
+                for chunk in _chunks(self._spill.folder / f"{b:04d}"):
+                    chunk.apply_to(seen)
+                for key, (crc, exp, _) in seen.items():
+                    had = state.get(key)
+                    if had is None or had[0] != crc or crc == UNKNOWN_CRC or exp == UNKNOWN \
+                            or not _same_expiry(had[1], exp, expiry_slack_ms):
+                        page.append(key)
+                page.extend(k for k in state
+                            if k not in seen and (in_scope is None or in_scope(k)))
+                while len(page) >= PAGE:
+                    yield page[:PAGE]
+                    del page[:PAGE]
+            if page:
+                yield page
+        finally:
+            ledger.iterating = False
+            shutil.rmtree(self._spill.folder, ignore_errors=True)
+
+
+def _same_expiry(a: int, b: int, slack: int) -> bool:
+    if a == b:
+        return True
+    return slack > 0 and a >= 0 and b >= 0 and abs(a - b) <= slack
 
 
 @dataclass

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import redis
 
-from conveyor.capture.known import known_keys
+from conveyor.capture.digests import DigestReader
+from conveyor.capture.ledger import Ledger, Rescan, rebuild
 from conveyor.capture.notifications import DirtySet, Notifications, check_notifications
 from conveyor.capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from conveyor.capture.supervise import Interrupted, Supervisor, SupervisedWriter
@@ -44,7 +47,7 @@ LIVE_FLUSH_INTERVAL_S = 0.05     # live: how long an event may wait in the produ
 WATCH_INTERVAL_S = 1.0           # live: how often the source's run_id and flush counters are read
 IDENTITY_INTERVAL_S = 5.0        # live: how often the log is asked whether it is still ours
 MODES = ("snapshot", "live", "liveonly")
-MAX_TRACKED_KEYS = 20_000_000    # live: key names kept to find keys deleted during a gap
+EXPIRY_SLACK_MS = 2000           # rescan without PEXPIRETIME: expiries this close are unchanged
 
 
 @dataclass
@@ -61,9 +64,9 @@ class CaptureStats:
     resyncs_done: int = 0        # ... and finished
     dirty_waiting: int = 0
     notifications: int = 0       # keyspace notifications received (a key waiting is read once)
-    unseen_reread: int = 0       # keys re-read after a resync because the scan no longer saw them
-    untracked: bool = False      # too many keys to track names: deletes in a gap cannot be healed
-    history_records: int = 0     # live: records read back from the log to learn which keys exist
+    unseen_reread: int = 0       # keys re-read after a rescan: changed, new, or no longer seen
+    digests_read: int = 0        # keys whose digest a rescan read (no value moved)
+    history_records: int = 0     # live: records read back from the log to rebuild the key ledger
     history_gap: str = ""        # ... and why that history is not everything ever appended
     incomplete_why: str = ""     # live: why convergence cannot be claimed
     waiting: str = ""            # what the run waits for now ("" when nothing)
@@ -100,13 +103,15 @@ class Capture:
                  meta: MetaStore, codec: Codec, key_filter: KeyFilter, checkpoint: str,
                  mode: str = "snapshot", scan_count: int = 1000, fresh: bool = False,
                  idle_timeout: float | None = None, connect: Callable[[], redis.Redis] | None = None,
-                 dirty_limit: int | None = None, max_tracked_keys: int = MAX_TRACKED_KEYS,
+                 dirty_limit: int | None = None, ledger_root: str | Path | None = None,
                  value_type: str = "dump", big_key_bytes: int | None = BIG_KEY_BYTES,
                  mem_limit: int | None = None, mem_limit_skip: bool = False,
                  enable_notifications: bool = False, announce: dict | None = None,
                  on_progress: Callable[[CaptureStats], None] | None = None) -> None:
         """``announce``: what this process covers and where it runs (conveyor.members), added
-        to every checkpoint it saves so that ``status`` can list the captures of a log."""
+        to every checkpoint it saves so that ``status`` can list the captures of a log.
+        ``ledger_root``: where live modes keep the key ledger (capture/ledger.py); None: a
+        temporary folder (rebuilt from the log at every start)."""
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz
         self.sup = Supervisor(self._stop, on_wait=self._waiting, user=user_of(source))
@@ -123,7 +128,11 @@ class Capture:
                                   big_key_bytes=big_key_bytes, mem_limit=mem_limit,
                                   mem_limit_skip=mem_limit_skip)
         self.dirty = DirtySet(dirty_limit) if dirty_limit else DirtySet()
-        self.max_tracked = max_tracked_keys
+        self.ledger_root = ledger_root
+        self.ledger: Ledger | None = None        # live modes: what was logged, per key, on disk
+        self.digests = DigestReader(self.reader.source, source_info, big_key_bytes)
+        self._rescan: Rescan | None = None       # a scan that reads digests, not values
+        self._rereads: Iterator[list[bytes]] | None = None   # ... then the keys that changed
         self._resync = threading.Event()
         self._gap_lock = threading.Lock()
         self._cursor: int | None = None     # None: no scan in progress
@@ -214,7 +223,7 @@ class Capture:
             st.total_hint = self._dbsize()
             previous = None if self.fresh else self._meta_get()
             self._new_capture_id()
-            self.sup.log(self._learn_known_keys, "reading its history")
+            self._open_ledger(previous)
             notes = self._notes = self._subscribe()
             self._sub_epoch = notes.epoch
             self._start_watch()
@@ -225,6 +234,7 @@ class Capture:
         finally:
             if notes is not None:
                 notes.stop()
+            self._close_rescan()
         self._end_live()
         return st
 
@@ -247,12 +257,10 @@ class Capture:
         st = self.stats
         if self.mode == "live":
             self.reader.marker(Kind.SNAPSHOT_BEGIN, st.total_hint, self._source_facts())
-            self._new_scan()
-            # After an earlier capture, keys the log holds that this scan does not see were
-            # deleted while none ran: they are re-read.
-            self._catch_up = bool(previous or st.history_records or st.history_gap)
-            if self._catch_up:
-                self.reader.seen = set()
+            # After an earlier capture (the ledger knows keys), the scan reads digests and only
+            # changed, new and vanished keys are read and logged again.
+            self._catch_up = bool(previous or st.history_gap or not self.ledger.empty)
+            self._start_scan(rescan=self._catch_up)
         elif previous:
             self._gap(f"capture restarted (changes made since the previous run "
                       f"{previous.get('capture_id')} were not seen)")
@@ -262,17 +270,19 @@ class Capture:
         st = self.stats
         if not st.capture_id:
             return                           # stopped before anything was written
-        blind = (st.untracked or bool(st.history_gap)) and bool(st.gaps or self._catch_up)
+        blind = bool(st.history_gap) and bool(st.gaps or self._catch_up)
         healthy = self._healthy()
-        st.complete = (not self._resync.is_set() and self._cursor is None and not blind
+        st.complete = (not self._resync.is_set() and not self.scanning and not blind
                        and healthy)
         if not st.complete:
             st.incomplete_why = self._why_incomplete(blind, healthy)
-        self._final_save("live" if not st.complete else "stopped")
+        saved = self._final_save("live" if not st.complete else "stopped")
+        if self.ledger is not None:
+            self.ledger.close(clean=saved)
         self._progress()
 
     def _why_incomplete(self, blind: bool, healthy: bool) -> str:
-        if self._cursor is not None or self._resync.is_set():
+        if self.scanning or self._resync.is_set():
             return ("stopped before the last resync finished; run again (the restart triggers "
                     "a catch-up scan)")
         if blind:
@@ -297,18 +307,18 @@ class Capture:
             except LogLost as e:
                 self._log_lost(e)
         if self._pending:
-            self.writer.flush()
+            self._flush()
             self._pending = False
 
     @property
     def caught_up(self) -> bool:
         """The first scan is over (/readyz): what follows are changes as they happen."""
-        return self._cursor is None and bool(self.stats.capture_id)
+        return not self.scanning and bool(self.stats.capture_id)
 
     @property
     def scanning(self) -> bool:
-        """A scan (the first, a resync or a catch-up) is in progress."""
-        return self._cursor is not None
+        """A scan (the first, a resync or a catch-up, with its re-reads) is in progress."""
+        return self._cursor is not None or self._rereads is not None
 
     def _live_step(self) -> bool:
         """One round: watch, read dirty keys, scan, flush; True when the idle timeout ends the run."""
@@ -316,7 +326,7 @@ class Capture:
         if self._notes is not None and self._notes.fatal is not None:
             raise self._notes.fatal
         self._supervise()
-        if self._resync.is_set() and self._cursor is None:
+        if self._resync.is_set() and not self.scanning:
             self._start_resync()
         worked = False
         keys = self.dirty.take(self.scan_count)
@@ -326,13 +336,16 @@ class Capture:
         if self._cursor is not None:
             self._scan_step()
             worked = True
+        elif self._rereads is not None:
+            self._reread_step()
+            worked = True
         if worked:
             self._pending = True
             self._last_activity = time.monotonic()
             self._sync_counts()
         if self._pending and (not worked
                               or time.monotonic() - self._last_flush >= LIVE_FLUSH_INTERVAL_S):
-            self.writer.flush()
+            self._flush()
             self._pending, self._last_flush = False, time.monotonic()
             self._progress()
         if worked:
@@ -406,9 +419,8 @@ class Capture:
         self._resync.clear()
         self._sub_epoch = self._notes.epoch if self._notes else 0
         self.stats.resyncs += 1
-        self.reader.seen = set()
         self.reader.marker(Kind.RESYNC, None, {"reason": self.stats.gaps[-1] if self.stats.gaps else ""})
-        self._new_scan(self._resync_slots())
+        self._start_scan(self._resync_slots(), rescan=True)
         self._scan_is_resync = True
 
     def _resync_slots(self) -> set[int] | None:
@@ -417,30 +429,52 @@ class Capture:
 
     def _log_lost(self, e: LogLost) -> None:
         """The log was reset under us: take the new one and write the whole source into it. The
-        known-key set is kept, so keys deleted meanwhile become deletes at the end of the scan."""
+        ledger keeps the names (every digest forgotten), so keys deleted meanwhile become deletes
+        at the end of the scan."""
         detail = str(e).removeprefix(LOG_LOST).lstrip(": ")
         why = f"{LOG_LOST} ({detail})"
         with self._gap_lock:
             self.stats.gaps.append(why)
         log.warning("%s; resyncing the whole source into the new log", why)
         self.writer.adopt_new_log()
+        self._close_rescan()
+        self.ledger.forget_digests(self.writer.log_id)
         self._pending = False
         self._resync.clear()                 # this full scan heals every gap reported so far
         self._sub_epoch = self._notes.epoch if self._notes else 0
         self.stats.resyncs += 1
-        self.reader.seen = set()
         self.reader.marker(Kind.SNAPSHOT_BEGIN, self.stats.total_hint,
                            {**self._source_facts(), "reason": why})
         self._resync_slots()                 # a whole scan covers whatever was pending
-        self._new_scan()
+        self._start_scan(rescan=True)
         self._scan_is_resync = True
         self._save("live")
 
     # -- scanning ------------------------------------------------------------------------------
+    def _start_scan(self, slots: set[int] | None = None, *, rescan: bool) -> None:
+        """A live scan from the start; ``rescan``: it reads digests and compares them with the
+        ledger, and only the keys that differ are read and logged (see ``_scan_done``)."""
+        self._close_rescan()
+        self._rescan = self.ledger.rescan() if rescan else None
+        self._new_scan(slots)
+
+    def _close_rescan(self) -> None:
+        """A rescan's comparison still under way is dropped (a new scan covers it)."""
+        if self._rereads is not None:
+            close = getattr(self._rereads, "close", None)
+            if close:
+                close()
+        self._rescan = self._rereads = None
+
     def _scan_step(self) -> None:
         self.heartbeat = time.monotonic()
         cursor, keys = self._read(lambda: self._scan(self._cursor), "SCAN")
-        if keys:
+        if keys and self._rescan is not None:
+            crcs, exps = self._read(lambda: self.digests.read(keys), "reading digests")
+            self._rescan.saw(keys, crcs, exps)
+            self.stats.digests_read += len(keys)
+            self._progress()
+        elif keys:
             self._read(lambda: self.reader.read(keys, scanned=True), "reading scanned keys")
             self._sync_counts()
             self._progress()
@@ -471,46 +505,66 @@ class Capture:
 
     def _scan_done(self) -> None:
         self._cursor = None
-        if self._scan_is_resync or self._catch_up:
-            self._reread_unseen()
+        if self._rescan is None:
+            self._scan_finished()
+            return
+        # Every digest is in: what the ledger says was logged is compared with them once what
+        # was read meanwhile is durable (its ledger entries committed).
+        self._flush()
+        slack = 0 if self.info.has_pexpiretime else EXPIRY_SLACK_MS
+        self._rereads = self._rescan.to_read(self._in_scope(), slack)
+        self._rescan = None
+
+    def _reread_step(self) -> None:
+        """One page of the keys a rescan found changed, new or vanished: read and logged (a
+        vanished key becomes a DELETE)."""
+        page = next(self._rereads, None)
+        if page is None:
+            self._rereads = None
+            self._scan_finished()
+            return
+        self._read(lambda: self.reader.read(page, check_type=True), "re-reading changed keys")
+        self.stats.unseen_reread += len(page)
+        self._sync_counts()
+        self._progress()
+
+    def _scan_finished(self) -> None:
         if self._scan_is_resync:
             self.stats.resyncs_done += 1
         self.reader.marker(Kind.SNAPSHOT_END, self.stats.keys)
         self._scan_is_resync = False
 
-    def _reread_unseen(self) -> None:
-        """Keys the log says exist but the resync scan did not see were deleted (or renamed away)
-        while notifications were lost: read them again, which turns them into DELETE events."""
-        known, seen = self.reader.known, self.reader.seen
-        self.reader.seen = None
-        if known is None or seen is None:
-            return
-        unseen = [k for k in known if k not in seen]
-        for i in range(0, len(unseen), self.scan_count):
-            batch = unseen[i:i + self.scan_count]
-            self._read(lambda: self.reader.read(batch, check_type=True), "re-reading unseen keys")
-        self.stats.unseen_reread += len(unseen)
+    def _in_scope(self) -> Callable[[bytes], bool] | None:
+        """Which keys of the ledger the scan that ended covered (None: all)."""
+        return None
 
-    def _learn_known_keys(self) -> None:
-        """Which keys of this db exist according to the log (see capture/known.py)."""
+    def _open_ledger(self, previous: dict | None) -> None:
+        """The key ledger as the previous run left it, when it can be trusted; otherwise
+        rebuilt from what the log holds (``--fresh``: names only, every value logged again)."""
         st = self.stats
-        found = known_keys(self.writer.history(), self.reader.codec, self.info.db, self.filter,
-                           self.max_tracked)
+        root = self.ledger_root or tempfile.mkdtemp(prefix="conveyor-ledger-")
+        ledger = self.ledger = Ledger(root)
+        self.writer.ledger = self.reader.ledger = ledger
+        log_id = self.writer.log_id
+        trust = ledger.check(log_id, previous.get("capture_id") if previous else None,
+                             previous.get("seq") if previous else None)
+        if trust.trusted and not self.fresh:
+            log.info("key ledger %s: as the previous run left it", root)
+            return
+        if trust.trusted:
+            ledger.forget_digests(log_id)
+            return
+        ledger.reset(log_id)
+        flt = self.filter
+        accepts = ((lambda k: flt.accepts_name(k, check_glob=True))
+                   if flt.checks_names or flt.match else (lambda _k: True))
+        found = self.sup.log(lambda: rebuild(ledger, self.writer.history(), self.reader.codec,
+                                             self.info.db, accepts, digests=not self.fresh),
+                             "reading its history")
         st.history_records, st.history_gap = found.records, found.gap
-        st.untracked = found.keys is None
-        self.reader.known = found.keys
         if found.records:
-            log.info("the log holds %d records; %s keys of db %d exist according to it",
-                     found.records, "too many" if found.keys is None else len(found.keys),
-                     self.info.db)
-
-    def _track_limit(self) -> None:
-        known = self.reader.known
-        if known is not None and len(known) > self.max_tracked:
-            self.reader.known = None
-            self.stats.untracked = True
-            log.warning("more than %d keys: no longer tracking key names; deletes missed during "
-                        "a gap can no longer be healed", self.max_tracked)
+            log.info("key ledger %s rebuilt from the log (%s): %d records read, %d keys of "
+                     "db %d", root, trust.why, found.records, found.keys, self.info.db)
 
     def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
         cursor, keys = self.source.scan(cursor, count=self.scan_count, **self.filter.scan_args())
@@ -525,7 +579,6 @@ class Capture:
                 "mode": self.mode}
 
     def _sync_counts(self) -> None:
-        self._track_limit()
         self.stats.keys, self.stats.deletes = self.reader.counts.upserts, self.reader.counts.deletes
         if self.stats.events != self._events_seen:
             self._events_seen, self._last_event_ms = self.stats.events, now_millis()
@@ -534,10 +587,16 @@ class Capture:
         self.stats.notifications = self.dirty.marked
         self.stats.source_waits, self.stats.log_waits = self.sup.source_waits, self.sup.log_waits
 
+    def _flush(self) -> None:
+        """Everything appended is durable on the log; then the ledger counts its digests."""
+        self.writer.flush()
+        if self.ledger is not None:
+            self.ledger.commit(self.stats.capture_id, self.reader.seq)
+
     def _save(self, phase: str) -> None:
         """Flush first: the cursor is saved only once everything before it is durable on the log."""
         self._sync_counts()
-        self.writer.flush()
+        self._flush()
         st = self.stats
         doc = {"state": phase, "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
                "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
@@ -546,12 +605,14 @@ class Capture:
         self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
         self._doc = doc
 
-    def _final_save(self, phase: str) -> None:
+    def _final_save(self, phase: str) -> bool:
         """The last save of a run; a stop while the log is away leaves the last checkpoint."""
         try:
             self._save(phase)
+            return True
         except Interrupted as e:
             log.warning("%s; the checkpoint keeps its last saved position", e)
+            return False
 
     def _meta_get(self) -> dict | None:
         return self.sup.log(lambda: self.meta.get(self.checkpoint), "reading the checkpoint")
@@ -581,10 +642,11 @@ class Capture:
             # A restarted source forgot the read script. StateReader loads it again when it has
             # none (its own check looks for "NOSCRIPT" in the text, which redis-py 8 strips).
             self.reader._script = None
+            self.digests.forget_script()
             return self.sup.source(fn, what)
 
     def _progress(self) -> None:
-        self.stats.scanning = self._cursor is not None
+        self.stats.scanning = self.scanning
         if self.on_progress:
             self.stats.dirty_waiting = len(self.dirty)
             self.on_progress(self.stats)

@@ -19,6 +19,7 @@ import redis
 
 from conveyor.capture.dumps import SCRIPT_BUDGET, DumpReads
 from conveyor.capture.emitting import Emitting
+from conveyor.capture.ledger import Ledger
 from conveyor.capture.paging import Paging
 from conveyor.capture.sizing import Sizing
 from conveyor.capture.splitting import Splitting, cuts_of
@@ -78,10 +79,9 @@ class StateReader(DumpReads, Sizing, TypedReads, Paging, StreamMeta, Splitting, 
         self._script: bool | None = None    # None: not tried yet; False: the source refuses it
         self.seq = 0
         self.capture_id = ""
-        # Live modes: names of keys the log says exist, and names read during a resync scan. A key
-        # deleted while notifications were lost is in ``known`` but not seen by the scan: re-read.
-        self.known: set[bytes] | None = None
-        self.seen: set[bytes] | None = None
+        # Live modes: the key ledger (capture/ledger.py) told of every event before it is
+        # appended, so that a rescan knows what was logged.
+        self.ledger: Ledger | None = None
         self._start_blocks()
 
     @property
@@ -99,8 +99,6 @@ class StateReader(DumpReads, Sizing, TypedReads, Paging, StreamMeta, Splitting, 
 
     def _read(self, keys: list[bytes], check_type: bool) -> int:
         check_type = check_type and self.type_filter is not None
-        if self.seen is not None:
-            self.seen.update(keys)
         if not self.sizing and not self.struct:
             self._read_dumps(keys, check_type)
             return len(keys)

@@ -127,6 +127,8 @@ class SupervisedWriter(LogWriter):
     def __init__(self, inner: LogWriter, supervisor: Supervisor) -> None:
         self.inner, self.sup = inner, supervisor
         self._shaped_like(inner)
+        # Live modes: the key ledger, whose entries reach the OS before their events the log.
+        self.ledger = None
 
     @property
     def log_id(self) -> str:  # type: ignore[override]
@@ -137,6 +139,8 @@ class SupervisedWriter(LogWriter):
         return self.inner.warnings
 
     def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
+        if self.ledger is not None:
+            self.ledger.write_ahead()
         try:
             self.inner.append(key, value, partition_key)   # per record: no wrapper in the way
         except LogUnavailable as e:

@@ -208,7 +208,7 @@ def _apply_opts(kw, rewriter: KeyRewriter, **given) -> ApplyOptions:
                         stream_ids=kw["stream_ids"], **given)
 
 
-def _capture_opts(mode, fresh, kw, key_filter: KeyFilter) -> CaptureOptions:
+def _capture_opts(mode, fresh, kw, key_filter: KeyFilter, state_dir: str) -> CaptureOptions:
     if kw.get("idle_timeout") is not None and mode == "snapshot":
         raise click.UsageError("--idle-timeout applies to --mode live and liveonly")
     if kw["mem_limit_skip"] and not kw["mem_limit"]:
@@ -220,7 +220,7 @@ def _capture_opts(mode, fresh, kw, key_filter: KeyFilter) -> CaptureOptions:
                           value_type=kw["value_type"], big_key_bytes=kw["big_key_bytes"] or None,
                           mem_limit=kw["mem_limit"], mem_limit_skip=kw["mem_limit_skip"],
                           read_from=kw.get("read_from") or "primary",
-                          nodes=tuple(kw.get("node") or ()))
+                          nodes=tuple(kw.get("node") or ()), state_dir=state_dir)
 
 
 cluster_capture_options = _options(
@@ -339,6 +339,9 @@ def cli(verbose: int, log_format: str) -> None:
               show_default=True, help="snapshot: one SCAN pass; live: SCAN + keyspace "
               "notifications; liveonly: notifications only.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@click.option("--state-dir", default=".conveyor", show_default=True, type=click.Path(file_okay=False),
+              help="Live modes: where the key ledger lives (what was logged per key, on disk; a "
+                   "restart or a gap then costs only what changed).")
 @db_option
 @live_options
 @type_options
@@ -348,12 +351,12 @@ def cli(verbose: int, log_format: str) -> None:
 @log_options
 @metrics_options
 @progress_option
-def capture(source, log_uri, mode, fresh, log_opts, progress, **kw):
+def capture(source, log_uri, mode, fresh, state_dir, log_opts, progress, **kw):
     """Read SOURCE (SCAN + DUMP, and/or keyspace notifications) and append its keys to the log."""
     from conveyor import commands
     dbopts = _db_opts(source, None, kw)
     src, logspec = _endpoint(source, "source", kw), LogSpec(log_uri, _log_opts(log_opts))
-    opts = _capture_opts(mode, fresh, kw, _filter(kw))
+    opts = _capture_opts(mode, fresh, kw, _filter(kw), state_dir)
     ok = commands.capture(src, logspec, opts, dbopts, progress=progress, metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
 
@@ -441,7 +444,8 @@ def verify(source, target, progress, **kw):
 @click.option("--log", "log_uri", metavar="URI",
               help="The log to go through (default: a file log in --state-dir).")
 @click.option("--state-dir", default=".conveyor", show_default=True, type=click.Path(file_okay=False),
-              help="Where the embedded file log lives when --log is not given.")
+              help="Where the embedded file log lives when --log is not given, and capture's key "
+                   "ledger (live modes).")
 @click.option("--group", default="apply", show_default=True, help="Consumer group of the apply side.")
 @click.option("--no-verify", is_flag=True, help="Skip the verify pass after copying.")
 @click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
@@ -475,7 +479,7 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
         sys.exit(0 if ok else 1)
     logspec = LogSpec(log_uri or _state_log(state_dir, source, target), _log_opts(log_opts))
     opts = ReplicateOptions(
-        capture=_capture_opts(mode, fresh, kw, flt),
+        capture=_capture_opts(mode, fresh, kw, flt, state_dir),
         apply=_apply_opts(kw, rw, group=group, dry_run=dry_run),
         verify=None if no_verify or dry_run else _verify_opts(kw, flt, rw))
     ok = commands.replicate(src, dst, logspec, opts, dbopts, progress=progress,

@@ -36,6 +36,7 @@ class CaptureOptions:
     mem_limit: int | None = None
     mem_limit_skip: bool = False
     dbs: list[int] | None = None         # --db, resolved: the source databases to capture
+    state_dir: str = ".conveyor"         # live modes keep their key ledgers under it
 
 
 @dataclass

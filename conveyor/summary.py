@@ -42,12 +42,10 @@ def _capture_summary(st: CaptureStats) -> tuple[list[str], bool]:
         lines.append(f"  waited out {st.source_waits} source and {st.log_waits} log failures "
                      "(see the warnings above)")
     lines += _read_lines(st.reads)
-    if st.unseen_reread:
-        lines.append(f"  {st.unseen_reread} keys on the log but not seen by the scan were re-read "
-                     "(deleted or renamed while changes were not seen)")
-    if st.untracked and st.gaps:
-        lines.append("  too many keys to track names: deletes made during a gap may be missing "
-                     "on the target")
+    if st.digests_read:
+        lines.append(f"  rescans compared {st.digests_read} keys' digests with the key ledger and "
+                     f"read again {st.unseen_reread} keys that changed, appeared or vanished "
+                     "(unchanged keys were neither logged nor written again)")
     if st.history_gap:
         lines.append(f"  the log no longer holds every key's last event ({st.history_gap}): "
                      "keys deleted while no capture ran cannot be found; check the target with "

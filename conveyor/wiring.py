@@ -4,9 +4,11 @@
 (conveyor/commands.py) run what is built here and print the outcome."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import redis
@@ -18,7 +20,7 @@ from conveyor.capture.databases import Databases, SharedLog
 from conveyor.capture.notifications import check_notifications
 from conveyor.cluster import is_cluster
 from conveyor.databases import ALL, TargetDbs, resolve
-from conveyor.endpoints import ServerInfo, uri_db
+from conveyor.endpoints import ServerInfo, mask_uri, uri_db
 from conveyor.errors import ConfigError
 from conveyor.events import Codec
 from conveyor.keys import KeyFilter
@@ -70,7 +72,7 @@ def capture_process(src: Endpoint, log: LogSpec, opts: CaptureOptions, display) 
     refuse_log_on(client, src, log.uri, log.opts)
     _check_notifications(client, src, opts)
     writer, meta = _open_log(log)
-    proc = _db_capture(src, client, info, writer, meta, opts,
+    proc = _db_capture(src, client, info, writer, meta, opts, log,
                        lambda st: show_capture(display, st, proc.scanning))
     return Built(proc, (writer, meta))
 
@@ -95,7 +97,7 @@ def _databases_capture(src: Endpoint, log: LogSpec, opts: CaptureOptions, displa
 
     proc = Databases(opts.dbs, SharedLog(writer, meta), opts.mode,
                      lambda db, view, store: _db_capture(src, clients[db], infos[db], view, store,
-                                                         opts, progress))
+                                                         opts, log, progress))
     return Built(proc, (writer, meta))
 
 
@@ -108,7 +110,7 @@ def _cluster_capture(src: Endpoint, client, info: ServerInfo, log: LogSpec, opts
     writer, meta = _open_log(log)
     # One checkpoint per --node set: scale-out runs one capture per primary, each resuming its own.
     name = checkpoint_name(src.uri, info.db, opts.key_filter, nodes=opts.nodes)
-    proc = _capture(ClusterCapture, client, info, writer, meta, opts, key_filter=captured,
+    proc = _capture(ClusterCapture, client, info, writer, meta, opts, log, key_filter=captured,
                     checkpoint=name,
                     announce={**announce(src, info.db, captured), "node": ",".join(opts.nodes)},
                     on_progress=lambda st: show_capture(display, st, st.scanning),
@@ -117,28 +119,36 @@ def _cluster_capture(src: Endpoint, client, info: ServerInfo, log: LogSpec, opts
 
 
 def _db_capture(src: Endpoint, client: redis.Redis, info: ServerInfo, writer: LogWriter,
-                meta: MetaStore, opts: CaptureOptions,
+                meta: MetaStore, opts: CaptureOptions, log: LogSpec,
                 progress: Callable[[CaptureStats], None]) -> Capture:
     """The Capture of one database of a standalone source."""
     db = info.db if opts.dbs else None      # reconnects (the subscriber) to the same database
-    return _capture(Capture, client, info, writer, meta, opts, key_filter=opts.key_filter,
+    return _capture(Capture, client, info, writer, meta, opts, log, key_filter=opts.key_filter,
                     checkpoint=checkpoint_name(src.uri, info.db, opts.key_filter),
                     announce=announce(src, info.db, opts.key_filter), on_progress=progress,
                     connect=lambda: src.connect(db=db))
 
 
 def _capture(cls: type[Capture], client, info: ServerInfo, writer: LogWriter, meta: MetaStore,
-             opts: CaptureOptions, *, key_filter: KeyFilter, checkpoint: str, announce: dict,
-             on_progress: Callable[[CaptureStats], None], **topology) -> Capture:
+             opts: CaptureOptions, log: LogSpec, *, key_filter: KeyFilter, checkpoint: str,
+             announce: dict, on_progress: Callable[[CaptureStats], None], **topology) -> Capture:
     """A Capture (or ClusterCapture: ``topology`` holds what only one of them takes), given
     the options every capture shares."""
-    return cls(source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
+    return cls(ledger_root=ledger_root(opts.state_dir, checkpoint, log.uri),
+               source=client, source_info=info, writer=writer, meta=meta, codec=Codec(),
                key_filter=key_filter, checkpoint=checkpoint, mode=opts.mode,
                scan_count=opts.scan_count, fresh=opts.fresh, idle_timeout=opts.idle_timeout,
                dirty_limit=opts.max_dirty_keys, value_type=opts.value_type,
                big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
                mem_limit_skip=opts.mem_limit_skip, enable_notifications=opts.enable_notifications,
                announce=announce, on_progress=on_progress, **topology)
+
+
+def ledger_root(state_dir: str, checkpoint: str, log_uri: str) -> Path:
+    """Where a capture keeps its key ledger: one per checkpoint and log (no credentials in the
+    name: the masked URI is hashed)."""
+    digest = hashlib.sha256(mask_uri(log_uri).encode()).hexdigest()[:8]
+    return Path(state_dir).resolve() / "ledgers" / f"{checkpoint}-{digest}"
 
 
 def _open_log(log: LogSpec) -> tuple[LogWriter, MetaStore]:

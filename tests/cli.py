@@ -4,14 +4,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from functools import cache
 
 CONVEYOR = [sys.executable, "-m", "conveyor.cli"]
+
+
+@cache
+def _state_dir() -> str:
+    """Where captures started by the tests keep their key ledgers (not the checkout's .conveyor)."""
+    return tempfile.mkdtemp(prefix="conveyor-test-state-")
 
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("CONVEYOR_DEBUG", None)
     e["PYTHONUNBUFFERED"] = "1"
+    e.setdefault("CONVEYOR_CAPTURE_STATE_DIR", _state_dir())
     return e
 
 
