@@ -312,8 +312,9 @@ class Capture:
 
     @property
     def caught_up(self) -> bool:
-        """The first scan is over (/readyz): what follows are changes as they happen."""
-        return not self.scanning and bool(self.stats.capture_id)
+        """The first scan is over (/readyz): what follows are changes as they happen. Before the
+        first checkpoint is saved the first scan has not even begun."""
+        return not self.scanning and bool(self._doc)
 
     @property
     def scanning(self) -> bool:

@@ -378,7 +378,7 @@ def through_flaky_log(src, dst, tmp_path, monkeypatch, **flaws):
     reader = FlakyLog(open_reader(log, "a", {}), **flaws)
     if flaws.get("new_log_empty"):
         reader.seek = lambda where: reader.reader.seek("latest")
-    monkeypatch.setattr("apply.applier.IDENTITY_INTERVAL_S", 0)   # checked before every poll
+    monkeypatch.setattr("conveyor.apply.applier.IDENTITY_INTERVAL_S", 0)   # checked before every poll
     stats = Applier(target_for_db=lambda db: t, reader=reader, meta=open_meta(log, {}),
                     codec=Codec(), rewriter=KeyRewriter(), group="a", batch=100,
                     idle_timeout=1).run()
