@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,13 @@ def finish(proc: subprocess.Popen, timeout: float = 3600) -> tuple[str, float]:
         raise SystemExit(f"conveyor exited {proc.returncode}\n{out}\n{err[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     return out, int(rss.group(1)) / 1024 if rss else float("nan")
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM to conveyor itself: /usr/bin/time does not pass signals on to the command it runs."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in children or [str(proc.pid)]:
+        subprocess.run(["kill", "-TERM", pid], check=False)
 
 
 def wait(cond, timeout: float, what: str) -> float:
@@ -139,7 +145,7 @@ def restarts(keys: int, rate: float, times: int, every: float) -> None:
         rss, back = {}, []
         for n in range(times):
             time.sleep(every)
-            proc.send_signal(signal.SIGTERM)
+            terminate(proc)
             _, rss[f"capture {n + 1}"] = finish(proc)
             time.sleep(every / 2)
             proc = start(*live, *(("--idle-timeout", "5") if n == times - 1 else ()))

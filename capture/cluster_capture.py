@@ -190,7 +190,8 @@ class ClusterCapture(Capture):
             try:
                 if self.mode != "snapshot" and leg.node != leg.primary:
                     self._barrier(leg)
-                nxt, keys = self._client(leg.node).scan(leg.cursor, count=self.scan_count,
+                nxt, keys = self._client(leg.node).scan(leg.cursor,
+                                                        count=self.pacer.batch_for(self.scan_count),
                                                         **self.filter.scan_args())
             except (redis.ConnectionError, redis.TimeoutError):
                 if not self._check_topology() and self._legs and self._legs[0] is leg:

@@ -39,6 +39,7 @@ from conveyor.keys import KeyFilter
 from conveyor.log import LogWriter, MetaStore
 from conveyor.members import HEARTBEAT_S
 from conveyor.progress import echo
+from conveyor.rate import UNLIMITED, Pacer
 
 log = logging.getLogger("conveyor.capture")
 
@@ -107,16 +108,19 @@ class Capture:
                  value_type: str = "dump", big_key_bytes: int | None = BIG_KEY_BYTES,
                  mem_limit: int | None = None, mem_limit_skip: bool = False,
                  enable_notifications: bool = False, announce: dict | None = None,
-                 on_progress: Callable[[CaptureStats], None] | None = None) -> None:
+                 on_progress: Callable[[CaptureStats], None] | None = None,
+                 pacer: Pacer = UNLIMITED) -> None:
         """``announce``: what this process covers and where it runs (conveyor.members), added
         to every checkpoint it saves so that ``status`` can list the captures of a log.
         ``ledger_root``: where live modes keep the key ledger (capture/ledger.py); None: a
-        temporary folder (rebuilt from the log at every start)."""
+        temporary folder (rebuilt from the log at every start). ``pacer``: --max-rate, which
+        holds scans, rescans and their re-reads (never the reads of changed keys)."""
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz
         self.sup = Supervisor(self._stop, on_wait=self._waiting, user=user_of(source))
         self.source, self.info, self.meta = source, source_info, meta
         self.writer = SupervisedWriter(writer, self.sup)
+        self.pacer = self.writer.pacer = pacer
         self.filter, self.checkpoint, self.mode = key_filter, checkpoint, mode
         self.scan_count, self.fresh, self.idle_timeout = scan_count, fresh, idle_timeout
         self.connect = connect
@@ -166,7 +170,8 @@ class Capture:
         try:
             self._begin_snapshot()
             last_save = time.monotonic()
-            while not self._stop.is_set() and self._cursor is not None:
+            while (not self._stop.is_set() and self._cursor is not None
+                   and self.pacer.wait(self._stop)):
                 self._scan_step()
                 if self._cursor is not None and time.monotonic() - last_save >= CHECKPOINT_INTERVAL_S:
                     self._save("scanning")
@@ -331,13 +336,14 @@ class Capture:
             self._start_resync()
         worked = False
         keys = self.dirty.take(self.scan_count)
-        if keys:
+        if keys:      # changed keys are never held back: a full dirty set would be a gap
             self._read(lambda: self.reader.read(keys, check_type=True), "reading changed keys")
             worked = True
-        if self._cursor is not None:
+        held = self.scanning and self.pacer.delay() > 0       # --max-rate: the scan waits
+        if not held and self._cursor is not None:
             self._scan_step()
             worked = True
-        elif self._rereads is not None:
+        elif not held and self._rereads is not None:
             self._reread_step()
             worked = True
         if worked:
@@ -355,11 +361,11 @@ class Capture:
         # Changes that arrived while this step waited (a flush waiting for the log) are not
         # idleness: the run ends only with nothing left to read.
         if (self.idle_timeout is not None and idle >= self.idle_timeout and not len(self.dirty)
-                and not self._resync.is_set() and self._healthy()):
+                and not self._resync.is_set() and not self.scanning and self._healthy()):
             self._watch_source()             # a last look: a FLUSHDB just now is not missed
             if not self._resync.is_set():
                 return True
-        self.dirty.wait(0.1)
+        self.dirty.wait(min(0.1, self.pacer.delay()) if held else 0.1)
         return False
 
     def _supervise(self) -> None:
@@ -470,13 +476,15 @@ class Capture:
     def _scan_step(self) -> None:
         self.heartbeat = time.monotonic()
         cursor, keys = self._read(lambda: self._scan(self._cursor), "SCAN")
+        self.pacer.charge(len(keys))
         if keys and self._rescan is not None:
             crcs, exps = self._read(lambda: self.digests.read(keys), "reading digests")
             self._rescan.saw(keys, crcs, exps)
             self.stats.digests_read += len(keys)
             self._progress()
         elif keys:
-            self._read(lambda: self.reader.read(keys, scanned=True), "reading scanned keys")
+            self._read(lambda: self._paced(lambda: self.reader.read(keys, scanned=True)),
+                       "reading scanned keys")
             self._sync_counts()
             self._progress()
         if cursor == 0 and self.mode == "snapshot" and self._restart_scan_if_source_restarted():
@@ -524,7 +532,9 @@ class Capture:
             self._rereads = None
             self._scan_finished()
             return
-        self._read(lambda: self.reader.read(page, check_type=True), "re-reading changed keys")
+        self.pacer.charge(len(page))
+        self._read(lambda: self._paced(lambda: self.reader.read(page, check_type=True)),
+                   "re-reading changed keys")
         self.stats.unseen_reread += len(page)
         self._sync_counts()
         self._progress()
@@ -567,8 +577,17 @@ class Capture:
             log.info("key ledger %s rebuilt from the log (%s): %d records read, %d keys of "
                      "db %d", root, trust.why, found.records, found.keys, self.info.db)
 
+    def _paced(self, read):
+        """``read()`` with the bytes it logs held to --max-bytes-rate (a big key's pages too)."""
+        self.writer.paced = True
+        try:
+            return read()
+        finally:
+            self.writer.paced = False
+
     def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
-        cursor, keys = self.source.scan(cursor, count=self.scan_count, **self.filter.scan_args())
+        cursor, keys = self.source.scan(cursor, count=self.pacer.batch_for(self.scan_count),
+                                        **self.filter.scan_args())
         return int(cursor), self.filter.select(keys)
 
     # -- bookkeeping ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tenacity import (Retrying, retry_if_exception, stop_when_event_set, wait_ex
 from conveyor.acl import refused_line
 from conveyor.errors import ConveyorError, LogUnavailable, SourceError
 from conveyor.log.base import History, LogWriter
+from conveyor.rate import UNLIMITED, Pacer
 
 log = logging.getLogger("conveyor.capture")
 
@@ -129,6 +130,10 @@ class SupervisedWriter(LogWriter):
         self._shaped_like(inner)
         # Live modes: the key ledger, whose entries reach the OS before their events the log.
         self.ledger = None
+        # --max-bytes-rate: while ``paced`` (a scan's reads, not changed keys'), every record
+        # appended is charged and the next read waits its turn, between a big key's pages too.
+        self.pacer: Pacer = UNLIMITED
+        self.paced = False
 
     @property
     def log_id(self) -> str:  # type: ignore[override]
@@ -146,6 +151,9 @@ class SupervisedWriter(LogWriter):
         except LogUnavailable as e:
             self.sup._wait(lambda: self.inner.append(key, value, partition_key), "appending",
                            "log", lambda x: isinstance(x, LogUnavailable), e)
+        if self.paced and self.pacer.bytes_per_s:
+            self.pacer.charge(nbytes=len(value))
+            self.pacer.wait(self.sup.stop)
 
     def flush(self, timeout: float = 60.0) -> None:
         self.sup.log(lambda: self.inner.flush(timeout), "flushing")

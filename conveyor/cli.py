@@ -138,6 +138,16 @@ class ByteSize(click.ParamType):
         return int(float(m.group(1)) * unit)
 
 
+rate_options = _options(
+    click.option("--max-rate", type=click.FloatRange(0, min_open=True), metavar="KEYS_PER_SECOND",
+                 help="Read at most this many keys a second from the source in scans, rescans "
+                      "and their catch-ups (reads of changed keys are never held back; default: "
+                      "no limit)."),
+    click.option("--max-bytes-rate", type=ByteSize(), metavar="SIZE",
+                 help="Read at most this many bytes a second from the source in scans, big-key "
+                      "pages included (e.g. 20MiB; default: no limit)."),
+)
+
 type_options = _options(
     click.option("--type", "value_type", type=click.Choice(["dump", "struct"]), default="dump",
                  show_default=True, help="dump: DUMP/RESTORE payloads (converted to type-based writes "
@@ -220,7 +230,8 @@ def _capture_opts(mode, fresh, kw, key_filter: KeyFilter, state_dir: str) -> Cap
                           value_type=kw["value_type"], big_key_bytes=kw["big_key_bytes"] or None,
                           mem_limit=kw["mem_limit"], mem_limit_skip=kw["mem_limit_skip"],
                           read_from=kw.get("read_from") or "primary",
-                          nodes=tuple(kw.get("node") or ()), state_dir=state_dir)
+                          nodes=tuple(kw.get("node") or ()), state_dir=state_dir,
+                          **_rates(kw))
 
 
 cluster_capture_options = _options(
@@ -270,7 +281,14 @@ def _verify_opts(kw, key_filter: KeyFilter, rewriter: KeyRewriter) -> VerifyOpti
     return VerifyOptions(key_filter=key_filter, rewriter=rewriter,
                          ttl_tolerance_ms=kw["ttl_tolerance"], recheck_delay=kw["recheck_delay"],
                          scan_count=kw["scan_count"], stream_ids=kw.get("stream_ids") or "keep",
-                         show_diffs=bool(kw.get("show_diffs")), report_path=kw.get("report_path"))
+                         show_diffs=bool(kw.get("show_diffs")), report_path=kw.get("report_path"),
+                         **_rates(kw))
+
+
+def _rates(kw) -> dict:
+    if kw.get("max_bytes_rate") == 0:
+        raise click.BadParameter("must be above 0", param_hint="'--max-bytes-rate'")
+    return {"max_rate": kw.get("max_rate"), "max_bytes_rate": kw.get("max_bytes_rate")}
 
 
 def _log_opts(pairs) -> dict[str, str]:
@@ -345,6 +363,7 @@ def cli(verbose: int, log_format: str) -> None:
 @db_option
 @live_options
 @type_options
+@rate_options
 @_endpoint_options("source")
 @cluster_capture_options
 @filter_options
@@ -423,6 +442,7 @@ verify_options = _options(
               "apply --stream-id drop).")
 @filter_options
 @rewrite_options
+@rate_options
 @progress_option
 def verify(source, target, progress, **kw):
     """Compare SOURCE and TARGET key by key; exit 1 when anything differs."""
@@ -455,6 +475,7 @@ def verify(source, target, progress, **kw):
 @collisions_option
 @live_options
 @type_options
+@rate_options
 @write_options
 @_endpoint_options("source")
 @_endpoint_options("target")

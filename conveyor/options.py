@@ -37,6 +37,8 @@ class CaptureOptions:
     mem_limit_skip: bool = False
     dbs: list[int] | None = None         # --db, resolved: the source databases to capture
     state_dir: str = ".conveyor"         # live modes keep their key ledgers under it
+    max_rate: float | None = None        # --max-rate: source keys read per second (scans)
+    max_bytes_rate: int | None = None    # --max-bytes-rate: bytes read per second (scans)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class VerifyOptions:
     stream_ids: str = "keep"
     show_diffs: bool = False
     report_path: str | None = None
+    max_rate: float | None = None        # --max-rate: keys compared per second
+    max_bytes_rate: int | None = None    # --max-bytes-rate: value bytes read per second
 
 
 @dataclass

@@ -28,6 +28,7 @@ from conveyor.log import LogWriter, MetaStore, open_meta, open_reader, open_writ
 from conveyor.members import process_facts
 from conveyor.options import ApplyOptions, CaptureOptions, DbOptions, LogSpec, VerifyOptions
 from conveyor.progress import Display, echo
+from conveyor.rate import Pacer
 from conveyor.runner import (Endpoint, default_target_db, open_waiting, refuse_log_on,
                              refuse_same_database, target_clients)
 from conveyor.verify import Verifier, VerifyReport
@@ -73,7 +74,7 @@ def capture_process(src: Endpoint, log: LogSpec, opts: CaptureOptions, display) 
     _check_notifications(client, src, opts)
     writer, meta = _open_log(log)
     proc = _db_capture(src, client, info, writer, meta, opts, log,
-                       lambda st: show_capture(display, st, proc.scanning))
+                       lambda st: show_capture(display, st, proc.scanning), pacer_of(opts))
     return Built(proc, (writer, meta))
 
 
@@ -90,6 +91,7 @@ def _databases_capture(src: Endpoint, log: LogSpec, opts: CaptureOptions, displa
     _check_notifications(first, src, opts)
     writer, meta = _open_log(log)
     lock = threading.Lock()
+    pacer = pacer_of(opts)                   # --max-rate holds for the source, all dbs together
 
     def progress(_st):
         with lock:                           # called from every database's thread
@@ -97,7 +99,7 @@ def _databases_capture(src: Endpoint, log: LogSpec, opts: CaptureOptions, displa
 
     proc = Databases(opts.dbs, SharedLog(writer, meta), opts.mode,
                      lambda db, view, store: _db_capture(src, clients[db], infos[db], view, store,
-                                                         opts, log, progress))
+                                                         opts, log, progress, pacer))
     return Built(proc, (writer, meta))
 
 
@@ -114,19 +116,19 @@ def _cluster_capture(src: Endpoint, client, info: ServerInfo, log: LogSpec, opts
                     checkpoint=name,
                     announce={**announce(src, info.db, captured), "node": ",".join(opts.nodes)},
                     on_progress=lambda st: show_capture(display, st, st.scanning),
-                    read_from=opts.read_from)
+                    read_from=opts.read_from, pacer=pacer_of(opts))
     return Built(proc, (writer, meta))
 
 
 def _db_capture(src: Endpoint, client: redis.Redis, info: ServerInfo, writer: LogWriter,
                 meta: MetaStore, opts: CaptureOptions, log: LogSpec,
-                progress: Callable[[CaptureStats], None]) -> Capture:
+                progress: Callable[[CaptureStats], None], pacer: Pacer) -> Capture:
     """The Capture of one database of a standalone source."""
     db = info.db if opts.dbs else None      # reconnects (the subscriber) to the same database
     return _capture(Capture, client, info, writer, meta, opts, log, key_filter=opts.key_filter,
                     checkpoint=checkpoint_name(src.uri, info.db, opts.key_filter),
                     announce=announce(src, info.db, opts.key_filter), on_progress=progress,
-                    connect=lambda: src.connect(db=db))
+                    connect=lambda: src.connect(db=db), pacer=pacer)
 
 
 def _capture(cls: type[Capture], client, info: ServerInfo, writer: LogWriter, meta: MetaStore,
@@ -142,6 +144,12 @@ def _capture(cls: type[Capture], client, info: ServerInfo, writer: LogWriter, me
                big_key_bytes=opts.big_key_bytes, mem_limit=opts.mem_limit,
                mem_limit_skip=opts.mem_limit_skip, enable_notifications=opts.enable_notifications,
                announce=announce, on_progress=on_progress, **topology)
+
+
+def pacer_of(opts: CaptureOptions | VerifyOptions) -> Pacer:
+    """--max-rate and --max-bytes-rate: one pacer per source (every database, shard and leg of
+    one capture or verify shares it)."""
+    return Pacer(opts.max_rate, opts.max_bytes_rate)
 
 
 def ledger_root(state_dir: str, checkpoint: str, log_uri: str) -> Path:
@@ -270,6 +278,7 @@ def _verifier(opts: VerifyOptions, display: Display, **sides) -> Verifier:
     return Verifier(key_filter=opts.key_filter, rewriter=opts.rewriter,
                     ttl_tolerance_ms=opts.ttl_tolerance_ms, recheck_delay=opts.recheck_delay,
                     scan_count=opts.scan_count, stream_ids=opts.stream_ids,
+                    pacer=pacer_of(opts),
                     on_progress=lambda n, total: display.update("Verifying", n, total), **sides)
 
 

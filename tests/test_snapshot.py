@@ -9,6 +9,7 @@ import time
 
 from conveyor.log import open_meta, open_writer
 from tests import cli
+from tests.compare import wait_until
 from tests.datasets import load_mixed
 
 
@@ -38,12 +39,13 @@ def test_mixed_dataset_arrives_identical_through_each_log(redis_factory, log_uri
 def test_expiry_stays_absolute_and_passed_expiry_becomes_a_delete(redis_factory, log_uri):
     source, target = redis_factory(), redis_factory()
     s = source.client()
-    s.set("short", "x", px=1500)
+    s.set("short", "x", px=5000)
     s.set("long", "y", px=600_000)
     expected = s.pexpiretime("long")
     cli.run("capture", source.url, "--log", log_uri, check=True)
+    assert s.exists("short")                      # captured while it lived (a loaded machine?)
     target.client().set("short", "stale")        # an old copy that must not survive
-    time.sleep(2)                                 # "short" expires while the event waits in the log
+    wait_until(lambda: not s.exists("short"), timeout=10)   # it expires while its event waits
     cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
     t = target.client()
     assert t.exists("short") == 0

@@ -22,6 +22,7 @@ from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
 from conveyor.keys import KeyFilter, KeyRewriter
+from conveyor.rate import UNLIMITED, Pacer
 from conveyor.verify.typed import PAGE, read_typed
 
 KINDS = ("missing", "type", "value", "ttl", "extra")
@@ -114,12 +115,16 @@ class Verifier:
     def __init__(self, *, source: redis.Redis, target: redis.Redis, key_filter: KeyFilter,
                  rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
                  scan_count: int = 1000, batch: int = 1000, check_extra: bool = True,
-                 stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None) -> None:
+                 stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None,
+                 pacer: Pacer = UNLIMITED) -> None:
+        """``pacer``: --max-rate (keys scanned per second, each side) and --max-bytes-rate
+        (value bytes read from the source)."""
         self.filter, self.rewriter = key_filter, rewriter
         self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
         self.scan_count, self.batch, self.check_extra = scan_count, batch, check_extra
         self.on_progress = on_progress
         self.stream_ids = stream_ids
+        self.pacer = pacer
         self.src = self._side(source, SourceError, "source")
         self.dst = self._side(target, TargetError, "target")
         self._stop = threading.Event()
@@ -191,11 +196,13 @@ class Verifier:
 
     def _scan_node(self, side: _Side, node: redis.Redis, args: dict):
         cursor = 0
-        while not self._stop.is_set():
+        while self.pacer.wait(self._stop) and not self._stop.is_set():
             try:
-                cursor, keys = node.scan(cursor, count=self.scan_count, **args)
+                cursor, keys = node.scan(cursor, count=self.pacer.batch_for(self.scan_count),
+                                         **args)
             except redis.RedisError as e:
                 raise side.failed("SCAN", e) from e
+            self.pacer.charge(len(keys))
             yield keys
             if int(cursor) == 0:
                 break
@@ -260,6 +267,10 @@ class Verifier:
     def _read_both(self, keys: list[bytes], names: list[bytes]) -> tuple[list, list]:
         """DUMP and expiry of each key on both sides, the two servers read at once."""
         s, t = self._run_both(self.src.commands(keys), self.dst.commands(names))
+        if self.pacer.bytes_per_s:
+            self.pacer.charge(nbytes=sum(len(x) for r in s for x in (r if isinstance(r, list)
+                                                                     else (r,))
+                                         if isinstance(x, bytes)))
         return self.src.check(s), self.dst.check(t)
 
     def _run_both(self, source: list[tuple], target: list[tuple]) -> tuple[list, list]:
