@@ -19,7 +19,7 @@ def status_lines(st: LogStatus, docs: dict[str, dict], group: str, as_json: bool
     captures = m.captures(docs, now, gone_after)
     members, forgotten = m.members(docs, group, now, gone_after)
     if as_json:
-        return [json.dumps({"log": st.uri, "group": group, "lag": st.lag,
+        return [json.dumps({"log": st.uri, "group": group, "lag": st.lag, "size": st.size,
                             "partition_count": len(st.partitions), "apply": applied,
                             "captures": {c.name: {**c.doc, "gone": c.gone, "seen_s_ago": c.age}
                                          for c in captures},
@@ -32,6 +32,8 @@ def status_lines(st: LogStatus, docs: dict[str, dict], group: str, as_json: bool
     n = len(st.partitions)
     lines.append(f"log {st.uri} ({n} partition{'s' if n != 1 else ''})  group {group!r}  "
                  f"total lag {st.lag}")
+    if st.size:
+        lines.append(f"  holds {st.size}")
     lines.append(f"{'partition':<24} {'committed':>22} {'end':>22} {'lag':>10}")
     for p in st.partitions:
         lines.append(f"{p.partition:<24} {str(p.committed):>22} {str(p.end):>22} {p.lag:>10}")

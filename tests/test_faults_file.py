@@ -246,26 +246,27 @@ def age(paths: list[Path], seconds: float) -> None:
 
 
 def test_retention_deletes_only_old_segments_every_group_is_past(redis_factory, tmp_path):
+    """cleanup=delete: whole segments go (the default, cleanup=compact, is test_compaction.py)."""
     # given a log of many small segments, group a past all of them, group b half way
     opts = ("--log-opt", "segment_bytes=4000", "--scan-count", "20")
     _, target, log_dir, uri = captured_log(redis_factory, tmp_path, n=800, opts=opts)
     cli.run("apply", target.url, "--log", uri, "--group", "a", "--idle-timeout", "1", check=True)
     segs = segments(log_dir)
     assert len(segs) > 10
-    b = open_reader(uri, "b", {"retention": "1h"})
+    b = open_reader(uri, "b", {"retention": "1h", "cleanup": "delete"})
     half = int(segs[len(segs) // 2].stem)
     got = []
     while not got or got[-1].offset < half + 1:
         got += b.poll(10, 1)
     b.commit(got)
     b.close()
-    r = open_reader(uri, "a", {"retention": "1h"})     # young segments are kept whatever the groups
+    r = open_reader(uri, "a", {"retention": "1h", "cleanup": "delete"})     # young segments are kept whatever the groups
     assert r.replayable() == (True, "")
     r.close()
     assert segments(log_dir) == segs
     # when the segments are older than the retention and a reader of the log opens
     age(segs, 5)
-    r = open_reader(uri, "a", {"retention": "1s"})
+    r = open_reader(uri, "a", {"retention": "1s", "cleanup": "delete"})
     # then exactly the segments before group b's position are gone
     assert segments(log_dir) == [s for s in segs if int(s.stem) >= half]
     ok, why = r.replayable()
@@ -282,7 +283,7 @@ def test_default_retention_lets_apply_from_earliest_rebuild_a_wiped_target(redis
     source, target, log_dir, uri = captured_log(redis_factory, tmp_path, n=400, opts=opts)
     segs = segments(log_dir)
     cli.run("apply", target.url, "--log", uri, "--idle-timeout", "1", check=True)
-    age(segs, 3600)                                   # an hour old: far younger than 7 days
+    age(segs, 3000)                # younger than the retention of either cleanup (1h compact, 7d delete)
     target.client().flushall()
     cli.run("apply", target.url, "--log", uri, "--from", "earliest", "--idle-timeout", "1", check=True)
     assert segments(log_dir) == segs

@@ -21,7 +21,7 @@ __all__ = ["LogReader", "LogWriter", "MetaStore", "LogStatus", "PartitionStatus"
 # Options each backend reads; anything else is an error, never silently ignored. Kafka passes every
 # other option to librdkafka, which refuses properties it does not know.
 KNOWN_OPTIONS: dict[str, set[str] | None] = {
-    "file": {"segment_bytes", "retention", "consumer"},
+    "file": {"segment_bytes", "retention", "cleanup", "consumer"},
     "redis": {"stream", "partitions", "consumer", "claim_idle_ms", "block_ms", "trim", "retention",
               "lease_ms", "cacert", "cert", "key", "insecure"},
     "kafka": None,

@@ -37,6 +37,9 @@ class LogStatus:
     uri: str                # masked
     group: str
     partitions: list[PartitionStatus] = field(default_factory=list)
+    # What the log holds now, as its backend can tell: bytes on disk (file), bytes of memory
+    # (Redis Streams), records between the partitions' low and high watermarks (Kafka).
+    size: str = ""
 
     @property
     def lag(self) -> int:

@@ -55,7 +55,7 @@ from urllib.parse import unquote
 
 from conveyor.errors import ConfigError, LogError, LogLost
 from conveyor.events import block_size
-from conveyor.log import segment
+from conveyor.log import file_compact, segment
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 from conveyor.log.segment import SegmentScan
@@ -66,7 +66,8 @@ SEGMENT_BYTES = 256 * 1024 * 1024
 POLL_INTERVAL_S = 0.02
 IDENTITY_CHECK_S = 1.0           # a reader waiting for records checks the log's identity this often
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024
-DEFAULT_RETENTION = "7d"
+DEFAULT_RETENTION = {"delete": "7d", "compact": "1h"}
+CLEANUP = ("compact", "delete")
 DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024   # of a damaged stretch kept in dead-letter.jsonl
 # A group's position is written (and fsynced) at most this often while records keep coming; a
 # position committed meanwhile is written once reading pauses, by status() and by close(). An fsync
@@ -230,6 +231,33 @@ def _check_identity(root: Path, log_id: str) -> None:
 
 
 # -- retention ---------------------------------------------------------------------------------------
+class Cleanup:
+    """``cleanup=compact`` (default): sealed segments every group is past and older than the
+    retention (default 1h) lose the records later ones supersede (conveyor/log/file_compact.py);
+    ``apply --from earliest`` still rebuilds an empty target. ``cleanup=delete``: such segments
+    (older than a retention of 7d by default) are deleted whole, and the log is no longer
+    replayable from its start."""
+
+    def __init__(self, opts: dict[str, str]) -> None:
+        self.mode = opts.get("cleanup", "compact")
+        if self.mode not in CLEANUP:
+            raise ConfigError(f"log option cleanup={self.mode!r}: expected compact or delete")
+        self.retention_s = _duration(opts.get("retention", DEFAULT_RETENTION[self.mode]))
+        self.segment_bytes = _size_option(opts, "segment_bytes", SEGMENT_BYTES)
+        self._running = None
+
+    def __call__(self, root: Path) -> None:
+        if self.mode == "delete":
+            _retire(root, self.retention_s)
+            return
+        if self._running is not None and self._running.poll() is None:
+            return                          # the last pass is still at work
+        try:
+            self._running = file_compact.start(root, self.retention_s, self.segment_bytes)
+        except OSError as e:
+            log.warning("log %s: cannot start a compaction: %s", root, e)
+
+
 def _retire(root: Path, retention_s: float) -> None:
     """Delete the oldest segments every group has committed past and older than the retention."""
     groups = [_read_json(p) for p in (root / "groups").glob("*.json")]
@@ -252,6 +280,10 @@ def _retire(root: Path, retention_s: float) -> None:
                  root, path.name)
 
 
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def _gone(segs: list[int]) -> str:
     """Why the log no longer holds every record ever appended, "" if it does."""
     if segs and segs[0] > 0:
@@ -266,7 +298,7 @@ class FileLogWriter(LogWriter):
     def __init__(self, uri: str, opts: dict[str, str]) -> None:
         self.uri = uri
         self.segment_bytes = _size_option(opts, "segment_bytes", SEGMENT_BYTES)
-        self.retention_s = _duration(opts.get("retention", DEFAULT_RETENTION))
+        self.cleanup = Cleanup(opts)
         self.warnings: list[str] = []
         self._buf = bytearray()
         self._pending = 0
@@ -287,7 +319,7 @@ class FileLogWriter(LogWriter):
         self._file = open(path, "ab")
         self._size = good
         self._next = self._base + count
-        _retire(self.root, self.retention_s)
+        self.cleanup(self.root)
 
     def _repair_tail(self, path: Path, good: int) -> None:
         """Cut what follows the last valid record of the last segment: a record a crash tore (it
@@ -357,7 +389,7 @@ class FileLogWriter(LogWriter):
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        _retire(self.root, self.retention_s)
+        self.cleanup(self.root)
 
     def flush(self, timeout: float = 60.0) -> None:
         _check_identity(self.root, self.log_id)   # never write on into a directory that was removed
@@ -412,7 +444,7 @@ class FileLogReader(LogReader):
         self.uri = uri
         self.group = group
         self.consumer = opts.get("consumer") or f"{socket.gethostname()}-{os.getpid()}"
-        self.retention_s = _duration(opts.get("retention", DEFAULT_RETENTION))
+        self.cleanup = Cleanup(opts)
         self.damaged: list[str] = []
         self.warnings: list[str] = []
         self._lock = self._scan = None
@@ -439,7 +471,7 @@ class FileLogReader(LogReader):
                            "a file log has one reader per group (stop it, or use another --group)")
         self.log_id = _ensure_id(self.root)
         self.seek(start)
-        _retire(self.root, self.retention_s)
+        self.cleanup(self.root)
 
     def check_identity(self) -> None:
         _check_identity(self.root, self.log_id)
@@ -615,7 +647,7 @@ class FileLogReader(LogReader):
                                         "updated_ms": time.time_ns() // 1_000_000})
         if seg != self._saved_seg:
             self._saved_seg = seg
-            _retire(self.root, self.retention_s)      # the group may have left a segment behind
+            self.cleanup(self.root)      # the group may have left a segment behind
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> LogStatus:
@@ -638,7 +670,14 @@ class FileLogReader(LogReader):
         committed = c["offset"] if c else None
         # A group numbered records before a stretch in the last segment was damaged may be ahead.
         lag = max(0, end - (committed if committed is not None else (segs[0] if segs else 0)))
-        return LogStatus(f"file:{self.root}", self.group, [PartitionStatus("0", committed, end, lag)])
+        held = 0
+        for base in segs:
+            try:
+                held += _seg_path(self.root, base).stat().st_size
+            except FileNotFoundError:
+                pass                          # compacted or retired meanwhile
+        return LogStatus(f"file:{self.root}", self.group, [PartitionStatus("0", committed, end, lag)],
+                         f"{mib(held)} on disk in {len(segs)} segments (cleanup={self.cleanup.mode})")
 
     def dead_letter(self, record: Record, reason: str) -> None:
         self._dead_line({"partition": record.partition, "offset": record.offset,

@@ -842,14 +842,16 @@ class KafkaLogReader(LogReader):
         except KafkaException as e:
             raise _failure(e, f"Kafka status of {self.topic!r} failed") from e
         highs = _offsets(self._admin, self.topic, parts)
-        unread = [tp.partition for tp in committed if tp.offset < 0]
-        lows = _offsets(self._admin, self.topic, unread, earliest=True)
+        lows = _offsets(self._admin, self.topic, parts, earliest=True)
         out = []
         for tp in committed:
             pos, high = (tp.offset if tp.offset >= 0 else None), highs[tp.partition]
             out.append(PartitionStatus(str(tp.partition), pos, high,
                                        max(high - (pos if pos is not None else lows[tp.partition]), 0)))
-        return LogStatus(self.uri, self.group, out)
+        held = sum(highs[p] - lows[p] for p in parts)
+        return LogStatus(self.uri, self.group, out,
+                         f"at most {held} records between the partitions' low and high watermarks "
+                         "(compaction removes records inside that range)")
 
     def dead_letter(self, record: Record, reason: str) -> None:
         topic = f"{self.topic}.dead-letter"

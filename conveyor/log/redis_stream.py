@@ -422,7 +422,14 @@ class StreamLogReader(StreamLog, LogReader):
                 committed = text(first) if first is not None else delivered   # acked meanwhile
                 parts.append(PartitionStatus(s, committed, end,
                                              self._undelivered(s, info, g) + pending))
-        return LogStatus(self.uri, self.group, parts)
+            entries = sum(self.r.xlen(s) for s in self.streams)
+            try:
+                held = f"{sum(self.r.memory_usage(s) or 0 for s in self.streams) / 2**20:,.1f} MiB " \
+                       "of memory, "
+            except redis.ResponseError:      # an ACL user without MEMORY: the entries alone
+                held = ""
+        return LogStatus(self.uri, self.group, parts,
+                         f"{held}{entries} entries (trim={self.trim_mode})")
 
     def _undelivered(self, stream: str, info: dict, g: dict) -> int:
         """Entries after the group's last-delivered-id. Redis's own ``lag`` cannot be trusted

@@ -1,0 +1,137 @@
+"""Compaction: reclaim what later records of the same keys supersede, never what a rebuild needs.
+
+Every event holds the whole state of its key (a DUMP payload or typed value, and its absolute
+expiry), so once a later record holds a key, its earlier events are needed by nobody, not even
+``apply --from earliest`` rebuilding an empty target. Compaction rewrites the oldest part of a log
+(what every group has read, older than the retention) keeping, per key, only the latest event:
+
+- a record all of whose events are superseded is dropped; a block some of whose events are is
+  rewritten with the others (so the compacted part holds at most one event of a key);
+- the parts of a big key read in parts are kept while they belong to the key's latest read;
+- a DELETE that is its key's latest event is dropped as well: nothing older of the key is left;
+- markers (snapshot begin/end, resync) and records that cannot be decoded are kept as they are.
+
+Which record is a key's latest is known from an index on disk (SQLite, ``KeyIndex``), so memory does
+not grow with the number of keys; it is built from the log and rebuilt from it when lost or left
+in doubt by a crash. An index behind the log (newer records not indexed yet) only keeps more.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conveyor.errors import CodecError
+from conveyor.events import Codec, Columns, Event, Kind, block_record_key, record_key
+
+
+@dataclass
+class Outcome:
+    """What compaction does with one record: keep it as is, drop it, or write ``value`` instead."""
+    keep: bool
+    key: bytes = b""                 # the new record key and value of a rewritten block
+    value: bytes | None = None
+    latest: list[bytes] = field(default_factory=list)    # index keys this record is the latest of
+    forget: list[bytes] = field(default_factory=list)    # index keys whose latest event is dropped
+
+
+def index_key(ev: Event) -> bytes:
+    return record_key(ev.db, ev.key)
+
+
+def _chunk_id(ev: Event) -> str | None:
+    return ev.chunk["id"] if ev.chunk else None
+
+
+class KeyIndex:
+    """Per key, the number of its latest record and the id of its latest read in parts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS latest (k BLOB PRIMARY KEY, rec INTEGER, "
+                        "part TEXT) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value)")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get_meta(self, name: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, name: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    def clear(self) -> None:
+        self.db.execute("DELETE FROM latest")
+        self.db.execute("DELETE FROM meta")
+
+    def note(self, rows: list[tuple[bytes, int, str | None]]) -> None:
+        """(index key, record number, read id) of records in log order: the later ones win."""
+        self.db.executemany("INSERT OR REPLACE INTO latest VALUES (?, ?, ?)", rows)
+
+    def lookup(self, keys: list[bytes]) -> dict[bytes, tuple[int, str | None]]:
+        out: dict[bytes, tuple[int, str | None]] = {}
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            q = "SELECT k, rec, part FROM latest WHERE k IN (%s)" % ",".join("?" * len(part))
+            for k, rec, chunk in self.db.execute(q, part):
+                out[k] = (rec, chunk)
+        return out
+
+    def renumber(self, moves: list[tuple[int, bytes]]) -> None:
+        self.db.executemany("UPDATE latest SET rec = ? WHERE k = ?", moves)
+
+    def forget(self, keys: list[bytes]) -> None:
+        self.db.executemany("DELETE FROM latest WHERE k = ?", [(k,) for k in keys])
+
+
+def rows_of(rec: int, decoded) -> list[tuple[bytes, int, str | None]]:
+    """What a decoded record tells the index (nothing for markers and undecodable records)."""
+    if isinstance(decoded, CodecError):
+        return []
+    evs = decoded if isinstance(decoded, list) else [decoded]
+    return [(index_key(e), rec, _chunk_id(e)) for e in evs if not e.is_marker]
+
+
+def decide(rec: int, decoded, latest: dict[bytes, tuple[int, str | None]],
+           codec: Codec) -> Outcome:
+    """Keep, drop or rewrite record number ``rec`` (``decoded``: its event(s) or CodecError)."""
+    if isinstance(decoded, CodecError):
+        return Outcome(True)
+    evs = decoded if isinstance(decoded, list) else [decoded]
+    if any(e.is_marker for e in evs):
+        return Outcome(True)
+    kept: list[Event] = []
+    out = Outcome(True)
+    for e in evs:
+        k = index_key(e)
+        got = latest.get(k)
+        if got is None or got[0] < rec:
+            kept.append(e)                    # not indexed that far (a newer record): kept
+        elif got[0] == rec:
+            if e.kind == Kind.DELETE and e.chunk is None:
+                out.forget.append(k)          # the latest word is a delete: nothing to rebuild
+            else:
+                kept.append(e)
+                out.latest.append(k)
+        elif e.chunk is not None and got[1] == e.chunk["id"]:
+            kept.append(e)                    # a part of the key's latest read in parts
+        # else: a later record of the key supersedes this event
+    if len(kept) == len(evs):
+        return out
+    if not kept:
+        out.keep = False
+        return out
+    if not isinstance(decoded, list):          # one event, kept: never reached (kept == evs)
+        return out
+    cols = Columns()
+    first = kept[0]
+    for e in kept:
+        cols.add(e.key, e.payload, e.expire_at_ms, e.read_time_ms)
+    out.key = block_record_key(first.db, len(kept))
+    out.value = codec.encode_block(first.db, first.capture_id, first.seq, cols)
+    return out

@@ -1,0 +1,268 @@
+"""Compaction of the file log (``cleanup=compact``, the default): see conveyor/log/compaction.py.
+
+Runs as a process of its own (``python -m conveyor.log.file_compact ROOT ...``), started by the
+writer when it rolls to a new segment and a sealed segment is due, so that capture keeps its core;
+``compaction.lock`` lets one run at a time. A segment is due once every group has committed past
+it and it is older than the retention. Its kept records are copied byte for byte (a rewritten
+block gets a new frame with the old timestamp) into a new file that replaces it atomically;
+consecutive compacted segments are merged while they fit in one. Records are numbered on from the
+file's name as everywhere in the log, so numbers inside the compacted part close up, and the gap
+before the next segment's number is one readers already step over. The key index
+(``compaction.db``) is marked in doubt before a file is replaced and sure again once it follows
+the new numbering; an index left in doubt by a crash is rebuilt from the segments.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conveyor.events import Codec
+from conveyor.log import segment
+from conveyor.log.compaction import KeyIndex, decide, rows_of
+from conveyor.log.segment import SegmentScan
+
+log = logging.getLogger("conveyor.log")
+
+INDEX = "compaction.db"
+LOCK = "compaction.lock"
+DECODE_BATCH = 2000
+
+
+SEGMENT_RE = re.compile(r"^(\d{20})\.log$")
+
+
+def _segments(root: Path) -> list[int]:
+    return sorted(int(m.group(1)) for n in os.listdir(root) if (m := SEGMENT_RE.match(n)))
+
+
+def _groups(root: Path) -> list[dict]:
+    out = []
+    for p in (root / "groups").glob("*.json"):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            return []                        # a group being written: no compaction this time
+    return out
+
+
+def _path(root: Path, base: int) -> Path:
+    return root / f"{base:020d}.log"
+
+
+def _records(path: Path):
+    """(timestamp, key, value) of each valid record of a sealed segment, damage skipped."""
+    scan = SegmentScan(path)
+    try:
+        for _, _, ts, klen, body in scan.walk(0, sealed=True):
+            if body is not None:
+                yield ts, bytes(body[:klen]), bytes(body[klen:])
+    finally:
+        scan.close()
+
+
+def _batches(path: Path, base: int, codec: Codec):
+    """Lists of (number, timestamp, key, value, decoded) of a segment's records."""
+    batch: list = []
+    n = base
+    for ts, key, value in _records(path):
+        batch.append((n, ts, key, value))
+        n += 1
+        if len(batch) >= DECODE_BATCH:
+            yield _decode(batch, codec)
+            batch = []
+    if batch:
+        yield _decode(batch, codec)
+
+
+def _decode(batch: list, codec: Codec) -> list:
+    decoded = codec.decode_many([b[3] for b in batch])
+    return [(*b, d) for b, d in zip(batch, decoded)]
+
+
+def due(root: Path, retention_s: float) -> list[int]:
+    """Sealed segments every group has committed past and older than the retention."""
+    segs = _segments(root)[:-1]
+    groups = _groups(root)
+    if groups == [] and any((root / "groups").glob("*.json")):
+        return []
+    past = min((g["segment"] for g in groups), default=None)
+    now = time.time()
+    out = []
+    for base in segs:
+        if past is not None and base >= past:
+            break
+        try:
+            if now - _path(root, base).stat().st_mtime < retention_s:
+                break
+        except FileNotFoundError:
+            continue
+        out.append(base)
+    return out
+
+
+class FileCompactor:
+    def __init__(self, root: Path, retention_s: float, segment_bytes: int) -> None:
+        self.root, self.retention_s, self.segment_bytes = root, retention_s, segment_bytes
+        self.codec = Codec()
+        self.index = KeyIndex(root / INDEX)
+        if self.index.get_meta("in_doubt") or self.index.get_meta("log_id") != self._log_id():
+            self.index.clear()
+            self.index.set_meta("log_id", self._log_id())
+
+    def _log_id(self) -> str:
+        try:
+            return (self.root / "log-id").read_text().strip()
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.index.close()
+
+    def _catch_up(self, sealed: list[int]) -> None:
+        """Index the sealed segments not indexed yet, in order."""
+        done = self.index.get_meta("indexed_below", 0)
+        for base in sealed:
+            if base < done:
+                continue
+            self.index.db.execute("BEGIN")
+            for batch in _batches(_path(self.root, base), base, self.codec):
+                rows = [r for (n, _, _, _, d) in batch for r in rows_of(n, d)]
+                self.index.note(rows)
+            nxt = [s for s in _segments(self.root) if s > base]
+            self.index.set_meta("indexed_below", nxt[0] if nxt else base + 1)
+            self.index.db.execute("COMMIT")
+
+    def run(self) -> tuple[int, int]:
+        """One pass: (bytes before, bytes after) of the segments compacted."""
+        segs = _segments(self.root)
+        self._catch_up(segs[:-1])
+        before, outputs = 0, {}
+        into: tuple[int, int, int] | None = None      # (base, next number, size) of the last output
+        for base in due(self.root, self.retention_s):
+            path = _path(self.root, base)
+            before += path.stat().st_size
+            into = self._compact(base, path, into)
+            outputs[into[0]] = into[2]
+        return before, sum(outputs.values())
+
+    def _compact(self, base: int, path: Path, into: tuple[int, int, int] | None):
+        """Rewrite segment ``base``, at the end of ``into`` (the previous compacted segment) when
+        both fit in one; (base, next number, size) of the file written."""
+        if into is not None and into[2] >= self.segment_bytes // 2:
+            into = None
+        first = into[1] if into else base
+        kept, moves, forget, size = self._kept(base, path, first)
+        if into is not None and into[2] + size > self.segment_bytes:
+            into, first = None, base
+            kept, moves, forget, size = self._kept(base, path, first)
+        if into is None and size == path.stat().st_size:
+            return base, first + len(kept), size      # nothing superseded: left as it is
+        self.index.set_meta("in_doubt", 1)
+        if into is not None:
+            target = _path(self.root, into[0])
+            mtime = target.stat().st_mtime
+            with open(target, "ab") as f:
+                f.write(b"".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.utime(target, (mtime, mtime))          # as old as it was: due again next time
+            path.unlink()
+        else:
+            tmp = path.with_suffix(".compacting")
+            mtime = path.stat().st_mtime
+            with open(tmp, "wb") as f:
+                f.write(b"".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.utime(tmp, (mtime, mtime))
+            os.replace(tmp, path)
+        _sync_dir(self.root)
+        self.index.db.execute("BEGIN")
+        self.index.renumber(moves)
+        self.index.forget(forget)
+        self.index.set_meta("in_doubt", 0)
+        self.index.db.execute("COMMIT")
+        if into is not None:
+            return into[0], first + len(kept), into[2] + size
+        return base, first + len(kept), size
+
+    def _kept(self, base: int, path: Path, first: int):
+        """The framed records of segment ``base`` that compaction keeps, numbered from ``first``;
+        the index updates that follow; their size."""
+        kept: list[bytes] = []
+        moves: list[tuple[int, bytes]] = []
+        forget: list[bytes] = []
+        size, n = 0, first
+        for batch in _batches(path, base, self.codec):
+            latest = self.index.lookup([r[0] for (num, _, _, _, d) in batch
+                                        for r in rows_of(num, d)])
+            for num, ts, key, value, d in batch:
+                o = decide(num, d, latest, self.codec)
+                forget += o.forget
+                if not o.keep:
+                    continue
+                if o.value is not None:
+                    key, value = o.key, o.value
+                moves += [(n, k) for k in o.latest]
+                frame = segment.frame(key, value, ts) + key + value
+                kept.append(frame)
+                size += len(frame)
+                n += 1
+        return kept, moves, forget, size
+
+
+def _sync_dir(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def compact(root: Path, retention_s: float, segment_bytes: int) -> tuple[int, int] | None:
+    """One compaction pass under ``compaction.lock``; None when another one holds it."""
+    with open(root / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        for stale in root.glob("*.compacting"):
+            stale.unlink()                   # a pass killed before it replaced a segment
+        c = FileCompactor(root, retention_s, segment_bytes)
+        try:
+            return c.run()
+        finally:
+            c.close()
+
+
+def start(root: Path, retention_s: float, segment_bytes: int) -> subprocess.Popen | None:
+    """Start a compaction pass in a process of its own when a segment is due."""
+    if not due(root, retention_s):
+        return None
+    return subprocess.Popen([sys.executable, "-m", "conveyor.log.file_compact", str(root),
+                             str(retention_s), str(segment_bytes)], stdin=subprocess.DEVNULL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="compact a file log once")
+    ap.add_argument("root")
+    ap.add_argument("retention_s", type=float)
+    ap.add_argument("segment_bytes", type=int)
+    a = ap.parse_args()
+    logging.basicConfig(format="conveyor: log compaction: %(message)s", level=logging.INFO)
+    done = compact(Path(a.root), a.retention_s, a.segment_bytes)
+    if done and done[0]:
+        log.info("log %s: compacted %d MiB of superseded records into %d MiB", a.root,
+                 done[0] >> 20, done[1] >> 20)
+
+
+if __name__ == "__main__":
+    main()
