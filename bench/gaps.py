@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import redis  # noqa: E402
+
 from conveyor.workload import Workload  # noqa: E402
 from tests.servers import free_port, start_server  # noqa: E402
 from tests.test_long_runs import log_bytes, target_writes  # noqa: E402
@@ -74,13 +76,16 @@ def servers(keys: int):
     src = start_server(extra=("--notify-keyspace-events", "KEA", "--enable-debug-command", "yes",
                               "--save", ""))
     dst = start_server(extra=("--enable-debug-command", "yes", "--save", ""))
-    src.client().execute_command("DEBUG", "POPULATE", keys, "key", 20)
+    redis.Redis.from_url(src.url, socket_timeout=3600).execute_command(   # 10M keys: seconds
+        "DEBUG", "POPULATE", keys, "key", 20)
     return src, dst
 
 
 def same(src, dst) -> bool:
-    return src.client().execute_command("DEBUG", "DIGEST") == \
-        dst.client().execute_command("DEBUG", "DIGEST")
+    def digest(server):
+        return redis.Redis.from_url(server.url, socket_timeout=3600).execute_command(
+            "DEBUG", "DIGEST")
+    return digest(src) == digest(dst)
 
 
 class Load:

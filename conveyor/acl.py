@@ -36,7 +36,7 @@ VERIFY_COMMANDS = _COMMON + (
 # The Redis Streams log (buffer Redis): its streams, group, id key, meta hash and leases.
 LOG_COMMANDS = _COMMON + (
     "config|get", "exists", "get", "set", "hget", "hgetall", "hset", "hdel", "xadd", "xrange", "xtrim",
-    "xreadgroup", "xack", "xautoclaim", "xpending", "xinfo|stream", "xinfo|groups",
+    "xdel", "xlen", "incrby", "del", "memory|usage", "xreadgroup", "xack", "xautoclaim", "xpending", "xinfo|stream", "xinfo|groups",
     "xgroup|create", "xgroup|destroy", "script|load", "evalsha", "time", "zadd", "zrange",
     "zrem", "zremrangebyscore")
 

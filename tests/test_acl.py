@@ -188,6 +188,9 @@ def test_every_command_of_the_rules_is_used(servers, tmp_path):
     run_ok("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1")
     run_ok("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1", "--group", "merge",
            "--from", "earliest", "--merge-policy", "merge")
+    # a compaction (retention 0s: the first capture's entries are superseded by the second's)
+    run_ok("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "2", "--log-opt",
+           "retention=0s")
     src.client().set("one-more", 1)
     run_ok("capture", url(src, "capture"), "--log", log, "--fresh", *BIG)
     buf.client().xreadgroup("merge", "someone", {"conveyor:0": ">"}, count=1)   # now pending
@@ -195,6 +198,8 @@ def test_every_command_of_the_rules_is_used(servers, tmp_path):
     proc = cli.start("capture", url(src, "capture"), "--log", log, "--mode", "live",
                      "--idle-timeout", "1", *BIG)
     assert proc.wait(120) == 0
+    run_ok("apply", url(dst, "apply"), "--log", log, "--idle-timeout", "1", "--group", "merge",
+           "--log-opt", "trim=acked")                       # XTRIM
     sent = {"capture": commands_run(src), "apply": commands_run(dst), "log": commands_run(buf)}
     # (uncompressed DUMPs on the target: verify compares typed values, with its typed reads)
     dst.client().config_set("rdbcompression", "no")

@@ -48,7 +48,7 @@ class KeyIndex:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS latest (k BLOB PRIMARY KEY, rec INTEGER, "
@@ -98,8 +98,11 @@ def rows_of(rec: int, decoded) -> list[tuple[bytes, int, str | None]]:
 
 
 def decide(rec: int, decoded, latest: dict[bytes, tuple[int, str | None]],
-           codec: Codec) -> Outcome:
-    """Keep, drop or rewrite record number ``rec`` (``decoded``: its event(s) or CodecError)."""
+           codec: Codec, rewrite: bool = True) -> Outcome:
+    """Keep, drop or rewrite record number ``rec`` (``decoded``: its event(s) or CodecError).
+    Without ``rewrite`` (a log whose records cannot be replaced, Redis Streams) a record is kept
+    whole while any of its events is needed, and a latest DELETE is kept: an older record kept
+    for other keys may still hold its key."""
     if isinstance(decoded, CodecError):
         return Outcome(True)
     evs = decoded if isinstance(decoded, list) else [decoded]
@@ -113,7 +116,7 @@ def decide(rec: int, decoded, latest: dict[bytes, tuple[int, str | None]],
         if got is None or got[0] < rec:
             kept.append(e)                    # not indexed that far (a newer record): kept
         elif got[0] == rec:
-            if e.kind == Kind.DELETE and e.chunk is None:
+            if e.kind == Kind.DELETE and e.chunk is None and rewrite:
                 out.forget.append(k)          # the latest word is a delete: nothing to rebuild
             else:
                 kept.append(e)
@@ -121,7 +124,7 @@ def decide(rec: int, decoded, latest: dict[bytes, tuple[int, str | None]],
         elif e.chunk is not None and got[1] == e.chunk["id"]:
             kept.append(e)                    # a part of the key's latest read in parts
         # else: a later record of the key supersedes this event
-    if len(kept) == len(evs):
+    if len(kept) == len(evs) or (kept and not rewrite):
         return out
     if not kept:
         out.keep = False

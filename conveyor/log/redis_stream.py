@@ -39,15 +39,17 @@ from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaSto
                                StartAt)
 from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
                                       info_map, next_id, parse_id, stream_names, text, trimmed_why)
+from conveyor.log.stream_compact import StreamCompactor
 from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
 
 PIPELINE_CHUNK = 1000
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
 DEFAULT_RETENTION = "7d"
+COMPACT_RETENTION = "1h"          # trim=compact: superseded entries are kept this long
 COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog
 COUNT_CAP = 10_000          # a backlog up to this long is counted exactly
-TRIM_MODES = ("retention", "acked", "none")
+TRIM_MODES = ("compact", "retention", "acked", "none")
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
@@ -181,10 +183,12 @@ class StreamLogReader(StreamLog, LogReader):
         self.group = group
         self.observe = observe
         self.consumer = opts.get("consumer") or default_consumer()
-        self.trim_mode = opts.get("trim", "retention")
+        self.trim_mode = opts.get("trim", "compact")
         if self.trim_mode not in TRIM_MODES:
             raise LogError(f"trim={self.trim_mode!r}: use {', '.join(TRIM_MODES)}")
-        self.retention_ms = duration_ms(opts.get("retention", DEFAULT_RETENTION))
+        self.retention_ms = duration_ms(opts.get(
+            "retention", COMPACT_RETENTION if self.trim_mode == "compact" else DEFAULT_RETENTION))
+        self._compactor: StreamCompactor | None = None
         if "claim_idle_ms" in opts:
             self.warnings.append("log option claim_idle_ms is no longer used: a stream's pending "
                                  "entries are taken over with its lease (see lease_ms)")
@@ -323,6 +327,9 @@ class StreamLogReader(StreamLog, LogReader):
         newest = {rec.partition: rec.offset for rec in out}       # in order within a stream
         for stream, offset in newest.items():
             self._seen[stream] = max(self._seen.get(stream, (0, 0)), parse_id(offset))
+        if (not out and not self.observe and self.trim_mode != "none"
+                and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S):
+            self.trim(self.trim_mode)       # a quiet log is compacted too (commit does it otherwise)
         return out
 
     def _read_pending(self, max_records: int) -> list[Record]:
@@ -373,6 +380,12 @@ class StreamLogReader(StreamLog, LogReader):
         ``retention`` to entries older than the retention period, but never past what a group
         still needs."""
         self._last_trim = time.monotonic()
+        if policy == "compact":
+            with self._op("compaction"):
+                if self._compactor is None:
+                    self._compactor = StreamCompactor(self.r, self.streams, self.retention_ms)
+                self._compactor.run(self._oldest_needed)
+            return
         with self._op("XTRIM"):
             cut = None
             if policy == "retention":
@@ -475,6 +488,8 @@ class StreamLogReader(StreamLog, LogReader):
         except LogError:
             pass                                   # they lapse on their own
         finally:
+            if self._compactor is not None:
+                self._compactor.close()
             self.r.close()
 
 

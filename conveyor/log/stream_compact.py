@@ -1,0 +1,138 @@
+"""Compaction of the Redis Streams log (``trim=compact``, the default): see compaction.py.
+
+Entries every group has read and acknowledged and older than the retention (default 1h) are
+deleted (XDEL) when later entries of the same keys supersede all their events; a block still
+needed for one key stays whole (an entry cannot be rewritten in place). The key index lives in a
+temporary SQLite file of the apply process that compacts, built from the streams as it goes (an
+entry id ``ms-seq`` is numbered ``ms * 2**22 + seq``, in order within its stream, and every event
+of a key is in one stream); one process compacts at a time, under a lease on the buffer Redis.
+The entries deleted are counted in ``<stream>:compacted``, so that a stream that lost entries
+only to compaction is still known to hold every key's latest event (``apply --from earliest``).
+A pass runs once the streams grew by half since the last one: the work follows the appends.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from conveyor.events import Codec
+from conveyor.log.compaction import KeyIndex, decide, rows_of
+from conveyor.log.stream_base import field_map, next_id, text
+
+log = logging.getLogger("conveyor.log")
+
+PAGE = 1000
+LEASE_MS = 120_000
+MIN_GROWTH = 100                   # entries (a block holds hundreds of keys)
+PASS_INTERVAL_S = 30.0             # ... or it grew at all and the last pass is this old
+DUTY = 10                          # (and at least this many times as long as the last one took)
+GROWTH = 0.5                       # a pass once the streams grew by this share since the last
+
+
+def id_number(eid) -> int:
+    ms, seq = text(eid).split("-")
+    return (int(ms) << 22) | int(seq)
+
+
+def compacted_key(stream: str) -> str:
+    return f"{stream}:compacted"
+
+
+class StreamCompactor:
+    def __init__(self, r: redis.Redis, streams: list[str], retention_ms: int) -> None:
+        self.r, self.streams, self.retention_ms = r, streams, retention_ms
+        self.codec = Codec()
+        self._dir = tempfile.mkdtemp(prefix="conveyor-compaction-")
+        self.index = KeyIndex(Path(self._dir) / "index.db")
+        self._indexed: dict[str, str] = {}         # stream -> next id to index
+        self._last_pass_len = 0
+        self._last_pass = self._pass_s = 0.0
+        self.deleted = 0
+
+    def close(self) -> None:
+        self.index.close()
+        for name in os.listdir(self._dir):
+            os.unlink(os.path.join(self._dir, name))
+        os.rmdir(self._dir)
+
+    def due(self) -> bool:
+        """The streams grew by half since the last pass, or grew at all and it is a while ago."""
+        grown = sum(self.r.xlen(s) for s in self.streams) - self._last_pass_len
+        return grown >= max(MIN_GROWTH, GROWTH * self._last_pass_len) or (
+            grown > 0 and time.monotonic() - self._last_pass
+            >= max(PASS_INTERVAL_S, DUTY * self._pass_s))
+
+    def run(self, oldest_needed) -> int:
+        """One pass if due, under the lease; the entries it deleted."""
+        if not self.due():
+            return 0
+        lease, token = f"{self.streams[0]}:compactor", uuid.uuid4().hex
+        if not self.r.set(lease, token, nx=True, px=LEASE_MS):
+            return 0
+        started = time.monotonic()
+        try:
+            sec, usec = self.r.time()
+            age_cut = ((sec * 1000 + usec // 1000 - self.retention_ms) << 22)
+            deleted = 0
+            for s in self.streams:
+                self._catch_up(s)
+                needed = oldest_needed(s)
+                cut = age_cut if needed is None else min(age_cut, (needed[0] << 22) | needed[1])
+                deleted += self._compact(s, cut)
+            self._last_pass_len = sum(self.r.xlen(s) for s in self.streams)
+            self._pass_s = time.monotonic() - started
+            self._last_pass = time.monotonic()
+            self.deleted += deleted
+            return deleted
+        finally:
+            if text(self.r.get(lease) or b"") == token:
+                self.r.delete(lease)
+
+    def _pages(self, stream: str, start: str):
+        while True:
+            entries = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", PAGE)
+            if not entries:
+                return
+            values = [field_map(f).get(b"v", b"") for _, f in entries]
+            decoded = self.codec.decode_many(values)
+            yield [(text(eid), id_number(eid), d) for (eid, _), d in zip(entries, decoded)]
+            if len(entries) < PAGE:
+                return
+            start = next_id(text(entries[-1][0]))
+
+    def _catch_up(self, stream: str) -> None:
+        start = self._indexed.get(stream, "-")
+        for page in self._pages(stream, start):
+            self.index.db.execute("BEGIN")
+            self.index.note([r for (_, n, d) in page for r in rows_of(n, d)])
+            self.index.db.execute("COMMIT")
+            self._indexed[stream] = next_id(page[-1][0])
+
+    def _compact(self, stream: str, cut: int) -> int:
+        deleted = 0
+        for whole in self._pages(stream, "-"):
+            page = [x for x in whole if x[1] < cut]
+            if not page:
+                break
+            latest = self.index.lookup([r[0] for (_, n, d) in page for r in rows_of(n, d)])
+            gone = [eid for eid, n, d in page
+                    if not decide(n, d, latest, self.codec, rewrite=False).keep]
+            if gone:
+                # (no MULTI for the log's user: a crash between the two leaves the stream
+                # looking trimmed, which only makes a rebuild warn)
+                p = self.r.pipeline(transaction=False)
+                p.xdel(stream, *gone)
+                p.incrby(compacted_key(stream), len(gone))
+                p.execute()
+                deleted += len(gone)
+            if len(page) < len(whole):
+                break
+        if deleted:
+            log.info("log stream %s: compaction deleted %d superseded entries", stream, deleted)
+        return deleted
