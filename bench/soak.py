@@ -96,16 +96,19 @@ def main() -> None:
     ap.add_argument("--sample", type=float, default=10)
     ap.add_argument("--log", default="file", choices=("file",),
                     help="the log backend (the file log: its bytes are measured on disk)")
+    ap.add_argument("--log-opt", action="append", default=["retention=5m", "segment_bytes=16777216"],
+                    help="KEY=VALUE for the log (compaction: segments due after 5 min, of 16 MiB)")
     ap.add_argument("--png", default=str(ROOT / "bench" / "out" / "soak.png"))
     a = ap.parse_args()
     src, dst = servers(a.keys)
     tmp = Path(tempfile.mkdtemp(prefix="conveyor-soak-"))
     uri = f"file:{tmp / 'log'}"
     cport, aport = free_port(), free_port()
+    lopts = [x for o in a.log_opt for x in ("--log-opt", o)]
     live = ("capture", src.url, "--log", uri, "--mode", "live", "--state-dir", str(tmp / "state"),
-            "--no-progress", "--metrics-port", str(cport))
+            "--no-progress", "--metrics-port", str(cport), *lopts)
     cap = start(*live, log_to=tmp / "capture.out")
-    app = start("apply", dst.url, "--log", uri, "--no-progress", "--metrics-port", str(aport),
+    app = start("apply", dst.url, "--log", uri, "--no-progress", "--metrics-port", str(aport), *lopts,
                 log_to=tmp / "apply.out")
     rows: list[dict] = []
     try:

@@ -106,3 +106,50 @@ def test_a_long_live_run_keeps_a_bounded_log_that_still_rebuilds_an_empty_target
             "--idle-timeout", "1", *opts, check=True)
     assert differences(s, rebuilt.client()) == []
     assert rebuilt.client().dbsize() == s.dbsize()
+
+
+def test_superseded_blocks_of_a_compacted_kafka_topic_are_replaced_by_empty_ones(
+        redis_factory, kafka_broker):
+    """Kafka compacts by record key; blocks have keys of their own. Two full copies of the same
+    keys: apply replaces every block of the first (all superseded) with an empty block under the
+    same key, so the broker's compaction drops them; the second copy's blocks stay, and a
+    rebuild from earliest is exact."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from conveyor.events import block_size
+    from tests.kafka_broker import kafka_log_uri
+    source, target, rebuilt = redis_factory(), redis_factory(), redis_factory()
+    s = source.client()
+    s.mset({f"k:{i}": f"first-{i}" * 4 for i in range(3000)})
+    uri = kafka_log_uri(kafka_broker) + "?partitions=2"
+    cli.run("capture", source.url, "--log", uri, check=True)
+    s.mset({f"k:{i}": f"second-{i}" * 4 for i in range(0, 3000, 2)})
+    cli.run("capture", source.url, "--log", uri, "--fresh", check=True)    # a second full copy
+    cli.run("apply", target.url, "--log", uri, "--idle-timeout", "8", "--log-opt",
+            "compact_after=0s", check=True)
+
+    def latest_blocks():
+        """Per partition, block record keys whose latest value still holds events."""
+        c = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": "t-inspect",
+                      "enable.partition.eof": True, "enable.auto.commit": False})
+        topic = uri.split("/")[-1].split("?")[0]
+        c.assign([TopicPartition(topic, p, 0) for p in range(2)])
+        latest, eof = {}, set()
+        while len(eof) < 2:
+            for m in c.consume(500, 5.0):
+                if m.error():
+                    eof.add(m.partition())
+                elif block_size(m.key() or b""):
+                    latest[m.key()] = codec.decode_all(m.value())
+        c.close()
+        return latest
+
+    blocks = latest_blocks()
+    live = [k for k, evs in blocks.items() if evs]
+    emptied = [k for k, evs in blocks.items() if not evs]
+    # every key of the first copy has a later record: all its blocks were emptied
+    assert emptied and len(live) < len(blocks)
+    assert sum(len(blocks[k]) for k in live) == 3000      # the second copy, whole
+    cli.run("apply", rebuilt.url, "--log", uri, "--from", "earliest", "--group", "rebuild",
+            "--idle-timeout", "2", check=True)
+    assert differences(s, rebuilt.client()) == []

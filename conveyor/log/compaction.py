@@ -17,12 +17,43 @@ in doubt by a crash. An index behind the log (newer records not indexed yet) onl
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conveyor.errors import CodecError
 from conveyor.events import Codec, Columns, Event, Kind, block_record_key, record_key
+
+
+log = logging.getLogger("conveyor.log")
+
+
+class Background:
+    """Calls ``work()`` every ``every_s`` seconds in a thread of its own, so that apply keeps
+    reading while a pass runs; a failed pass is logged and tried again at the next turn."""
+
+    def __init__(self, work, every_s: float, what: str) -> None:
+        self.work, self.every_s, self.what = work, every_s, what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=what, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.every_s):
+            try:
+                self.work()
+                failing = False
+            except Exception as e:              # noqa: BLE001 - the next turn tries again
+                (log.info if failing else log.warning)(
+                    "%s failed (tried again every %.0fs): %s", self.what, self.every_s, e)
+                failing = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
 
 
 @dataclass

@@ -53,12 +53,16 @@ from confluent_kafka import TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
 from conveyor.errors import ConfigError, LogError, LogLost, LogUnavailable
+from conveyor.log.compaction import Background
+from conveyor.log.kafka_compact import DEFAULT_AFTER, KafkaCompactor
+from conveyor.log.stream_base import duration_ms
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
 log = logging.getLogger("conveyor.kafka")
 
 OURS = ("partitions", "replication.factor", "consumer")
+COMPACT_EVERY_S = 5.0         # how often apply's compaction thread asks whether a pass is due
 DEFAULT_PARTITIONS = 6        # see the module docstring: per-key order, members, never lowered
 MAX_REPLICATION = 3           # the default replication factor is min(this, brokers)
 METADATA_TIMEOUT_S = 10.0
@@ -103,7 +107,7 @@ def parse(uri: str, opts: dict[str, str]) -> tuple[str, str, dict, dict, dict]:
     topic_cfg: dict = {"cleanup.policy": "compact"}
     create: dict = {}           # explicit creation settings only; ensure_topic fills the defaults
     for k, v in opts.items():
-        if k == "consumer":
+        if k in ("consumer", "compact_after"):
             continue
         if k in OURS:
             create[k] = int(v)
@@ -616,6 +620,21 @@ class KafkaLogReader(LogReader):
         self._troubled = False                 # a transport failure since the last identity check
         self._last_trouble = 0.0
         self._dlq: _OneRecord | None = None
+        self._compaction = self._start_compaction(opts)
+
+    def _start_compaction(self, opts: dict[str, str]) -> Background | None:
+        """On a compacted topic, a thread that replaces superseded blocks (kafka_compact.py)."""
+        after = duration_ms(opts.get("compact_after", DEFAULT_AFTER), "compact_after") / 1000
+        try:
+            if "compact" not in cleanup_policy(self._admin, self.topic):
+                return None
+        except LogError as e:
+            log.info("kafka: no block compaction (%s)", e)
+            return None
+        self._compactor = KafkaCompactor(self.props, {**PRODUCER_DEFAULTS, **self.props},
+                                         self.topic, after)
+        return Background(lambda: self._compactor.run(sorted(self._assigned)), COMPACT_EVERY_S,
+                          f"compaction of Kafka topic {self.topic!r}")
 
     def _client_error(self, err: KafkaError) -> None:
         _error_cb(err)
@@ -864,6 +883,9 @@ class KafkaLogReader(LogReader):
                                 ("from", f"{record.partition}/{record.offset}".encode())])
 
     def close(self) -> None:
+        if self._compaction is not None:
+            self._compaction.stop()
+            self._compactor.close()
         try:
             self._c.close()
         except (KafkaException, RuntimeError):

@@ -39,6 +39,7 @@ from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaSto
                                StartAt)
 from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
                                       info_map, next_id, parse_id, stream_names, text, trimmed_why)
+from conveyor.log.compaction import Background
 from conveyor.log.stream_compact import StreamCompactor
 from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
 
@@ -381,10 +382,10 @@ class StreamLogReader(StreamLog, LogReader):
         still needs."""
         self._last_trim = time.monotonic()
         if policy == "compact":
-            with self._op("compaction"):
-                if self._compactor is None:
-                    self._compactor = StreamCompactor(self.r, self.streams, self.retention_ms)
-                self._compactor.run(self._oldest_needed)
+            if self._compactor is None:        # a thread of its own: apply reads on meanwhile
+                self._compactor = StreamCompactor(self.r, self.streams, self.retention_ms)
+                self._compaction = Background(lambda: self._compactor.run(self._oldest_needed),
+                                              TRIM_INTERVAL_S, "compaction of the log's streams")
             return
         with self._op("XTRIM"):
             cut = None
@@ -489,6 +490,7 @@ class StreamLogReader(StreamLog, LogReader):
             pass                                   # they lapse on their own
         finally:
             if self._compactor is not None:
+                self._compaction.stop()
                 self._compactor.close()
             self.r.close()
 

@@ -117,10 +117,10 @@ def log_partitions(r: redis.Redis, opts: dict[str, str], *, create: bool) -> int
     return n
 
 
-def duration_ms(text: str) -> int:
+def duration_ms(text: str, name: str = "retention") -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
     if not m:
-        raise LogError(f"retention={text!r}: use a number with a unit s, m, h or d (e.g. 7d)")
+        raise LogError(f"{name}={text!r}: use a number with a unit s, m, h or d (e.g. 7d)")
     return int(m.group(1)) * UNITS_MS[m.group(2) or "s"]
 
 
