@@ -18,8 +18,11 @@ in doubt by a crash. An index behind the log (newer records not indexed yet) onl
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,11 +77,45 @@ def _chunk_id(ev: Event) -> str | None:
     return ev.chunk["id"] if ev.chunk else None
 
 
+MIN_GROWTH = 100                   # records (a block holds hundreds of keys)
+GROWTH = 0.5                       # a pass once the log grew by this share since the last ...
+PASS_INTERVAL_S = 30.0             # ... or it grew at all and the last pass is this old
+DUTY = 10                          # (and at least this many times as long as the last one took)
+
+
+class Schedule:
+    """When a compactor that reads the whole compactable part of a log runs a pass: its work
+    follows the appends (a pass per half of growth), and a quiet log is compacted too."""
+
+    def __init__(self) -> None:
+        self._size_at_pass = 0
+        self._last_pass = self._pass_s = 0.0
+
+    def due(self, size: int) -> bool:
+        grown = size - self._size_at_pass
+        return grown >= max(MIN_GROWTH, GROWTH * self._size_at_pass) or (
+            grown > 0 and time.monotonic() - self._last_pass >= max(PASS_INTERVAL_S,
+                                                                    DUTY * self._pass_s))
+
+    def passed(self, size: int, started: float) -> None:
+        self._size_at_pass = size
+        self._pass_s, self._last_pass = time.monotonic() - started, time.monotonic()
+
+
 class KeyIndex:
     """Per key, the number of its latest record and the id of its latest read in parts."""
 
+    @classmethod
+    def temporary(cls) -> "KeyIndex":
+        """An index in a folder of its own, removed by close()."""
+        folder = Path(tempfile.mkdtemp(prefix="conveyor-compaction-"))
+        index = cls(folder / "index.db")
+        index._folder = folder
+        return index
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._folder: Path | None = None
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -88,6 +125,8 @@ class KeyIndex:
 
     def close(self) -> None:
         self.db.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def get_meta(self, name: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()

@@ -16,23 +16,16 @@ the last pass is a while ago (at least ten times as long ago as that pass took).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
-from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from conveyor.events import Codec, Columns, block_size
-from conveyor.log.compaction import KeyIndex, decide, rows_of
+from conveyor.log.compaction import KeyIndex, Schedule, decide, rows_of
 
 log = logging.getLogger("conveyor.kafka")
 
 DEFAULT_AFTER = "1h"
-MIN_GROWTH = 100
-GROWTH = 0.5
-PASS_INTERVAL_S = 30.0
-DUTY = 10
 READ_TIMEOUT_S = 10.0
 
 
@@ -41,11 +34,9 @@ class KafkaCompactor:
         self.props, self.topic, self.after_ms = props, topic, int(after_s * 1000)
         self.producer_conf = producer_conf
         self.codec = Codec()
-        self._dir = tempfile.mkdtemp(prefix="conveyor-compaction-")
-        self.index = KeyIndex(Path(self._dir) / "index.db")
+        self.index = KeyIndex.temporary()
+        self.schedule = Schedule()
         self._indexed: dict[int, int] = {}           # partition -> next offset to index
-        self._size_at_pass = 0
-        self._last_pass = self._pass_s = 0.0
         self._producer: Producer | None = None
         self.replaced = 0
 
@@ -53,21 +44,12 @@ class KafkaCompactor:
         if self._producer is not None:
             self._producer.flush(READ_TIMEOUT_S)
         self.index.close()
-        for name in os.listdir(self._dir):
-            os.unlink(os.path.join(self._dir, name))
-        os.rmdir(self._dir)
 
     def _consumer(self) -> Consumer:
         return Consumer({**self.props, "group.id": f"{self.topic}-compactor",
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
                          "queued.max.messages.kbytes": 4096, "fetch.max.bytes": 4 * 1024 * 1024,
                          "fetch.queue.backoff.ms": 5, "enable.partition.eof": True})
-
-    def due(self, sizes: dict[int, int]) -> bool:
-        grown = sum(sizes.values()) - self._size_at_pass
-        return grown >= max(MIN_GROWTH, GROWTH * self._size_at_pass) or (
-            grown > 0 and time.monotonic() - self._last_pass >= max(PASS_INTERVAL_S,
-                                                                    DUTY * self._pass_s))
 
     def run(self, partitions: list[int]) -> int:
         """One pass over ``partitions`` if due; the blocks it replaced."""
@@ -77,15 +59,14 @@ class KafkaCompactor:
         try:
             marks = {p: c.get_watermark_offsets(TopicPartition(self.topic, p),
                                                 timeout=READ_TIMEOUT_S) for p in partitions}
-            sizes = {p: hi for p, (lo, hi) in marks.items()}
-            if not self.due(sizes):
+            size = sum(hi for lo, hi in marks.values())
+            if not self.schedule.due(size):
                 return 0
             started = time.monotonic()
             for p in partitions:
                 self._catch_up(c, p, self._indexed.get(p, marks[p][0]), marks[p][1])
             replaced = sum(self._compact(c, p, marks[p][0], marks[p][1]) for p in partitions)
-            self._size_at_pass = sum(sizes.values())
-            self._pass_s, self._last_pass = time.monotonic() - started, time.monotonic()
+            self.schedule.passed(size, started)
         finally:
             c.close()
         if replaced:

@@ -13,26 +13,19 @@ A pass runs once the streams grew by half since the last one: the work follows t
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import redis
 
 from conveyor.events import Codec
-from conveyor.log.compaction import KeyIndex, decide, rows_of
+from conveyor.log.compaction import KeyIndex, Schedule, decide, rows_of
 from conveyor.log.stream_base import field_map, next_id, text
 
 log = logging.getLogger("conveyor.log")
 
 PAGE = 1000
 LEASE_MS = 120_000
-MIN_GROWTH = 100                   # entries (a block holds hundreds of keys)
-PASS_INTERVAL_S = 30.0             # ... or it grew at all and the last pass is this old
-DUTY = 10                          # (and at least this many times as long as the last one took)
-GROWTH = 0.5                       # a pass once the streams grew by this share since the last
 
 
 def id_number(eid) -> int:
@@ -48,29 +41,18 @@ class StreamCompactor:
     def __init__(self, r: redis.Redis, streams: list[str], retention_ms: int) -> None:
         self.r, self.streams, self.retention_ms = r, streams, retention_ms
         self.codec = Codec()
-        self._dir = tempfile.mkdtemp(prefix="conveyor-compaction-")
-        self.index = KeyIndex(Path(self._dir) / "index.db")
+        self.index = KeyIndex.temporary()
+        self.schedule = Schedule()
         self._indexed: dict[str, str] = {}         # stream -> next id to index
-        self._last_pass_len = 0
-        self._last_pass = self._pass_s = 0.0
         self.deleted = 0
 
     def close(self) -> None:
         self.index.close()
-        for name in os.listdir(self._dir):
-            os.unlink(os.path.join(self._dir, name))
-        os.rmdir(self._dir)
-
-    def due(self) -> bool:
-        """The streams grew by half since the last pass, or grew at all and it is a while ago."""
-        grown = sum(self.r.xlen(s) for s in self.streams) - self._last_pass_len
-        return grown >= max(MIN_GROWTH, GROWTH * self._last_pass_len) or (
-            grown > 0 and time.monotonic() - self._last_pass
-            >= max(PASS_INTERVAL_S, DUTY * self._pass_s))
 
     def run(self, oldest_needed) -> int:
         """One pass if due, under the lease; the entries it deleted."""
-        if not self.due():
+        size = sum(self.r.xlen(s) for s in self.streams)
+        if not self.schedule.due(size):
             return 0
         lease, token = f"{self.streams[0]}:compactor", uuid.uuid4().hex
         if not self.r.set(lease, token, nx=True, px=LEASE_MS):
@@ -85,9 +67,7 @@ class StreamCompactor:
                 needed = oldest_needed(s)
                 cut = age_cut if needed is None else min(age_cut, (needed[0] << 22) | needed[1])
                 deleted += self._compact(s, cut)
-            self._last_pass_len = sum(self.r.xlen(s) for s in self.streams)
-            self._pass_s = time.monotonic() - started
-            self._last_pass = time.monotonic()
+            self.schedule.passed(sum(self.r.xlen(s) for s in self.streams), started)
             self.deleted += deleted
             return deleted
         finally:
