@@ -100,25 +100,52 @@ class Load:
         return self.workload.stats.commands
 
 
-def report(name: str, keys: int, snapshot: int, log_dir: Path, dst, writes: int, rss: dict,
+class Log:
+    """The log of a run: a file log, a Redis Streams buffer or a Kafka topic, and its size (bytes
+    on disk; the buffer's used_memory; the broker's data directory)."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.kind, self._stop = kind, lambda: None
+        if kind == "file":
+            self.uri = f"file:{tmp / 'log'}"
+            self.size = lambda: log_bytes(tmp / "log")
+        elif kind == "redis":
+            buf = start_server(extra=("--save", ""))
+            base = buf.client().info("memory")["used_memory"]
+            self.uri = f"{buf.url}/0"
+            self.size = lambda: buf.client().info("memory")["used_memory"] - base
+            self._stop = buf.cleanup
+        else:
+            from tests.kafka_broker import KafkaBroker, kafka_log_uri
+            broker = KafkaBroker().start()
+            self.uri = kafka_log_uri(broker)
+            self.size = lambda: sum(p.stat().st_size for p in broker.dir.rglob("*.log"))
+            self._stop = broker.stop
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def report(name: str, keys: int, snapshot: int, log: "Log", dst, writes: int, rss: dict,
            equal: bool, extra: str = "") -> None:
-    total, tw = log_bytes(log_dir), target_writes(dst)
-    print(f"{name}: {keys:,} keys, {writes:,} source writes; log {total / 2**20:,.1f} MiB = "
+    total, tw = log.size(), target_writes(dst)
+    print(f"{name} ({log.kind} log): {keys:,} keys, {writes:,} source writes; log {total / 2**20:,.1f} MiB = "
           f"{total / snapshot:.2f}x the first copy's {snapshot / 2**20:,.1f} MiB (bound 2x); "
           f"target writes {tw:,} = {tw / (keys + writes):.2f}x keys + writes (bound 1.6x); "
           f"peak RSS " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in rss.items())
           + f"; source == target: {equal}" + (f"; {extra}" if extra else ""))
 
 
-def gaps(keys: int, rate: float, kills: int, every: float) -> None:
+def gaps(keys: int, rate: float, kills: int, every: float, kind: str = "file") -> None:
     src, dst = servers(keys)
     tmp = Path(tempfile.mkdtemp(prefix="conveyor-gaps-"))
+    log = Log(kind, tmp)
     try:
         proc = start("replicate", src.url, dst.url, "--mode", "live", "--idle-timeout", "5",
-                     "--log", f"file:{tmp / 'log'}", "--state-dir", str(tmp), "--no-verify",
+                     "--log", log.uri, "--state-dir", str(tmp), "--no-verify",
                      "--no-progress")
         copy_s = wait(lambda: dst.client().dbsize() >= keys, 3600, "the first copy")
-        snapshot = log_bytes(tmp / "log")
+        snapshot = log.size()
         load = Load(src, rate)
         admin = src.client()
         for _ in range(kills):
@@ -127,25 +154,27 @@ def gaps(keys: int, rate: float, kills: int, every: float) -> None:
             time.sleep(every)
         writes = load.stop()
         out, rss = finish(proc)
-        report("gaps", keys, snapshot, tmp / "log", dst, writes, {"replicate": rss},
+        report("gaps", keys, snapshot, log, dst, writes, {"replicate": rss},
                same(src, dst), f"first copy {copy_s:.0f}s; "
                + next((ln.strip() for ln in out.splitlines() if "rescans compared" in ln), ""))
     finally:
         src.cleanup()
         dst.cleanup()
+        log.stop()
 
 
-def restarts(keys: int, rate: float, times: int, every: float) -> None:
+def restarts(keys: int, rate: float, times: int, every: float, kind: str = "file") -> None:
     src, dst = servers(keys)
     tmp = Path(tempfile.mkdtemp(prefix="conveyor-restarts-"))
-    uri = f"file:{tmp / 'log'}"
+    log = Log(kind, tmp)
+    uri = log.uri
     port = free_port()
     live = ("capture", src.url, "--log", uri, "--mode", "live", "--state-dir", str(tmp),
             "--no-progress", "--metrics-port", str(port))
     try:
         proc = start(*live)
         first_s = wait(lambda: ready(port), 3600, "the first scan")
-        snapshot = log_bytes(tmp / "log")
+        snapshot = log.size()
         load = Load(src, rate)
         rss, back = {}, []
         for n in range(times):
@@ -160,12 +189,13 @@ def restarts(keys: int, rate: float, times: int, every: float) -> None:
         out, rss[f"capture {times + 1}"] = finish(proc)
         app = start("apply", dst.url, "--log", uri, "--idle-timeout", "3", "--no-progress")
         _, rss["apply"] = finish(app)
-        report("restarts", keys, snapshot, tmp / "log", dst, writes, rss, same(src, dst),
+        report("restarts", keys, snapshot, log, dst, writes, rss, same(src, dst),
                f"first scan {first_s:.0f}s, live again after each restart in "
                + ", ".join(f"{b:.0f}s" for b in back))
     finally:
         src.cleanup()
         dst.cleanup()
+        log.stop()
 
 
 def main() -> None:
@@ -176,11 +206,12 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--every", type=float, default=10, help="seconds between two faults")
     ap.add_argument("--only", choices=("gaps", "restarts"))
+    ap.add_argument("--log", default="file", choices=("file", "redis", "kafka"))
     a = ap.parse_args()
     if a.only != "restarts":
-        gaps(a.keys, a.rate, a.kills, a.every)
+        gaps(a.keys, a.rate, a.kills, a.every, a.log)
     if a.only != "gaps":
-        restarts(a.keys, a.rate, a.restarts, a.every)
+        restarts(a.keys, a.rate, a.restarts, a.every, a.log)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ class Capture:
         self._cursor: int | None = None     # None: no scan in progress
         self._scan_run_id = ""               # snapshot: the source's run_id when its scan began
         self._scan_is_resync = False
+        self._rescan_began: tuple[float, int, int] | None = None   # a rescan: when, counts then
         self._catch_up = False               # live: the first scan also looks for deleted keys
         self._doc: dict = {}                 # the checkpoint as last saved
         self._notes: Notifications | None = None
@@ -463,6 +464,8 @@ class Capture:
         ledger, and only the keys that differ are read and logged (see ``_scan_done``)."""
         self._close_rescan()
         self._rescan = self.ledger.rescan() if rescan else None
+        self._rescan_began = ((time.monotonic(), self.stats.digests_read, self.stats.unseen_reread)
+                              if rescan else None)
         self._new_scan(slots)
 
     def _close_rescan(self) -> None:
@@ -540,6 +543,14 @@ class Capture:
         self._progress()
 
     def _scan_finished(self) -> None:
+        if self._rescan_began is not None:
+            began, digests, reread = self._rescan_began
+            st = self.stats
+            echo(f"capture: rescan of db {self.info.db} done in {time.monotonic() - began:.0f}s: "
+                 f"{st.digests_read - digests} keys' digests compared with the key ledger, "
+                 f"{st.unseen_reread - reread} keys that changed, appeared or vanished read "
+                 "again and logged")
+            self._rescan_began = None
         if self._scan_is_resync:
             self.stats.resyncs_done += 1
         self.reader.marker(Kind.SNAPSHOT_END, self.stats.keys)
@@ -560,7 +571,8 @@ class Capture:
         trust = ledger.check(log_id, previous.get("capture_id") if previous else None,
                              previous.get("seq") if previous else None)
         if trust.trusted and not self.fresh:
-            log.info("key ledger %s: as the previous run left it", root)
+            echo(f"capture: key ledger {root} is as the previous run left it: nothing is read "
+                 "from the log; a rescan compares the source's digests with it")
             return
         if trust.trusted:
             ledger.forget_digests(log_id)
@@ -569,13 +581,15 @@ class Capture:
         flt = self.filter
         accepts = ((lambda k: flt.accepts_name(k, check_glob=True))
                    if flt.checks_names or flt.match else (lambda _k: True))
+        began = time.monotonic()
         found = self.sup.log(lambda: rebuild(ledger, self.writer.history(), self.reader.codec,
                                              self.info.db, accepts, digests=not self.fresh),
                              "reading its history")
         st.history_records, st.history_gap = found.records, found.gap
         if found.records:
-            log.info("key ledger %s rebuilt from the log (%s): %d records read, %d keys of "
-                     "db %d", root, trust.why, found.records, found.keys, self.info.db)
+            echo(f"capture: key ledger {root} rebuilt from the log ({trust.why}): "
+                 f"{found.records} records read in {time.monotonic() - began:.0f}s, "
+                 f"{found.keys} keys of db {self.info.db}")
 
     def _paced(self, read):
         """``read()`` with the bytes it logs held to --max-bytes-rate (a big key's pages too)."""
