@@ -64,6 +64,20 @@ def _compile(pattern: str, what: str) -> re.Pattern[bytes]:
         raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {e}") from e
 
 
+def _check_replacement(pattern: re.Pattern[bytes], repl: bytes, p: str, r: str) -> None:
+    """A replacement that names a group the pattern lacks (or is malformed) fails here, when the
+    options are read, not at the first key that matches: it is expanded against a pattern with
+    the same groups that matches anything."""
+    names = {i: n for n, i in pattern.groupindex.items()}
+    shape = b"".join(b"(?P<%s>)" % names[i].encode() if i in names else b"()"
+                     for i in range(1, pattern.groups + 1))
+    try:
+        re.compile(shape).match(b"").expand(repl)
+    except (re.error, IndexError) as e:
+        raise ConfigError(f"--key-replace '{p}' '{r}': the replacement is not valid for that "
+                          f"pattern: {e}") from e
+
+
 @dataclass
 class KeyFilter:
     """Scan pattern and type go to SCAN; regexes and slots are checked here, on the key name."""
@@ -121,6 +135,8 @@ class KeyRewriter:
         self._prefix = self.prefix.encode("utf-8", "surrogateescape")
         self._subs = [(_compile(p, "--key-replace"), r.encode("utf-8", "surrogateescape"))
                       for p, r in self.replacements]
+        for (pattern, repl), (p, r) in zip(self._subs, self.replacements):
+            _check_replacement(pattern, repl, p, r)
 
     @property
     def identity(self) -> bool:
