@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import re
 import sys
 from datetime import datetime
@@ -38,6 +39,8 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("conveyor: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            _closed_pipe()
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - a bug, but still one line (details with -v)
@@ -550,10 +553,22 @@ def _env_names(group: click.Group) -> None:
 _env_names(cli)
 
 
+def _closed_pipe() -> None:
+    """Whoever read the output stopped (``| head``): end quietly, as Unix tools do (the status
+    of a process a pipe closed on, 128 + SIGPIPE), with nothing more written to the pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    os._exit(128 + signal.SIGPIPE)
+
+
 def main() -> None:
     """Entry point: usage errors are one line too (exit 2), as is everything else."""
     try:
         code = cli.main(prog_name="conveyor", standalone_mode=False)
+    except BrokenPipeError:
+        _closed_pipe()
     except click.UsageError as e:
         hint = f" (see: conveyor {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
         click.echo(f"conveyor: usage error: {e.format_message()}{hint}", err=True)

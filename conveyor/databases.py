@@ -16,6 +16,7 @@ import redis
 
 from conveyor.errors import ConfigError, ConveyorError
 from conveyor.events import Kind
+from conveyor.keys import quoted
 
 log = logging.getLogger("conveyor")
 
@@ -148,8 +149,8 @@ class Collisions:
             return
         self.collided.add(h)
         if len(self.named) < MAX_NAMED:
-            self.named.append(f"{key!r} (source db {first} and db {then})")
-        log.warning("key collision: %r comes from source db %d and db %d", key, first, then)
+            self.named.append(f"{quoted(key)} (source db {first} and db {then})")
+        log.warning("key collision: %s comes from source db %d and db %d", quoted(key), first, then)
 
 
 class TargetDbs:

@@ -158,3 +158,13 @@ class KeyRewriter:
         if not key.startswith(self._prefix):
             return None
         return key[len(self._prefix):]
+
+
+_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r",
+            ord("\t"): "\\t", 7: "\\a", 8: "\\b"}
+
+
+def quoted(key: bytes) -> str:
+    """A key as redis-cli prints it: in double quotes, printable ASCII as is, the rest escaped."""
+    return '"' + "".join(_ESCAPES.get(b) or (chr(b) if 32 <= b < 127 else f"\\x{b:02x}")
+                         for b in key) + '"'

@@ -7,6 +7,7 @@ from conveyor.apply.report import fault_lines
 from conveyor.capture import CaptureStats
 from conveyor.capture.reader import ReadCounts
 from conveyor.databases import TargetDbs
+from conveyor.keys import quoted
 from conveyor.verify import Diff, VerifyReport
 
 
@@ -67,7 +68,7 @@ def _read_lines(rc: ReadCounts) -> list[str]:
         verb = "SKIPPED, not on the log" if rc.skipped else "migrated"
         lines.append(f"capture: {rc.over_limit} keys above --mem-limit ({verb}):")
         for key, size in rc.over_limit_keys:
-            lines.append(f"  {key!r}: {size:,} bytes")
+            lines.append(f"  {quoted(key) if isinstance(key, bytes) else key}: {size:,} bytes")
         if rc.over_limit > len(rc.over_limit_keys):
             lines.append(f"  ... and {rc.over_limit - len(rc.over_limit_keys)} more")
     return lines
@@ -137,7 +138,8 @@ def apply_log_lines(lag: str, empty: bool, group: str, log_masked: str) -> list[
 # -- verify ----------------------------------------------------------------------------------------
 def diff_lines(diffs: list[Diff]) -> list[str]:
     """Every differing key (--show-diffs)."""
-    return [f"  {d.kind:<8} {d.key!r}" + (f" -> {d.target_key!r}" if d.target_key != d.key else "")
+    return [f"  {d.kind:<8} {quoted(d.key)}"
+            + (f" -> {quoted(d.target_key)}" if d.target_key != d.key else "")
             + (f": {d.detail}" if d.detail else "") for d in diffs]
 
 

@@ -29,3 +29,35 @@ def test_a_bad_key_replacement_is_a_usage_error_before_anything_is_read(
     ok = cli.run("verify", source.url, target.url, "--key-replace", pattern.replace("?P<n>", ""),
                  r"\1")
     assert ok.returncode == 1 and "50 missing" in ok.stdout, (ok.stdout, ok.stderr)
+
+
+def _closed_reader(*args: str):
+    """Run conveyor with its stdout a pipe nobody reads any more (``| head`` that ended)."""
+    import subprocess
+    p = subprocess.Popen([*cli.CONVEYOR, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=cli.env())
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    return p.wait(60), err
+
+
+def test_a_closed_pipe_ends_status_and_verify_quietly(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(3000)})
+    log = f"file:{tmp_path}/log"
+    cli.run("capture", source.url, "--log", log, check=True)
+    for args in (("status", "--log", log), ("verify", source.url, target.url, "--show-diffs")):
+        code, err = _closed_reader(*args)
+        assert code == 141 and err == "", (args, code, err)   # 128 + SIGPIPE, as Unix tools
+
+
+def test_show_diffs_prints_keys_as_redis_cli_does(redis_factory):
+    source, target = redis_factory(), redis_factory()
+    s = source.client()
+    s.set(b'hash:2', 1)
+    s.set(b'odd "key"\\\n\x00\xff', 1)
+    p = cli.run("verify", source.url, target.url, "--show-diffs")
+    assert p.returncode == 1
+    assert '  missing  "hash:2"' in p.stdout.splitlines(), p.stdout
+    assert '  missing  "odd \\"key\\"\\\\\\n\\x00\\xff"' in p.stdout.splitlines(), p.stdout
+    assert "b'" not in p.stdout
