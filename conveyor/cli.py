@@ -21,7 +21,7 @@ from conveyor.errors import ConfigError, ConveyorError
 from conveyor.keys import REDIS_TYPES, KeyFilter, KeyRewriter, parse_slots
 from conveyor.options import (ApplyOptions, CaptureOptions, DbOptions, LogSpec, ReplicateOptions,
                               VerifyOptions)
-from conveyor.progress import LOG_FORMATS, setup_logging
+from conveyor.progress import LOG_FORMATS, fatal, setup_logging
 from conveyor.runner import Endpoint
 
 log = logging.getLogger("conveyor")
@@ -30,14 +30,17 @@ log = logging.getLogger("conveyor")
 class Cli(click.Group):
     """Turns every ConveyorError into one line on stderr and its exit code; never a traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ConveyorError as e:
-            click.echo(f"conveyor: error: {mask_text(str(e))}", err=True)
+            fatal(f"conveyor: error: {mask_text(str(e))}", e.exit_code)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("conveyor: interrupted", err=True)
+            fatal("conveyor: interrupted", 130)
             ctx.exit(130)
         except BrokenPipeError:
             _closed_pipe()
@@ -47,9 +50,38 @@ class Cli(click.Group):
             if os.environ.get("CONVEYOR_DEBUG"):
                 raise
             log.debug("internal error", exc_info=True)
-            click.echo(f"conveyor: internal error: {type(e).__name__}: {mask_text(str(e))} "
-                       "(set CONVEYOR_DEBUG=1 for a traceback)", err=True)
+            fatal(f"conveyor: internal error: {type(e).__name__}: {mask_text(str(e))} "
+                  "(set CONVEYOR_DEBUG=1 for a traceback)", 70)
             ctx.exit(70)
+
+
+GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``-v`` and ``--log-format`` are the group's, but users put them anywhere (``conveyor
+    verify … -v``): those after the command name move before it (never past a ``--``)."""
+    args = list(args)
+    first = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if first is None:
+        return args
+    moved, rest, i = [], args[:first + 1], first + 1
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        if a in GLOBAL_FLAGS:
+            moved.append(a)
+        elif a == "--log-format" and i + 1 < len(args):
+            moved += [a, args[i + 1]]
+            i += 1
+        elif a.startswith("--log-format="):
+            moved.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return args[:first] + moved + rest[first:]
 
 
 # -- shared options ------------------------------------------------------------------------------
@@ -571,13 +603,13 @@ def main() -> None:
         _closed_pipe()
     except click.UsageError as e:
         hint = f" (see: conveyor {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
-        click.echo(f"conveyor: usage error: {e.format_message()}{hint}", err=True)
+        fatal(f"conveyor: usage error: {e.format_message()}{hint}", 2)
         sys.exit(2)
     except click.Abort:
-        click.echo("conveyor: aborted", err=True)
+        fatal("conveyor: aborted", 130)
         sys.exit(130)
     except click.ClickException as e:
-        click.echo(f"conveyor: error: {e.format_message()}", err=True)
+        fatal(f"conveyor: error: {e.format_message()}", e.exit_code)
         sys.exit(e.exit_code)
     sys.exit(code or 0)
 

@@ -12,7 +12,7 @@ from conveyor.errors import ConveyorError, LogError
 from conveyor.log import log_exists, open_meta, open_reader
 from conveyor.options import (ApplyOptions, CaptureOptions, DbOptions, LogSpec, ReplicateOptions,
                               VerifyOptions)
-from conveyor.progress import Display, echo
+from conveyor.progress import Display, counts, echo
 from conveyor.runner import (Endpoint, Interrupts, default_target_db, refuse_log_on,
                              refuse_same_database)
 from conveyor.status_view import status_lines
@@ -38,9 +38,14 @@ def capture(src: Endpoint, log: LogSpec, opts: CaptureOptions, dbopts: DbOptions
     finally:
         built.close()
     lines, ok = summary.capture_lines(st)
-    for line in lines:
-        echo(line)
+    _report(lines, counts(st))
     return ok
+
+
+def _report(lines: list[str], fields: dict) -> None:
+    """A final report: its first line carries the counts as JSON fields (--log-format json)."""
+    for i, line in enumerate(lines):
+        echo(line, **(fields if i == 0 else {}))
 
 
 def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
@@ -68,8 +73,7 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
     clines, cok = summary.collision_lines(proc.target_dbs, dbopts.allow_collisions)
     lines, ok = lines + clines, ok and cok
     lines += summary.apply_log_lines(lag, empty, opts.group, log.masked)
-    for line in lines:
-        echo(line)
+    _report(lines, counts(st))
     return ok
 
 
@@ -99,7 +103,8 @@ def _print_report(report: VerifyReport, opts: VerifyOptions) -> None:
                 json.dump(report.to_json(), f, indent=2)
         except OSError as e:
             raise ConveyorError(f"cannot write report {opts.report_path}: {e}") from e
-    echo(summary.verify_line(report))
+    echo(summary.verify_line(report), checked=report.checked, complete=report.complete,
+         evicted=report.evicted, **report.counts)
 
 
 def replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOptions,
@@ -151,13 +156,11 @@ def replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOptions
     else:
         lines, cok = summary.capture_lines(worker.result)
         ok &= cok
-        for line in lines:
-            echo(line)
+        _report(lines, counts(worker.result))
     lines, aok = summary.apply_lines(ast, opts.apply.dry_run)
     clines, cok = summary.collision_lines(app.target_dbs, dbopts.allow_collisions)
     ok &= aok and cok
-    for line in lines + clines:
-        echo(line)
+    _report(lines + clines, counts(ast))
     if interrupts.signalled.is_set() and opts.capture.mode == "snapshot":
         echo("replicate: interrupted; run the same command again to continue")
         return False

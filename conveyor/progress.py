@@ -7,6 +7,7 @@ for log shippers. The final report lines of each command stay on stdout.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -108,9 +109,30 @@ class Display:
               + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
 
 
-def echo(msg: str) -> None:
-    """A report line on stdout; with --log-format json also a ``report`` event on stderr."""
+def echo(msg: str, **fields) -> None:
+    """A report line on stdout; with --log-format json also a ``report`` event on stderr, with
+    ``fields`` (a final report's counts) as fields of their own."""
     print(msg, file=sys.stdout, flush=True)
     if Display.json:
-        print(json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                          "event": "report", "message": msg}), file=sys.stderr, flush=True)
+        print(json.dumps({"ts": _now(), "event": "report", "message": msg, **fields},
+                         default=str), file=sys.stderr, flush=True)
+
+
+def fatal(msg: str, code: int) -> None:
+    """The line that ends a command that failed: text, or with --log-format json an ``error``
+    event, on stderr."""
+    if Display.json:
+        print(json.dumps({"ts": _now(), "level": "error", "event": "fatal", "message": msg,
+                          "exit_code": code}), file=sys.stderr, flush=True)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def counts(obj) -> dict:
+    """The scalar fields of a stats dataclass (its counts), for a JSON report."""
+    return {f.name: v for f in dataclasses.fields(obj)
+            if isinstance(v := getattr(obj, f.name), (int, float, str, bool)) and v is not None}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

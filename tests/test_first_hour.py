@@ -61,3 +61,28 @@ def test_show_diffs_prints_keys_as_redis_cli_does(redis_factory):
     assert '  missing  "hash:2"' in p.stdout.splitlines(), p.stdout
     assert '  missing  "odd \\"key\\"\\\\\\n\\x00\\xff"' in p.stdout.splitlines(), p.stdout
     assert "b'" not in p.stdout
+
+
+def test_global_options_work_after_the_command_and_json_mode_is_json_to_the_end(
+        redis_factory, tmp_path):
+    import json
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(20)})
+    p = cli.run("verify", source.url, target.url, "--log-format", "json", "-v")
+    assert p.returncode == 1, p.stderr
+    docs = [json.loads(ln) for ln in p.stderr.splitlines() if ln.strip()]   # JSON, every line
+    report = next(d for d in docs if d.get("event") == "report")
+    assert report["missing"] == 20 and report["checked"] == 20 and report["complete"] is True
+    log = f"file:{tmp_path}/log"
+    p = cli.run("capture", source.url, "--log", log, "-v", "--log-format=json")
+    assert p.returncode == 0, p.stderr
+    report = next(d for d in map(json.loads, p.stderr.splitlines()) if d.get("event") == "report")
+    assert report["keys"] == 20 and report["complete"] is True
+    # a fatal error is one JSON object too, with its exit code
+    p = cli.run("verify", source.url, "redis://127.0.0.1:1", "--log-format", "json")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    doc = json.loads(lines[0])
+    assert doc["level"] == "error" and doc["exit_code"] == 1 and "cannot connect" in doc["message"]
+    p = cli.run("verify", source.url, "--log-format", "json")          # a usage error
+    assert p.returncode == 2 and json.loads(p.stderr)["exit_code"] == 2
