@@ -360,7 +360,13 @@ def _start_at(ctx, param, value: str):
     except ValueError:
         raise click.BadParameter("use committed, earliest, latest or an ISO-8601 time "
                                  "such as 2026-11-24T10:00:00Z") from None
-    return t if t.tzinfo else t.astimezone()
+    t = t if t.tzinfo else t.astimezone()
+    now = datetime.now(t.tzinfo)
+    if t > now:
+        raise click.BadParameter(f"{value} has not come yet (it is now "
+                                 f"{now.isoformat(timespec='seconds')}): no record was written "
+                                 "after it, so nothing would be applied")
+    return t
 
 
 def _state_log(state_dir: str, source: str, target: str) -> str:
@@ -585,6 +591,24 @@ def _env_names(group: click.Group) -> None:
 _env_names(cli)
 
 
+def _from_environment(e: click.UsageError) -> str | None:
+    """A bad value that came from a CONVEYOR_… variable is named as the variable (the user
+    typed no such option)."""
+    param = getattr(e, "param", None)
+    if e.ctx is None or param is None or not isinstance(param.envvar, str):
+        return None
+    if e.ctx.get_parameter_source(param.name) != click.core.ParameterSource.ENVIRONMENT \
+            and param.envvar not in os.environ:
+        return None
+    given = [a for a in (param.opts or []) if a in sys.argv[1:] or
+             any(x.startswith(a + "=") for x in sys.argv[1:])]
+    if given:
+        return None                       # given on the command line: named as the option
+    why = getattr(e, "message", "") or e.format_message()
+    value = "" if "PASSWORD" in param.envvar else f"={os.environ.get(param.envvar, '')!r}"
+    return f"environment variable {param.envvar}{value} (for {param.opts[0]}): {why}"
+
+
 def _closed_pipe() -> None:
     """Whoever read the output stopped (``| head``): end quietly, as Unix tools do (the status
     of a process a pipe closed on, 128 + SIGPIPE), with nothing more written to the pipe."""
@@ -603,7 +627,7 @@ def main() -> None:
         _closed_pipe()
     except click.UsageError as e:
         hint = f" (see: conveyor {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
-        fatal(f"conveyor: usage error: {e.format_message()}{hint}", 2)
+        fatal(f"conveyor: usage error: {_from_environment(e) or e.format_message()}{hint}", 2)
         sys.exit(2)
     except click.Abort:
         fatal("conveyor: aborted", 130)

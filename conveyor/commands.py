@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from conveyor.capture.child import CaptureChild
 from conveyor import members, summary
 from conveyor.errors import ConveyorError, LogError
-from conveyor.log import log_exists, open_meta, open_reader
+from conveyor.log import log_exists, open_meta, open_reader, split_uri
+from conveyor.log.file import remove_empty_file_log
 from conveyor.options import (ApplyOptions, CaptureOptions, DbOptions, LogSpec, ReplicateOptions,
                               VerifyOptions)
 from conveyor.progress import Display, counts, echo
@@ -53,6 +54,12 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
     interrupts = Interrupts()
     display = Display(progress)
     first = dst.connect(db=dbopts.target_db)
+    existed = log_exists(log.uri, log.opts)
+    if not existed:
+        wait = (f"for {opts.idle_timeout:g}s (--idle-timeout)" if opts.idle_timeout is not None
+                else "until stopped")
+        echo(f"apply: there is no log at {log.masked} yet: waiting {wait} for a capture to "
+             "write to it")
     built = apply_process(dst, log, opts, display, first=first,
                           targets=target_dbs(dst, dbopts.target_db))
     proc = built.proc
@@ -73,8 +80,24 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
     clines, cok = summary.collision_lines(proc.target_dbs, dbopts.allow_collisions)
     lines, ok = lines + clines, ok and cok
     lines += summary.apply_log_lines(lag, empty, opts.group, log.masked)
+    if empty and not existed:
+        lines.append(f"apply: nothing was applied: no capture wrote to {log.masked} "
+                     f"(check --log){_forget_made(log)}")
+        ok = False
     _report(lines, counts(st))
     return ok
+
+
+def _forget_made(log: LogSpec) -> str:
+    """A file log apply itself created (it was waiting for a capture that never came) is
+    removed again, so that a mistyped --log leaves nothing behind."""
+    if split_uri(log.uri, log.opts)[0] != "file":
+        return ""
+    try:
+        remove_empty_file_log(log.uri)
+    except OSError as e:
+        return f"; its directory stays: {e}"
+    return "; the directory made for it was removed"
 
 
 def verify(src: Endpoint, dst: Endpoint, opts: VerifyOptions, dbopts: DbOptions, *,

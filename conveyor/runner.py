@@ -7,6 +7,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
+from urllib.parse import unquote, urlsplit
 
 import redis
 
@@ -71,6 +72,7 @@ class Endpoint:
         return SourceError if self.what == "source" else TargetError
 
     def _detect(self, client: redis.Redis, db: int | None) -> None:
+        self._warn_unneeded_password(db)
         enabled = cluster_enabled(client)
         if self.cluster and enabled is False:
             raise ConfigError(f"--{self.what}-cluster: {self.what} {self.masked} is not a node of "
@@ -83,6 +85,27 @@ class Endpoint:
             raise ConfigError(f"{self.what} {self.masked} is a Redis Cluster, which has only "
                               f"database 0 (asked for database {wanted})")
         self._checked = True
+
+    def _warn_unneeded_password(self, db: int | None) -> None:
+        """A password given to a server that takes connections without one is accepted by the
+        server (and redis-py) in silence: say so, it may be the wrong server. (A named ACL user
+        other than default is a choice of its own: no warning.)"""
+        parts = urlsplit(self.uri)
+        user = self.username or unquote(parts.username or "")
+        if not (self.password or parts.password) or user not in ("", "default"):
+            return
+        bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+        try:
+            probe = connect(bare, self.what, error_cls=self._error, tls=self.tls,
+                            **({} if db is None else {"db": db}))
+            try:
+                probe.ping()
+            finally:
+                probe.close()
+        except (ConveyorError, redis.RedisError):
+            return                                    # a password is needed: all is well
+        log.warning("%s %s takes connections without a password: the password given is not "
+                    "needed (is this the server you meant?)", self.what, self.masked)
 
     def _cluster_client(self):
         kw = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT)

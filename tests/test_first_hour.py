@@ -86,3 +86,29 @@ def test_global_options_work_after_the_command_and_json_mode_is_json_to_the_end(
     assert doc["level"] == "error" and doc["exit_code"] == 1 and "cannot connect" in doc["message"]
     p = cli.run("verify", source.url, "--log-format", "json")          # a usage error
     assert p.returncode == 2 and json.loads(p.stderr)["exit_code"] == 2
+
+
+def test_quiet_acceptances_are_said(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(10)})
+    # a password given to a server that takes connections without one
+    url = source.url.replace("redis://", "redis://:not-needed@")
+    p = cli.run("verify", url, target.url)
+    assert p.returncode == 1
+    assert "takes connections without a password" in p.stderr and "not-needed" not in p.stderr
+    # a --from time that has not come yet
+    log = f"file:{tmp_path}/log"
+    cli.run("capture", source.url, "--log", log, check=True)
+    p = cli.run("apply", target.url, "--log", log, "--from", "2999-01-01T00:00:00Z")
+    assert "has not come yet" in cli.assert_one_line_error(p, 2)
+    # a mistyped --log: apply says there is no log there, fails, and leaves nothing behind
+    typo = tmp_path / "typo"
+    p = cli.run("apply", target.url, "--log", f"file:{typo}", "--idle-timeout", "1")
+    assert p.returncode == 1
+    assert f"there is no log at file:{typo} yet" in p.stdout
+    assert "nothing was applied" in p.stdout and not typo.exists()
+    assert target.client().dbsize() == 0
+    # a bad value from the environment is named as the variable
+    env = {**cli.env(), "CONVEYOR_LOG_FORMAT": "xml"}
+    p = cli.run("verify", source.url, target.url, env=env)
+    assert "environment variable CONVEYOR_LOG_FORMAT='xml'" in cli.assert_one_line_error(p, 2)

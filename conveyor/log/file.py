@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -147,6 +148,14 @@ def log_exists(uri: str, opts: dict[str, str]) -> bool:
     if not root.is_dir():
         return False
     return (root / LOG_ID).exists() or (root / "groups").is_dir() or bool(_segments(root))
+
+
+def remove_empty_file_log(uri: str) -> None:
+    """Remove a log directory that holds no record (only what a reader made to wait in it)."""
+    root = _path(uri)
+    if any(p.stat().st_size for p in root.glob("*.log")) or (root / "dead-letter.jsonl").exists():
+        return
+    shutil.rmtree(root)
 
 
 def _segments(root: Path) -> list[int]:
