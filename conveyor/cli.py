@@ -391,7 +391,14 @@ def cli(verbose: int, log_format: str) -> None:
     setup_logging(level, log_format)
 
 
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  conveyor capture redis://prod:6379 --log file:./migration
+  conveyor capture rediss://prod:6380 --mode live --log kafka://broker:9092/migration
+  conveyor capture redis://prod:6379 --mode live --max-rate 20000 --log redis://buffer:6379/0
+  conveyor capture redis://prod:6379 --log file:./m --scan-match 'user:*' --scan-type hash
+""")
 @click.argument("source")
 @click.option("--log", "log_uri", required=True, metavar="URI", help="The log to append to.")
 @click.option("--mode", type=click.Choice(["snapshot", "live", "liveonly"]), default="snapshot",
@@ -421,7 +428,14 @@ def capture(source, log_uri, mode, fresh, state_dir, log_opts, progress, **kw):
     sys.exit(0 if ok else 1)
 
 
-@cli.command("apply")
+@cli.command("apply", epilog="""
+\b
+Examples:
+  conveyor apply redis://new:6379 --log file:./migration --idle-timeout 10
+  conveyor apply redis://cluster-node:7000 --log kafka://broker:9092/migration
+  conveyor apply redis://new:6379 --log file:./migration --from earliest --group rebuild
+  conveyor apply redis://new:6379 --log file:./migration --dry-run
+""")
 @click.argument("target")
 @click.option("--log", "log_uri", required=True, metavar="URI", help="The log to replay.")
 @click.option("--group", default="apply", show_default=True, help="Consumer group (position) name.")
@@ -470,11 +484,16 @@ verify_options = _options(
 )
 
 
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  conveyor verify redis://prod:6379 redis://new:6379
+  conveyor verify redis://prod:6379 redis://new:6379 --show-diffs --report diffs.json
+  conveyor verify redis://prod:6379 redis://new:6379 --db all --max-rate 10000
+  conveyor verify redis://prod:6379 redis://new:6379 --key-prefix old:
+""")
 @click.argument("source")
 @click.argument("target")
-@_endpoint_options("source")
-@_endpoint_options("target")
 @verify_options
 @db_option
 @target_db_option
@@ -485,6 +504,8 @@ verify_options = _options(
 @rewrite_options
 @rate_options
 @progress_option
+@_endpoint_options("source")
+@_endpoint_options("target")
 def verify(source, target, progress, **kw):
     """Compare SOURCE and TARGET key by key; exit 1 when anything differs."""
     from conveyor import commands
@@ -495,7 +516,14 @@ def verify(source, target, progress, **kw):
     sys.exit(0 if ok else 1)
 
 
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  conveyor replicate redis://prod:6379 redis://new:6379
+  conveyor replicate redis://prod:6379 redis://new:6379 --mode live --max-rate 20000
+  conveyor replicate redis://prod:6379 redis://cluster-node:7000 --log kafka://broker:9092/m
+  conveyor replicate redis://prod:6379 redis://new:6379 --mode compare --show-diffs
+""")
 @click.argument("source")
 @click.argument("target")
 @click.option("--mode", type=click.Choice(["snapshot", "live", "liveonly", "compare"]),
@@ -549,7 +577,12 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
     sys.exit(0 if ok else 1)
 
 
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  conveyor status --log file:./migration
+  conveyor status --log kafka://broker:9092/migration --group apply --json
+""")
 @click.option("--log", "log_uri", required=True, metavar="URI")
 @click.option("--group", default="apply", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")

@@ -112,3 +112,22 @@ def test_quiet_acceptances_are_said(redis_factory, tmp_path):
     env = {**cli.env(), "CONVEYOR_LOG_FORMAT": "xml"}
     p = cli.run("verify", source.url, target.url, env=env)
     assert "environment variable CONVEYOR_LOG_FORMAT='xml'" in cli.assert_one_line_error(p, 2)
+
+
+@pytest.mark.parametrize("name", ["capture", "apply", "verify", "replicate", "status"])
+def test_every_command_help_ends_with_examples_that_parse(name):
+    import shlex
+
+    from conveyor.cli import cli as group
+    p = cli.run(name, "--help")
+    assert p.returncode == 0
+    examples = p.stdout.split("Examples:")[1].strip().splitlines()
+    assert len(examples) >= 2
+    cmd = group.commands[name]
+    for line in examples:
+        words = shlex.split(line.strip())
+        assert words[:2] == ["conveyor", name], line
+        cmd.make_context(name, words[2:])           # raises on an option that does not exist
+    if name == "verify":                            # its own options before the TLS ones
+        text = p.stdout
+        assert text.index("--show-diffs") < text.index("--source-cacert")
