@@ -63,6 +63,7 @@ class ApplyStats(Tally):
     retries: int = 0          # waits for the target
     log_waits: int = 0        # waits for the log
     snapshot_ends: int = 0
+    superseded: int = 0       # events a later event of the same key in the same batch replaced
     handed_over: int = 0      # records given to another group member while the target was down
     cluster_redirects: int = 0  # MOVED/ASK/TRYAGAIN/CLUSTERDOWN and node failures followed
     last_write_ms: int = 0
@@ -284,7 +285,8 @@ class Applier:
             if isinstance(got, list):          # a block: UPSERTs and DELETEs of whole states
                 for ev in got:
                     k = (ev.db, ev.key)
-                    latest.pop(k, None)
+                    if latest.pop(k, None) is not None:
+                        self.stats.superseded += 1
                     # (block, event) stands for the key where apply speaks of it alone (a
                     # dead letter holds that event); the block is what is committed.
                     latest[k] = (ev, (rec, ev))
@@ -298,10 +300,13 @@ class Applier:
             if ev.chunk is not None:
                 # Parts of a key are applied one by one, in order. A whole state of the key read
                 # before them is superseded by them (the last part replaces the key).
-                latest.pop((ev.db, ev.key), None)
+                if latest.pop((ev.db, ev.key), None) is not None:
+                    self.stats.superseded += 1
                 latest[(ev.db, ev.key, ev.chunk["id"], ev.chunk["index"])] = (ev, rec)
             elif ev.kind in (Kind.UPSERT, Kind.DELETE):
-                latest.pop((ev.db, ev.key), None)   # re-insert: keep log order among keys
+                # re-insert: keep log order among keys
+                if latest.pop((ev.db, ev.key), None) is not None:
+                    self.stats.superseded += 1
                 latest[(ev.db, ev.key)] = (ev, rec)
             else:
                 self.stats.markers += 1

@@ -77,10 +77,15 @@ def _read_lines(rc: ReadCounts) -> list[str]:
 # -- apply -----------------------------------------------------------------------------------------
 def apply_lines(st: ApplyStats, dry_run: bool) -> tuple[list[str], bool]:
     verb = "would apply" if dry_run else "applied"
-    lines = [f"apply: {verb} {st.records} records ({st.restored} restored, {st.written} typed, "
-             f"{st.converted} converted, {st.deleted} deleted, "
-             f"{st.expired} expired on arrival), {st.key_rate:,.0f} keys/s, "
-             f"{st.retries} target retries, {st.dead_letters} dead letters"]
+    events = st.keys + st.superseded
+    lines = [f"apply: {verb} {st.records} records holding {events} events ({st.restored} "
+             f"restored, {st.written} typed, {st.converted} converted, {st.deleted} deleted, "
+             f"{st.expired} expired on arrival"
+             + (f", {st.chunks} parts" if st.chunks else "")
+             + (f", {st.superseded} superseded by a later event of the same key in the same "
+                "batch" if st.superseded else "")
+             + f"), {st.key_rate:,.0f} keys/s, {st.retries} target retries, "
+             f"{st.dead_letters} dead letters"]
     if st.converted:
         lines.append(f"apply: {st.converted} keys the target refused as DUMP payloads (older "
                      "server or no RESTORE) were converted to type-based writes")

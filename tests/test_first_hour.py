@@ -131,3 +131,31 @@ def test_every_command_help_ends_with_examples_that_parse(name):
     if name == "verify":                            # its own options before the TLS ones
         text = p.stdout
         assert text.index("--show-diffs") < text.index("--source-cacert")
+
+
+def test_capture_and_apply_counts_add_up(redis_factory, tmp_path):
+    """Apply writes only the latest event of a key within a batch: the events it skipped are
+    counted, so that its events are capture's events."""
+    import re
+    source = redis_factory(extra=("--notify-keyspace-events", "KEA"))
+    target = redis_factory()
+    s = source.client()
+    s.mset({f"k:{i}": i for i in range(500)})
+    log = f"file:{tmp_path}/log"
+    captured = 0
+    for _ in range(2):                 # the same keys twice: the second copy supersedes the first
+        out = cli.run("capture", source.url, "--log", log, "--fresh", check=True).stdout
+        captured += int(re.search(r"capture: (\d+) keys", out).group(1))
+    s.delete("k:0")
+    out = cli.run("capture", source.url, "--log", log, "--mode", "live", "--idle-timeout", "1",
+                  check=True).stdout
+    m = re.search(r"capture: (\d+) events \((\d+) upserts, (\d+) deletes\)", out)
+    assert m and int(m.group(1)) == int(m.group(2)) + int(m.group(3)), out
+    captured += int(m.group(1))
+    out = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True).stdout
+    m = re.search(r"holding (\d+) events \((\d+) restored, (\d+) typed, (\d+) converted, "
+                  r"(\d+) deleted, (\d+) expired on arrival, (\d+) superseded", out)
+    assert m, out
+    total, parts = int(m.group(1)), [int(x) for x in m.groups()[1:]]
+    assert total == sum(parts) == captured, (out, captured)
+    assert int(m.group(7)) >= 500
