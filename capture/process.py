@@ -181,7 +181,9 @@ class Capture:
             log.warning("%s", e)
         self.stats.complete = self._cursor is None and bool(self.stats.capture_id)
         if self.stats.capture_id:
-            self._final_save("done" if self.stats.complete else "scanning")
+            self._final_save("done" if self.stats.complete else "scanning",
+                             None if self.stats.complete
+                             else "stopped during the scan: run it again to continue")
         self._progress()
         return self.stats
 
@@ -282,7 +284,9 @@ class Capture:
                        and healthy)
         if not st.complete:
             st.incomplete_why = self._why_incomplete(blind, healthy)
-        saved = self._final_save("live" if not st.complete else "stopped")
+        saved = self._final_save("live" if not st.complete else "stopped",
+                                 None if st.complete else "stopped with changes still to read: "
+                                                          "run it again to catch up")
         if self.ledger is not None:
             self.ledger.close(clean=saved)
         self._progress()
@@ -627,22 +631,27 @@ class Capture:
         if self.ledger is not None:
             self.ledger.commit(self.stats.capture_id, self.reader.seq)
 
-    def _save(self, phase: str) -> None:
+    def _state_of(self, phase: str) -> str:
+        """What status shows: a live capture whose scan (the first, or a rescan) is under way is
+        scanning."""
+        return "scanning" if phase == "live" and self.scanning else phase
+
+    def _save(self, phase: str, state: str | None = None) -> None:
         """Flush first: the cursor is saved only once everything before it is durable on the log."""
         self._sync_counts()
         self._flush()
         st = self.stats
-        doc = {"state": phase, "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
+        doc = {"state": state or self._state_of(phase), "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
                "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
                "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis(),
                "last_event_ms": self._last_event_ms, **self.announce, **self._scan_doc()}
         self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
         self._doc = doc
 
-    def _final_save(self, phase: str) -> bool:
+    def _final_save(self, phase: str, state: str | None = None) -> bool:
         """The last save of a run; a stop while the log is away leaves the last checkpoint."""
         try:
-            self._save(phase)
+            self._save(phase, state)
             return True
         except Interrupted as e:
             log.warning("%s; the checkpoint keeps its last saved position", e)
@@ -660,7 +669,8 @@ class Capture:
         self._progress()
         if not self._doc or (msg or "").startswith("waiting for the log"):
             return                           # the checkpoint lives on the log that is away
-        doc = {**self._doc, "state": msg or self._doc["phase"], "saved_ms": now_millis()}
+        doc = {**self._doc, "state": msg or self._state_of(self._doc["phase"]),
+               "saved_ms": now_millis()}
         try:
             self.meta.put(self.checkpoint, doc)
         except LogError as e:

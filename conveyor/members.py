@@ -60,7 +60,7 @@ class Seen:
 
     @property
     def finished(self) -> bool:
-        return self.doc.get("phase", self.state) in FINISHED or self.state == "stopped"
+        return self.doc.get("phase", self.state) in FINISHED or self.state.startswith("stopped")
 
     @property
     def gone(self) -> bool:

@@ -159,3 +159,42 @@ def test_capture_and_apply_counts_add_up(redis_factory, tmp_path):
     total, parts = int(m.group(1)), [int(x) for x in m.groups()[1:]]
     assert total == sum(parts) == captured, (out, captured)
     assert int(m.group(7)) >= 500
+
+
+def test_status_shows_a_live_scan_as_scanning_with_its_keys_and_a_stopped_capture_as_stopped(
+        redis_factory, tmp_path):
+    import json
+    import signal
+
+    from tests.compare import wait_until
+    source = redis_factory(extra=("--notify-keyspace-events", "KEA",
+                                  "--enable-debug-command", "yes"))
+    source.client().execute_command("DEBUG", "POPULATE", 20000, "key", 10)
+    log = f"file:{tmp_path}/log"
+
+    def captures():
+        p = cli.run("status", "--log", log, "--json")
+        return list(json.loads(p.stdout)["captures"].values()) if p.returncode == 0 else []
+
+    cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--max-rate", "2000")
+    try:
+        # during the live capture's first scan (about 10 s at 2000 keys/s)
+        doc = wait_until(lambda: next((c for c in captures() if c.get("keys", 0) > 0), None),
+                         timeout=30)
+        assert doc["state"] == "scanning" and doc["mode"] == "live", doc
+        assert doc["keys"] < 20000 and doc["last_event_ms"] > 0
+    finally:
+        cap.send_signal(signal.SIGINT)
+        cap.wait(60)
+    doc = captures()[0]
+    assert doc["state"].startswith("stopped") and not doc["gone"], doc
+    # a snapshot stopped by SIGINT in the middle of its scan says so too
+    log2 = f"file:{tmp_path}/log2"
+    cap = cli.start("capture", source.url, "--log", log2, "--max-rate", "2000")
+    wait_until(lambda: (tmp_path / "log2").exists(), timeout=30)
+    import time
+    time.sleep(2)
+    cap.send_signal(signal.SIGINT)
+    cap.wait(60)
+    p = cli.run("status", "--log", log2)
+    assert "stopped during the scan: run it again to continue" in p.stdout, p.stdout
