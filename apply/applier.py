@@ -256,11 +256,28 @@ class Applier:
             return False
         return True
 
+    def _count_dry(self, events: dict) -> None:
+        """What a dry run would have written, counted as a real run counts it."""
+        now, st = now_millis(), self.stats
+        for ev, _ in events.values():
+            if ev.chunk is not None:
+                st.chunks += 1
+            elif ev.kind is Kind.DELETE:
+                st.deleted += 1
+            elif ev.expired(now):
+                st.expired += 1
+            elif ev.payload is not None:
+                st.restored += 1
+            else:
+                st.written += 1
+
     # -- one batch -----------------------------------------------------------------------------
     def _apply(self, records: list[Record]) -> int:
         """Write and commit a batch; returns how many events it held."""
         events, markers = self._decode(records)
-        if not self.dry_run:
+        if self.dry_run:
+            self._count_dry(events)
+        else:
             records = self._write_with_retry(records, events)
             self._log_call(self.reader.commit, records)
             self.stats.last_write_ms = now_millis()
@@ -566,6 +583,8 @@ class Applier:
         if not force and now - self._last_status < STATUS_INTERVAL_S:
             return
         self._last_status = now
+        if self.dry_run:
+            return      # a dry run changes nothing anyone sees later: no group or member document
         st = self.stats
         doc = {"state": state, "last_write_ms": st.last_write_ms, "records": st.records,
                "dead_letters": st.dead_letters, "retries": st.retries,

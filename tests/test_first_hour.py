@@ -198,3 +198,21 @@ def test_status_shows_a_live_scan_as_scanning_with_its_keys_and_a_stopped_captur
     cap.wait(60)
     p = cli.run("status", "--log", log2)
     assert "stopped during the scan: run it again to continue" in p.stdout, p.stdout
+
+
+def test_a_dry_run_says_what_it_would_do_and_leaves_no_trace_in_status(redis_factory, tmp_path):
+    import json
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(300)})
+    log = f"file:{tmp_path}/log"
+    cli.run("capture", source.url, "--log", log, check=True)
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    before = json.loads(cli.run("status", "--log", log, "--json", check=True).stdout)
+    source.client().mset({f"new:{i}": i for i in range(40)})
+    cli.run("capture", source.url, "--log", log, check=True)
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", "--dry-run", check=True)
+    assert "would apply" in p.stdout and "(340 restored" in p.stdout, p.stdout
+    after = json.loads(cli.run("status", "--log", log, "--json", check=True).stdout)
+    assert after["apply"] == before["apply"]              # the real apply's summary, untouched
+    assert [m["member"] for m in after["members"]] == [m["member"] for m in before["members"]]
+    assert target.client().dbsize() == 300
