@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conveyor.errors import CodecError
-from conveyor.events import Codec, Columns, Event, Kind, block_record_key, record_key
+from conveyor.events import Codec, Columns, Event, Kind, block_record_key, block_size, record_key
 
 
 log = logging.getLogger("conveyor.log")
@@ -45,7 +45,7 @@ class Background:
 
     def _run(self) -> None:
         failing = False
-        while not self._stop.wait(self.every_s):
+        while not self._stop.is_set():
             try:
                 self.work()
                 failing = False
@@ -53,6 +53,7 @@ class Background:
                 (log.info if failing else log.warning)(
                     "%s failed (tried again every %.0fs): %s", self.what, self.every_s, e)
                 failing = True
+            self._stop.wait(self.every_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -75,6 +76,23 @@ def index_key(ev: Event) -> bytes:
 
 def _chunk_id(ev: Event) -> str | None:
     return ev.chunk["id"] if ev.chunk else None
+
+
+BATCH_RECORDS = 1000               # records decoded at a time by a compactor ...
+BATCH_BYTES = 1024 * 1024          # ... and at most this many bytes of them (parts of big keys)
+
+
+def bounded(items, size_of):
+    """Lists of ``items`` of at most BATCH_RECORDS items and BATCH_BYTES bytes (or one item)."""
+    batch, size = [], 0
+    for item in items:
+        if batch and (len(batch) >= BATCH_RECORDS or size + size_of(item) > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += size_of(item)
+    if batch:
+        yield batch
 
 
 MIN_GROWTH = 100                   # records (a block holds hundreds of keys)
@@ -117,6 +135,7 @@ class KeyIndex:
         self.path = path
         self._folder: Path | None = None
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA cache_size=-2048")            # 2 MiB of pages in memory
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS latest (k BLOB PRIMARY KEY, rec INTEGER, "
@@ -157,6 +176,39 @@ class KeyIndex:
 
     def forget(self, keys: list[bytes]) -> None:
         self.db.executemany("DELETE FROM latest WHERE k = ?", [(k,) for k in keys])
+
+
+NOT_DECODED = object()             # a record whose value a compactor did not decode
+
+
+def decode_blocks(codec: Codec, keys: list[bytes], values: list[bytes]) -> list:
+    """Decoded blocks, NOT_DECODED for any other record: logs whose records cannot be
+    rewritten (Kafka, Redis Streams) judge those by their record key alone, as Kafka's own
+    compaction does, and never decode the parts of big keys (memory)."""
+    out: list = [NOT_DECODED] * len(keys)
+    at = [i for i, k in enumerate(keys) if block_size(k) is not None]
+    for i, d in zip(at, codec.decode_many([values[i] for i in at])):
+        out[i] = d
+    return out
+
+
+def keyed_rows(rec: int, key: bytes, decoded) -> list[tuple[bytes, int, str | None]]:
+    """Index rows of a record judged by record key (see decode_blocks)."""
+    if decoded is NOT_DECODED:
+        return [(key, rec, None)]
+    return rows_of(rec, decoded)
+
+
+def keyed_keeps(rec: int, key: bytes, decoded, latest: dict, codec: Codec) -> bool:
+    """Whether a record judged by record key is still needed: a block while one of its events
+    is (decide, without rewriting), any other record while no later record has its key.
+    Markers are always kept."""
+    if decoded is NOT_DECODED:
+        if b"\x00conveyor-marker:" in key:
+            return True
+        got = latest.get(key)
+        return got is None or got[0] <= rec
+    return decide(rec, decoded, latest, codec, rewrite=False).keep
 
 
 def rows_of(rec: int, decoded) -> list[tuple[bytes, int, str | None]]:

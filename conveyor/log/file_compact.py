@@ -26,14 +26,13 @@ from pathlib import Path
 
 from conveyor.events import Codec
 from conveyor.log import segment
-from conveyor.log.compaction import KeyIndex, decide, rows_of
+from conveyor.log.compaction import KeyIndex, bounded, decide, rows_of
 from conveyor.log.segment import SegmentScan
 
 log = logging.getLogger("conveyor.log")
 
 INDEX = "compaction.db"
 LOCK = "compaction.lock"
-DECODE_BATCH = 2000
 
 
 SEGMENT_RE = re.compile(r"^(\d{20})\.log$")
@@ -70,15 +69,8 @@ def _records(path: Path):
 
 def _batches(path: Path, base: int, codec: Codec):
     """Lists of (number, timestamp, key, value, decoded) of a segment's records."""
-    batch: list = []
-    n = base
-    for ts, key, value in _records(path):
-        batch.append((n, ts, key, value))
-        n += 1
-        if len(batch) >= DECODE_BATCH:
-            yield _decode(batch, codec)
-            batch = []
-    if batch:
+    numbered = ((base + i, ts, key, value) for i, (ts, key, value) in enumerate(_records(path)))
+    for batch in bounded(numbered, lambda r: len(r[3])):
         yield _decode(batch, codec)
 
 

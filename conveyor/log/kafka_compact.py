@@ -21,7 +21,8 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from conveyor.events import Codec, Columns, block_size
-from conveyor.log.compaction import KeyIndex, Schedule, decide, rows_of
+from conveyor.log.compaction import (KeyIndex, Schedule, bounded, decide, decode_blocks,
+                                      keyed_rows, rows_of)
 
 log = logging.getLogger("conveyor.kafka")
 
@@ -48,7 +49,7 @@ class KafkaCompactor:
     def _consumer(self) -> Consumer:
         return Consumer({**self.props, "group.id": f"{self.topic}-compactor",
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
-                         "queued.max.messages.kbytes": 4096, "fetch.max.bytes": 4 * 1024 * 1024,
+                         "queued.max.messages.kbytes": 1024, "fetch.max.bytes": 1024 * 1024,
                          "fetch.queue.backoff.ms": 5, "enable.partition.eof": True})
 
     def run(self, partitions: list[int]) -> int:
@@ -83,7 +84,7 @@ class KafkaCompactor:
         c.assign([TopicPartition(self.topic, p, start)])
         idle = time.monotonic()
         while True:
-            msgs = c.consume(1000, 1.0)
+            msgs = c.consume(100, 1.0)
             for m in msgs:
                 if m.error() is not None:
                     if m.error().code() == KafkaError._PARTITION_EOF:
@@ -91,7 +92,11 @@ class KafkaCompactor:
                     raise KafkaException(m.error())
                 if m.offset() >= end:
                     return
-                yield m.offset(), m.timestamp()[1], m.key() or b"", m.value()
+                key = m.key() or b""
+                # only a block's value is read (and decoded); any other record is judged by its
+                # key (parts of big keys are large: their bytes are never copied out)
+                yield (m.offset(), m.timestamp()[1], key,
+                       m.value() if block_size(key) is not None else b"")
                 if m.offset() == end - 1:
                     return
             if msgs:
@@ -100,16 +105,9 @@ class KafkaCompactor:
                 return
 
     def _batches(self, c, p, start, end):
-        batch = []
-        for item in self._read(c, p, start, end):
-            if item[3] is None:
-                continue
-            batch.append(item)
-            if len(batch) >= 1000:
-                yield batch, self.codec.decode_many([b[3] for b in batch])
-                batch = []
-        if batch:
-            yield batch, self.codec.decode_many([b[3] for b in batch])
+        items = (item for item in self._read(c, p, start, end) if item[3] is not None)   # tombstones
+        for batch in bounded(items, lambda item: len(item[3])):
+            yield batch, decode_blocks(self.codec, [b[2] for b in batch], [b[3] for b in batch])
 
     @staticmethod
     def _k(p: int, key: bytes) -> bytes:
@@ -117,19 +115,20 @@ class KafkaCompactor:
 
     def _catch_up(self, c, p: int, start: int, end: int) -> None:
         for batch, decoded in self._batches(c, p, start, end):
-            rows = [(self._k(p, k), n, part) for (n, *_), d in zip(batch, decoded)
-                    for k, n, part in rows_of(n, d)]
+            rows = [(self._k(p, k), n, part) for (num, _, key, _), d in zip(batch, decoded)
+                    for k, n, part in keyed_rows(num, key, d)]
             self.index.db.execute("BEGIN")
             self.index.note(rows)
             self.index.db.execute("COMMIT")
         self._indexed[p] = end
 
     def _compact(self, c, p: int, start: int, end: int) -> int:
+        """Blocks only: the broker compacts every other record by its key."""
         cut = time.time_ns() // 1_000_000 - self.after_ms
         replaced = 0
         for batch, decoded in self._batches(c, p, start, end):
             blocks = [(item, d) for item, d in zip(batch, decoded)
-                      if block_size(item[2]) and isinstance(d, list) and d and item[1] <= cut]
+                      if isinstance(d, list) and d and item[1] <= cut]
             if not blocks:
                 continue
             keys = [self._k(p, k) for (_, d) in blocks for k, _, _ in rows_of(0, d)]

@@ -2,7 +2,8 @@
 
 Entries every group has read and acknowledged and older than the retention (default 1h) are
 deleted (XDEL) when later entries of the same keys supersede all their events; a block still
-needed for one key stays whole (an entry cannot be rewritten in place). The key index lives in a
+needed for one key stays whole (an entry cannot be rewritten in place). Other entries (parts of
+big keys, typed values) are judged by their record key, as Kafka compacts, and never decoded. The key index lives in a
 temporary SQLite file of the apply process that compacts, built from the streams as it goes (an
 entry id ``ms-seq`` is numbered ``ms * 2**22 + seq``, in order within its stream, and every event
 of a key is in one stream); one process compacts at a time, under a lease on the buffer Redis.
@@ -19,7 +20,8 @@ import uuid
 import redis
 
 from conveyor.events import Codec
-from conveyor.log.compaction import KeyIndex, Schedule, decide, rows_of
+from conveyor.log.compaction import (BATCH_BYTES, KeyIndex, Schedule, decode_blocks, keyed_keeps,
+                                      keyed_rows)
 from conveyor.log.stream_base import field_map, next_id, text
 
 log = logging.getLogger("conveyor.log")
@@ -75,22 +77,30 @@ class StreamCompactor:
                 self.r.delete(lease)
 
     def _pages(self, stream: str, start: str):
+        """Decoded entries, a page at a time; pages of big entries (parts of big keys) are asked
+        smaller, so that a page holds about BATCH_BYTES."""
+        count = PAGE
         while True:
-            entries = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", PAGE)
+            entries = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", count)
             if not entries:
                 return
-            values = [field_map(f).get(b"v", b"") for _, f in entries]
-            decoded = self.codec.decode_many(values)
-            yield [(text(eid), id_number(eid), d) for (eid, _), d in zip(entries, decoded)]
-            if len(entries) < PAGE:
+            fields = [field_map(f) for _, f in entries]
+            keys = [f.get(b"k", b"") for f in fields]
+            values = [f.get(b"v", b"") for f in fields]
+            decoded = decode_blocks(self.codec, keys, values)
+            yield [(text(eid), id_number(eid), k, d)
+                   for (eid, _), k, d in zip(entries, keys, decoded)]
+            if len(entries) < count:
                 return
             start = next_id(text(entries[-1][0]))
+            per_entry = max(1, sum(map(len, values)) // len(values))
+            count = max(1, min(PAGE, BATCH_BYTES // per_entry))
 
     def _catch_up(self, stream: str) -> None:
         start = self._indexed.get(stream, "-")
         for page in self._pages(stream, start):
             self.index.db.execute("BEGIN")
-            self.index.note([r for (_, n, d) in page for r in rows_of(n, d)])
+            self.index.note([r for (_, n, k, d) in page for r in keyed_rows(n, k, d)])
             self.index.db.execute("COMMIT")
             self._indexed[stream] = next_id(page[-1][0])
 
@@ -100,9 +110,10 @@ class StreamCompactor:
             page = [x for x in whole if x[1] < cut]
             if not page:
                 break
-            latest = self.index.lookup([r[0] for (_, n, d) in page for r in rows_of(n, d)])
-            gone = [eid for eid, n, d in page
-                    if not decide(n, d, latest, self.codec, rewrite=False).keep]
+            latest = self.index.lookup([r[0] for (_, n, k, d) in page
+                                        for r in keyed_rows(n, k, d)])
+            gone = [eid for eid, n, k, d in page
+                    if not keyed_keeps(n, k, d, latest, self.codec)]
             if gone:
                 # (no MULTI for the log's user: a crash between the two leaves the stream
                 # looking trimmed, which only makes a rebuild warn)
