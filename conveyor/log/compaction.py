@@ -37,9 +37,11 @@ class Background:
     """Calls ``work()`` every ``every_s`` seconds in a thread of its own, so that apply keeps
     reading while a pass runs; a failed pass is logged and tried again at the next turn."""
 
-    def __init__(self, work, every_s: float, what: str) -> None:
+    def __init__(self, work, every_s: float, what: str,
+                 stop: threading.Event | None = None) -> None:
+        """``stop``: an event the work watches too, so that a long pass ends at stop()."""
         self.work, self.every_s, self.what = work, every_s, what
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._thread = threading.Thread(target=self._run, name=what, daemon=True)
         self._thread.start()
 
@@ -55,9 +57,11 @@ class Background:
                 failing = True
             self._stop.wait(self.every_s)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """True once the thread ended (its work may then be closed)."""
         self._stop.set()
         self._thread.join(60)
+        return not self._thread.is_alive()
 
 
 @dataclass

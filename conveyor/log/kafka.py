@@ -634,7 +634,7 @@ class KafkaLogReader(LogReader):
         self._compactor = KafkaCompactor(self.props, {**PRODUCER_DEFAULTS, **self.props},
                                          self.topic, after)
         return Background(lambda: self._compactor.run(sorted(self._assigned)), COMPACT_EVERY_S,
-                          f"compaction of Kafka topic {self.topic!r}")
+                          f"compaction of Kafka topic {self.topic!r}", self._compactor.stopping)
 
     def _client_error(self, err: KafkaError) -> None:
         _error_cb(err)
@@ -883,9 +883,8 @@ class KafkaLogReader(LogReader):
                                 ("from", f"{record.partition}/{record.offset}".encode())])
 
     def close(self) -> None:
-        if self._compaction is not None:
-            self._compaction.stop()
-            self._compactor.close()
+        if self._compaction is not None and self._compaction.stop():
+            self._compactor.close()          # (never under a pass still running)
         try:
             self._c.close()
         except (KafkaException, RuntimeError):

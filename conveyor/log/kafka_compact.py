@@ -16,6 +16,7 @@ the last pass is a while ago (at least ten times as long ago as that pass took).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -40,6 +41,7 @@ class KafkaCompactor:
         self._indexed: dict[int, int] = {}           # partition -> next offset to index
         self._producer: Producer | None = None
         self.replaced = 0
+        self.stopping = threading.Event()           # set: a pass under way ends at once
 
     def close(self) -> None:
         if self._producer is not None:
@@ -83,7 +85,7 @@ class KafkaCompactor:
             return
         c.assign([TopicPartition(self.topic, p, start)])
         idle = time.monotonic()
-        while True:
+        while not self.stopping.is_set():
             msgs = c.consume(100, 1.0)
             for m in msgs:
                 if m.error() is not None:
@@ -120,7 +122,8 @@ class KafkaCompactor:
             self.index.db.execute("BEGIN")
             self.index.note(rows)
             self.index.db.execute("COMMIT")
-        self._indexed[p] = end
+        if not self.stopping.is_set():
+            self._indexed[p] = end
 
     def _compact(self, c, p: int, start: int, end: int) -> int:
         """Blocks only: the broker compacts every other record by its key."""

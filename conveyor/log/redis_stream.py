@@ -385,7 +385,8 @@ class StreamLogReader(StreamLog, LogReader):
             if self._compactor is None:        # a thread of its own: apply reads on meanwhile
                 self._compactor = StreamCompactor(self.r, self.streams, self.retention_ms)
                 self._compaction = Background(lambda: self._compactor.run(self._oldest_needed),
-                                              TRIM_INTERVAL_S, "compaction of the log's streams")
+                                              TRIM_INTERVAL_S, "compaction of the log's streams",
+                                              self._compactor.stopping)
             return
         with self._op("XTRIM"):
             cut = None
@@ -489,9 +490,8 @@ class StreamLogReader(StreamLog, LogReader):
         except LogError:
             pass                                   # they lapse on their own
         finally:
-            if self._compactor is not None:
-                self._compaction.stop()
-                self._compactor.close()
+            if self._compactor is not None and self._compaction.stop():
+                self._compactor.close()            # (never under a pass still running)
             self.r.close()
 
 

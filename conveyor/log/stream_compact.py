@@ -14,6 +14,7 @@ A pass runs once the streams grew by half since the last one: the work follows t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 
@@ -47,6 +48,7 @@ class StreamCompactor:
         self.schedule = Schedule()
         self._indexed: dict[str, str] = {}         # stream -> next id to index
         self.deleted = 0
+        self.stopping = threading.Event()           # set: a pass under way ends at once
 
     def close(self) -> None:
         self.index.close()
@@ -80,7 +82,7 @@ class StreamCompactor:
         """Decoded entries, a page at a time; pages of big entries (parts of big keys) are asked
         smaller, so that a page holds about BATCH_BYTES."""
         count = PAGE
-        while True:
+        while not self.stopping.is_set():
             entries = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", count)
             if not entries:
                 return
