@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -148,67 +149,79 @@ class FileCompactor:
     def _compact(self, base: int, path: Path, into: tuple[int, int, int] | None):
         """Rewrite segment ``base``, at the end of ``into`` (the previous compacted segment) when
         both fit in one; (base, next number, size) of the file written."""
-        if into is not None and into[2] >= self.segment_bytes // 2:
-            into = None
-        first = into[1] if into else base
-        kept, moves, forget, size = self._kept(base, path, first)
-        if into is not None and into[2] + size > self.segment_bytes:
-            into, first = None, base
-            kept, moves, forget, size = self._kept(base, path, first)
-        if into is None and size == path.stat().st_size:
-            return base, first + len(kept), size      # nothing superseded: left as it is
-        self.index.set_meta("in_doubt", 1)
-        if into is not None:
-            target = _path(self.root, into[0])
-            mtime = target.stat().st_mtime
-            with open(target, "ab") as f:
-                f.write(b"".join(kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.utime(target, (mtime, mtime))          # as old as it was: due again next time
-            path.unlink()
-        else:
-            tmp = path.with_suffix(".compacting")
-            mtime = path.stat().st_mtime
-            with open(tmp, "wb") as f:
-                f.write(b"".join(kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.utime(tmp, (mtime, mtime))
-            os.replace(tmp, path)
-        _sync_dir(self.root)
-        self.index.db.execute("BEGIN")
-        self.index.renumber(moves)
-        self.index.forget(forget)
-        self.index.set_meta("in_doubt", 0)
-        self.index.db.execute("COMMIT")
-        if into is not None:
-            return into[0], first + len(kept), into[2] + size
-        return base, first + len(kept), size
+        if into is not None and into[2] < self.segment_bytes // 2:
+            done = self._write(base, path, into)
+            if done is not None:
+                return done
+        return self._write(base, path, None)
 
-    def _kept(self, base: int, path: Path, first: int):
-        """The framed records of segment ``base`` that compaction keeps, numbered from ``first``;
-        the index updates that follow; their size."""
-        kept: list[bytes] = []
-        moves: list[tuple[int, bytes]] = []
-        forget: list[bytes] = []
-        size, n = 0, first
-        for batch in _batches(path, base, self.codec):
-            latest = self.index.lookup([r[0] for (num, _, _, _, d) in batch
-                                        for r in rows_of(num, d)])
-            for num, ts, key, value, d in batch:
-                o = decide(num, d, latest, self.codec)
-                forget += o.forget
-                if not o.keep:
-                    continue
-                if o.value is not None:
-                    key, value = o.key, o.value
-                moves += [(n, k) for k in o.latest]
-                frame = segment.frame(key, value, ts) + key + value
-                kept.append(frame)
-                size += len(frame)
-                n += 1
-        return kept, moves, forget, size
+    def _write(self, base: int, path: Path, into: tuple[int, int, int] | None):
+        """Write what segment ``base`` keeps to a temporary file (after a copy of ``into``'s
+        file when merging), streamed: neither the records nor the index updates are held in
+        memory (``moves`` and ``forgets`` are tables of the index). None when the merge would
+        not fit in one segment."""
+        target = _path(self.root, into[0]) if into is not None else path
+        tmp = path.with_suffix(".compacting")
+        db = self.index.db
+        db.execute("CREATE TABLE IF NOT EXISTS moves (k BLOB PRIMARY KEY, rec INTEGER) WITHOUT ROWID")
+        db.execute("CREATE TABLE IF NOT EXISTS forgets (k BLOB PRIMARY KEY) WITHOUT ROWID")
+        db.execute("DELETE FROM moves")
+        db.execute("DELETE FROM forgets")
+        n = into[1] if into is not None else base
+        with open(tmp, "wb") as f:
+            if into is not None:
+                with open(target, "rb") as old:
+                    shutil.copyfileobj(old, f)
+            start = f.tell()
+            for batch in _batches(path, base, self.codec):
+                latest = self.index.lookup([r[0] for (num, _, _, _, d) in batch
+                                            for r in rows_of(num, d)])
+                moves, forget = [], []
+                for num, ts, key, value, d in batch:
+                    o = decide(num, d, latest, self.codec)
+                    forget += o.forget
+                    if not o.keep:
+                        continue
+                    if o.value is not None:
+                        key, value = o.key, o.value
+                    moves += [(k, n) for k in o.latest]
+                    f.write(segment.frame(key, value, ts))
+                    f.write(key)
+                    f.write(value)
+                    n += 1
+                db.execute("BEGIN")
+                db.executemany("INSERT OR REPLACE INTO moves VALUES (?, ?)", moves)
+                db.executemany("INSERT OR REPLACE INTO forgets VALUES (?)", [(k,) for k in forget])
+                db.execute("COMMIT")
+                if into is not None and f.tell() > self.segment_bytes:
+                    break
+            size = f.tell() - start
+            if into is not None and f.tell() > self.segment_bytes:
+                f.close()
+                tmp.unlink()
+                return None                              # too big to merge: on its own
+            if into is None and size == path.stat().st_size:
+                f.close()
+                tmp.unlink()
+                return base, n, size                      # nothing superseded: left as it is
+            f.flush()
+            os.fsync(f.fileno())
+        mtime = target.stat().st_mtime
+        os.utime(tmp, (mtime, mtime))                     # as old as it was: due again next time
+        self.index.set_meta("in_doubt", 1)
+        os.replace(tmp, target)
+        if into is not None:
+            path.unlink()
+        _sync_dir(self.root)
+        db.execute("BEGIN")
+        db.execute("UPDATE latest SET rec = (SELECT m.rec FROM moves m WHERE m.k = latest.k) "
+                   "WHERE k IN (SELECT k FROM moves)")
+        db.execute("DELETE FROM latest WHERE k IN (SELECT k FROM forgets)")
+        self.index.set_meta("in_doubt", 0)
+        db.execute("COMMIT")
+        if into is not None:
+            return into[0], n, into[2] + size
+        return base, n, size
 
 
 def _sync_dir(root: Path) -> None:
