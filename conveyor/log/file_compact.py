@@ -1,7 +1,8 @@
 """Compaction of the file log (``cleanup=compact``, the default): see conveyor/log/compaction.py.
 
-Runs as a process of its own (``python -m conveyor.log.file_compact ROOT ...``), started by the
-writer when it rolls to a new segment and a sealed segment is due, so that capture keeps its core;
+Runs as a process of its own (``python -m conveyor.log.file_compact ROOT ...``, its lines in
+``ROOT/compaction.out``), started by the writer or a reader when a sealed segment is due, so that
+capture keeps its core;
 ``compaction.lock`` lets one run at a time. A segment is due once every group has committed past
 it and it is older than the retention. Its kept records are copied byte for byte (a rewritten
 block gets a new frame with the old timestamp) into a new file that replaces it atomically;
@@ -252,8 +253,12 @@ def start(root: Path, retention_s: float, segment_bytes: int) -> subprocess.Pope
     """Start a compaction pass in a process of its own when a segment is due."""
     if not due(root, retention_s):
         return None
-    return subprocess.Popen([sys.executable, "-m", "conveyor.log.file_compact", str(root),
-                             str(retention_s), str(segment_bytes)], stdin=subprocess.DEVNULL)
+    # Its lines go to a file of the log (compaction.out), not to the pipes of the process that
+    # started it: a pass may outlive that process, and must not hold its output open.
+    with open(root / "compaction.out", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "conveyor.log.file_compact", str(root),
+                                 str(retention_s), str(segment_bytes)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)
 
 
 def main() -> None:
