@@ -95,8 +95,6 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--kill-every", type=float, default=120)
     ap.add_argument("--sample", type=float, default=10)
-    ap.add_argument("--log", default="file", choices=("file",),
-                    help="the log backend (the file log: its bytes are measured on disk)")
     ap.add_argument("--log-opt", action="append", default=["retention=5m", "segment_bytes=16777216"],
                     help="KEY=VALUE for the log (compaction: segments due after 5 min, of 16 MiB)")
     ap.add_argument("--png", default=str(ROOT / "bench" / "out" / "soak.png"))
