@@ -62,7 +62,15 @@ def hoist_global_options(args: list[str]) -> list[str]:
     """``-v`` and ``--log-format`` are the group's, but users put them anywhere (``conveyor
     verify … -v``): those after the command name move before it (never past a ``--``)."""
     args = list(args)
-    first = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    first, i = None, 0
+    while i < len(args):  # the command name: the first word that is no option's value
+        if args[i] == "--log-format":
+            i += 2
+            continue
+        if not args[i].startswith("-"):
+            first = i
+            break
+        i += 1
     if first is None:
         return args
     moved, rest, i = [], args[:first + 1], first + 1

@@ -138,3 +138,15 @@ def test_a_full_dirty_set_refuses_new_keys_but_not_waiting_ones():
     assert d.add(b"a")                        # already waiting: no room needed
     assert not d.add(b"c")                    # full: the caller turns this into a gap
     assert d.clear() == 2 and d.add(b"c")
+
+
+def test_global_options_after_the_command_move_before_it():
+    from conveyor.cli import hoist_global_options as hoist
+    # the value of a group option before the command is no command name
+    assert hoist(["--log-format", "json", "verify", "--source", "x", "-v"]) == \
+        ["--log-format", "json", "-v", "verify", "--source", "x"]
+    assert hoist(["verify", "--source", "x", "--log-format", "json", "-vv"]) == \
+        ["--log-format", "json", "-vv", "verify", "--source", "x"]
+    assert hoist(["--log-format=json", "status", "d"]) == ["--log-format=json", "status", "d"]
+    # nothing after "--" moves
+    assert hoist(["apply", "--", "-v"]) == ["apply", "--", "-v"]
