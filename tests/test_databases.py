@@ -177,7 +177,7 @@ def test_target_db_merges_and_reports_collisions(redis_factory, tmp_path):
     # the 10 shared names come from three dbs: the target cannot equal the source
     assert app.returncode == 1, app.stdout + app.stderr
     assert "apply: 10 key collisions" in app.stdout and "--allow-collisions" in app.stdout
-    assert "collision: b'shared:" in app.stdout
+    assert 'collision: "shared:' in app.stdout
     st = cli.run("status", "--log", log)
     assert "10 key collisions between source databases" in st.stdout, st.stdout
     # every distinct name is in db 2, and nothing went to the source dbs' numbers
