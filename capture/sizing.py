@@ -7,6 +7,7 @@ import logging
 from conveyor.capture.emitting import text
 from conveyor import values
 from conveyor.events import now_millis
+from conveyor.keys import quoted
 
 log = logging.getLogger("conveyor.capture")
 
@@ -59,5 +60,10 @@ class Sizing:
         c.skipped += self.mem_limit_skip
         if len(c.over_limit_keys) < MAX_NAMED:
             c.over_limit_keys.append((key, size))
-        log.warning("key %r uses %d bytes, above --mem-limit%s", key, size,
-                    " (skipped)" if self.mem_limit_skip else "")
+        # one warning, not one per key: the summary lists them (-v logs each as it is met)
+        first = c.over_limit == 1
+        log.log(logging.WARNING if first else logging.INFO,
+                "key %s uses %d bytes, above --mem-limit%s%s", quoted(key), size,
+                " (skipped)" if self.mem_limit_skip else "",
+                "; further keys above it are listed at the end (-v: as they are met)"
+                if first else "")

@@ -20,6 +20,7 @@ from conveyor.status_view import status_lines
 from conveyor.wiring import (apply_process, capture_process, close_all, source_dbs, target_dbs,
                              verify_process)
 from conveyor.verify import VerifyReport
+from conveyor.words import counted
 
 if TYPE_CHECKING:
     from conveyor.metrics import Metrics
@@ -71,7 +72,7 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
             empty = False
             try:
                 ls = proc.reader.status()
-                lag, empty = f"{ls.lag} records", ls.empty
+                lag, empty = counted(ls.lag, "record"), ls.empty
             except LogError as e:
                 lag = f"unknown ({e})"
     finally:

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from conveyor.apply.applier import status_name
 from conveyor import members as m
 from conveyor.log import LogStatus
+from conveyor.words import counted
 
 
 def status_lines(st: LogStatus, docs: dict[str, dict], group: str, as_json: bool,
@@ -36,7 +37,7 @@ def status_lines(st: LogStatus, docs: dict[str, dict], group: str, as_json: bool
         lines.append(f"  holds {st.size}")
     lines.append(f"{'partition':<24} {'committed':>22} {'end':>22} {'lag':>10}")
     for p in st.partitions:
-        lines.append(f"{p.partition:<24} {str(p.committed):>22} {str(p.end):>22} {p.lag:>10}")
+        lines.append(f"{p.partition:<24} {_shown(p.committed):>22} {str(p.end):>22} {p.lag:>10}")
     lines += [_member_line(x, st.partitions, now) for x in members]
     if forgotten:
         lines.append(f"  ({forgotten} members that stopped or vanished over a day ago not listed)")
@@ -52,8 +53,9 @@ def _applied_line(applied: dict) -> str:
             if last else "never")
     age = f" ({time.time() - last / 1000:.0f}s ago)" if last else ""
     return (f"apply: {applied.get('state')}; last wrote {when}{age}; "
-            f"{applied.get('records', 0)} records, {applied.get('dead_letters', 0)} dead letters, "
-            f"{applied.get('retries', 0)} retries"
+            f"{counted(applied.get('records', 0), 'record')}, "
+            f"{counted(applied.get('dead_letters', 0), 'dead letter')}, "
+            f"{counted(applied.get('retries', 0), 'retry', 'retries')}"
             + (f", {applied['collisions']} key collisions between source databases"
                if applied.get("collisions") else ""))
 
@@ -64,8 +66,8 @@ def _capture_line(c: m.Seen, now: int) -> str:
              + (f" node {d['node']}" if d.get("node") else "")
              + (f", pid {d['pid']} on {d['host']}" if d.get("pid") else ""))
     change = m.age_s(d, "last_event_ms", now)
-    return (f"capture {c.name}: {c.shown_state} ({d.get('mode')}); {d.get('keys', 0)} keys, "
-            f"{d.get('deletes', 0)} deletes; last change {m.ago(change)}"
+    return (f"capture {c.name}: {c.shown_state} ({d.get('mode')}); {counted(d.get('keys', 0), 'key')}, "
+            f"{counted(d.get('deletes', 0), 'delete')}; last change {m.ago(change)}"
             f"{' ago' if change is not None else ''}; saved {m.ago(c.age)} ago; {where}")
 
 
@@ -77,9 +79,14 @@ def _member_json(x: m.Seen, partitions, now: int) -> dict:
 
 def _member_line(x: m.Seen, partitions, now: int) -> str:
     j = _member_json(x, partitions, now)
-    lag = "?" if j["lag"] is None else f"{j['lag']} records"
+    lag = "?" if j["lag"] is None else counted(j["lag"], "record")
     secs = "" if j["lag_s"] is None else f" / {j['lag_s']:.1f}s"
     held = ",".join(j.get("partitions") or []) if j.get("partitions") is not None else "all"
     return (f"apply member {j.get('member')} (pid {j.get('pid')} on {j.get('host')}): "
-            f"{x.shown_state}; {j.get('records', 0)} records applied; lag {lag}{secs}; "
+            f"{x.shown_state}; {counted(j.get('records', 0), 'record')} applied; lag {lag}{secs}; "
             f"partitions {held or 'none'}; seen {m.ago(x.age)} ago")
+
+
+def _shown(position) -> str:
+    """A partition's position: "-" where nothing was committed yet."""
+    return "-" if position is None else str(position)

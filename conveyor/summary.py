@@ -8,6 +8,7 @@ from conveyor.capture import CaptureStats
 from conveyor.capture.reader import ReadCounts
 from conveyor.databases import TargetDbs
 from conveyor.keys import quoted
+from conveyor.words import counted
 from conveyor.verify import Diff, VerifyReport
 
 
@@ -19,25 +20,27 @@ def capture_lines(st: CaptureStats) -> tuple[list[str], bool]:
         busy = {db: d for db, d in per_db.items() if d.events}
         quiet = len(per_db) - len(busy)
         lines.insert(1, "capture: by database: " + "; ".join(
-            [f"db {db}: {d.keys} keys, {d.deletes} deletes" for db, d in busy.items()]
-            + ([f"{quiet} databases without events"] if quiet else [])))
+            [f"db {db}: {counted(d.keys, 'key')}, {counted(d.deletes, 'delete')}" for db, d in busy.items()]
+            + ([f"{counted(quiet, 'database')} without events"] if quiet else [])))
     return lines, ok
 
 
 def _capture_summary(st: CaptureStats) -> tuple[list[str], bool]:
     if st.mode == "snapshot":
         state = "complete" if st.complete else "interrupted (resumable: run capture again)"
-        lines = [f"capture: {st.keys} keys, {st.deletes} vanished during the scan, "
+        lines = [f"capture: {counted(st.keys, 'key')}, {st.deletes} vanished during the scan, "
                  f"{st.rate:,.0f} keys/s; snapshot {state}" + (" [resumed]" if st.resumed else "")]
         if st.rescans:
             lines.append(f"capture: the source restarted during the scan: scanned again from the "
                          f"start ({st.rescans} times)")
         lines += [f"  rescanned after {g}" for g in st.gaps]     # a cluster's topology changed
         return lines + _read_lines(st.reads), st.complete
-    lines = [f"capture: {st.events} events ({st.keys} upserts, {st.deletes} deletes), "
-             f"{st.rate:,.0f} events/s, {len(st.gaps)} gaps, {st.resyncs} resyncs "
+    lines = [f"capture: {counted(st.events, 'event')} ({counted(st.keys, 'upsert')}, "
+             f"{counted(st.deletes, 'delete')}), "
+             f"{st.rate:,.0f} events/s, {counted(len(st.gaps), 'gap')}, {counted(st.resyncs, 'resync')} "
              f"({st.resyncs_done} finished)",
-             f"  {st.notifications} keyspace notifications (a key already waiting is read once)"]
+             f"  {counted(st.notifications, 'keyspace notification')} (a key already waiting is read "
+             "once)"]
     lines += [f"  gap: {g}" for g in st.gaps]
     if st.source_waits or st.log_waits:
         lines.append(f"  waited out {st.source_waits} source and {st.log_waits} log failures "
@@ -53,7 +56,7 @@ def _capture_summary(st: CaptureStats) -> tuple[list[str], bool]:
                      "verify")
     if st.complete:
         lines.append("capture: converged: every change read from the source is on the log"
-                     + (f"; {len(st.gaps)} gaps were healed by resyncs" if st.gaps else ""))
+                     + (f"; {counted(len(st.gaps), 'gap was', 'gaps were')} healed by resyncs" if st.gaps else ""))
     else:
         lines.append(f"capture: CANNOT claim convergence: {st.incomplete_why}")
     return lines, st.complete
@@ -62,11 +65,11 @@ def _capture_summary(st: CaptureStats) -> tuple[list[str], bool]:
 def _read_lines(rc: ReadCounts) -> list[str]:
     lines = []
     if rc.chunked_keys:
-        lines.append(f"capture: {rc.chunked_keys} keys read in parts ({rc.chunks} part events: "
+        lines.append(f"capture: {counted(rc.chunked_keys, 'key')} read in parts ({rc.chunks} part events: "
                      "big keys and values above the log's record limit)")
     if rc.over_limit:
         verb = "SKIPPED, not on the log" if rc.skipped else "migrated"
-        lines.append(f"capture: {rc.over_limit} keys above --mem-limit ({verb}):")
+        lines.append(f"capture: {counted(rc.over_limit, 'key')} above --mem-limit ({verb}):")
         for key, size in rc.over_limit_keys:
             lines.append(f"  {quoted(key) if isinstance(key, bytes) else key}: {size:,} bytes")
         if rc.over_limit > len(rc.over_limit_keys):
@@ -78,19 +81,20 @@ def _read_lines(rc: ReadCounts) -> list[str]:
 def apply_lines(st: ApplyStats, dry_run: bool) -> tuple[list[str], bool]:
     verb = "would apply" if dry_run else "applied"
     events = st.keys + st.superseded
-    lines = [f"apply: {verb} {st.records} records holding {events} events ({st.restored} "
+    lines = [f"apply: {verb} {counted(st.records, 'record')} holding {counted(events, 'event')} "
+             f"({st.restored} "
              f"restored, {st.written} typed, {st.converted} converted, {st.deleted} deleted, "
              f"{st.expired} expired on arrival"
              + (f", {st.chunks} parts" if st.chunks else "")
              + (f", {st.superseded} superseded by a later event of the same key in the same "
                 "batch" if st.superseded else "")
              + f"), {st.key_rate:,.0f} keys/s, {st.retries} target retries, "
-             f"{st.dead_letters} dead letters"]
+             f"{counted(st.dead_letters, 'dead letter')}"]
     if st.converted:
         lines.append(f"apply: {st.converted} keys the target refused as DUMP payloads (older "
                      "server or no RESTORE) were converted to type-based writes")
     if st.chunks:
-        lines.append(f"apply: {st.chunked_keys} keys completed from {st.chunks} parts"
+        lines.append(f"apply: {counted(st.chunked_keys, 'key')} completed from {counted(st.chunks, 'part')}"
                      + (f"; {st.duplicate_chunks} parts already applied were skipped"
                         if st.duplicate_chunks else ""))
     if st.orphan_chunks:
@@ -104,7 +108,7 @@ def apply_lines(st: ApplyStats, dry_run: bool) -> tuple[list[str], bool]:
     for why in st.dead_letter_reasons:
         lines.append(f"  dead letter: {why}")
     if st.dead_letters:
-        lines.append(f"apply: {st.dead_letters} records were dead-lettered (kept in the log's "
+        lines.append(f"apply: {counted(st.dead_letters, 'record was', 'records were')} dead-lettered (kept in the log's "
                      "dead-letter place); the target is NOT complete")
     return lines, st.dead_letters == 0 and st.log_loss_healed
 
@@ -117,7 +121,7 @@ def collision_lines(dbs: TargetDbs | None, allow: bool) -> tuple[list[str], bool
         return [], True
     lines = []
     if c.count:
-        lines.append(f"apply: {c.count} key collisions: the same key name in several source "
+        lines.append(f"apply: {counted(c.count, 'key collision')}: the same key name in several source "
                      f"databases written into target db {dbs.explicit} (the last write wins: "
                      "the target cannot equal the source)"
                      + ("; accepted with --allow-collisions" if allow else

@@ -154,7 +154,7 @@ def test_value_above_the_kafka_record_limit_is_split(redis_factory, kafka_broker
     log = kafka_log_uri(kafka_broker)
     out = run("replicate", src.url, dst.url, "--log", log, "--big-key-bytes", "0",
               "--type", value_type, check=True).stdout
-    assert "1 keys read in parts" in out, out
+    assert "1 key read in parts" in out, out
     if value_type == "dump":
         assert "2 converted" in out, out                      # Valkey 8.1 -> 7.0: reassembled,
     assert CLEAN in out, out                                  # refused, converted
@@ -184,10 +184,10 @@ def test_mem_limit_reports_and_skip_leaves_the_key_out(redis_factory, tmp_path):
     r.set("tiny", "1")
     log = f"file:{tmp_path / 'a'}"
     out = run("capture", src.url, "--log", log, "--mem-limit", "100KiB", check=True).stdout
-    assert "1 keys above --mem-limit (migrated)" in out and '  "huge": ' in out, out
+    assert "1 key above --mem-limit (migrated)" in out and '  "huge": ' in out, out
     out = run("capture", src.url, "--log", f"file:{tmp_path / 'b'}", "--mem-limit", "100KiB",
               "--mem-limit-skip", check=True).stdout
-    assert "1 keys above --mem-limit (SKIPPED, not on the log)" in out, out
+    assert "1 key above --mem-limit (SKIPPED, not on the log)" in out, out
     run("apply", dst.url, "--log", f"file:{tmp_path / 'b'}", "--idle-timeout", "1", check=True)
     assert dst.client().keys() == [b"tiny"]
     p = run("replicate", src.url, redis_factory().url, "--mem-limit", "100KiB", "--mem-limit-skip",
@@ -271,4 +271,4 @@ def test_a_source_that_refuses_scripts_is_read_with_pipelines(redis_factory, tmp
     p = run("replicate", src.url, dst.url, "--big-key-bytes", "256KiB", "--state-dir",
             str(tmp_path), check=True)
     assert "does not run scripts" in p.stderr and "reading with pipelines" in p.stderr, p.stderr
-    assert "1 keys read in parts" in p.stdout and CLEAN in p.stdout, p.stdout
+    assert "1 key read in parts" in p.stdout and CLEAN in p.stdout, p.stdout

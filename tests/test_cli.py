@@ -183,7 +183,7 @@ def test_size_options_take_units_and_refuse_nonsense(redis_server, tmp_path):
     redis_server.client().set("k", "v" * 2000)
     p = cli.run("capture", redis_server.url, "--log", f"file:{tmp_path / 'l'}", "--mem-limit", "1KiB",
                 check=True)
-    assert "1 keys above --mem-limit" in p.stdout
+    assert "1 key above --mem-limit" in p.stdout
 
 
 def test_quickstart_demo_migrates_and_verifies():

@@ -217,3 +217,26 @@ def test_a_dry_run_says_what_it_would_do_and_leaves_no_trace_in_status(redis_fac
     assert after["apply"] == before["apply"]              # the real apply's summary, untouched
     assert [m["member"] for m in after["members"]] == [m["member"] for m in before["members"]]
     assert target.client().dbsize() == 300
+
+
+def test_output_polish_singular_counts_one_mem_limit_warning_no_none(redis_factory, tmp_path):
+    # given one key, and a source with 40 keys above --mem-limit
+    one, many = redis_factory(), redis_factory()
+    one.client().set("only", "v")
+    many.client().mset({f"big:{i}": "x" * 2048 for i in range(40)})
+    log = f"file:{tmp_path}/one"
+    p = cli.run("capture", one.url, "--log", log)
+    assert p.returncode == 0 and "capture: 1 key," in p.stdout and " 1 keys" not in p.stdout, p.stdout
+    # then status before any apply says nothing was committed, never "None"
+    st = cli.run("status", "--log", log)
+    assert st.returncode == 0 and "None" not in st.stdout, st.stdout
+    twin = redis_factory()
+    twin.client().set("only", "v")
+    v = cli.run("verify", one.url, twin.url)
+    assert "(1 key checked)" in v.stdout, v.stdout
+    # when capture meets 40 keys above the limit: one warning, the list at the end
+    p = cli.run("capture", many.url, "--log", f"file:{tmp_path}/many", "--mem-limit", "1KiB")
+    assert p.returncode == 0, p.stderr
+    warnings = [ln for ln in p.stderr.splitlines() if "above --mem-limit" in ln]
+    assert len(warnings) == 1 and "listed at the end" in warnings[0], p.stderr
+    assert "40 keys above --mem-limit (migrated)" in p.stdout, p.stdout

@@ -152,7 +152,7 @@ def test_plaintext_client_on_the_sasl_listener_is_not_mistaken_for_success(secur
     except Exception:  # noqa: BLE001 - still waiting for the log, as designed: stop it
         p.terminate()
         out, err = p.communicate(timeout=30)
-    assert "capture: 1 keys" not in out, out + err
+    assert "capture: 1 key," not in out, out + err
 
 
 def test_unreadable_ca_file_is_one_line_naming_it(secure_broker, certs, redis_server, tmp_path):
@@ -181,7 +181,7 @@ def test_encrypted_client_key_opens_with_ssl_key_password(secure_broker, certs, 
     redis_server.client().set("k", "v")
     p = cli.run("capture", redis_server.url, "--log", f"kafka://{secure_broker.bootstrap_ssl}/{topic()}",
                 *encrypted_key_opts(certs, tmp_path, passphrase, passphrase), timeout=60)
-    assert p.returncode == 0 and "capture: 1 keys" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and "capture: 1 key," in p.stdout, p.stdout + p.stderr
     assert passphrase not in p.stdout + p.stderr
 
 
@@ -201,5 +201,5 @@ def test_sasl_options_from_the_environment(secure_broker, certs, redis_server):
     env = {**cli.env(), "CONVEYOR_CAPTURE_LOG_OPT": " ".join(pairs)}
     p = cli.run("capture", redis_server.url, "--log",
                 f"kafka://{secure_broker.bootstrap_sasl_ssl}/{topic()}", env=env, timeout=60)
-    assert p.returncode == 0 and "capture: 1 keys" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and "capture: 1 key," in p.stdout, p.stdout + p.stderr
     assert PASSWORD not in p.stdout + p.stderr

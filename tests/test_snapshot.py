@@ -116,7 +116,7 @@ def test_undecodable_record_is_dead_lettered_counted_and_fails_the_run(redis_fac
     w.close()
     app = cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1")
     assert app.returncode == 1
-    assert "1 dead letters" in app.stdout
+    assert "1 dead letter" in app.stdout
     assert target.client().get("good") == b"1"     # the rest still applied
 
 

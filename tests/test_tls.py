@@ -76,7 +76,7 @@ def test_insecure_accepts_an_unverified_certificate(certs, servers, tmp_path):
     opts = side_options(certs, "source")[2:] + ["--source-insecure"]
     p = cli.run("capture", source.url, "--log", f"file:{tmp_path / 'log'}", *opts)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "capture: 1 keys" in p.stdout
+    assert "capture: 1 key," in p.stdout
 
 
 def test_tls_options_need_a_rediss_uri(certs, tmp_path):
@@ -95,7 +95,7 @@ def test_password_from_a_file_and_options_from_the_environment(certs, servers, t
         p = cli.run("capture", f"redis://127.0.0.1:{source.port}/0", "--source-password-file",
                     str(secret), env=env)
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "capture: 1 keys" in p.stdout
+        assert "capture: 1 key," in p.stdout
         assert "file-secret" not in p.stdout + p.stderr
         both = cli.run("capture", f"redis://127.0.0.1:{source.port}/0", "--source-password-file",
                        str(secret), "--source-password", "x", env=env)

@@ -220,7 +220,7 @@ def test_module_value_the_target_cannot_load_is_dead_lettered_not_dropped(redis_
     target = redis_factory()
     p = run("apply", target.url, "--log", log, "--idle-timeout", "1")
     assert p.returncode == 1, p.stdout + p.stderr
-    assert "1 dead letters" in p.stdout
+    assert "1 dead letter" in p.stdout
     assert "ReJSON-RL" in p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     client = target.client()

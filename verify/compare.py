@@ -18,6 +18,7 @@ import redis
 from conveyor import packed
 from conveyor.cluster import is_cluster, primary_clients
 from conveyor.acl import is_noperm, refused_line, user_of
+from conveyor.words import counted
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
@@ -64,11 +65,11 @@ class VerifyReport:
     def summary_line(self) -> str:
         c = self.counts
         line = (f"{c['missing']} missing, {c['type']} type, {c['value']} value, {c['ttl']} ttl, "
-                f"{c['extra']} extra ({self.checked} keys checked)")
+                f"{c['extra']} extra ({counted(self.checked, 'key')} checked)")
         if self.evicted:
             # A source at its maxmemory evicts keys when clients (verify's own reads too) need
             # memory: such a key is then extra on the target, a change of the source itself.
-            line += (f"; the source evicted {self.evicted} keys while verify read it "
+            line += (f"; the source evicted {counted(self.evicted, 'key')} while verify read it "
                      f"(maxmemory reached): differences may be its own changes")
         return line
 
