@@ -153,9 +153,16 @@ def diff_lines(diffs: list[Diff]) -> list[str]:
 
 
 def database_lines(pairs: list[tuple[int, int]], report) -> list[str]:
-    """Each source database's result (``pairs``: source db, target db), from a DatabasesReport."""
-    return [f"verify: db {db} -> db {target_db}: {report.per_db[db].summary_line()}"
-            for db, target_db in pairs]
+    """Each source database's result (``pairs``: source db, target db), from a DatabasesReport;
+    databases empty on both sides are counted in one line, not listed."""
+    shown = [(db, t) for db, t in pairs
+             if report.per_db[db].checked or report.per_db[db].diffs]
+    lines = [f"verify: db {db} -> db {target_db}: {report.per_db[db].summary_line()}"
+             for db, target_db in shown]
+    if len(shown) < len(pairs):
+        lines.append(f"verify: {counted(len(pairs) - len(shown), 'other database')} empty on "
+                     "both sides")
+    return lines
 
 
 def verify_line(report: VerifyReport) -> str:

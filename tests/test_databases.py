@@ -102,6 +102,11 @@ def test_verify_with_several_dbs_finds_a_difference_in_one_db(redis_factory, tmp
     assert "verify: db 7 -> db 7: 1 missing" in v.stdout, v.stdout
     assert "verify: db 0 -> db 0: 0 missing, 0 type, 0 value, 0 ttl, 1 extra" in v.stdout
     assert "1 missing, 0 type, 1 value, 0 ttl, 1 extra" in v.stdout, v.stdout
+    # --db all lists the databases holding keys; the 13 empty on both sides are one line
+    v = cli.run("verify", source.url, target.url, "--db", "all", "--recheck-delay", "0")
+    assert v.returncode == 1, v.stdout + v.stderr
+    assert len([ln for ln in v.stdout.splitlines() if ln.startswith("verify: db ")]) == 3, v.stdout
+    assert "verify: 13 other databases empty on both sides" in v.stdout, v.stdout
 
 
 # -- live ----------------------------------------------------------------------------------------
