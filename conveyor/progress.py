@@ -37,10 +37,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """A log record worded as conveyor's own lines are: ``<time> apply: warning: <message>``
+    (the stage from the logger's name), beside ``capture: warning: …`` report lines."""
+
+    STAGES = ("capture", "apply", "verify", "log", "kafka", "cluster", "metrics")
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = record.name.split(".")
+        stage = parts[1] if len(parts) > 1 and parts[1] in self.STAGES else "conveyor"
+        when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{when} {stage}: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
 def setup_logging(level: int, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -2,6 +2,8 @@
 that a pipe can cut, counts that add up. Real CLI against real servers."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests import cli
@@ -239,4 +241,7 @@ def test_output_polish_singular_counts_one_mem_limit_warning_no_none(redis_facto
     assert p.returncode == 0, p.stderr
     warnings = [ln for ln in p.stderr.splitlines() if "above --mem-limit" in ln]
     assert len(warnings) == 1 and "listed at the end" in warnings[0], p.stderr
+    # worded as conveyor's own lines are (stage: level:), not as Python's logging does
+    assert re.match(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d capture: warning: key "big:\d+" uses',
+                    warnings[0]), warnings[0]
     assert "40 keys above --mem-limit (migrated)" in p.stdout, p.stdout
