@@ -547,6 +547,9 @@ Examples:
 @click.option("--no-verify", is_flag=True, help="Skip the verify pass after copying.")
 @click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@click.option("--cleanup", is_flag=True,
+              help="After a run that succeeds, remove the file log and key ledgers kept in "
+                   "--state-dir (not with --log: that log is yours to remove).")
 @db_option
 @target_db_option
 @collisions_option
@@ -562,26 +565,29 @@ Examples:
 @log_options
 @metrics_options
 @progress_option
-def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, log_opts,
-              progress, **kw):
+def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, cleanup,
+              log_opts, progress, **kw):
     """Capture + apply (+ verify) in one command, over the log."""
     from conveyor import commands
     src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
     flt, rw = _filter(kw), _rewriter(kw)
     dbopts = _db_opts(source, target, kw)
     if mode == "compare":
-        if dry_run or no_verify or dbopts.allow_collisions:
-            raise click.UsageError("--mode compare only verifies: --dry-run, --no-verify and "
-                                   "--allow-collisions mean nothing to it")
+        if dry_run or no_verify or dbopts.allow_collisions or cleanup:
+            raise click.UsageError("--mode compare only verifies: --dry-run, --no-verify, "
+                                   "--cleanup and --allow-collisions mean nothing to it")
         ok = commands.verify(src, dst, _verify_opts(kw, flt, rw), dbopts, progress=progress)
         sys.exit(0 if ok else 1)
+    if cleanup and log_uri:
+        raise click.UsageError("--cleanup removes the file log replicate keeps in --state-dir; "
+                               "with --log the log is yours: remove it yourself")
     logspec = LogSpec(log_uri or _state_log(state_dir, source, target), _log_opts(log_opts))
     opts = ReplicateOptions(
         capture=_capture_opts(mode, fresh, kw, flt, state_dir),
         apply=_apply_opts(kw, rw, group=group, dry_run=dry_run),
         verify=None if no_verify or dry_run else _verify_opts(kw, flt, rw))
     ok = commands.replicate(src, dst, logspec, opts, dbopts, progress=progress,
-                            metrics=_metrics(kw))
+                            metrics=_metrics(kw), embedded=not log_uri, cleanup=cleanup)
     sys.exit(0 if ok else 1)
 
 

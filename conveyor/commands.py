@@ -3,7 +3,9 @@ print their outcome (worded by conveyor/summary.py), return success."""
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conveyor.capture.child import CaptureChild
@@ -17,8 +19,8 @@ from conveyor.progress import Display, counts, echo
 from conveyor.runner import (Endpoint, Interrupts, default_target_db, refuse_log_on,
                              refuse_same_database)
 from conveyor.status_view import status_lines
-from conveyor.wiring import (apply_process, capture_process, close_all, source_dbs, target_dbs,
-                             verify_process)
+from conveyor.wiring import (apply_process, capture_process, close_all, ledger_root, source_dbs,
+                             target_dbs, verify_process)
 from conveyor.verify import VerifyReport
 from conveyor.words import counted
 
@@ -132,7 +134,39 @@ def _print_report(report: VerifyReport, opts: VerifyOptions) -> None:
 
 def replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOptions,
               dbopts: DbOptions, *, progress: bool | None = None,
-              metrics: Metrics | None = None) -> bool:
+              metrics: Metrics | None = None, embedded: bool = False,
+              cleanup: bool = False) -> bool:
+    """``embedded``: the log is the file log replicate keeps in --state-dir; ``cleanup``: remove
+    it and the key ledgers after a run that succeeded."""
+    ok = _replicate(src, dst, log, opts, dbopts, progress, metrics)
+    if embedded:
+        _state_left(log, opts.capture.state_dir, ok and cleanup, cleanup)
+    return ok
+
+
+def _state_left(log: LogSpec, state_dir: str, remove: bool, asked: bool) -> None:
+    """Say where replicate left its embedded log and key ledgers (and how big), or remove them."""
+    root = Path(log.uri.split(":", 1)[1])      # the embedded log is always file:ABSOLUTE_PATH
+    digest = ledger_root(state_dir, "x", log.uri).name.rsplit("-", 1)[1]
+    ledgers = sorted((Path(state_dir).resolve() / "ledgers").glob(f"*-{digest}"))
+    if remove:
+        for path in [root, *ledgers]:
+            shutil.rmtree(path, ignore_errors=True)
+        echo(f"replicate: removed its log {root} and key ledgers (--cleanup)")
+        return
+    size = sum(f.stat().st_size for d in [root, *ledgers] if d.exists()
+               for f in d.rglob("*") if f.is_file())
+    if not size:
+        return
+    why = ("the run did not succeed, and " if asked else "")
+    echo(f"replicate: {why}its log and key ledgers stay in {Path(state_dir).resolve()} "
+         ({_size(size)}): the same command run again resumes from them; "
+         + ("" if asked else "--cleanup removes them after a run that succeeds, or ")
+         + f"rm -r {root}" + (f" {Path(state_dir).resolve() / 'ledgers'}" if ledgers else ""))
+
+
+def _replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOptions,
+               dbopts: DbOptions, progress: bool | None, metrics: Metrics | None) -> bool:
     dbs = opts.capture.dbs = source_dbs(src, dbopts)
     source = src.connect(db=dbs[0] if dbs else None)
     if dbs is None:
@@ -226,3 +260,7 @@ def status(log: LogSpec, group: str, as_json: bool, gone_after: float | None = N
     gone_after = members.GONE_AFTER_S if gone_after is None else gone_after
     for line in status_lines(st, docs, group, as_json, gone_after):
         echo(line)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{-(-n // 1024)} KiB"

@@ -245,3 +245,26 @@ def test_output_polish_singular_counts_one_mem_limit_warning_no_none(redis_facto
     assert re.match(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d capture: warning: key "big:\d+" uses',
                     warnings[0]), warnings[0]
     assert "40 keys above --mem-limit (migrated)" in p.stdout, p.stdout
+
+
+def test_replicate_says_where_it_keeps_its_log_and_cleanup_removes_it(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(200)})
+    state = tmp_path / "state"
+    # without --cleanup: the log stays, and the last lines say where, how big, how to remove it
+    p = cli.run("replicate", source.url, target.url, "--state-dir", str(state), "--no-progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if "stay in" in ln)
+    assert str(state) in line and "iB)" in line and "--cleanup" in line and "rm -r" in line, line
+    assert any(state.iterdir())
+    # with --cleanup after a run that succeeds: removed, and said
+    target.client().flushall()
+    p = cli.run("replicate", source.url, target.url, "--state-dir", str(state), "--cleanup",
+                "--fresh", "--no-progress")
+    assert p.returncode == 0 and "removed its log" in p.stdout, p.stdout + p.stderr
+    assert not [f for f in state.rglob("*") if f.is_file()], list(state.rglob("*"))
+    assert target.client().dbsize() == 200
+    # with a log of the user's own: refused in one line, nothing run
+    p = cli.run("replicate", source.url, target.url, "--log", f"file:{tmp_path}/mine", "--cleanup")
+    assert "yours" in cli.assert_one_line_error(p, 2)
+    assert not (tmp_path / "mine").exists()
