@@ -160,7 +160,7 @@ def _state_left(log: LogSpec, state_dir: str, remove: bool, asked: bool) -> None
         return
     why = ("the run did not succeed, and " if asked else "")
     echo(f"replicate: {why}its log and key ledgers stay in {Path(state_dir).resolve()} "
-         ({_size(size)}): the same command run again resumes from them; "
+         f"({_size(size)}): the same command run again resumes from them; "
          + ("" if asked else "--cleanup removes them after a run that succeeds, or ")
          + f"rm -r {root}" + (f" {Path(state_dir).resolve() / 'ledgers'}" if ledgers else ""))
 
