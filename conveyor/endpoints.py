@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -16,6 +18,7 @@ from conveyor.errors import ConfigError, ConveyorError, SourceError
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0          # a TLS server answers a ClientHello at once; a plain port never
 
 
 def mask_uri(uri: str) -> str:
@@ -181,6 +184,7 @@ def connect(uri: str, what: str, *, password: str | None = None, username: str |
     if username is not None:
         opts["username"] = username
     opts.update(kwargs)
+    _probe_handshake(uri, what, error_cls)
     try:
         r = redis.Redis.from_url(uri, **opts)
         r.ping()
@@ -211,6 +215,33 @@ def connect(uri: str, what: str, *, password: str | None = None, username: str |
                         f"({type(e).__name__}: {mask_text(str(e), (password or '',))}); "
                         "check the host, port and scheme (rediss:// for TLS)") from e
     return r
+
+
+def _probe_handshake(uri: str, what: str, error_cls: type[ConveyorError]) -> None:
+    """A rediss:// URI pointed at a plain port would wait out the whole socket timeout (30 s)
+    in the handshake: find that out in seconds. Only the silence is judged here; anything else
+    (refused, certificates) is left to the real connection, which words it."""
+    if not uri.lower().startswith("rediss://"):
+        return
+    parts = urlsplit(uri)
+    try:
+        raw = socket.create_connection((parts.hostname, parts.port or 6379), CONNECT_TIMEOUT)
+    except (OSError, ValueError):
+        return
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+    try:
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        with probe.wrap_socket(raw, server_hostname=parts.hostname):
+            pass
+    except (socket.timeout, TimeoutError):
+        raise error_cls(f"{what} {mask_uri(uri)}: TLS handshake failed: no answer within "
+                        f"{HANDSHAKE_TIMEOUT:.0f}s; is the port a plain (non-TLS) one? (use "
+                        "redis:// for it)") from None
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        raw.close()
 
 
 def server_info(r) -> ServerInfo:

@@ -70,6 +70,18 @@ def test_certificate_problems_are_one_line_naming_the_cause(certs, servers, tmp_
     assert "TLS handshake failed" in line and expected in line, line
 
 
+def test_rediss_to_a_plain_port_fails_in_seconds_naming_the_handshake(redis_factory, tmp_path):
+    import time
+    plain = redis_factory()
+    began = time.monotonic()
+    p = cli.run("capture", plain.url.replace("redis://", "rediss://"), "--log",
+                f"file:{tmp_path / 'log'}")
+    took = time.monotonic() - began
+    line = cli.assert_one_line_error(p, 1)
+    assert "TLS handshake failed" in line and "plain (non-TLS)" in line, line
+    assert took < 20, took          # not the 30 s socket timeout
+
+
 def test_insecure_accepts_an_unverified_certificate(certs, servers, tmp_path):
     source = servers(certs.wrong_host)
     source.client(ssl_check_hostname=False).set("k", "v")
