@@ -152,6 +152,12 @@ log_options = _options(
                  help="Backend setting passed through (librdkafka property, stream=, partitions=...)."),
 )
 
+log_wait_option = click.option(
+    "--log-wait", type=click.FloatRange(0), default=30.0, show_default=True, metavar="SECONDS",
+    envvar="CONVEYOR_LOG_WAIT",
+    help="A log that cannot be reached at start is waited for this long, then it is an error "
+         "(0: wait for as long as it takes). Once running, an unreachable log is always waited for.")
+
 live_options = _options(
     click.option("--idle-timeout", type=click.FloatRange(0), metavar="SECONDS",
                  help="Live modes: end after this long without a change (default: until SIGINT/SIGTERM)."),
@@ -424,13 +430,14 @@ Examples:
 @cluster_capture_options
 @filter_options
 @log_options
+@log_wait_option
 @metrics_options
 @progress_option
-def capture(source, log_uri, mode, fresh, state_dir, log_opts, progress, **kw):
+def capture(source, log_uri, mode, fresh, state_dir, log_opts, log_wait, progress, **kw):
     """Read SOURCE (SCAN + DUMP, and/or keyspace notifications) and append its keys to the log."""
     from conveyor import commands
     dbopts = _db_opts(source, None, kw)
-    src, logspec = _endpoint(source, "source", kw), LogSpec(log_uri, _log_opts(log_opts))
+    src, logspec = _endpoint(source, "source", kw), LogSpec(log_uri, _log_opts(log_opts), log_wait)
     opts = _capture_opts(mode, fresh, kw, _filter(kw), state_dir)
     ok = commands.capture(src, logspec, opts, dbopts, progress=progress, metrics=_metrics(kw))
     sys.exit(0 if ok else 1)
@@ -464,13 +471,14 @@ Examples:
 @_endpoint_options("target")
 @rewrite_options
 @log_options
+@log_wait_option
 @metrics_options
 @progress_option
 def apply_cmd(target, log_uri, group, start, idle_timeout, consumer, batch, dry_run, log_opts,
-              progress, **kw):
+              log_wait, progress, **kw):
     """Replay the log into TARGET (RESTORE ... REPLACE ABSTTL, DEL)."""
     from conveyor import commands
-    logspec = LogSpec(log_uri, _log_opts(log_opts))
+    logspec = LogSpec(log_uri, _log_opts(log_opts), log_wait)
     if consumer:
         logspec.opts["consumer"] = consumer
     dbopts = _db_opts(None, target, kw)
@@ -563,10 +571,11 @@ Examples:
 @filter_options
 @rewrite_options
 @log_options
+@log_wait_option
 @metrics_options
 @progress_option
 def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, cleanup,
-              log_opts, progress, **kw):
+              log_opts, log_wait, progress, **kw):
     """Capture + apply (+ verify) in one command, over the log."""
     from conveyor import commands
     src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
@@ -581,7 +590,8 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
     if cleanup and log_uri:
         raise click.UsageError("--cleanup removes the file log replicate keeps in --state-dir; "
                                "with --log the log is yours: remove it yourself")
-    logspec = LogSpec(log_uri or _state_log(state_dir, source, target), _log_opts(log_opts))
+    logspec = LogSpec(log_uri or _state_log(state_dir, source, target), _log_opts(log_opts),
+                      log_wait)
     opts = ReplicateOptions(
         capture=_capture_opts(mode, fresh, kw, flt, state_dir),
         apply=_apply_opts(kw, rw, group=group, dry_run=dry_run),

@@ -14,6 +14,7 @@ class LogSpec:
     """The log: its URI and the backend settings passed through (``--log-opt KEY=VALUE``)."""
     uri: str
     opts: dict[str, str] = field(default_factory=dict)
+    wait_s: float = 30.0           # --log-wait: a log unavailable at start is waited this long
 
     @property
     def masked(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from redis.exceptions import RedisClusterException
 from conveyor.cluster import cluster_client, cluster_enabled, is_cluster
 from conveyor.endpoints import (CONNECT_TIMEOUT, SOCKET_TIMEOUT, ServerInfo, Tls, connect, mask_text,
                                 mask_uri, same_database, server_info, uri_db)
-from conveyor.errors import ConfigError, ConveyorError, LogUnavailable, SourceError, TargetError
+from conveyor.errors import (ConfigError, ConveyorError, LogError, LogUnavailable, SourceError,
+                             TargetError)
 
 if TYPE_CHECKING:
     from conveyor.databases import TargetDbs
@@ -202,22 +204,40 @@ def refuse_log_on(client: redis.Redis, ep: Endpoint, log_uri: str, log_opts: dic
         buffer.close()
 
 
-LOG_OPEN_MAX_WAIT_S = 30.0
+LOG_OPEN_MAX_WAIT_S = 30.0     # the longest pause between two attempts
+LOG_WAIT_S = 30.0              # --log-wait: how long a log unavailable at start is waited for
 
 
-def open_waiting(fn: Callable, what: str):
+def open_waiting(fn: Callable, what: str, limit_s: float = LOG_WAIT_S):
     """``fn()`` opens a log writer, reader or meta store; a log that is unavailable at start (a
-    broker or buffer Redis restarting) is waited for, with backoff and a line each time, for as
-    long as it takes (SIGINT/SIGTERM end the wait)."""
-    from tenacity import Retrying, retry_if_exception_type, wait_exponential
+    broker or buffer Redis restarting) is waited for, with backoff and a line each time, for
+    ``limit_s`` seconds (--log-wait; 0: for as long as it takes; SIGINT/SIGTERM end the wait),
+    then it is one line and exit 1. Waits during a run are the processes' own, and unbounded."""
+    from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, stop_never,
+                          wait_exponential)
+    began = time.monotonic()
+    tried = [began]
+
+    def attempt():
+        tried[0] = time.monotonic()
+        return fn()
 
     def say(state) -> None:
-        log.warning("waiting for the log (%s): %s; trying again in %.1fs", what,
-                    state.outcome.exception(), state.next_action.sleep)
+        now = time.monotonic()
+        log.warning("waiting for the log (%s): %s (this attempt took %.1fs; %.0fs waited%s); "
+                    "trying again in %.1fs", what, state.outcome.exception(), now - tried[0],
+                    now - began, f" of --log-wait {limit_s:.0f}s" if limit_s else "",
+                    state.next_action.sleep)
 
-    return Retrying(retry=retry_if_exception_type(LogUnavailable), reraise=True,
-                    wait=wait_exponential(multiplier=0.5, max=LOG_OPEN_MAX_WAIT_S),
-                    before_sleep=say)(fn)
+    try:
+        return Retrying(retry=retry_if_exception_type(LogUnavailable), reraise=True,
+                        stop=stop_after_delay(limit_s) if limit_s else stop_never,
+                        wait=wait_exponential(multiplier=0.5, max=LOG_OPEN_MAX_WAIT_S),
+                        before_sleep=say)(attempt)
+    except LogUnavailable as e:
+        raise LogError(f"the log could not be reached at start ({what}) in "
+                       f"{time.monotonic() - began:.0f}s (--log-wait {limit_s:.0f}s): {e}; is it up and is the address right? (--log-wait 0 "
+                       "waits for as long as it takes)") from e
 
 
 class Interrupts:

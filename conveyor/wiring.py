@@ -160,8 +160,9 @@ def ledger_root(state_dir: str, checkpoint: str, log_uri: str) -> Path:
 
 
 def _open_log(log: LogSpec) -> tuple[LogWriter, MetaStore]:
-    writer = open_waiting(lambda: open_writer(log.uri, log.opts), "opening it")
-    meta = open_waiting(lambda: open_meta(log.uri, log.opts), "opening its metadata")
+    writer = open_waiting(lambda: open_writer(log.uri, log.opts), "opening it", log.wait_s)
+    meta = open_waiting(lambda: open_meta(log.uri, log.opts), "opening its metadata",
+                        log.wait_s)
     return writer, meta
 
 
@@ -231,8 +232,9 @@ def apply_process(dst: Endpoint, log: LogSpec, opts: ApplyOptions, display, *,
     first = first or dst.connect(db=source_db)
     refuse_log_on(first, dst, log.uri, log.opts)
     reader = open_waiting(lambda: open_reader(log.uri, opts.group, log.opts, opts.start),
-                          "opening it")
-    meta = open_waiting(lambda: open_meta(log.uri, log.opts), "opening its metadata")
+                          "opening it", log.wait_s)
+    meta = open_waiting(lambda: open_meta(log.uri, log.opts), "opening its metadata",
+                        log.wait_s)
 
     def progress(st):
         display.update("Applying", st.keys, None, st.key_rate, unit="keys",

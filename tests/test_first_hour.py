@@ -268,3 +268,18 @@ def test_replicate_says_where_it_keeps_its_log_and_cleanup_removes_it(redis_fact
     p = cli.run("replicate", source.url, target.url, "--log", f"file:{tmp_path}/mine", "--cleanup")
     assert "yours" in cli.assert_one_line_error(p, 2)
     assert not (tmp_path / "mine").exists()
+
+
+def test_an_unreachable_kafka_at_start_is_one_line_after_log_wait(redis_factory):
+    # given no broker at all on the log's address
+    source = redis_factory()
+    source.client().set("k", "v")
+    p = cli.run("capture", source.url, "--log", "kafka://127.0.0.1:1/nobody", "--log-wait", "12")
+    # then capture gave up after --log-wait (not forever), in one line, exit 1
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("conveyor: error: "), p.stderr
+    assert "could not be reached at start" in line and "--log-wait 12s" in line, line
+    # and each wait line says how long its attempt took, not only the pause after it
+    waits = [ln for ln in p.stderr.splitlines() if "waiting for the log" in ln]
+    assert waits and all("this attempt took" in w for w in waits), p.stderr
