@@ -28,6 +28,7 @@ import redis
 from conveyor.capture.digests import DigestReader
 from conveyor.capture.ledger import Ledger, Rescan, rebuild
 from conveyor.capture.notifications import DirtySet, Notifications, check_notifications
+from conveyor.words import counted
 from conveyor.capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
 from conveyor.capture.supervise import Interrupted, Supervisor, SupervisedWriter
 from conveyor.capture.watch import SourceFacts, SourceWatch, read_facts
@@ -551,9 +552,9 @@ class Capture:
             began, digests, reread = self._rescan_began
             st = self.stats
             echo(f"capture: rescan of db {self.info.db} done in {time.monotonic() - began:.0f}s: "
-                 f"{st.digests_read - digests} keys' digests compared with the key ledger, "
-                 f"{st.unseen_reread - reread} keys that changed, appeared or vanished read "
-                 "again and logged")
+                 f"{counted(st.digests_read - digests, 'digest')} compared with the key "
+                 f"ledger, {counted(st.unseen_reread - reread, 'key')} that changed, appeared or "
+                 "vanished read again and logged")
             self._rescan_began = None
         if self._scan_is_resync:
             self.stats.resyncs_done += 1
@@ -592,8 +593,9 @@ class Capture:
         st.history_records, st.history_gap = found.records, found.gap
         if found.records:
             echo(f"capture: key ledger {root} rebuilt from the log ({trust.why}): "
-                 f"{found.records} records read in {time.monotonic() - began:.0f}s, "
-                 f"{found.keys} keys of db {self.info.db}")
+                 f"{counted(found.records, 'record')} read in "
+                 f"{time.monotonic() - began:.0f}s, {counted(found.keys, 'key')} of db "
+                 f"{self.info.db}")
 
     def _paced(self, read):
         """``read()`` with the bytes it logs held to --max-bytes-rate (a big key's pages too)."""

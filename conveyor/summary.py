@@ -47,8 +47,9 @@ def _capture_summary(st: CaptureStats) -> tuple[list[str], bool]:
                      "(see the warnings above)")
     lines += _read_lines(st.reads)
     if st.digests_read:
-        lines.append(f"  rescans compared {st.digests_read} keys' digests with the key ledger and "
-                     f"read again {st.unseen_reread} keys that changed, appeared or vanished "
+        lines.append(f"  rescans compared {counted(st.digests_read, 'digest')} with the key ledger "
+                     f"and read again {counted(st.unseen_reread, 'key')} that changed, appeared or "
+                     "vanished "
                      "(unchanged keys were neither logged nor written again)")
     if st.history_gap:
         lines.append(f"  the log no longer holds every key's last event ({st.history_gap}): "

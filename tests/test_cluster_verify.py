@@ -7,6 +7,7 @@ from __future__ import annotations
 import redis
 from redis.cluster import RedisCluster
 
+from conveyor.keys import quoted
 from tests import cli
 from tests.datasets import load_mixed
 
@@ -60,7 +61,7 @@ def test_a_cluster_source_is_verified_on_every_primary(redis_factory, cluster_fa
     code, out = verify(src.url, dst.url)
     assert code != 0, out
     assert "1 missing, 0 type, 1 value, 0 ttl, 0 extra" in out, out
-    assert repr(missing) in out and repr(changed) in out, out
+    assert quoted(missing) in out and quoted(changed) in out, out
 
 
 def test_a_cluster_target_is_verified_on_every_primary(redis_factory, cluster_factory):
@@ -79,7 +80,7 @@ def test_a_cluster_target_is_verified_on_every_primary(redis_factory, cluster_fa
     code, out = verify(src.url, dst.url)
     assert code != 0, out
     assert "1 missing, 0 type, 1 value, 0 ttl, 1 extra" in out, out
-    assert repr(missing) in out and repr(changed) in out and extra in out, out
+    assert quoted(missing) in out and quoted(changed) in out and extra in out, out
 
 
 def _slots_of(client: RedisCluster, port: int) -> set[int]:
