@@ -646,7 +646,8 @@ class Capture:
         doc = {"state": state or self._state_of(phase), "phase": phase, "mode": self.mode, "cursor": self._cursor or 0,
                "capture_id": st.capture_id, "seq": self.reader.seq, "keys": st.keys,
                "deletes": st.deletes, "run_id": self._scan_run_id, "saved_ms": now_millis(),
-               "last_event_ms": self._last_event_ms, **self.announce, **self._scan_doc()}
+               "last_event_ms": self._last_event_ms, "dirty": len(self.dirty),
+               **self.announce, **self._scan_doc()}
         self.sup.log(lambda: self.meta.put(self.checkpoint, doc), "saving the checkpoint")
         self._doc = doc
 

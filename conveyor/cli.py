@@ -606,21 +606,39 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
 Examples:
   conveyor status --log file:./migration
   conveyor status --log kafka://broker:9092/migration --group apply --json
+  conveyor status --log file:./migration --wait-synced --timeout 600   # at cutover
 """)
 @click.option("--log", "log_uri", required=True, metavar="URI")
-@click.option("--group", default="apply", show_default=True)
+@click.option("--group", default="apply", show_default=True,
+              help="The apply group shown; with --wait-synced, the one waited for (default: "
+                   "every group that applied from the log).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--wait-synced", is_flag=True,
+              help="Cutover: wait until every capture is live with nothing left to read and "
+                   "every apply group has applied all that was captured up to the call; exit 0 "
+                   "then, 1 with what is still behind when --timeout passes. Pause writes on the "
+                   "source first (CLIENT PAUSE ... WRITE).")
+@click.option("--timeout", type=click.FloatRange(0), metavar="SECONDS",
+              help="With --wait-synced: give up after this long (default: wait until synced).")
 @click.option("--gone-after", type=click.FloatRange(0), default=30.0, show_default=True,
               metavar="SECONDS",
               help="A capture or apply process whose status was not refreshed for this long "
                    "(killed, host lost) is shown as gone. Processes refresh it every second, live "
                    "captures every 5 s: keep it above that.")
 @log_options
-def status(log_uri, group, as_json, gone_after, log_opts):
+@click.pass_context
+def status(ctx, log_uri, group, as_json, wait_synced, timeout, gone_after, log_opts):
     """Every capture process of the log and every apply process of the group (state, keys,
     lag, last seen); per partition: committed position, end of the log, lag."""
     from conveyor import commands
-    commands.status(LogSpec(log_uri, _log_opts(log_opts)), group, as_json, gone_after)
+    if timeout is not None and not wait_synced:
+        raise click.UsageError("--timeout is for --wait-synced")
+    log = LogSpec(log_uri, _log_opts(log_opts))
+    if wait_synced:
+        given = ctx.get_parameter_source("group") != click.core.ParameterSource.DEFAULT
+        ok = commands.wait_synced(log, [group] if given else None, timeout, as_json, gone_after)
+        sys.exit(0 if ok else 1)
+    commands.status(log, group, as_json, gone_after)
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conveyor.capture.child import CaptureChild
-from conveyor import members, summary
+from conveyor import cutover, members, summary
 from conveyor.errors import ConveyorError, LogError
 from conveyor.log import log_exists, open_meta, open_reader, split_uri
 from conveyor.log.file import remove_empty_file_log
@@ -260,6 +260,49 @@ def status(log: LogSpec, group: str, as_json: bool, gone_after: float | None = N
     gone_after = members.GONE_AFTER_S if gone_after is None else gone_after
     for line in status_lines(st, docs, group, as_json, gone_after):
         echo(line)
+
+
+def wait_synced(log: LogSpec, groups: list[str] | None, timeout_s: float | None, as_json: bool,
+                gone_after: float | None = None) -> bool:
+    """``status --wait-synced`` (conveyor/cutover.py): True once the target holds every change
+    the source made before the call."""
+    if not log_exists(log.uri, log.opts):
+        raise LogError(f"no log at {log.masked}: nothing has captured to it yet (check --log)")
+    gone_after = members.GONE_AFTER_S if gone_after is None else gone_after
+    meta = open_meta(log.uri, log.opts)
+    readers: dict[str, object] = {}
+    try:
+        groups = groups or cutover.apply_groups(meta.documents())
+        if not groups:
+            raise LogError(f"no apply group has applied from {log.masked} yet: nothing can be "
+                           "synced (start apply, or name the group with --group)")
+
+        def status_of(g: str):
+            if g not in readers:
+                readers[g] = open_reader(log.uri, g, log.opts, observe=True)
+            return readers[g].status()
+
+        last = [0.0]
+
+        def say(behind: list[str], waited: float) -> None:
+            if waited - last[0] >= 10:
+                last[0] = waited
+                echo(f"status: waiting {waited:.0f}s: " + "; ".join(behind))
+
+        ok, behind, waited = cutover.wait_synced(meta.documents, status_of, groups, timeout_s,
+                                                 gone_after, None if as_json else say)
+    finally:
+        close_all(*readers.values(), meta)
+    if as_json:
+        echo(json.dumps({"synced": ok, "groups": groups, "behind": behind,
+                         "waited_s": round(waited, 1)}))
+    elif ok:
+        echo(f"status: synced after {waited:.1f}s: every capture is live with nothing left to "
+             f"read, and {', '.join(repr(g) for g in groups)} applied everything captured up "
+             "to the call")
+    else:
+        echo(f"status: NOT synced after {waited:.0f}s: " + "; ".join(behind))
+    return ok
 
 
 def _size(n: int) -> str:
