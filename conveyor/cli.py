@@ -331,7 +331,7 @@ def _verify_opts(kw, key_filter: KeyFilter, rewriter: KeyRewriter) -> VerifyOpti
                          ttl_tolerance_ms=kw["ttl_tolerance"], recheck_delay=kw["recheck_delay"],
                          scan_count=kw["scan_count"], stream_ids=kw.get("stream_ids") or "keep",
                          show_diffs=bool(kw.get("show_diffs")), report_path=kw.get("report_path"),
-                         **_rates(kw))
+                         sample=kw.get("sample"), **_rates(kw))
 
 
 def _rates(kw) -> dict:
@@ -497,6 +497,9 @@ verify_options = _options(
                  help="Write the full report as JSON."),
     click.option("--recheck-delay", type=click.FloatRange(0), default=1.0, show_default=True,
                  metavar="SECONDS", help="Re-check differing keys after this delay before reporting."),
+    click.option("--sample", type=click.IntRange(1), metavar="N",
+                 help="Compare N random source keys (RANDOMKEY) instead of every key of both "
+                      "sides: for big sources; the result says it is a sample."),
 )
 
 

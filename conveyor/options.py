@@ -75,6 +75,7 @@ class VerifyOptions:
     report_path: str | None = None
     max_rate: float | None = None        # --max-rate: keys compared per second
     max_bytes_rate: int | None = None    # --max-bytes-rate: value bytes read per second
+    sample: int | None = None            # --sample: compare this many random source keys
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """verify: every kind of difference found, nothing false reported, across server versions."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 
 from conveyor.keys import KeyFilter, KeyRewriter
+from tests import cli
 from tests.datasets import load_mixed
 from conveyor.verify import Verifier
 
@@ -148,3 +150,25 @@ def test_keys_the_source_evicts_during_verify_are_named_in_the_report(redis_fact
     assert 0 < report.counts["extra"] <= dst.dbsize() - src.dbsize()
     assert f"the source evicted {report.evicted} keys while verify read it" in report.summary_line()
     assert report.to_json()["source_evicted"] == report.evicted
+
+
+def test_sample_checks_n_random_keys_and_says_it_is_a_sample(redis_factory):
+    source, target = redis_factory(), redis_factory()
+    data = {f"k:{i}": i for i in range(20_000)}
+    source.client().mset(data)
+    target.client().mset(data)
+    p = cli.run("verify", source.url, target.url, "--sample", "1000")
+    assert p.returncode == 0 and "(1000 keys checked); a random sample of the source's 20,000 " \
+        "keys, not a full verify" in p.stdout, p.stdout + p.stderr
+    # a tenth of the keys missing on the target: about a tenth of the sample is found missing
+    target.client().delete(*[f"k:{i}" for i in range(0, 20_000, 10)])
+    target.client().set("only-on-target", 1)
+    p = cli.run("verify", source.url, target.url, "--sample", "1000", "--recheck-delay", "0")
+    assert p.returncode == 1, p.stdout + p.stderr
+    missing = int(re.search(r"verify: (\d+) missing", p.stdout).group(1))
+    assert 50 <= missing <= 150 and " 0 extra (1000 keys checked)" in p.stdout, p.stdout
+    # a sample above the source's size checks each key once
+    small = redis_factory()
+    small.client().mset({"a": 1, "b": 2, "c": 3})
+    p = cli.run("verify", small.url, target.url, "--sample", "50", "--recheck-delay", "0")
+    assert "3 missing" in p.stdout and "(3 keys checked)" in p.stdout, p.stdout

@@ -50,6 +50,7 @@ class VerifyReport:
     diffs: list[Diff] = field(default_factory=list)
     complete: bool = False
     evicted: int = 0             # keys the source evicted (maxmemory) while verify read it
+    sampled_of: int | None = None    # --sample: the source's keys the sample was drawn from
 
     @property
     def counts(self) -> dict[str, int]:
@@ -66,6 +67,10 @@ class VerifyReport:
         c = self.counts
         line = (f"{c['missing']} missing, {c['type']} type, {c['value']} value, {c['ttl']} ttl, "
                 f"{c['extra']} extra ({counted(self.checked, 'key')} checked)")
+        if self.sampled_of is not None:
+            of = f"{self.sampled_of:,} key{'' if self.sampled_of == 1 else 's'}"
+            line += (f"; a random sample of the source's {of}, not a full "
+                     "verify: other keys, and keys only the target holds, were not compared")
         if self.evicted:
             # A source at its maxmemory evicts keys when clients (verify's own reads too) need
             # memory: such a key is then extra on the target, a change of the source itself.
@@ -75,6 +80,7 @@ class VerifyReport:
 
     def to_json(self) -> dict:
         return {"checked": self.checked, "complete": self.complete, "counts": self.counts,
+                "sample": self.sampled_of is not None, "source_keys": self.sampled_of,
                 "source_evicted": self.evicted,
                 "summary": self.summary_line(),
                 "diffs": [{"kind": d.kind, "key": _show(d.key), "target_key": _show(d.target_key),
@@ -117,9 +123,11 @@ class Verifier:
                  rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
                  scan_count: int = 1000, batch: int = 1000, check_extra: bool = True,
                  stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None,
-                 pacer: Pacer = UNLIMITED) -> None:
+                 pacer: Pacer = UNLIMITED, sample: int | None = None) -> None:
         """``pacer``: --max-rate (keys scanned per second, each side) and --max-bytes-rate
-        (value bytes read from the source)."""
+        (value bytes read from the source); ``sample``: compare that many random source keys
+        (RANDOMKEY) instead of scanning both sides."""
+        self.sample = sample
         self.filter, self.rewriter = key_filter, rewriter
         self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
         self.scan_count, self.batch, self.check_extra = scan_count, batch, check_extra
@@ -148,14 +156,21 @@ class Verifier:
         total = self._dbsize(self.src)
         evicted = self._evicted()
         suspects: list[bytes] = []
-        for keys in self._scan(self.src, self.filter.scan_args(), self.filter.select):
+        if self.sample is not None:
+            report.sampled_of = total
+            batches = self._sampled(self.sample, total)
+            total = min(self.sample, total)
+        else:
+            batches = self._scan(self.src, self.filter.scan_args(), self.filter.select)
+        for keys in batches:
             if not self.rewriter.invertible:
                 self._mapped.update(_digest(self.rewriter(k)) for k in keys)
             suspects += [d.key for d in self._compare(keys)]
             report.checked += len(keys)
             if self.on_progress:
                 self.on_progress(report.checked, total)
-        extra = self._extra() if self.check_extra and not self._stop.is_set() else []
+        extra = (self._extra() if self.check_extra and self.sample is None
+                 and not self._stop.is_set() else [])
         if suspects or extra:
             self._stop.wait(self.recheck_delay)
         for i in range(0, len(suspects), self.batch):
@@ -194,6 +209,36 @@ class Verifier:
                     buf = buf[self.batch:]
         if buf and not self._stop.is_set():
             yield buf
+
+    def _sampled(self, n: int, total: int):
+        """Batches of up to ``n`` distinct random source keys the filter selects: RANDOMKEY on
+        each primary in proportion to the keys it holds, paced as a scan is; a filter that few
+        keys pass ends the draw after 20 tries per key asked (fewer keys checked, as said)."""
+        seen: set[bytes] = set()
+        nodes = [(c, c.dbsize()) for c in primary_clients(self.src.client)] if total else []
+        for node, size in nodes:
+            want = min(size, round(n * size / total)) if total else 0
+            tries, got = 0, 0
+            while got < want and tries < 20 * want and not self._stop.is_set():
+                ask = self.pacer.batch_for(min(self.batch, want - got))
+                self.pacer.wait(self._stop)
+                try:
+                    p = node.pipeline(transaction=False)
+                    for _ in range(ask):
+                        p.randomkey()
+                    drawn = [k for k in p.execute() if k is not None]
+                except redis.RedisError as e:
+                    raise self.src.failed("RANDOMKEY", e) from e
+                self.pacer.charge(ask)
+                tries += ask
+                keys = [k for k in self.filter.select(list(dict.fromkeys(drawn)))
+                        if k not in seen][:want - got]
+                seen.update(keys)
+                got += len(keys)
+                if keys:
+                    yield keys
+                if not drawn:
+                    break                  # the node emptied meanwhile
 
     def _scan_node(self, side: _Side, node: redis.Redis, args: dict):
         cursor = 0

@@ -48,7 +48,11 @@ def verify_pairs(pairs: list[Pair], make: Callable[..., Verifier],
         out.evicted += rep.evicted           # one window per pair: server-wide counts add up
         out.diffs += rep.diffs
         out.complete &= rep.complete
+        if rep.sampled_of is not None:       # --sample: N keys of each database
+            out.sampled_of = (out.sampled_of or 0) + rep.sampled_of
     for target_db, group in into.items():
+        if out.sampled_of is not None:
+            break                            # a sample looks for no extra keys
         # (with a rewrite or a type filter, target names are not simply source names: left out)
         if len(group) > 1 and rewriter.identity and not key_filter.type and out.complete:
             out.diffs += extra_in_merged(group, key_filter)
