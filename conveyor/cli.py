@@ -523,15 +523,29 @@ Examples:
 @rewrite_options
 @rate_options
 @progress_option
+@click.option("--repair", is_flag=True,
+              help="Append the keys found different to --log as ordinary events (read again from "
+                   "the source; gone or target-only keys as deletes): an apply of that log then "
+                   "writes them.")
+@click.option("--log", "log_uri", metavar="URI", help="With --repair: the log the pair's changes "
+              "go through (the one capture writes and apply reads).")
+@log_options
+@log_wait_option
 @_endpoint_options("source")
 @_endpoint_options("target")
-def verify(source, target, progress, **kw):
+def verify(source, target, progress, repair, log_uri, log_opts, log_wait, **kw):
     """Compare SOURCE and TARGET key by key; exit 1 when anything differs."""
     from conveyor import commands
+    if repair and not log_uri:
+        raise click.UsageError("--repair needs --log URI: the log apply reads, where the repairs "
+                               "are appended")
+    if (log_uri or log_opts) and not repair:
+        raise click.UsageError("--log and --log-opt are for --repair")
     dbopts = _db_opts(source, target, kw)
     src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
     opts = _verify_opts(kw, _filter(kw), _rewriter(kw))
-    ok = commands.verify(src, dst, opts, dbopts, progress=progress)
+    log = LogSpec(log_uri, _log_opts(log_opts), log_wait) if repair else None
+    ok = commands.verify(src, dst, opts, dbopts, progress=progress, repair=log)
     sys.exit(0 if ok else 1)
 
 
@@ -558,6 +572,10 @@ Examples:
 @click.option("--no-verify", is_flag=True, help="Skip the verify pass after copying.")
 @click.option("--dry-run", is_flag=True, help="Read the source and write the log; write nothing to the target.")
 @click.option("--fresh", is_flag=True, help="Start a new snapshot even if an interrupted one can resume.")
+@click.option("--repair", is_flag=True,
+              help="--mode compare: what verify finds different is queued on the log (--log, or "
+                   "the one in --state-dir), applied, and verified again; exit 0 only when the "
+                   "re-check finds the target identical.")
 @click.option("--cleanup", is_flag=True,
               help="After a run that succeeds, remove the file log and key ledgers kept in "
                    "--state-dir (not with --log: that log is yours to remove).")
@@ -577,10 +595,14 @@ Examples:
 @log_wait_option
 @metrics_options
 @progress_option
-def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, cleanup,
-              log_opts, log_wait, progress, **kw):
+def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_run, fresh, repair,
+              cleanup, log_opts, log_wait, progress, **kw):
     """Capture + apply (+ verify) in one command, over the log."""
     from conveyor import commands
+    if repair and mode != "compare":
+        raise click.UsageError("--repair goes with --mode compare (a copy writes every key anyway)")
+    if repair and dry_run:
+        raise click.UsageError("--repair writes to the log and the target: not with --dry-run")
     src, dst = _endpoint(source, "source", kw), _endpoint(target, "target", kw)
     flt, rw = _filter(kw), _rewriter(kw)
     dbopts = _db_opts(source, target, kw)
@@ -588,7 +610,14 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
         if dry_run or no_verify or dbopts.allow_collisions or cleanup:
             raise click.UsageError("--mode compare only verifies: --dry-run, --no-verify, "
                                    "--cleanup and --allow-collisions mean nothing to it")
-        ok = commands.verify(src, dst, _verify_opts(kw, flt, rw), dbopts, progress=progress)
+        if repair:
+            log = LogSpec(log_uri or _state_log(state_dir, source, target), _log_opts(log_opts),
+                          log_wait)
+            ok = commands.compare_and_repair(src, dst, log, _verify_opts(kw, flt, rw),
+                                             _apply_opts(kw, rw, group=group, idle_timeout=1.0),
+                                             dbopts, progress=progress)
+        else:
+            ok = commands.verify(src, dst, _verify_opts(kw, flt, rw), dbopts, progress=progress)
         sys.exit(0 if ok else 1)
     if cleanup and log_uri:
         raise click.UsageError("--cleanup removes the file log replicate keeps in --state-dir; "

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conveyor.capture.child import CaptureChild
-from conveyor import cutover, members, summary
-from conveyor.errors import ConveyorError, LogError
+from conveyor import cutover, members, repair, summary
+from conveyor.endpoints import server_info
+from conveyor.errors import ConfigError, ConveyorError, LogError
 from conveyor.log import log_exists, open_meta, open_reader, split_uri
 from conveyor.log.file import remove_empty_file_log
 from conveyor.options import (ApplyOptions, CaptureOptions, DbOptions, LogSpec, ReplicateOptions,
@@ -19,8 +20,8 @@ from conveyor.progress import Display, counts, echo
 from conveyor.runner import (Endpoint, Interrupts, default_target_db, refuse_log_on,
                              refuse_same_database)
 from conveyor.status_view import status_lines
-from conveyor.wiring import (apply_process, capture_process, close_all, ledger_root, source_dbs,
-                             target_dbs, verify_process)
+from conveyor.wiring import (announce, apply_process, capture_process, close_all, ledger_root,
+                             open_log, source_dbs, target_dbs, verify_process)
 from conveyor.verify import VerifyReport
 from conveyor.words import counted
 
@@ -86,6 +87,10 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
     if empty and not existed:
         lines.append(f"apply: nothing was applied: no capture wrote to {log.masked} "
                      f"(check --log){_forget_made(log)}")
+    if st.dead_letters and not opts.dry_run:
+        lines.append(f"apply: to bring back from the source the keys those records held: "
+                     f"conveyor verify SOURCE {dst.masked} --repair --log {log.masked}, then "
+                     "this apply again")
     _report(lines, counts(st))
     return ok
 
@@ -103,19 +108,79 @@ def _forget_made(log: LogSpec) -> str:
 
 
 def verify(src: Endpoint, dst: Endpoint, opts: VerifyOptions, dbopts: DbOptions, *,
-           progress: bool | None = None) -> bool:
+           progress: bool | None = None, repair: LogSpec | None = None) -> bool:
+    """``repair``: the log the keys found different are appended to (verify --repair)."""
     dbs = source_dbs(src, dbopts)
-    display = Display(progress)
-    proc = verify_process(src, dst, opts, dbs, dbopts.target_db, display)
-    interrupts = Interrupts()
-    with interrupts.installed(), display:
-        interrupts.register(proc)
-        report = proc.run()
-    if dbs is not None:
-        for line in summary.database_lines([(p.db, p.target_db) for p in proc.pairs], report):
-            echo(line)
-    _print_report(report, opts)
+    fixer = _Repairs(src, dst, repair, opts) if repair is not None else None
+    try:
+        display = Display(progress)
+        proc = verify_process(src, dst, opts, dbs, dbopts.target_db, display)
+        interrupts = Interrupts()
+        with interrupts.installed(), display:
+            interrupts.register(proc)
+            report = proc.run()
+        if dbs is not None:
+            for line in summary.database_lines([(p.db, p.target_db) for p in proc.pairs], report):
+                echo(line)
+        _print_report(report, opts)
+        if fixer is not None and report.differs:
+            if not report.complete:
+                echo("verify: interrupted: nothing was queued for repair")
+            else:
+                fixer.queue(report)
+    finally:
+        if fixer is not None:
+            fixer.close()
     return not report.differs and report.complete
+
+
+def compare_and_repair(src: Endpoint, dst: Endpoint, log: LogSpec, vopts: VerifyOptions,
+                       aopts: ApplyOptions, dbopts: DbOptions, *,
+                       progress: bool | None = None) -> bool:
+    """``replicate --mode compare --repair``: verify, queue what differs on the log, apply the
+    log, verify again; True only when the re-check finds the target identical."""
+    if verify(src, dst, vopts, dbopts, progress=progress, repair=log):
+        return True
+    if not apply(dst, log, aopts, dbopts, progress=progress):
+        return False
+    echo("replicate: verifying again after the repair")
+    return verify(src, dst, vopts, dbopts, progress=progress)
+
+
+class _Repairs:
+    """verify --repair: everything that can be refused is refused before verify reads a key."""
+
+    def __init__(self, src: Endpoint, dst: Endpoint, log: LogSpec, opts: VerifyOptions) -> None:
+        self.src, self.log, self.opts = src, log, opts
+        repair.refuse_unmappable(opts.rewriter)
+        if not log_exists(log.uri, log.opts):
+            raise ConfigError(f"--repair: no log at {log.masked}: repairs go to the log the "
+                              "pair's changes go through (check --log and --log-opt)")
+        run_ids: set[str] = set()
+        for ep in (src, dst):
+            client = ep.connect()
+            try:
+                refuse_log_on(client, ep, log.uri, log.opts)
+                if ep is src:
+                    run_ids = set(server_info(client).run_id.split(","))
+            finally:
+                client.close()
+        self.writer, self.meta = open_log(log)
+        try:
+            repair.check_log_identity(self.meta, announce(src, 0, opts.key_filter)["source"],
+                                      run_ids, log.masked)
+        except ConveyorError:
+            self.close()
+            raise
+
+    def queue(self, report: VerifyReport) -> None:
+        done = repair.queue(lambda db: self.src.connect(db=db), self.writer, report,
+                            self.opts.key_filter)
+        echo(repair.queued_line(done, self.log.masked), queued=done.keys, events=done.events,
+             **{f"queued_{k}": n for k, n in done.by_kind.items()})
+
+    def close(self) -> None:
+        close_all(self.writer, self.meta)
 
 
 def _print_report(report: VerifyReport, opts: VerifyOptions) -> None:

@@ -72,7 +72,7 @@ def capture_process(src: Endpoint, log: LogSpec, opts: CaptureOptions, display) 
                           "replica's URI to read from it)")
     refuse_log_on(client, src, log.uri, log.opts)
     _check_notifications(client, src, opts)
-    writer, meta = _open_log(log)
+    writer, meta = open_log(log)
     proc = _db_capture(src, client, info, writer, meta, opts, log,
                        lambda st: show_capture(display, st, proc.scanning), pacer_of(opts))
     return Built(proc, (writer, meta))
@@ -89,7 +89,7 @@ def _databases_capture(src: Endpoint, log: LogSpec, opts: CaptureOptions, displa
     for client in clients.values():
         refuse_log_on(client, src, log.uri, log.opts)
     _check_notifications(first, src, opts)
-    writer, meta = _open_log(log)
+    writer, meta = open_log(log)
     lock = threading.Lock()
     pacer = pacer_of(opts)                   # --max-rate holds for the source, all dbs together
 
@@ -109,7 +109,7 @@ def _cluster_capture(src: Endpoint, client, info: ServerInfo, log: LogSpec, opts
     refuse_log_on(client, src, log.uri, log.opts)
     captured = prepare(client, opts.key_filter, list(opts.nodes), opts.mode,
                        opts.enable_notifications)
-    writer, meta = _open_log(log)
+    writer, meta = open_log(log)
     # One checkpoint per --node set: scale-out runs one capture per primary, each resuming its own.
     name = checkpoint_name(src.uri, info.db, opts.key_filter, nodes=opts.nodes)
     proc = _capture(ClusterCapture, client, info, writer, meta, opts, log, key_filter=captured,
@@ -159,7 +159,7 @@ def ledger_root(state_dir: str, checkpoint: str, log_uri: str) -> Path:
     return Path(state_dir).resolve() / "ledgers" / f"{checkpoint}-{digest}"
 
 
-def _open_log(log: LogSpec) -> tuple[LogWriter, MetaStore]:
+def open_log(log: LogSpec) -> tuple[LogWriter, MetaStore]:
     writer = open_waiting(lambda: open_writer(log.uri, log.opts), "opening it", log.wait_s)
     meta = open_waiting(lambda: open_meta(log.uri, log.opts), "opening its metadata",
                         log.wait_s)
@@ -179,8 +179,9 @@ def show_capture(display, st: CaptureStats, scanning: bool) -> None:
     if st.mode == "snapshot" or scanning:
         display.update("Scanning", st.events, st.total_hint, st.rate)
     if st.mode != "snapshot":
-        note = st.waiting[:60] or (f"dirty {st.dirty_waiting}, gaps {len(st.gaps)}, "
-                                   f"resyncs {st.resyncs_done}/{st.resyncs}")
+        note = st.waiting[:60] or (f"{st.dirty_waiting} changed keys waiting, "
+                                   f"{len(st.gaps)} gaps, {st.resyncs_done} of {st.resyncs} "
+                                   "resyncs done")
         display.update("Live", st.events, None, st.rate, unit="events", note=note)
 
 

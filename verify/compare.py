@@ -421,7 +421,7 @@ class Verifier:
         still = [(k, n) for (k, n), e in zip(extra, exists) if e]
         if self.rewriter.invertible:
             still = self._absent_in_source(still)
-        return [Diff("extra", n, n, "only in the target") for _, n in still]
+        return [Diff("extra", k, n, "only in the target") for k, n in still]
 
 
 def _whole(type_: str, items: list):
