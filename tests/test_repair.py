@@ -117,3 +117,55 @@ def test_bad_repair_input_is_one_line_and_writes_nothing(redis_factory, tmp_path
     p = cli.run("replicate", source.url, target.url, "--mode", "compare", "--repair", "--dry-run")
     cli.assert_one_line_error(p, 2)
     assert target.client().dbsize() == 0
+
+
+def test_repair_with_a_cluster_on_either_side(redis_factory, cluster_factory, tmp_path):
+    from tests.test_cluster_verify import copy_all, keys_away_from
+    from tests.datasets import load_mixed
+    # a cluster source: differences on primaries other than the node the URI names
+    src, dst = cluster_factory(3), redis_factory()
+    source = src.client()
+    load_mixed(source, 600)
+    copy_all(source, dst.client())
+    missing, changed = keys_away_from(source, src.live()[0].port, 2)
+    dst.client().delete(missing)
+    dst.client().set(changed, "changed")
+    dst.client().set("only-on-target", 1)
+    log = f"file:{tmp_path}/a"
+    cli.run("capture", src.url, "--log", log, "--scan-match", "nothing-matches-*", check=True)
+    v = cli.run("verify", src.url, dst.url, "--repair", "--log", log, "--recheck-delay", "0")
+    assert "repair queued 3 keys (1 extra, 1 missing, 1 value)" in v.stdout, v.stdout + v.stderr
+    cli.run("apply", dst.url, "--log", log, "--idle-timeout", "1", check=True)
+    assert differences(source, dst.client()) == []
+    # a cluster target: keys only on the target, on every primary, deleted through the log
+    src2, dst2 = redis_factory(), cluster_factory(3)
+    src2.client().mset({f"k:{i}": i for i in range(300)})
+    target = dst2.client()
+    log2 = f"file:{tmp_path}/b"
+    cli.run("capture", src2.url, "--log", log2, check=True)
+    cli.run("apply", dst2.url, "--log", log2, "--idle-timeout", "1", check=True)
+    extra = [f"extra:{i}" for i in range(20)]              # spread over every primary's slots
+    for k in extra:
+        target.set(k, 1)
+    target.delete("k:7")
+    v = cli.run("verify", src2.url, dst2.url, "--repair", "--log", log2, "--recheck-delay", "0")
+    assert "repair queued 21 keys (20 extra, 1 missing)" in v.stdout, v.stdout + v.stderr
+    cli.run("apply", dst2.url, "--log", log2, "--idle-timeout", "1", check=True)
+    assert differences(src2.client(), target) == []
+
+
+def test_repair_of_several_databases_writes_each_to_its_own(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    for db in (0, 3):
+        source.client(db).mset({f"d{db}:{i}": i for i in range(100)})
+    log = f"file:{tmp_path}/log"
+    cli.run("capture", source.url, "--db", "0,3", "--log", log, check=True)
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    target.client(3).delete("d3:5")
+    target.client(0).set("d0:6", "changed")
+    v = cli.run("verify", source.url, target.url, "--db", "0,3", "--repair", "--log", log,
+                "--recheck-delay", "0")
+    assert "repair queued 2 keys (1 missing, 1 value)" in v.stdout, v.stdout + v.stderr
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    for db in (0, 3):
+        assert differences(source.client(db), target.client(db)) == []
