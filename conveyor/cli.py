@@ -217,6 +217,11 @@ write_options = _options(
     click.option("--stream-id", "stream_ids", type=click.Choice(["keep", "drop"]), default="keep",
                  show_default=True, help="Type-based stream writes: keep the entry ids, or let the "
                  "target assign new ones."),
+    click.option("--on-existing", type=click.Choice(["overwrite", "fail"]), default="overwrite",
+                 show_default=True,
+                 help="A target that already holds keys when a group first applies: overwrite "
+                      "(said in a warning: keys of the same name are replaced) or fail (exit 1, "
+                      "nothing written)."),
 )
 
 
@@ -264,7 +269,7 @@ def _db_opts(source: str | None, target: str | None, kw) -> DbOptions:
 def _apply_opts(kw, rewriter: KeyRewriter, **given) -> ApplyOptions:
     """``given``: what the command itself names (group, start, dry_run, ...)."""
     return ApplyOptions(rewriter=rewriter, merge_policy=kw["merge_policy"],
-                        stream_ids=kw["stream_ids"], **given)
+                        stream_ids=kw["stream_ids"], on_existing=kw["on_existing"], **given)
 
 
 def _capture_opts(mode, fresh, kw, key_filter: KeyFilter, state_dir: str) -> CaptureOptions:

@@ -3,6 +3,7 @@ print their outcome (worded by conveyor/summary.py), return success."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,8 @@ from conveyor.wiring import (announce, apply_process, capture_process, close_all
                              open_log, source_dbs, target_dbs, verify_process)
 from conveyor.verify import VerifyReport
 from conveyor.words import counted
+
+logger = logging.getLogger("conveyor")
 
 if TYPE_CHECKING:
     from conveyor.metrics import Metrics
@@ -67,6 +70,13 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
     built = apply_process(dst, log, opts, display, first=first,
                           targets=target_dbs(dst, dbopts.target_db))
     proc = built.proc
+    try:
+        _existing_keys(first, proc.reader, opts)
+    except ConveyorError:
+        built.close()
+        if not existed:
+            _forget_made(log)
+        raise
     _watch(metrics, apply=proc)
     try:
         with interrupts.installed(), display:
@@ -132,6 +142,43 @@ def verify(src: Endpoint, dst: Endpoint, opts: VerifyOptions, dbopts: DbOptions,
         if fixer is not None:
             fixer.close()
     return not report.differs and report.complete
+
+
+def _existing_keys(target, reader, opts: ApplyOptions) -> None:
+    """--on-existing: a group's first apply into a target that already holds keys warns
+    (overwrite) or refuses (fail). A group that committed before wrote those keys itself."""
+    if opts.dry_run:
+        return
+    try:
+        parts = reader.status().partitions
+    except LogError as e:              # the log is away: apply waits for it; no check then
+        logger.info("--on-existing not checked: %s", e)
+        return
+    if any(p.committed not in NOTHING_COMMITTED for p in parts):
+        return
+    per_db = target_key_counts(target)
+    total = sum(per_db.values())
+    if not total:
+        return
+    where = ", ".join(f"db {db}: {n:,}" for db, n in sorted(per_db.items()))
+    if opts.on_existing == "fail":
+        raise ConveyorError(f"the target already holds {total:,} keys ({where}) and "
+                            "--on-existing is fail: nothing was written (empty it, or use "
+                            "--on-existing overwrite)")
+    echo(f"apply: warning: the target already holds {total:,} keys ({where}): those with a "
+         "source key's name will be overwritten (--on-existing fail refuses a non-empty target)")
+
+
+NOTHING_COMMITTED = (None, 0, "0-0", "0", -1001)   # a group at the very start
+
+
+def target_key_counts(client) -> dict[int, int]:
+    """Keys per database of the target (a cluster's primaries summed as db 0)."""
+    from conveyor.cluster import is_cluster, primary_clients
+    if is_cluster(client):
+        return {0: sum(c.dbsize() for c in primary_clients(client))}
+    return {int(name[2:]): int(v["keys"]) for name, v in client.info("keyspace").items()
+            if name.startswith("db") and int(v["keys"])}
 
 
 def compare_and_repair(src: Endpoint, dst: Endpoint, log: LogSpec, vopts: VerifyOptions,
@@ -247,6 +294,7 @@ def _replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOption
         refuse_same_database(source, target, dst)
     for db in dbs or ():
         _refuse_same(src, dst, db, targets.target_of(db))
+    existed = log_exists(log.uri, log.opts)
     refuse_log_on(source, src, log.uri, log.opts)      # before capture opens (and marks) the log
     refuse_log_on(target, dst, log.uri, log.opts)
     echo(f"replicate: {src.masked} -> {dst.masked} through {log.masked}")
@@ -258,6 +306,13 @@ def _replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOption
     built = apply_process(dst, log, opts.apply, display, first=target, source_db=target_db,
                           targets=targets, done=lambda: not worker.is_alive())
     app = built.proc
+    try:
+        _existing_keys(target, app.reader, opts.apply)
+    except ConveyorError:
+        built.close()
+        if not existed:
+            _forget_made(log)
+        raise
     _watch(metrics, capture=worker, apply=app)
     try:
         with interrupts.installed(), display:

@@ -61,6 +61,7 @@ class ApplyOptions:
     dry_run: bool = False
     merge_policy: str = "overwrite"
     stream_ids: str = "keep"
+    on_existing: str = "overwrite"       # a non-empty target at a group's first apply: or fail
 
 
 @dataclass

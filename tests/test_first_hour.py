@@ -283,3 +283,25 @@ def test_an_unreachable_kafka_at_start_is_one_line_after_log_wait(redis_factory)
     # and each wait line says how long its attempt took, not only the pause after it
     waits = [ln for ln in p.stderr.splitlines() if "waiting for the log" in ln]
     assert waits and all("this attempt took" in w for w in waits), p.stderr
+
+
+def test_a_non_empty_target_is_said_at_the_first_apply_and_fail_refuses_it(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(100)})
+    target.client().mset({"k:1": "theirs", "own": "x"})
+    target.client(2).set("elsewhere", 1)
+    # fail: one line, exit 1, nothing written, no log left behind
+    p = cli.run("replicate", source.url, target.url, "--log", f"file:{tmp_path}/a",
+                "--on-existing", "fail")
+    line = cli.assert_one_line_error(p, 1)
+    assert "already holds 3 keys (db 0: 2, db 2: 1)" in line and "nothing was written" in line, line
+    assert target.client().get("k:1") == b"theirs" and target.client().dbsize() == 2
+    assert not (tmp_path / "a").exists()
+    # overwrite (the default): said once, at the group's first apply
+    log = f"file:{tmp_path}/b"
+    p = cli.run("replicate", source.url, target.url, "--log", log, "--no-verify")
+    assert p.returncode == 0 and "apply: warning: the target already holds 3 keys" in p.stdout, \
+        p.stdout + p.stderr
+    assert target.client().get("k:1") == b"1" and target.client().get("own") == b"x"
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", "--on-existing", "fail")
+    assert p.returncode == 0 and "already holds" not in p.stdout, p.stdout + p.stderr
