@@ -232,7 +232,8 @@ def apply_process(dst: Endpoint, log: LogSpec, opts: ApplyOptions, display, *,
     capture has ended (apply then ends once the log is drained)."""
     first = first or dst.connect(db=source_db)
     refuse_log_on(first, dst, log.uri, log.opts)
-    reader = open_waiting(lambda: open_reader(log.uri, opts.group, log.opts, opts.start),
+    reader = open_waiting(lambda: open_reader(log.uri, opts.group, log.opts, opts.start,
+                                              peek=opts.dry_run),
                           "opening it", log.wait_s)
     meta = open_waiting(lambda: open_meta(log.uri, log.opts), "opening its metadata",
                         log.wait_s)

@@ -305,3 +305,26 @@ def test_a_non_empty_target_is_said_at_the_first_apply_and_fail_refuses_it(redis
     assert target.client().get("k:1") == b"1" and target.client().get("own") == b"x"
     p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", "--on-existing", "fail")
     assert p.returncode == 0 and "already holds" not in p.stdout, p.stdout + p.stderr
+
+
+def test_a_dry_run_from_elsewhere_never_moves_the_real_group(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({f"k:{i}": i for i in range(200)})
+    log_dir = tmp_path / "log"
+    log = f"file:{log_dir}"
+    cli.run("capture", source.url, "--log", log, check=True)
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    position = (log_dir / "groups" / "apply.json").read_bytes()
+    # a dry run from the start counts what a rebuild would write ...
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", "--dry-run",
+                "--from", "earliest")
+    assert p.returncode == 0 and "would apply" in p.stdout and "200 events" in p.stdout, p.stdout
+    # ... and the real group is where it was: its next apply has nothing to write
+    assert (log_dir / "groups" / "apply.json").read_bytes() == position
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1")
+    assert "applied 0 records" in p.stdout, p.stdout
+    # on a Redis Streams log, where --from would recreate the group: refused, one line
+    buffer = redis_factory()
+    p = cli.run("apply", target.url, "--log", f"{buffer.url}/0", "--dry-run", "--from",
+                "earliest", "--idle-timeout", "1")
+    assert "--dry-run with --from" in cli.assert_one_line_error(p, 2)

@@ -83,17 +83,26 @@ def open_writer(uri: str, options: dict[str, str] | None = None) -> LogWriter:
 
 
 def open_reader(uri: str, group: str, options: dict[str, str] | None = None,
-                start: StartAt = "committed", *, observe: bool = False) -> LogReader:
+                start: StartAt = "committed", *, observe: bool = False,
+                peek: bool = False) -> LogReader:
     """A reader for consumer ``group``, positioned at ``start`` (the group's committed position by
     default; where the group has none yet, the earliest record).
 
     ``observe``: the reader only answers ``status()`` and must not create or move the group (a
     Redis Stream group created by a mistyped ``status --group`` would hold back trimming for good).
-    A Kafka consumer joins no group until it subscribes, which ``status()`` never does."""
+    A Kafka consumer joins no group until it subscribes, which ``status()`` never does.
+
+    ``peek`` (apply --dry-run): the group's saved position is never moved, whatever ``start``
+    says; a Redis Streams group is repositioned only by recreating it, so there ``start`` must
+    be the committed position."""
     scheme, base, opts = split_uri(uri, options)
     if scheme == "file":
         from conveyor.log.file import FileLogReader
-        return FileLogReader(base, group, opts, start, observe=observe)
+        return FileLogReader(base, group, opts, start, observe=observe, peek=peek)
+    if peek and start != "committed" and scheme in ("redis", "rediss"):
+        raise ConfigError("--dry-run with --from on a Redis Streams log: moving the read position "
+                          "there recreates the group, which the real apply would then resume "
+                          "from; a dry run reads from the group's own position only")
     if scheme == "kafka":
         from conveyor.log.kafka import KafkaLogReader
         return KafkaLogReader(base, group, opts, start)

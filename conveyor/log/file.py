@@ -449,8 +449,9 @@ class FileLogWriter(LogWriter):
 # -- reader ------------------------------------------------------------------------------------------
 class FileLogReader(LogReader):
     def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
-                 *, observe: bool = False) -> None:
+                 *, observe: bool = False, peek: bool = False) -> None:
         self.uri = uri
+        self.peek = peek                 # a dry run: the group's position file is never written
         self.group = group
         self.consumer = opts.get("consumer") or f"{socket.gethostname()}-{os.getpid()}"
         self.cleanup = Cleanup(opts)
@@ -650,6 +651,8 @@ class FileLogReader(LogReader):
 
     def _save(self, offset: int | None = None, seg: int | None = None, pos: int | None = None) -> None:
         self._unsaved = None                 # this position is at or after any commit pending
+        if self.peek:
+            return
         if offset is None:
             offset, seg, pos = self._offset, self._seg, self._pos
         _atomic_json(self._group_file, {"offset": offset, "segment": seg, "pos": pos,
