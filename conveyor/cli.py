@@ -643,7 +643,7 @@ def replicate(source, target, mode, log_uri, state_dir, group, no_verify, dry_ru
 Examples:
   conveyor status --log file:./migration
   conveyor status --log kafka://broker:9092/migration --group apply --json
-  conveyor status --log file:./migration --wait-synced --timeout 600   # at cutover
+  conveyor status --log file:./migration --wait-synced --timeout 600
 """)
 @click.option("--log", "log_uri", required=True, metavar="URI")
 @click.option("--group", default="apply", show_default=True,
