@@ -169,3 +169,25 @@ def test_repair_of_several_databases_writes_each_to_its_own(redis_factory, tmp_p
     cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
     for db in (0, 3):
         assert differences(source.client(db), target.client(db)) == []
+
+
+def test_repair_keeps_to_the_filter(redis_factory, tmp_path):
+    # given a migration of the user:* keys only
+    source, target = redis_factory(), redis_factory()
+    source.client().mset({**{f"user:{i}": i for i in range(100)},
+                          **{f"cache:{i}": i for i in range(100)}})
+    log = f"file:{tmp_path}/log"
+    cli.run("capture", source.url, "--log", log, "--scan-match", "user:*", check=True)
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    t = target.client()
+    t.delete("user:1")
+    t.set("user:extra", 1)
+    t.set("cache:mine", 1)                 # outside the filter: not this migration's
+    v = cli.run("verify", source.url, target.url, "--scan-match", "user:*", "--repair", "--log",
+                log, "--recheck-delay", "0")
+    assert "repair queued 2 keys (1 extra, 1 missing)" in v.stdout, v.stdout + v.stderr
+    cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", check=True)
+    s = source.client()
+    assert sorted(t.keys("user:*")) == sorted(s.keys("user:*"))
+    assert all(t.get(k) == s.get(k) for k in s.keys("user:*"))
+    assert t.get("cache:mine") == b"1" and not t.keys("cache:[0-9]*")
