@@ -21,7 +21,7 @@ from conveyor.progress import Display, counts, echo
 from conveyor.runner import (Endpoint, Interrupts, default_target_db, refuse_log_on,
                              refuse_same_database)
 from conveyor.status_view import status_lines
-from conveyor.wiring import (announce, apply_process, capture_process, close_all, ledger_root,
+from conveyor.wiring import (announce, apply_process, capture_process, close_all, log_digest,
                              open_log, source_dbs, target_dbs, verify_process)
 from conveyor.verify import VerifyReport
 from conveyor.words import counted
@@ -259,8 +259,7 @@ def replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOptions
 def _state_left(log: LogSpec, state_dir: str, remove: bool, asked: bool) -> None:
     """Say where replicate left its embedded log and key ledgers (and how big), or remove them."""
     root = Path(log.uri.split(":", 1)[1])      # the embedded log is always file:ABSOLUTE_PATH
-    digest = ledger_root(state_dir, "x", log.uri).name.rsplit("-", 1)[1]
-    ledgers = sorted((Path(state_dir).resolve() / "ledgers").glob(f"*-{digest}"))
+    ledgers = sorted((Path(state_dir).resolve() / "ledgers").glob(f"*-{log_digest(log.uri)}"))
     if remove:
         for path in [root, *ledgers]:
             shutil.rmtree(path, ignore_errors=True)

@@ -9,21 +9,14 @@ first (``CLIENT PAUSE … WRITE``): otherwise the answer is only true of the mom
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from conveyor import members as m
+from conveyor.apply.applier import status_name
 from conveyor.log import LogStatus
 from conveyor.log.stream_base import parse_id
 from conveyor.words import counted
 
 POLL_S = 0.5
-
-
-@dataclass
-class Progress:
-    """Where a wait stands: what still keeps it from being synced (empty: synced)."""
-    behind: list[str] = field(default_factory=list)
-    ends: dict | None = None          # partition -> end position taken once the captures were
 
 
 def capture_behind(docs: dict[str, dict], called_ms: int, gone_after: float) -> list[str]:
@@ -77,8 +70,7 @@ def wait_synced(docs_now, status_of, groups: list[str], timeout_s: float | None,
     began = time.monotonic()
     ends = None
     while True:
-        docs = docs_now()
-        behind = [] if ends is not None else capture_behind(docs, called, gone_after)
+        behind = [] if ends is not None else capture_behind(docs_now(), called, gone_after)
         if not behind and ends is None:
             # the captures hold every change made before the call: the log's end now is where
             # every group must get to
@@ -97,6 +89,6 @@ def wait_synced(docs_now, status_of, groups: list[str], timeout_s: float | None,
 
 def apply_groups(docs: dict[str, dict]) -> list[str]:
     """Every group an apply recorded its status for on this log."""
-    prefix = "apply-"
+    prefix = status_name("")
     return sorted(name[len(prefix):] for name in docs
                   if name.startswith(prefix) and not name.startswith(m.MEMBER_PREFIX))

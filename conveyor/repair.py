@@ -17,6 +17,7 @@ from conveyor.keys import KeyFilter, KeyRewriter
 from conveyor.log import MetaStore
 from conveyor.members import captures
 from conveyor.verify import Diff, VerifyReport
+from conveyor.words import counted
 
 BATCH = 1000
 
@@ -89,8 +90,8 @@ def queue(connect, writer, report: VerifyReport, key_filter: KeyFilter) -> Queue
 
 def queued_line(q: Queued, log_masked: str) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(q.by_kind.items()))
-    return (f"verify: repair queued {q.keys} key{'' if q.keys == 1 else 's'} ({kinds}) as "
-            f"{q.events} event{'' if q.events == 1 else 's'} on {log_masked}: an apply of that "
+    return (f"verify: repair queued {counted(q.keys, 'key')} ({kinds}) as "
+            f"{counted(q.events, 'event')} on {log_masked}: an apply of that "
             "log writes them; verify again once it has"
             + (f"; {q.unmapped} keys only in a merged target database were not queued (no "
                "source database to read them from)" if q.unmapped else ""))

@@ -155,8 +155,12 @@ def pacer_of(opts: CaptureOptions | VerifyOptions) -> Pacer:
 def ledger_root(state_dir: str, checkpoint: str, log_uri: str) -> Path:
     """Where a capture keeps its key ledger: one per checkpoint and log (no credentials in the
     name: the masked URI is hashed)."""
-    digest = hashlib.sha256(mask_uri(log_uri).encode()).hexdigest()[:8]
-    return Path(state_dir).resolve() / "ledgers" / f"{checkpoint}-{digest}"
+    return Path(state_dir).resolve() / "ledgers" / f"{checkpoint}-{log_digest(log_uri)}"
+
+
+def log_digest(log_uri: str) -> str:
+    """The tag of one log in the names of its key ledgers."""
+    return hashlib.sha256(mask_uri(log_uri).encode()).hexdigest()[:8]
 
 
 def open_log(log: LogSpec) -> tuple[LogWriter, MetaStore]:
