@@ -23,6 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from conveyor.apply.batch import BatchResult, BatchWriter, Tally
 from conveyor.apply.guard import TargetGuard
+from conveyor.kept import KeptKeys
 from conveyor.apply.replies import TargetUnavailable
 from conveyor.apply.restores import write_whole
 from conveyor.apply.watch import Finding, TargetWatch
@@ -64,6 +65,7 @@ class ApplyStats(Tally):
     log_waits: int = 0        # waits for the log
     snapshot_ends: int = 0
     superseded: int = 0       # events a later event of the same key in the same batch replaced
+    kept: int = 0             # events of keys the target held before (--on-existing skip)
     handed_over: int = 0      # records given to another group member while the target was down
     cluster_redirects: int = 0  # MOVED/ASK/TRYAGAIN/CLUSTERDOWN and node failures followed
     last_write_ms: int = 0
@@ -144,6 +146,7 @@ class Applier:
         self.track_lag = False               # metrics: ask the group's lag every LAG_INTERVAL_S
         self._next_lag = 0.0
         self.guard = TargetGuard(group, {})
+        self.kept: KeptKeys | None = None    # --on-existing skip: keys the target held before
         self._open_passes: set[str] = set()                # capture ids of passes under way
         self._damaged_seen = 0
         self._last_status = self._last_watch = self._last_identity = 0.0
@@ -275,6 +278,8 @@ class Applier:
     def _apply(self, records: list[Record]) -> int:
         """Write and commit a batch; returns how many events it held."""
         events, markers = self._decode(records)
+        if self.kept is not None:
+            events = self._keep(events)
         if self.dry_run:
             self._count_dry(events)
         else:
@@ -332,6 +337,19 @@ class Applier:
                 markers.append((ev.kind, ev.capture_id))
                 log.info("marker %s of capture %s (count %s)", ev.kind.value, ev.capture_id, ev.count)
         return latest, markers
+
+    def _keep(self, events: dict) -> dict:
+        """Leave out the events of keys the target held before the group's first apply."""
+        rename, dbs = self.writer.rename, self.target_dbs
+        out = {}
+        for k, item in events.items():
+            ev = item[0]
+            name = rename(ev.key) if rename is not None else ev.key
+            if self.kept.holds(dbs.target_of(ev.db) if dbs is not None else ev.db, name):
+                self.stats.kept += 1
+            else:
+                out[k] = item
+        return out
 
     def _passes(self, markers: list[tuple[Kind, str]]) -> None:
         """Follow capture passes (SNAPSHOT_BEGIN or RESYNC ... SNAPSHOT_END of one capture): one

@@ -217,11 +217,12 @@ write_options = _options(
     click.option("--stream-id", "stream_ids", type=click.Choice(["keep", "drop"]), default="keep",
                  show_default=True, help="Type-based stream writes: keep the entry ids, or let the "
                  "target assign new ones."),
-    click.option("--on-existing", type=click.Choice(["overwrite", "fail"]), default="overwrite",
-                 show_default=True,
+    click.option("--on-existing", type=click.Choice(["overwrite", "skip", "fail"]),
+                 default="overwrite", show_default=True,
                  help="A target that already holds keys when a group first applies: overwrite "
-                      "(said in a warning: keys of the same name are replaced) or fail (exit 1, "
-                      "nothing written)."),
+                      "(said in a warning: keys of the same name are replaced), skip (those keys "
+                      "are never written or deleted by this group; their names are kept in the "
+                      "log's metadata) or fail (exit 1, nothing written)."),
 )
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace as dc_replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from conveyor.kept import KeptKeys
 from conveyor.capture.child import CaptureChild
 from conveyor import cutover, members, repair, summary
 from conveyor.endpoints import server_info
@@ -71,7 +73,7 @@ def apply(dst: Endpoint, log: LogSpec, opts: ApplyOptions, dbopts: DbOptions, *,
                           targets=target_dbs(dst, dbopts.target_db))
     proc = built.proc
     try:
-        _existing_keys(first, proc.reader, opts)
+        _existing_keys(dst, first, proc, opts)
     except ConveyorError:
         built.close()
         if not existed:
@@ -144,29 +146,61 @@ def verify(src: Endpoint, dst: Endpoint, opts: VerifyOptions, dbopts: DbOptions,
     return not report.differs and report.complete
 
 
-def _existing_keys(target, reader, opts: ApplyOptions) -> None:
+def _existing_keys(dst: Endpoint, target, proc, opts: ApplyOptions) -> None:
     """--on-existing: a group's first apply into a target that already holds keys warns
-    (overwrite) or refuses (fail). A group that committed before wrote those keys itself."""
-    if opts.dry_run:
+    (overwrite), refuses (fail) or stores their names and leaves them alone from then on
+    (skip: ``proc.kept``). A group that committed before wrote the target's keys itself."""
+    skip = opts.on_existing == "skip"
+    if opts.dry_run and not skip:
         return
     try:
-        parts = reader.status().partitions
+        parts = proc.reader.status().partitions
+        kept = KeptKeys.load(proc.meta.documents(), opts.group) if skip else None
     except LogError as e:              # the log is away: apply waits for it; no check then
+        if skip:
+            raise ConveyorError(f"--on-existing skip: cannot read which keys to leave alone from "
+                                f"the log's metadata: {e}") from e
         logger.info("--on-existing not checked: %s", e)
         return
+    if kept is not None:
+        proc.kept = kept
+        if kept:
+            echo(f"apply: leaving alone {counted(len(kept), 'key')} the target held before this "
+                 "group's first apply (--on-existing skip)")
+        return
     if any(p.committed not in NOTHING_COMMITTED for p in parts):
+        if skip:
+            echo("apply: warning: --on-existing skip: this group applied before without it, so "
+                 "which target keys were there before is unknown: every key is written")
         return
     per_db = target_key_counts(target)
     total = sum(per_db.values())
+    where = ", ".join(f"db {db}: {n:,}" for db, n in sorted(per_db.items()))
+    if skip:
+        proc.kept = KeptKeys.of_target(_target_nodes(dst, target, per_db)) if total else KeptKeys()
+        if not opts.dry_run:
+            proc.kept.save(proc.meta, opts.group)
+        if total:
+            echo(f"apply: the target already holds {total:,} keys ({where}): they are left alone "
+                 "(--on-existing skip; their names are kept in the log's metadata)")
+        return
     if not total:
         return
-    where = ", ".join(f"db {db}: {n:,}" for db, n in sorted(per_db.items()))
     if opts.on_existing == "fail":
         raise ConveyorError(f"the target already holds {total:,} keys ({where}) and "
                             "--on-existing is fail: nothing was written (empty it, or use "
-                            "--on-existing overwrite)")
+                            "--on-existing overwrite or skip)")
     echo(f"apply: warning: the target already holds {total:,} keys ({where}): those with a "
-         "source key's name will be overwritten (--on-existing fail refuses a non-empty target)")
+         "source key's name will be overwritten (--on-existing skip leaves them alone, fail "
+         "refuses a non-empty target)")
+
+
+def _target_nodes(dst: Endpoint, target, per_db: dict[int, int]) -> dict[int, list]:
+    """The clients to SCAN for the keys of each target database holding any."""
+    from conveyor.cluster import is_cluster, primary_clients
+    if is_cluster(target):
+        return {0: primary_clients(target)}
+    return {db: [dst.connect_node(db=db)] for db in per_db}
 
 
 NOTHING_COMMITTED = (None, 0, "0-0", "0", -1001)   # a group at the very start
@@ -306,7 +340,7 @@ def _replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOption
                           targets=targets, done=lambda: not worker.is_alive())
     app = built.proc
     try:
-        _existing_keys(target, app.reader, opts.apply)
+        _existing_keys(dst, target, app, opts.apply)
     except ConveyorError:
         built.close()
         if not existed:
@@ -341,7 +375,8 @@ def _replicate(src: Endpoint, dst: Endpoint, log: LogSpec, opts: ReplicateOption
         echo("replicate: interrupted; run the same command again to continue")
         return False
     if opts.verify is not None and ok:
-        ok &= verify(src, dst, opts.verify, dbopts, progress=progress)
+        vopts = opts.verify if app.kept is None else dc_replace(opts.verify, kept=app.kept)
+        ok &= verify(src, dst, vopts, dbopts, progress=progress)
     return ok
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from conveyor.endpoints import mask_uri
 from conveyor.keys import KeyFilter, KeyRewriter
+from conveyor.kept import KeptKeys
 from conveyor.log import StartAt
 
 
@@ -61,7 +62,7 @@ class ApplyOptions:
     dry_run: bool = False
     merge_policy: str = "overwrite"
     stream_ids: str = "keep"
-    on_existing: str = "overwrite"       # a non-empty target at a group's first apply: or fail
+    on_existing: str = "overwrite"       # a non-empty target at a group's first apply: skip, fail
 
 
 @dataclass
@@ -77,6 +78,7 @@ class VerifyOptions:
     max_rate: float | None = None        # --max-rate: keys compared per second
     max_bytes_rate: int | None = None    # --max-bytes-rate: value bytes read per second
     sample: int | None = None            # --sample: compare this many random source keys
+    kept: KeptKeys | None = None         # replicate --on-existing skip: keys left alone
 
 
 @dataclass

@@ -81,7 +81,7 @@ def _read_lines(rc: ReadCounts) -> list[str]:
 # -- apply -----------------------------------------------------------------------------------------
 def apply_lines(st: ApplyStats, dry_run: bool) -> tuple[list[str], bool]:
     verb = "would apply" if dry_run else "applied"
-    events = st.keys + st.superseded
+    events = st.keys + st.superseded + st.kept
     lines = [f"apply: {verb} {counted(st.records, 'record')} holding {counted(events, 'event')} "
              f"({st.restored} "
              f"restored, {st.written} typed, {st.converted} converted, {st.deleted} deleted, "
@@ -89,6 +89,8 @@ def apply_lines(st: ApplyStats, dry_run: bool) -> tuple[list[str], bool]:
              + (f", {st.chunks} parts" if st.chunks else "")
              + (f", {st.superseded} superseded by a later event of the same key in the same "
                 "batch" if st.superseded else "")
+             + (f", {st.kept} of keys the target held before, left alone (--on-existing skip)"
+                if st.kept else "")
              + f"), {st.key_rate:,.0f} keys/s, {st.retries} target retries, "
              f"{counted(st.dead_letters, 'dead letter')}"]
     if st.converted:

@@ -286,7 +286,7 @@ def _verifier(opts: VerifyOptions, display: Display, **sides) -> Verifier:
     return Verifier(key_filter=opts.key_filter, rewriter=opts.rewriter,
                     ttl_tolerance_ms=opts.ttl_tolerance_ms, recheck_delay=opts.recheck_delay,
                     scan_count=opts.scan_count, stream_ids=opts.stream_ids,
-                    pacer=pacer_of(opts), sample=opts.sample,
+                    pacer=pacer_of(opts), sample=opts.sample, kept=opts.kept,
                     on_progress=lambda n, total: display.update("Verifying", n, total), **sides)
 
 

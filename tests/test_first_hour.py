@@ -307,6 +307,35 @@ def test_a_non_empty_target_is_said_at_the_first_apply_and_fail_refuses_it(redis
     assert p.returncode == 0 and "already holds" not in p.stdout, p.stdout + p.stderr
 
 
+def test_on_existing_skip_leaves_the_targets_own_keys_alone_across_runs(redis_factory, tmp_path):
+    source, target = redis_factory(), redis_factory()
+    src, dst = source.client(), target.client()
+    src.mset({f"k:{i}": i for i in range(100)})
+    dst.mset({"k:1": "theirs", "own": "x"})
+    log = f"file:{tmp_path}/log"
+    p = cli.run("replicate", source.url, target.url, "--log", log, "--on-existing", "skip")
+    out = p.stdout + p.stderr
+    # the copy left the target's two keys alone and said so; verify counts k:1 apart, exit 0
+    assert p.returncode == 0, out
+    assert "already holds 2 keys (db 0: 2): they are left alone" in out, out
+    assert "1 of keys the target held before, left alone (--on-existing skip)" in out, out
+    # (k:1 differs, own is not in the source)
+    assert "; 2 keys the target held before, left alone (--on-existing skip), differ" in out, out
+    assert dst.get("k:1") == b"theirs" and dst.get("own") == b"x"
+    assert {k: dst.get(k) for k in (f"k:{i}" for i in range(100)) if k != "k:1"} == \
+        {k: src.get(k) for k in (f"k:{i}" for i in range(100)) if k != "k:1"}
+    # a later change of the source reaches the keys the migration wrote, never the kept ones,
+    # in a new apply process that reads the kept names back from the log's metadata
+    src.set("k:1", "changed"), src.set("k:2", "changed")
+    src.set("own", "from source")
+    cli.run("capture", source.url, "--log", log, check=True)
+    p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1", "--on-existing", "skip")
+    assert p.returncode == 0 and "leaving alone 2 keys the target held before" in p.stdout, \
+        p.stdout + p.stderr
+    assert dst.get("k:1") == b"theirs" and dst.get("own") == b"x"
+    assert dst.get("k:2") == b"changed"
+
+
 def test_a_dry_run_from_elsewhere_never_moves_the_real_group(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
     source.client().mset({f"k:{i}": i for i in range(200)})

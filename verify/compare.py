@@ -23,6 +23,7 @@ from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
 from conveyor.keys import KeyFilter, KeyRewriter
+from conveyor.kept import KeptKeys
 from conveyor.rate import UNLIMITED, Pacer
 from conveyor.verify.typed import PAGE, read_typed
 
@@ -51,6 +52,7 @@ class VerifyReport:
     complete: bool = False
     evicted: int = 0             # keys the source evicted (maxmemory) while verify read it
     sampled_of: int | None = None    # --sample: the source's keys the sample was drawn from
+    kept: int = 0                # differing keys the target held before (--on-existing skip)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -71,6 +73,9 @@ class VerifyReport:
             of = f"{self.sampled_of:,} key{'' if self.sampled_of == 1 else 's'}"
             line += (f"; a random sample of the source's {of}, not a full "
                      "verify: other keys, and keys only the target holds, were not compared")
+        if self.kept:
+            line += (f"; {counted(self.kept, 'key')} the target held before, left alone "
+                     "(--on-existing skip), differ from the source: not counted as differences")
         if self.evicted:
             # A source at its maxmemory evicts keys when clients (verify's own reads too) need
             # memory: such a key is then extra on the target, a change of the source itself.
@@ -81,7 +86,7 @@ class VerifyReport:
     def to_json(self) -> dict:
         return {"checked": self.checked, "complete": self.complete, "counts": self.counts,
                 "sample": self.sampled_of is not None, "source_keys": self.sampled_of,
-                "source_evicted": self.evicted,
+                "source_evicted": self.evicted, "kept": self.kept,
                 "summary": self.summary_line(),
                 "diffs": [{"kind": d.kind, "key": _show(d.key), "target_key": _show(d.target_key),
                            "detail": d.detail} for d in self.diffs]}
@@ -123,11 +128,15 @@ class Verifier:
                  rewriter: KeyRewriter, ttl_tolerance_ms: int = 1000, recheck_delay: float = 1.0,
                  scan_count: int = 1000, batch: int = 1000, check_extra: bool = True,
                  stream_ids: str = "keep", on_progress: Callable[[int, int], None] | None = None,
-                 pacer: Pacer = UNLIMITED, sample: int | None = None) -> None:
+                 pacer: Pacer = UNLIMITED, sample: int | None = None,
+                 kept: KeptKeys | None = None) -> None:
         """``pacer``: --max-rate (keys scanned per second, each side) and --max-bytes-rate
         (value bytes read from the source); ``sample``: compare that many random source keys
-        (RANDOMKEY) instead of scanning both sides."""
-        self.sample = sample
+        (RANDOMKEY) instead of scanning both sides; ``kept``: keys the target held before,
+        left alone by --on-existing skip (their differences are counted apart)."""
+        self.sample, self.kept = sample, kept
+        self._target_db = 0 if is_cluster(target) else int(
+            target.connection_pool.connection_kwargs.get("db") or 0)
         self.filter, self.rewriter = key_filter, rewriter
         self.tolerance, self.recheck_delay = ttl_tolerance_ms, recheck_delay
         self.scan_count, self.batch, self.check_extra = scan_count, batch, check_extra
@@ -176,6 +185,11 @@ class Verifier:
         for i in range(0, len(suspects), self.batch):
             report.diffs += self._compare(suspects[i:i + self.batch])
         report.diffs += self._confirm_extra(extra)
+        if self.kept:
+            theirs = [d for d in report.diffs if self.kept.holds(self._target_db, d.target_key)]
+            report.kept = len(theirs)
+            mine = {id(d) for d in theirs}
+            report.diffs = [d for d in report.diffs if id(d) not in mine]
         report.complete = not self._stop.is_set()
         if evicted is not None:
             report.evicted = max(0, (self._evicted() or evicted) - evicted)

@@ -45,6 +45,7 @@ def verify_pairs(pairs: list[Pair], make: Callable[..., Verifier],
             d.detail = f"db {p.db}" + (f": {d.detail}" if d.detail else "")
         out.per_db[p.db] = rep
         out.checked += rep.checked
+        out.kept += rep.kept
         out.evicted += rep.evicted           # one window per pair: server-wide counts add up
         out.diffs += rep.diffs
         out.complete &= rep.complete
