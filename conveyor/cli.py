@@ -470,7 +470,9 @@ Examples:
                    "Kafka: a name makes the membership static, so a restart takes its partitions "
                    "back at once; never give two live processes the same name.")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True)
-@click.option("--dry-run", is_flag=True, help="Read and decode, write nothing, commit nothing.")
+@click.option("--dry-run", is_flag=True, help="Read and decode, write nothing, commit nothing: "
+              "counts what apply would write, reading from the group's position (or --from) "
+              "on a position of its own; the real group is not moved and sees no new member.")
 @target_db_option
 @collisions_option
 @write_options

@@ -352,8 +352,48 @@ def test_a_dry_run_from_elsewhere_never_moves_the_real_group(redis_factory, tmp_
     assert (log_dir / "groups" / "apply.json").read_bytes() == position
     p = cli.run("apply", target.url, "--log", log, "--idle-timeout", "1")
     assert "applied 0 records" in p.stdout, p.stdout
-    # on a Redis Streams log, where --from would recreate the group: refused, one line
-    buffer = redis_factory()
-    p = cli.run("apply", target.url, "--log", f"{buffer.url}/0", "--dry-run", "--from",
-                "earliest", "--idle-timeout", "1")
-    assert "--dry-run with --from" in cli.assert_one_line_error(p, 2)
+
+
+def _events(out: str) -> int:
+    m = re.search(r"(?:would apply|applied) \S+ records? holding (\d+) events?", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def _groups_left(log: str) -> list[str]:
+    """Consumer groups on the log's backend, read with its own client (not conveyor's)."""
+    if log.startswith("kafka://"):
+        from confluent_kafka.admin import AdminClient
+        admin = AdminClient({"bootstrap.servers": log[len("kafka://"):].split("/")[0]})
+        return [g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid]
+    if log.startswith("redis://"):
+        import redis
+        r = redis.Redis.from_url(log)
+        return [g["name"].decode() for s in r.scan_iter(match="conveyor:*", _type="stream")
+                for g in r.xinfo_groups(s)]
+    return []
+
+
+def test_a_dry_run_leaves_no_trace_on_any_log_and_counts_what_apply_then_does(
+        redis_factory, log_uri):
+    source, target = redis_factory(), redis_factory()
+    src = source.client()
+    src.mset({f"k:{i}": i for i in range(200)})
+    cli.run("capture", source.url, "--log", log_uri, check=True)
+    cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", check=True)
+    src.mset({f"k:{i}": "new" for i in range(50)})
+    cli.run("capture", source.url, "--log", log_uri, check=True)
+    # a dry run from the group's position and one from the start of the log ...
+    p = cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", "--dry-run")
+    assert p.returncode == 0 and "would apply" in p.stdout, p.stdout + p.stderr
+    pending = _events(p.stdout)
+    p = cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1", "--dry-run",
+                "--from", "earliest")
+    assert p.returncode == 0 and _events(p.stdout) >= 200 + pending, p.stdout + p.stderr
+    # ... wrote nothing, left no group of their own behind ...
+    assert target.client().get("k:0") == b"0"
+    assert not [g for g in _groups_left(log_uri) if "dry-run" in g], _groups_left(log_uri)
+    # ... and the real group applies exactly what the first dry run said it would
+    p = cli.run("apply", target.url, "--log", log_uri, "--idle-timeout", "1")
+    assert p.returncode == 0 and _events(p.stdout) == pending and pending >= 50, p.stdout
+    assert target.client().get("k:0") == b"new" and target.client().get("k:199") == b"199"

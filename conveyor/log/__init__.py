@@ -93,21 +93,17 @@ def open_reader(uri: str, group: str, options: dict[str, str] | None = None,
     A Kafka consumer joins no group until it subscribes, which ``status()`` never does.
 
     ``peek`` (apply --dry-run): the group's saved position is never moved, whatever ``start``
-    says; a Redis Streams group is repositioned only by recreating it, so there ``start`` must
-    be the committed position."""
+    says: the reader starts from it (or from ``start``) on a position of its own (a file log's
+    copy, a Redis Streams or Kafka group of its own made from the real one, gone at close)."""
     scheme, base, opts = split_uri(uri, options)
     if scheme == "file":
         from conveyor.log.file import FileLogReader
         return FileLogReader(base, group, opts, start, observe=observe, peek=peek)
-    if peek and start != "committed" and scheme in ("redis", "rediss"):
-        raise ConfigError("--dry-run with --from on a Redis Streams log: moving the read position "
-                          "there recreates the group, which the real apply would then resume "
-                          "from; a dry run reads from the group's own position only")
     if scheme == "kafka":
         from conveyor.log.kafka import KafkaLogReader
-        return KafkaLogReader(base, group, opts, start)
+        return KafkaLogReader(base, group, opts, start, peek=peek)
     from conveyor.log.redis_stream import StreamLogReader
-    return StreamLogReader(base, group, opts, start, observe=observe)
+    return StreamLogReader(base, group, opts, start, observe=observe, peek=peek)
 
 
 def open_meta(uri: str, options: dict[str, str] | None = None) -> MetaStore:

@@ -59,6 +59,7 @@ from conveyor.log.stream_base import duration_ms
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 
+DRY_RUN_PREFIX = "conveyor-dry-run."    # consumer groups of dry runs (deleted at their close)
 log = logging.getLogger("conveyor.kafka")
 
 OURS = ("partitions", "replication.factor", "consumer")
@@ -580,9 +581,14 @@ class KafkaLogWriter(LogWriter):
 
 
 class KafkaLogReader(LogReader):
-    def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed") -> None:
+    def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
+                 *, peek: bool = False) -> None:
         hosts, self.topic, self.props, cfg, create = parse(uri, opts)
         self.uri = f"kafka://{hosts}/{self.topic}"
+        # A dry run reads in a group of its own, seeded with the real group's committed offsets
+        # and deleted at close: the real group sees no new member (no rebalance), no commit.
+        self.peeked = group if peek else None
+        group = f"{DRY_RUN_PREFIX}{group}.{uuid.uuid4().hex[:12]}" if peek else group
         self.group = group
         self._cfg, self._create = cfg, create
         ensure_topic(self.props, self.topic, cfg, create)
@@ -620,7 +626,24 @@ class KafkaLogReader(LogReader):
         self._troubled = False                 # a transport failure since the last identity check
         self._last_trouble = 0.0
         self._dlq: _OneRecord | None = None
-        self._compaction = self._start_compaction(opts)
+        if peek:
+            self._seed_from(self.peeked)
+        self._compaction = None if peek else self._start_compaction(opts)
+
+    def _seed_from(self, group: str) -> None:
+        """The dry run's group starts where ``group`` committed (partitions it never committed
+        start at the earliest record, as they would for it)."""
+        real = _made(Consumer, {**self.props, "group.id": group, "enable.auto.commit": False})
+        try:
+            md = self._admin.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
+            tps = self._tps(sorted(md.topics[self.topic].partitions))
+            at = [tp for tp in real.committed(tps, timeout=METADATA_TIMEOUT_S) if tp.offset >= 0]
+            if at:
+                self._c.commit(offsets=at, asynchronous=False)
+        except KafkaException as e:
+            raise _failure(e, f"cannot read group {group!r}'s position for the dry run") from e
+        finally:
+            real.close()
 
     def _start_compaction(self, opts: dict[str, str]) -> Background | None:
         """On a compacted topic, a thread that replaces superseded blocks (kafka_compact.py)."""
@@ -891,6 +914,13 @@ class KafkaLogReader(LogReader):
             pass
         if self._dlq is not None:
             self._dlq.producer.flush(METADATA_TIMEOUT_S)
+        if self.peeked is not None:
+            try:
+                for f in self._admin.delete_consumer_groups([self.group]).values():
+                    f.result(timeout=METADATA_TIMEOUT_S)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:   # never committed: none
+                    log.warning("kafka: could not delete the dry run's group %s: %s", self.group, e)
 
 
 class _OneRecord:

@@ -25,7 +25,9 @@ or our group vanished, the log lost records: LogLost.
 from __future__ import annotations
 
 import json
+import logging
 import time
+import uuid
 import zlib
 from datetime import datetime
 
@@ -38,10 +40,13 @@ from conveyor.errors import LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
-                                      info_map, next_id, parse_id, stream_names, text, trimmed_why)
+                                      info_map, next_id, parse_id, previous_id, stream_names, text,
+                                      trimmed_why)
 from conveyor.log.compaction import Background
 from conveyor.log.stream_compact import StreamCompactor
 from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
+
+log = logging.getLogger("conveyor.log")
 
 PIPELINE_CHUNK = 1000
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
@@ -50,6 +55,7 @@ DEFAULT_RETENTION = "7d"
 COMPACT_RETENTION = "1h"          # trim=compact: superseded entries are kept this long
 COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog
 COUNT_CAP = 10_000          # a backlog up to this long is counted exactly
+DRY_RUN_PREFIX = "conveyor-dry-run:"   # groups of dry runs: never waited for by trimming
 TRIM_MODES = ("compact", "retention", "acked", "none")
 
 
@@ -177,11 +183,14 @@ class StreamLogWriter(StreamLog, LogWriter):
 
 class StreamLogReader(StreamLog, LogReader):
     def __init__(self, uri: str, group: str, opts: dict[str, str], start: StartAt = "committed",
-                 *, observe: bool = False) -> None:
+                 *, observe: bool = False, peek: bool = False) -> None:
         self._open(uri, opts, create=not observe)
         # the raw reply: redis-py's parser drops XAUTOCLAIM's cursor with JUSTID
         self.r.set_response_callback("XAUTOCLAIM", lambda response, **_: response)
-        self.group = group
+        # A dry run reads through a group of its own, made at the real group's position and
+        # destroyed at close: the real group's pending entries, leases and members stay as they are.
+        self.peeked = group if peek else None
+        self.group = f"{DRY_RUN_PREFIX}{group}:{uuid.uuid4().hex[:12]}" if peek else group
         self.observe = observe
         self.consumer = opts.get("consumer") or default_consumer()
         self.trim_mode = opts.get("trim", "compact")
@@ -212,10 +221,26 @@ class StreamLogReader(StreamLog, LogReader):
     def _create_groups(self) -> None:
         for s in self.streams:
             try:
-                self.r.execute_command("XGROUP", "CREATE", s, self.group, "0", "MKSTREAM")
+                self.r.execute_command("XGROUP", "CREATE", s, self.group, self._start_of(s),
+                                       "MKSTREAM")
             except redis.ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+
+    def _start_of(self, stream: str) -> str:
+        """Where a new group starts: the beginning; a dry run's group just before the real
+        group's first entry not acknowledged (its oldest pending one, else its last delivered)."""
+        if self.peeked is None:
+            return "0"
+        try:
+            groups = self.r.execute_command("XINFO", "GROUPS", stream)
+        except redis.ResponseError:              # no stream yet
+            return "0"
+        g = next((info_map(x) for x in groups if text(info_map(x)["name"]) == self.peeked), None)
+        if g is None:
+            return "0"
+        first = self.r.xpending(stream, self.peeked)["min"] if int(g["pending"]) else None
+        return previous_id(text(first)) if first is not None else text(g["last-delivered-id"])
 
     def _check_streams(self, run) -> None:
         if self.observe:
@@ -399,11 +424,23 @@ class StreamLogReader(StreamLog, LogReader):
                 if minid is not None and minid > (0, 0):
                     self.r.execute_command("XTRIM", s, "MINID", f"{minid[0]}-{minid[1]}")
 
+    def _forget_dry_run(self) -> None:
+        """A dry run leaves nothing: its group and its leases go (one a SIGKILL left behind is
+        never waited for by trimming)."""
+        try:
+            for s in self.streams:
+                self.r.execute_command("XGROUP", "DESTROY", s, self.group)
+            self.r.delete(*self._leases.keys)
+        except redis.RedisError as e:
+            log.warning("could not remove the dry run's consumer group %s: %s", self.group, e)
+
     def _oldest_needed(self, stream: str) -> tuple[int, int] | None:
         groups = self.r.execute_command("XINFO", "GROUPS", stream)
         oldest: tuple[int, int] | None = None
         for g in groups:
             g = info_map(g)
+            if text(g["name"]).startswith(DRY_RUN_PREFIX):
+                continue
             # Another member may acknowledge the last pending entries between the two calls:
             # no pending entry left then (min is None), and the group needs what follows.
             pending = self.r.xpending(stream, g["name"])["min"] if int(g["pending"]) else None
@@ -490,6 +527,8 @@ class StreamLogReader(StreamLog, LogReader):
         except LogError:
             pass                                   # they lapse on their own
         finally:
+            if self.peeked is not None:
+                self._forget_dry_run()
             if self._compactor is not None and self._compaction.stop():
                 self._compactor.close()            # (never under a pass still running)
             self.r.close()

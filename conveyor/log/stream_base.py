@@ -139,6 +139,11 @@ def next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}" if seq < MAX_SEQ else f"{ms + 1}-0"
 
 
+def previous_id(entry_id: str) -> str:
+    ms, seq = (int(x) for x in entry_id.split("-"))
+    return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{MAX_SEQ}" if ms else "0-0")
+
+
 def text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 

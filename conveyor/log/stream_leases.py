@@ -102,7 +102,7 @@ class Leases:
 
     def __post_init__(self) -> None:
         self._script = self.r.register_script(LEASE_SCRIPT)
-        self._keys = [f"{self.prefix}:members:{self.group}", f"{self.prefix}:leases:{self.group}"]
+        self.keys = [f"{self.prefix}:members:{self.group}", f"{self.prefix}:leases:{self.group}"]
 
     def due(self) -> bool:
         return time.monotonic() - self.last_renew >= RENEW_EVERY_S or not self.owned
@@ -111,7 +111,7 @@ class Leases:
         """Run the lease script (``balance``: renew, release above quota, take free streams;
         ``renew``: only renew; ``leave``: release all). Returns the streams newly acquired."""
         started = time.monotonic()
-        mine, acquired = self._script(keys=self._keys,
+        mine, acquired = self._script(keys=self.keys,
                                       args=[self.consumer, self.lease_ms, mode, *self.streams])
         self.last_renew = started
         until = started + self.lease_ms / 1000 * LOCAL_MARGIN
