@@ -393,3 +393,38 @@ def test_apply_processes_share_a_group_and_survive_one_sigkill(kafka_broker, red
         assert applied and int(applied[-1].split()[2]) > 0, out
         assert_no_librdkafka_lines(err)
     assert differences(source.client(), target.client()) == []
+
+
+def test_records_deleted_under_a_running_capture_are_noticed_and_healed(kafka_broker, redis_factory):
+    from tests.test_live import notifying_source, wait_for_subscriber
+    # given a live capture whose scan of 500 keys is on a topic (a deleting one: Kafka refuses
+    # to delete records from a compacted topic)
+    source, target = notifying_source(redis_factory), redis_factory()
+    src, dst = source.client(), target.client()
+    src.mset({f"k:{i}": i for i in range(500)})
+    log = kafka_log_uri(kafka_broker) + "?partitions=1&topic.cleanup.policy=delete"
+    topic = log.split("?")[0].rsplit("/", 1)[1]
+    capture = cli.start("capture", source.url, "--log", log, "--mode", "live")
+    apply = None
+    try:
+        wait_for_subscriber(source)
+        until(lambda: '"phase": "live"' in cli.run("status", "--log", log, "--json").stdout, 60,
+              "the capture to be live")
+        end = topic_end(kafka_broker.bootstrap, topic)
+        # when every record so far is deleted from the topic (no outage, no new topic id)
+        admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+        for f in admin.delete_records([TopicPartition(topic, 0, end)]).values():
+            f.result(30)
+        src.set("after", "1")
+        # then capture notices and writes the whole source again: an apply started now, from
+        # what the topic still holds, makes the target equal to the source
+        apply = cli.start("apply", target.url, "--log", log)
+        until(lambda: not differences(src, dst), 90, "the target to equal the source")
+    finally:
+        for proc in (capture, apply):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+    code, out, err = finished(capture, 60)
+    assert code == 0 and "records were deleted that its cleanup could not" in out + err, (out, err)
+    code, out, err = finished(apply, 60)
+    assert code == 0, (out, err)

@@ -150,3 +150,20 @@ def test_global_options_after_the_command_move_before_it():
     assert hoist(["--log-format=json", "status", "d"]) == ["--log-format=json", "status", "d"]
     # nothing after "--" moves
     assert hoist(["apply", "--", "-v"]) == ["apply", "--", "-v"]
+
+
+def test_kafka_removals_tell_deletions_from_cleanup():
+    from conveyor.log.kafka import Removals, removal_window
+    assert removal_window({"cleanup.policy": "compact"}) == float("inf")
+    assert removal_window({"cleanup.policy": "delete", "retention.ms": "60000",
+                           "retention.bytes": "-1"}) == 60.0
+    # size-based retention may remove young records: no check then
+    assert removal_window({"cleanup.policy": "delete", "retention.ms": "60000",
+                           "retention.bytes": "1000000"}) is None
+    r = Removals(float("inf"))
+    r.observe({0: 10, 1: 0})
+    assert r.check({0: 10, 1: 0}) == ""                 # up to the end seen: not provably young
+    assert "partition 0 starts at offset 11, past its end 10" in r.check({0: 11, 1: 0})
+    old = Removals(0.0)                                 # every observation is older than the window
+    old.observe({0: 10})
+    assert old.check({0: 50}) == ""

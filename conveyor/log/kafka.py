@@ -45,6 +45,7 @@ import time
 import uuid
 import weakref
 import zlib
+from collections import deque
 from datetime import datetime
 
 from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException,
@@ -387,15 +388,33 @@ def _wait_visible(admin: AdminClient, topic: str) -> int:
     raise LogUnavailable(f"Kafka topic {topic!r} was created but has no leader yet")
 
 
-def cleanup_policy(admin: AdminClient, topic: str) -> str:
-    """The topic's cleanup.policy as the broker applies it ("compact", "delete" or both)."""
+def topic_settings(admin: AdminClient, topic: str) -> dict[str, str]:
+    """The topic's configuration as the broker applies it."""
     res = ConfigResource(ConfigResource.Type.TOPIC, topic)
     try:
         cfg = admin.describe_configs([res], request_timeout=METADATA_TIMEOUT_S)[res].result(
             METADATA_TIMEOUT_S)
     except KafkaException as e:
         raise _failure(e, f"cannot read the settings of Kafka topic {topic!r}") from e
-    return cfg["cleanup.policy"].value
+    return {name: entry.value for name, entry in cfg.items()}
+
+
+def cleanup_policy(admin: AdminClient, topic: str) -> str:
+    """The topic's cleanup.policy as the broker applies it ("compact", "delete" or both)."""
+    return topic_settings(admin, topic)["cleanup.policy"]
+
+
+def removal_window(settings: dict[str, str]) -> float | None:
+    """Seconds within which no record may leave the topic but by a deletion: a compacted topic
+    never removes records from its start (inf), a deleting one only past retention.ms (None, no
+    check, where retention.bytes may remove younger ones or the policy is unknown)."""
+    policy = settings.get("cleanup.policy", "")
+    if policy == "compact":
+        return float("inf")
+    if "delete" in policy and int(settings.get("retention.bytes") or -1) < 0:
+        ms = int(settings.get("retention.ms") or -1)
+        return float("inf") if ms < 0 else ms / 1000
+    return None
 
 
 def log_exists(uri: str, opts: dict[str, str]) -> bool:
@@ -422,6 +441,41 @@ def _data(msgs, topic: str, on_trouble=None):
             raise LogError(f"Kafka consume from {topic!r} failed: {err}")
 
 
+class Removals:
+    """Notices records deleted from a topic (kafka-delete-records, a topic's data lost) that its
+    cleanup could not have removed: a partition's start past an end it had less than ``window``
+    seconds ago (records appended after that moment are younger than the window)."""
+
+    OBSERVE_EVERY_S = 60.0
+    KEPT = 10_080                      # observations (a week of minutes); the oldest go first
+
+    def __init__(self, window: float | None) -> None:
+        self.window = window
+        self._seen: deque[tuple[float, dict[int, int]]] = deque(maxlen=self.KEPT)
+
+    def observe(self, ends: dict[int, int]) -> None:
+        now = time.monotonic()
+        if not self._seen or now - self._seen[-1][0] >= self.OBSERVE_EVERY_S:
+            self._seen.append((now, dict(ends)))
+
+    def forget(self) -> None:
+        self._seen.clear()
+
+    def check(self, starts: dict[int, int]) -> str:
+        now = time.monotonic()
+        while self._seen and now - self._seen[0][0] > self.window:
+            self._seen.popleft()
+        if not self._seen:
+            return ""
+        at, ends = self._seen[0]
+        for p, start in sorted(starts.items()):
+            if start > ends.get(p, start):
+                return (f"partition {p} starts at offset {start}, past its end {ends[p]} of "
+                        f"{now - at:.0f}s ago: records were deleted that its cleanup could not "
+                        "have removed yet (kafka-delete-records?)")
+        return ""
+
+
 class KafkaLogWriter(LogWriter):
     # Blocks: every event of a block is in the block's partition (partition_of), in order with
     # the records around it. A compacted topic gets them for scans only (LogWriter.compacted).
@@ -436,14 +490,16 @@ class KafkaLogWriter(LogWriter):
         self.warnings = []
         # As the broker has it (a topic that existed keeps its own policy).
         try:
-            policy = cleanup_policy(self._admin, self.topic)
+            settings = topic_settings(self._admin, self.topic)
         except LogUnavailable:
             raise
         except LogError as e:              # allowed to write, not to read the topic's settings
-            policy = "compact"
+            settings = {}
             self.warnings.append(f"{e}: taking the topic as compacted (blocks for scans only, "
                                  "one record per live change)")
-        self.compacted = "compact" in policy
+        self.compacted = "compact" in settings.get("cleanup.policy", "compact")
+        self._removed = Removals(removal_window(settings))
+        self._removed.observe(_offsets(self._admin, self.topic, range(self.partitions)))
         if self.partitions < DEFAULT_PARTITIONS and "partitions" not in create:
             self.warnings.append(
                 f"Kafka topic {self.topic!r} existed with {self.partitions} partition(s): at most "
@@ -456,7 +512,9 @@ class KafkaLogWriter(LogWriter):
         self.max_record_bytes = int(conf.get("message.max.bytes", 1_000_000)) * 9 // 10
         self._errors: list[str] = []
         self._unflushed = 0
-        self._acked: dict[int, int] = {}    # partition -> end offset the broker acknowledged
+        # partition -> an end offset the topic had (read from the broker every check): an end
+        # below it later means the broker lost records (delivery reports come for errors only)
+        self._ends: dict[int, int] = {}
         self._troubled = False              # a transport failure since the last identity check
         self._on_delivery = _weak(self._delivered)
 
@@ -467,9 +525,7 @@ class KafkaLogWriter(LogWriter):
     def _delivered(self, err, msg) -> None:
         if err is not None:
             self._errors.append(str(err))
-        elif msg.offset() >= 0:
-            p = msg.partition()
-            self._acked[p] = max(self._acked.get(p, 0), msg.offset() + 1)
+
 
     def partition_of(self, partition_key: bytes) -> int:
         # CRC-32 of the partition key, as librdkafka's consistent partitioner does.
@@ -519,12 +575,25 @@ class KafkaLogWriter(LogWriter):
             self._troubled = False
 
     def check_identity(self) -> None:
-        _check_same_log(self._admin, self.topic, self.log_id, self._acked)
+        """LogLost when the topic was recreated, ends below an end it had, or starts past
+        records too young for its cleanup to have removed them: records are missing."""
+        _check_same_log(self._admin, self.topic, self.log_id, self._ends)
+        parts = range(self.partitions)
+        ends = _offsets(self._admin, self.topic, parts)
+        for p, end in ends.items():
+            self._ends[p] = max(self._ends.get(p, 0), end)
+        if self._removed.window is not None:
+            why = self._removed.check(_offsets(self._admin, self.topic, parts, earliest=True))
+            if why:
+                raise LogLost(f"Kafka topic {self.topic!r} {why}")
+            self._removed.observe(ends)
 
     def adopt_new_log(self) -> None:
         self.partitions = ensure_topic(self._props, self.topic, self._cfg, self._create)
         self.log_id = _topic_id(self._admin, self.topic)
-        self._acked.clear()
+        self._ends.clear()
+        self._removed.forget()
+        self._removed.observe(_offsets(self._admin, self.topic, range(self.partitions)))
         self._troubled = False
 
     def history(self) -> History:
