@@ -97,13 +97,22 @@ def test_standalone_into_a_valkey81_cluster(redis_factory, cluster_factory, tmp_
 
 def test_merge_policy_into_a_cluster(redis_factory, cluster_factory, tmp_path):
     src, dst = redis_factory(), cluster_factory(3)
-    load_big(src.client())
+    s, t = src.client(), dst.client()
+    load_big(s)
+    # the target already holds members of two of the keys: merge keeps them, overwrite would not
+    t.hset("big:hash", "theirs", "kept")
+    t.zadd("{other}big:zset", {"theirs": -1})
     log = f"file:{tmp_path / 'log'}"
     run = ("apply", dst.url, "--log", log, "--merge-policy", "merge", "--idle-timeout", "1")
     cli.run("capture", src.url, "--log", log, "--big-key-bytes", "64KiB", check=True)
     cli.run(*run, check=True)
     cli.run(*run, "--group", "again", check=True)           # replayed: still the same data
-    assert_identical(src.client(), dst)
+    assert t.hgetall("big:hash") == {**s.hgetall("big:hash"), b"theirs": b"kept"}
+    assert dict(t.zrange("{other}big:zset", 0, -1, withscores=True)) == \
+        {**dict(s.zrange("{other}big:zset", 0, -1, withscores=True)), b"theirs": -1.0}
+    t.hdel("big:hash", "theirs")
+    t.zrem("{other}big:zset", "theirs")
+    assert_identical(s, dst)                                # and every other key as the source
 
 
 # -- live, with the target cluster changing under apply -------------------------------------------

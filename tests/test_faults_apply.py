@@ -86,7 +86,8 @@ def test_target_restarted_empty_mid_apply_is_rebuilt_from_the_log(redis_factory,
     else:
         log, opts = f"{redis_factory().url}/0", ["--log-opt", "trim=none"]
     run("capture", src.url, "--log", log, *opts, check=True)
-    can_replay = replayable(log, dict(o.split("=", 1) for o in opts[1::2]))
+    # a fresh file log, and a stream never trimmed, hold every record: a replay heals
+    assert replayable(log, dict(o.split("=", 1) for o in opts[1::2])) is True
 
     proc = start("apply", dst.url, "--log", log, *opts, "--batch", "50", "--idle-timeout", "2")
     t = dst.client()
@@ -94,24 +95,27 @@ def test_target_restarted_empty_mid_apply_is_rebuilt_from_the_log(redis_factory,
     dst.stop()
     time.sleep(0.5)
     dst.start()                                   # same port, empty
-    assert_healed_or_stopped(proc, can_replay, src, dst, log)
+    assert_healed(proc, src, dst)
 
 
-def assert_healed_or_stopped(proc, can_replay: bool, src, dst, log: str) -> None:
-    """apply replayed the log and the target matches (exit 0), or, on a log that cannot tell it
-    holds every key, it stopped with one line naming the command to run (exit 1)."""
+def assert_healed(proc, src, dst) -> None:
+    """apply replayed the log and the target matches (exit 0)."""
     out, err = proc.communicate(timeout=180)
-    if can_replay:
-        assert proc.returncode == 0, (out, err)
-        assert REPLAY in err and "the target restarted" in err, err
-        assert "the log was replayed from its earliest record" in out, out
-        assert_same(src, dst)
-    else:
-        assert proc.returncode == 1, err
-        line = [ln for ln in err.splitlines() if "conveyor: error:" in ln]
-        assert len(line) == 1 and "the target lost writes (the target restarted" in line[0], err
-        assert f"conveyor capture SOURCE --log {log}" in line[0] and "--fresh" in line[0], err
-        assert "Traceback" not in err
+    assert proc.returncode == 0, (out, err)
+    assert REPLAY in err and "the target restarted" in err, err
+    assert "the log was replayed from its earliest record" in out, out
+    assert_same(src, dst)
+
+
+def assert_stopped(proc, log: str) -> None:
+    """On a log that cannot tell it holds every key, apply stopped with one line naming the
+    command to run (exit 1)."""
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    line = [ln for ln in err.splitlines() if "conveyor: error:" in ln]
+    assert len(line) == 1 and "the target lost writes (the target restarted" in line[0], err
+    assert f"conveyor capture SOURCE --log {log}" in line[0] and "--fresh" in line[0], err
+    assert "Traceback" not in err
 
 
 def test_a_target_down_when_apply_would_end_is_waited_for_and_checked(redis_factory, tmp_path):
@@ -128,19 +132,30 @@ def test_a_target_down_when_apply_would_end_is_waited_for_and_checked(redis_fact
     time.sleep(3)
     assert proc.poll() is None, proc.communicate()
     dst.start()                                   # empty
-    assert_healed_or_stopped(proc, replayable(log, {}), src, dst, log)
+    assert replayable(log, {}) is True
+    assert_healed(proc, src, dst)
 
 
-def test_a_target_restarted_empty_between_two_runs_is_noticed(redis_factory, tmp_path):
-    """The next apply of the group compares the target with what the previous run last read."""
+@pytest.mark.parametrize("backend", ["file", "trimmed stream"])
+def test_a_target_restarted_empty_between_two_runs_is_noticed(redis_factory, tmp_path, backend):
+    """The next apply of the group compares the target with what the previous run last read:
+    it replays a log that holds every record, and stops on one that was trimmed."""
     src, dst = redis_factory(), redis_factory()
     load_keys(src.client(), 2000)
-    log = f"file:{tmp_path / 'log'}"
+    buffer = redis_factory() if backend != "file" else None
+    log = f"file:{tmp_path / 'log'}" if buffer is None else f"{buffer.url}/0?partitions=1"
     run("capture", src.url, "--log", log, check=True)
     run("apply", dst.url, "--log", log, "--idle-timeout", "1", check=True)
+    if buffer is not None:                        # an operator trims the buffer's first entries
+        b = buffer.client()
+        first = b.xrange("conveyor:0", count=2)[1][0]
+        b.xtrim("conveyor:0", minid=first)
     dst.restart()                                 # empty; the log has nothing new
     proc = start("apply", dst.url, "--log", log, "--idle-timeout", "1")
-    assert_healed_or_stopped(proc, replayable(log, {}), src, dst, log)
+    if buffer is None:
+        assert_healed(proc, src, dst)
+    else:
+        assert_stopped(proc, log)
 
 
 class DeclaredReplayable:

@@ -10,6 +10,7 @@ from redis.crc import key_slot
 
 from conveyor.workload import Workload
 from tests import cli
+from tests.compare import wait_until
 
 
 def notifying_source(redis_factory, **kw):
@@ -105,13 +106,14 @@ def test_deletes_renames_moves_and_expiries_arrive_as_deletes(redis_factory, tmp
     proc = cli.start("replicate", source.url, target.url, "--mode", "live", "--idle-timeout", "3",
                      "--state-dir", str(tmp_path), "--no-verify")
     wait_for_subscriber(source)
-    time.sleep(1)                                     # the initial scan has copied all four
+    t = target.client()
+    wait_until(lambda: t.exists("del", "ren", "mov", "exp") == 4, 30,
+               "the initial scan to copy all four")
     s.delete("del")
     s.rename("ren", "renamed")
     s.move("mov", 1)
     s.pexpire("exp", 10)
-    time.sleep(0.5)
-    s.get("exp")                                      # makes sure the expiry fired
+    wait_until(lambda: not s.exists("exp"), 10, "the expiry to fire")   # reading it expires it
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     assert set(target.client().keys("*")) == {b"renamed"}

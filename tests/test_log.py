@@ -113,12 +113,45 @@ def test_lag_falls_as_records_are_committed_and_groups_are_independent(log_uri):
     b.close()
 
 
+def stored_dead_letters(uri: str) -> list[tuple[bytes, bytes, str, str]]:
+    """(key, value, reason, group) of every dead letter, read with the backend's own client."""
+    if uri.startswith("file:"):
+        import base64
+        import json
+        from pathlib import Path
+        path = Path(uri[len("file:"):]) / "dead-letter.jsonl"
+        return [(base64.b64decode(d["key"]), base64.b64decode(d["value"]), d["reason"], d["group"])
+                for d in map(json.loads, path.read_text().splitlines())]
+    if uri.startswith("redis://"):
+        import redis
+        r = redis.Redis.from_url(uri)
+        return [(f[b"k"], f[b"v"], f[b"reason"].decode(), f[b"group"].decode())
+                for _id, f in r.xrange("conveyor:dead-letter")]
+    from confluent_kafka import Consumer, TopicPartition
+    hosts, topic = uri[len("kafka://"):].split("?")[0].split("/", 1)
+    c = Consumer({"bootstrap.servers": hosts, "group.id": "dead-letter-reader",
+                  "enable.auto.commit": False})
+    try:
+        c.assign([TopicPartition(f"{topic}.dead-letter", 0, 0)])
+        out, deadline = [], time.monotonic() + 30
+        while not out and time.monotonic() < deadline:
+            m = c.poll(1.0)
+            if m is not None and m.error() is None:
+                h = {k: v.decode() for k, v in m.headers()}
+                out.append((m.key(), m.value(), h["reason"], h["group"]))
+        return out
+    finally:
+        c.close()
+
+
 def test_dead_letter_is_kept(log_uri):
     write(log_uri, BINARY[:1])
     r = open_reader(log_uri, "g")
     rec = drain(r, 1)[0]
     r.dead_letter(rec, "cannot decode")        # raises LogError if it cannot be stored
     r.close()
+    # read back as stored, bytes intact
+    assert stored_dead_letters(log_uri) == [(BINARY[0][0], BINARY[0][1], "cannot decode", "g")]
 
 
 def test_meta_store_survives_reopening(log_uri):
