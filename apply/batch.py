@@ -20,6 +20,7 @@ from conveyor import cluster, values
 from conveyor.acl import user_of
 from conveyor.cluster import is_cluster
 from conveyor.endpoints import server_info
+from conveyor.words import text
 from conveyor.errors import CodecError
 from conveyor.events import Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
@@ -130,7 +131,7 @@ class BatchWriter:
         self._user: str | None = None          # the target's ACL user, named in a refusal
         self.redirects = 0                     # cluster redirections and node failures followed
 
-    def _redirected(self, e: BaseException) -> None:
+    def redirected(self, e: BaseException) -> None:
         self.redirects += 1
 
     def forget_targets(self) -> None:
@@ -164,7 +165,7 @@ class BatchWriter:
             pipe.commands += p.commands
             plan.append(p)
         probed = probe is not None and probe.queue(pipe)
-        replies = execute(target, pipe, self._redirected)
+        replies = execute(target, pipe, self.redirected)
         if probed:
             res.probe = replies[-3:]
         res.tally.temp_cleaned += sum(replies[i] for i in cleanups)
@@ -182,7 +183,7 @@ class BatchWriter:
         if convert:
             self._convert(target, convert, plan, v7, res, leftovers)
         if leftovers:                          # no half-built value left behind
-            _execute_commands(target, [("DEL", k) for k in leftovers], self._redirected)
+            _execute_commands(target, [("DEL", k) for k in leftovers], self.redirected)
         self.open_parts = parts
         res.removals = sum(p.removals for p in plan) + len(cleanups)
         res.late_removals = len(convert) + len(leftovers)
@@ -261,7 +262,7 @@ class BatchWriter:
         t.chunks += 1
         p.ok = True
         if isinstance(reply, list) and reply and reply[0] == b"refused":
-            text = _text(reply[1])
+            text = text(reply[1])
             err = refused(text, "RESTORE", self._user)
             if err is not None:
                 raise err
@@ -329,7 +330,7 @@ class BatchWriter:
             starts.append(len(pipe))
             for cmd in p.commands:
                 pipe.execute_command(*cmd)
-        replies = execute(target, pipe, self._redirected)
+        replies = execute(target, pipe, self.redirected)
         for c, value, start, n in sent:
             p = c.planned
             errors = [r for r in replies[start:start + n] if isinstance(r, Exception)]
@@ -401,10 +402,6 @@ def _decoded(ev: Event) -> dict:
         return values.from_rdb(decode_dump(ev.payload))
     except ValueError as e:
         raise CodecError(str(e)) from e
-
-
-def _text(v) -> str:
-    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
 def execute(target: redis.Redis, pipe: Batch, on_redirect=None) -> list:

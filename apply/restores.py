@@ -53,7 +53,7 @@ def write_whole(writer: BatchWriter, target: redis.Redis, items: list[tuple[Even
     probed = probe is not None and probe.queue(pipe)
     # As the careful path sends it: per node on a cluster (redirections followed and counted),
     # connection failures and refused permissions classified the same way.
-    replies = execute(target, pipe, writer._redirected)
+    replies = execute(target, pipe, writer.redirected)
     if any(isinstance(r, Exception) for r in replies):
         return None
     res = BatchResult(removals=removals, probe=replies[-3:] if probed else None)

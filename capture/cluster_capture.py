@@ -267,7 +267,7 @@ class ClusterCapture(Capture):
     def _check_topology(self) -> bool:
         """Read the slot table again; slots that changed owner are reported (a gap in live modes)
         and scanned again on their new owner. True when something changed."""
-        cluster._refresh(self.cl)
+        cluster.refresh(self.cl)
         new = self._topology()
         moves: dict[tuple[str | None, str], set[int]] = {}
         for s, owner in new.items():
@@ -419,7 +419,7 @@ class ClusterCapture(Capture):
         owned = {n: {s for lo, hi in rs for s in range(lo, hi + 1)}
                  for n, rs in cp.get("topology", {}).items()}
         before = {s: n for n, ss in owned.items() for s in ss}
-        cluster._refresh(self.cl)
+        cluster.refresh(self.cl)
         self._topo = self._topology()
         moved = {s for s, n in self._topo.items() if before.get(s) != n}
         serving = self._serving()

@@ -6,7 +6,7 @@ import logging
 
 import redis
 
-from conveyor.capture.emitting import text
+from conveyor.words import text
 from conveyor import packed, values
 from conveyor.acl import in_script
 from conveyor.events import now_millis
@@ -60,6 +60,11 @@ class DumpReads:
                 self._split_payload(key, payload, read_ms, self._expire(ttl, read_ms))
             else:
                 self._upsert(key, read_ms, self._expire(ttl, read_ms), payload=payload)
+
+    def forget_script(self) -> None:
+        """The source forgot the read script (a restart): load it again on the next read."""
+        if self._script:
+            self._script = None
 
     def _read_scripted(self, keys: list[bytes], check_type: bool
                        ) -> tuple[list[bytes], bool] | None:

@@ -175,7 +175,3 @@ class Emitting:
         if ttl is None or ttl < 0:
             return None
         return ttl if self.info.has_pexpiretime else read_ms + ttl
-
-
-def text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

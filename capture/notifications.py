@@ -71,6 +71,10 @@ class DirtySet:
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
 
+    def wake(self) -> None:
+        """Wake whoever waits, with no key marked (something else needs the loop)."""
+        self._event.set()
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -152,7 +156,7 @@ class Notifications:
         self.fatal = fatal(e, "subscribing to keyspace notifications", self.user, "PSUBSCRIBE",
                            "&" + (self._prefix + b"*").decode())
         self.ready.set()                     # start() must not wait for a confirmation now
-        self.dirty._event.set()              # wake the main loop, which raises it
+        self.dirty.wake()              # wake the main loop, which raises it
 
     def _listen(self) -> None:
         pubsub = self.connect().pubsub(ignore_subscribe_messages=False)

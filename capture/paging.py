@@ -57,11 +57,11 @@ class Paging:
             while True:
                 cursor, items = r.execute_command(cmd, key, cursor, "COUNT", n)
                 if type_ == "hash":
-                    yield values.value("HASH", values._flat(items))
+                    yield values.value("HASH", values.flat(items))
                 elif type_ == "set":
                     yield values.value("SET", items)
                 else:
-                    members, scores = values._zset_pairs(items)
+                    members, scores = values.zset_pairs(items)
                     yield values.value("ZSET", members, scores)
                 if int(cursor) == 0:
                     return
@@ -89,7 +89,7 @@ class Paging:
                 entries = r.execute_command("XRANGE", key, start, "+", "COUNT", n)
                 if entries:
                     yield values.value("STREAM", stream=values.stream_doc(
-                        [(e[0], values._flat(e[1])) for e in entries]))
+                        [(e[0], values.flat(e[1])) for e in entries]))
                 if len(entries) < n:
                     return
                 start = b"(" + entries[-1][0]

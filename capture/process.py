@@ -158,7 +158,7 @@ class Capture:
 
     def stop(self) -> None:
         self._stop.set()
-        self.dirty._event.set()            # wake the loop
+        self.dirty.wake()            # wake the loop
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> CaptureStats:
@@ -426,7 +426,7 @@ class Capture:
             self.stats.gaps.append(why)
         log.warning("gap detected: %s; a resync (catch-up scan) will heal it", why)
         self._resync.set()
-        self.dirty._event.set()
+        self.dirty.wake()
 
     def _start_resync(self) -> None:
         self._resync.clear()
@@ -688,7 +688,7 @@ class Capture:
                 raise
             # A restarted source forgot the read script. StateReader loads it again when it has
             # none (its own check looks for "NOSCRIPT" in the text, which redis-py 8 strips).
-            self.reader._script = None
+            self.reader.forget_script()
             self.digests.forget_script()
             return self.sup.source(fn, what)
 

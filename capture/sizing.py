@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from conveyor.capture.emitting import text
+from conveyor.words import text
 from conveyor import values
 from conveyor.events import now_millis
 from conveyor.keys import quoted

@@ -15,7 +15,7 @@ class StreamMeta:
         pipe.execute_command("XINFO", "STREAM", key)
         pipe.execute_command("XINFO", "GROUPS", key)
         info, groups = pipe.execute()
-        meta = values._stream([], values._pairs(info), groups, {})
+        meta = values.stream_value([], values.pairs_of(info), groups, {})
         meta["entries"] = part["stream"]["entries"]
         v = values.value("STREAM", stream=meta)
         self._add_consumers(key, v)
@@ -32,7 +32,7 @@ class StreamMeta:
             pipe.execute_command("XINFO", "CONSUMERS", key, g["name"])
         for g, reply in zip(groups, pipe.execute(raise_on_error=False)):
             if not isinstance(reply, Exception):     # a group deleted meanwhile: none to add
-                g["consumers"] = [values._bytes(values._pairs(c)["name"]) for c in reply]
+                g["consumers"] = [values.as_bytes(values.pairs_of(c)["name"]) for c in reply]
         for g in groups:
             if g["pending"]:
                 g["pel"] = self._pending(key, g["name"])

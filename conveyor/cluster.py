@@ -82,7 +82,11 @@ def primary_clients(client) -> list[redis.Redis]:
 
 def refresh(client: RedisCluster) -> None:
     """Reload the slot table (a failover or a resharding since); every node down: next time."""
-    _refresh(client)
+    try:
+        client.nodes_manager.initialize()
+    except (redis.RedisError, RedisClusterException, OSError) as err:
+        # every node unreachable for now (redis-py says so with RedisClusterException): next round
+        log.debug("cluster topology refresh failed: %s", err)
 
 
 def slot_ranges(slots: Iterable[int]) -> list[tuple[int, int]]:
@@ -216,7 +220,7 @@ def _round(client, commands, todo, asking, replies, on_redirect, replica=False):
         # refresh (state writes and reads are idempotent, and per-key order is kept).
         if on_redirect is not None:
             on_redirect(e)
-        _refresh(client)
+        refresh(client)
         return sorted(todo), e
     got: dict[int, object] = {}
     for idx, res, (_, cmds) in zip(index, results, batches):
@@ -243,7 +247,7 @@ def _round(client, commands, todo, asking, replies, on_redirect, replica=False):
         if on_redirect is not None and last is not None:
             on_redirect(last)
         if stale:
-            _refresh(client)
+            refresh(client)
     asking.clear()
     asking.update(new_asking)
     return again, last
@@ -256,10 +260,3 @@ def _node(client: RedisCluster, e: AskError) -> ClusterNode:
         client.nodes_manager.nodes_cache[node.name] = node
     return node
 
-
-def _refresh(client: RedisCluster) -> None:
-    try:
-        client.nodes_manager.initialize()
-    except (redis.RedisError, RedisClusterException, OSError) as err:
-        # every node unreachable for now (redis-py says so with RedisClusterException): next round
-        log.debug("cluster topology refresh failed: %s", err)

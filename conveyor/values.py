@@ -42,7 +42,7 @@ def group_doc(name: bytes, last_delivered_id: bytes, entries_read=None, consumer
                     for i, c, t, n in pel]}
 
 
-def _bytes(v) -> bytes:
+def as_bytes(v) -> bytes:
     if isinstance(v, bytes):
         return v
     if isinstance(v, int):
@@ -54,26 +54,26 @@ def from_rdb(tv: TypedValue) -> dict:
     """The schema shape of a value decoded from a DUMP payload."""
     t = tv.type
     if t == "string":
-        return value("STRING", [_bytes(tv.value)])
+        return value("STRING", [as_bytes(tv.value)])
     if t == "list":
-        return value("LIST", [_bytes(e) for e in tv.value])
+        return value("LIST", [as_bytes(e) for e in tv.value])
     if t == "set":
-        return value("SET", [_bytes(e) for e in tv.value])
+        return value("SET", [as_bytes(e) for e in tv.value])
     if t == "hash":
         items = []
         for f, v in tv.value.items():
-            items += (_bytes(f), _bytes(v))
+            items += (as_bytes(f), as_bytes(v))
         return value("HASH", items)
     if t == "zset":
-        return value("ZSET", [_bytes(m) for m in tv.value], list(tv.value.values()))
+        return value("ZSET", [as_bytes(m) for m in tv.value], list(tv.value.values()))
     if t == "stream":
         s: StreamValue = tv.value
         entries = []
         for eid, fields in s.entries:
-            flat = []
+            row = []
             for f, v in fields:
-                flat += (_bytes(f), _bytes(v))
-            entries.append((eid, flat))
+                row += (as_bytes(f), as_bytes(v))
+            entries.append((eid, row))
         groups = [group_doc(g["name"], g["last_delivered_id"], g["entries_read"],
                             [c["name"] for c in g["consumers"]], len(g["pending"]),
                             [(p["id"], p["consumer"], p["delivery_time"], p["delivery_count"])
@@ -142,21 +142,21 @@ def parse_read(type_: str, replies: list, *, consumers=None) -> dict | None:
     if type_ == "set":
         return value("SET", first) if first else None
     if type_ == "hash":
-        return value("HASH", _flat(first)) if first else None
+        return value("HASH", flat(first)) if first else None
     if type_ == "zset":
         if not first:
             return None
-        members, scores = _zset_pairs(first)
+        members, scores = zset_pairs(first)
         return value("ZSET", members, scores)
     if type_ == "stream":
         info, groups = replies[1], replies[2]
         if isinstance(info, Exception) or isinstance(groups, Exception):
             return None
-        return value("STREAM", stream=_stream(first, _pairs(info), groups, consumers or {}))
+        return value("STREAM", stream=stream_value(first, pairs_of(info), groups, consumers or {}))
     raise ValueError(type_)
 
 
-def _flat(reply) -> list:
+def flat(reply) -> list:
     if isinstance(reply, dict):
         out = []
         for k, v in reply.items():
@@ -165,29 +165,29 @@ def _flat(reply) -> list:
     return list(reply)
 
 
-def _pairs(reply) -> dict:
+def pairs_of(reply) -> dict:
     if isinstance(reply, dict):
-        return {_bytes(k).decode(): v for k, v in reply.items()}
-    return {_bytes(reply[i]).decode(): reply[i + 1] for i in range(0, len(reply), 2)}
+        return {as_bytes(k).decode(): v for k, v in reply.items()}
+    return {as_bytes(reply[i]).decode(): reply[i + 1] for i in range(0, len(reply), 2)}
 
 
-def _zset_pairs(reply) -> tuple[list, list]:
+def zset_pairs(reply) -> tuple[list, list]:
     if reply and isinstance(reply[0], (list, tuple)):
         return [m for m, _ in reply], [float(s) for _, s in reply]
     return list(reply[0::2]), [float(s) for s in reply[1::2]]
 
 
-def _stream(entries, info: dict, groups, consumers: dict) -> dict:
-    flat = [(eid, _flat(fields) if fields is not None else []) for eid, fields in entries]
+def stream_value(entries, info: dict, groups, consumers: dict) -> dict:
+    rows = [(eid, flat(fields) if fields is not None else []) for eid, fields in entries]
     docs = []
     for g in groups:
-        g = _pairs(g)
-        name = _bytes(g["name"])
-        docs.append(group_doc(name, _bytes(g["last-delivered-id"]), g.get("entries-read"),
+        g = pairs_of(g)
+        name = as_bytes(g["name"])
+        docs.append(group_doc(name, as_bytes(g["last-delivered-id"]), g.get("entries-read"),
                               consumers.get(name, ()), int(g.get("pending") or 0)))
     max_del = info.get("max-deleted-entry-id")
-    return stream_doc(flat, _bytes(info["last-generated-id"]), info.get("entries-added"),
-                      _bytes(max_del) if max_del is not None else None, docs)
+    return stream_doc(rows, as_bytes(info["last-generated-id"]), info.get("entries-added"),
+                      as_bytes(max_del) if max_del is not None else None, docs)
 
 
 # -- writing to a target --------------------------------------------------------------------------

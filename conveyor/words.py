@@ -4,3 +4,8 @@ from __future__ import annotations
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def text(v) -> str:
+    """A reply or name as text: bytes decoded (undecodable bytes replaced), anything else str()."""
+    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)

@@ -18,7 +18,7 @@ import redis
 from conveyor import packed
 from conveyor.cluster import is_cluster, primary_clients
 from conveyor.acl import is_noperm, refused_line, user_of
-from conveyor.words import counted
+from conveyor.words import counted, text
 from conveyor.endpoints import server_info
 from conveyor.errors import ConveyorError, SourceError, TargetError
 from conveyor.events import now_millis
@@ -287,7 +287,7 @@ class Verifier:
             st, tt = self._run_both([("TYPE", keys[i]) for i in unequal],
                                     [("TYPE", names[i]) for i in unequal])
             for i, stype, ttype in zip(unequal, self.src.check(st), self.dst.check(tt)):
-                stype, ttype = _text(stype), _text(ttype)
+                stype, ttype = text(stype), text(ttype)
                 if stype == "none":
                     continue
                 if ttype == "none":
@@ -410,7 +410,7 @@ class Verifier:
     def _of_filtered_type(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """With --scan-type, target keys of other types are out of scope."""
         types = self._run(self.dst, [("TYPE", n) for _, n in cand])
-        return [c for c, t in zip(cand, types) if _text(t) == self.filter.type]
+        return [c for c, t in zip(cand, types) if text(t) == self.filter.type]
 
     def _absent_in_source(self, cand: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         if not self.filter.type and not is_cluster(self.src.client):
@@ -423,7 +423,7 @@ class Verifier:
         types = self._run(self.src, [("TYPE", k) for k, _ in cand])
         out = []
         for (k, n), t in zip(cand, types):
-            t = _text(t)
+            t = text(t)
             if t == "none" or (self.filter.type and t != self.filter.type):
                 out.append((k, n))
         return out
@@ -448,7 +448,3 @@ def _whole(type_: str, items: list):
 
 def _digest(name: bytes) -> bytes:
     return hashlib.blake2b(name, digest_size=12).digest()
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

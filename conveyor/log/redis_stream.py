@@ -40,8 +40,8 @@ from conveyor.errors import LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
-                                      info_map, next_id, parse_id, previous_id, stream_names, text,
-                                      trimmed_why)
+                                      info_map, next_id, parse_id, previous_id, stream_names, trimmed_why)
+from conveyor.words import text
 from conveyor.log.compaction import Background
 from conveyor.log.stream_compact import StreamCompactor
 from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer

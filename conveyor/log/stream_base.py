@@ -15,6 +15,7 @@ from redis.retry import Retry
 from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import Tls, connect, mask_uri
 from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
+from conveyor.words import text
 
 MAX_SEQ = 18446744073709551615
 # Partition streams of a new log, for the same reasons as Kafka's default (conveyor/log/kafka.py):
@@ -142,10 +143,6 @@ def next_id(entry_id: str) -> str:
 def previous_id(entry_id: str) -> str:
     ms, seq = (int(x) for x in entry_id.split("-"))
     return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{MAX_SEQ}" if ms else "0-0")
-
-
-def text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def field_map(fields) -> dict:

@@ -12,6 +12,12 @@ from conveyor.rdb.model import RdbDecodeError
 
 Element = bytes | int
 
+
+def as_bytes(e: Element) -> bytes:
+    """An element as Redis gives it back: integers as their decimal text."""
+    return e if isinstance(e, bytes) else b"%d" % e
+
+
 _LP_HEADER = struct.Struct("<IH")      # total bytes, element count (65535 = "count it yourself")
 _ZL_HEADER = struct.Struct("<IIH")     # total bytes, offset of the last entry, element count
 _INTSET_HEADER = struct.Struct("<II")  # bytes per element (2, 4, 8), element count

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from conveyor.rdb import compact
-from conveyor.rdb.compact import Element
+from conveyor.rdb.compact import Element, as_bytes
 from conveyor.rdb.model import RdbDecodeError, TypedValue
 from conveyor.rdb.reader import Reader
 from conveyor.rdb.stream import read_stream
@@ -24,10 +24,6 @@ STREAM_LISTPACKS_2, SET_LISTPACK, STREAM_LISTPACKS_3 = 19, 20, 21
 QUICKLIST_NODE_PLAIN, QUICKLIST_NODE_PACKED = 1, 2
 
 _MODULE_NAME_CHARSET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-
-def _text(e: Element) -> bytes:
-    return e if isinstance(e, bytes) else b"%d" % e
 
 
 def _score(e: Element) -> float:
@@ -46,11 +42,11 @@ def _pairs(elements: list[Element], what: str) -> list[tuple[Element, Element]]:
 
 
 def _hash(elements: list[Element]) -> dict[bytes, bytes]:
-    return {_text(f): _text(v) for f, v in _pairs(elements, "hash")}
+    return {as_bytes(f): as_bytes(v) for f, v in _pairs(elements, "hash")}
 
 
 def _zset(elements: list[Element]) -> dict[bytes, float]:
-    return {_text(m): _score(s) for m, s in _pairs(elements, "sorted set")}
+    return {as_bytes(m): _score(s) for m, s in _pairs(elements, "sorted set")}
 
 
 def quicklist2_nodes(r: Reader) -> list[tuple[int, bytes]]:
@@ -71,14 +67,14 @@ def _list_quicklist2(r: Reader) -> list[bytes]:
         if container == QUICKLIST_NODE_PLAIN:
             out.append(blob)
         else:
-            out.extend(map(_text, compact.listpack(blob)))
+            out.extend(map(as_bytes, compact.listpack(blob)))
     return out
 
 
 def _list_quicklist(r: Reader) -> list[bytes]:
     out: list[bytes] = []
     for _ in range(r.length()):
-        out.extend(map(_text, compact.ziplist(r.string())))
+        out.extend(map(as_bytes, compact.ziplist(r.string())))
     return out
 
 
@@ -123,7 +119,7 @@ _DECODERS: dict[int, tuple[str, Callable[[Reader], object]]] = {
     MODULE_PRE_GA: ("module", _module_pre_ga),
     MODULE_2: ("module", _module),
     HASH_ZIPMAP: ("hash", lambda r: _hash(list(compact.zipmap(r.string())))),
-    LIST_ZIPLIST: ("list", lambda r: [_text(e) for e in compact.ziplist(r.string())]),
+    LIST_ZIPLIST: ("list", lambda r: [as_bytes(e) for e in compact.ziplist(r.string())]),
     SET_INTSET: ("set", lambda r: {b"%d" % v for v in compact.intset(r.string())}),
     ZSET_ZIPLIST: ("zset", lambda r: _zset(compact.ziplist(r.string()))),
     HASH_ZIPLIST: ("hash", lambda r: _hash(compact.ziplist(r.string()))),
@@ -133,7 +129,7 @@ _DECODERS: dict[int, tuple[str, Callable[[Reader], object]]] = {
     ZSET_LISTPACK: ("zset", lambda r: _zset(compact.listpack(r.string()))),
     LIST_QUICKLIST_2: ("list", _list_quicklist2),
     STREAM_LISTPACKS_2: ("stream", lambda r: read_stream(r, STREAM_LISTPACKS_2)),
-    SET_LISTPACK: ("set", lambda r: {_text(e) for e in compact.listpack(r.string())}),
+    SET_LISTPACK: ("set", lambda r: {as_bytes(e) for e in compact.listpack(r.string())}),
     STREAM_LISTPACKS_3: ("stream", lambda r: read_stream(r, STREAM_LISTPACKS_3)),
 }
 

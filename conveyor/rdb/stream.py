@@ -13,7 +13,7 @@ the DELETED flag are XDEL tombstones, still in the listpack but not in the strea
 """
 from __future__ import annotations
 
-from conveyor.rdb.compact import Element, listpack
+from conveyor.rdb.compact import Element, as_bytes, listpack
 from conveyor.rdb.model import (PendingEntry, RdbDecodeError, StreamConsumer, StreamGroup,
                                 StreamValue)
 from conveyor.rdb.reader import Reader
@@ -25,10 +25,6 @@ _FLAG_SAMEFIELDS = 2
 # as 2**64 - 1 and means the server does not know it (XINFO GROUPS shows nil).
 _INVALID_ENTRIES_READ = (1 << 64) - 1
 _U64 = (1 << 64) - 1
-
-
-def _text(e: Element) -> bytes:
-    return e if isinstance(e, bytes) else b"%d" % e
 
 
 def _int(e: Element, what: str) -> int:
@@ -47,7 +43,7 @@ def _node_entries(master_ms: int, master_seq: int, items: list[Element],
     count = _int(items[0], "entry count")
     deleted = _int(items[1], "deleted count")
     nfields = _int(items[2], "master field count")
-    master_fields = [_text(f) for f in items[3:3 + nfields]]
+    master_fields = [as_bytes(f) for f in items[3:3 + nfields]]
     i = 3 + nfields
     if len(master_fields) != nfields or _int(items[i], "master terminator") != 0:
         raise RdbDecodeError("stream listpack: bad master entry")
@@ -63,12 +59,12 @@ def _node_entries(master_ms: int, master_seq: int, items: list[Element],
         if flags & _FLAG_SAMEFIELDS:
             values = items[i:i + nfields]
             i += nfields
-            pairs = list(zip(master_fields, map(_text, values)))
+            pairs = list(zip(master_fields, map(as_bytes, values)))
         else:
             k = _int(items[i], "field count")
             flat = items[i + 1:i + 1 + 2 * k]
             i += 1 + 2 * k
-            pairs = list(zip(map(_text, flat[0::2]), map(_text, flat[1::2])))
+            pairs = list(zip(map(as_bytes, flat[0::2]), map(as_bytes, flat[1::2])))
         i += 1                                    # lp-count: only for walking backwards
         if i > n:
             raise RdbDecodeError("stream listpack: entry runs past the end of the node")
