@@ -9,9 +9,14 @@ raises it (ConnectionError / TimeoutError), after the connection was dropped: it
 
 This module knows servers, not routing: conveyor.cluster groups a batch by node and sends the
 groups through ``run_on``; conveyor.packed picks the route of one batch.
+
+It is the one place that reaches into redis-py's connections (a connection's socket and its
+parser's error class, a pool's get_connection); pyproject.toml pins redis-py to the versions CI
+runs this against (the newest, and the lowest supported in .ci/run).
 """
 from __future__ import annotations
 
+import inspect
 import socket
 import ssl
 
@@ -20,6 +25,14 @@ import redis
 
 READ_BYTES = 256 * 1024
 SEND_BYTES = 1024 * 1024          # a buffer sent at once (bounds the packed copy in memory)
+# redis-py 5 wants a command name for get_connection (unused since), 6 and later do not.
+_NAMED = inspect.signature(redis.ConnectionPool.get_connection).parameters.get(
+    "command_name", inspect.Parameter("x", inspect.Parameter.KEYWORD_ONLY, default=None)
+).default is inspect.Parameter.empty
+
+
+def _connection(pool: redis.ConnectionPool):
+    return pool.get_connection("EXEC") if _NAMED else pool.get_connection()
 
 
 def run_on(batches: list[tuple[redis.Redis, list[tuple]]]) -> list[list]:
@@ -30,7 +43,7 @@ def run_on(batches: list[tuple[redis.Redis, list[tuple]]]) -> list[list]:
     try:
         for at, (client, commands) in enumerate(batches):
             pool = client.connection_pool
-            ex = _Exchange(pool.get_connection()) if commands else None
+            ex = _Exchange(_connection(pool)) if commands else None
             taken.append((pool, ex))
             if ex is not None:
                 ex.send(commands)
@@ -119,5 +132,6 @@ class _Exchange:
 
 
 def _encoded(enc, a):
-    a = enc.encode(a)                       # raises DataError for what redis-py refuses
-    return bytes(a) if isinstance(a, (bytearray, memoryview)) else a
+    if isinstance(a, (bytearray, memoryview)):  # taken as bytes (redis-py 5's encoder refuses them)
+        return bytes(a)
+    return enc.encode(a)                    # raises DataError for what redis-py refuses
