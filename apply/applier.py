@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import redis
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from conveyor.apply.batch import BatchResult, BatchWriter, Tally
 from conveyor.apply.guard import TargetGuard
@@ -27,6 +26,7 @@ from conveyor.kept import KeptKeys
 from conveyor.apply.replies import TargetUnavailable
 from conveyor.apply.restores import write_whole
 from conveyor.apply.watch import Finding, TargetWatch
+from conveyor import retry
 from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
 from conveyor.events import Codec, Event, Kind, block_size, now_millis
 from conveyor.keys import KeyRewriter
@@ -41,8 +41,6 @@ log = logging.getLogger("conveyor.apply")
 LAG_INTERVAL_S = 2.0         # metrics: how often the group's lag is asked
 POLL_TIMEOUT_S = 0.5
 STATUS_INTERVAL_S = 1.0
-RETRY_MAX_WAIT_S = 30.0          # longest wait between two attempts at a batch (target down)
-LOG_RETRY_MAX_WAIT_S = 30.0      # longest wait between two calls to a log that is unavailable
 KEEPALIVE_S = 1.0                # how often the group hears from us while we wait for the target
 WATCH_INTERVAL_S = 1.0           # how often the target is checked for lost data
 IDENTITY_INTERVAL_S = 5.0        # how often the log is checked for having been reset
@@ -365,9 +363,8 @@ class Applier:
     def _write_with_retry(self, records: list[Record], events: dict) -> list[Record]:
         """Write the batch until the target took it; returns the records to commit (after a
         wait, only those this member still holds)."""
-        retrying = Retrying(retry=retry_if_exception_type(TargetUnavailable),
-                            wait=wait_exponential(multiplier=0.2, max=RETRY_MAX_WAIT_S),
-                            sleep=self._wait_for_target, before_sleep=self._log_retry)
+        retrying = retry.policy(on=TargetUnavailable, max_wait_s=retry.TARGET_MAX_WAIT_S,
+                                sleep=self._wait_for_target, before_sleep=self._log_retry)
         for attempt in retrying:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
@@ -466,9 +463,8 @@ class Applier:
     def _log_call(self, fn, *args):
         """Call the log; while it is unavailable, wait with backoff for as long as it takes and
         call again with the same arguments (a commit of the same records)."""
-        retrying = Retrying(retry=retry_if_exception_type(LogUnavailable),
-                            wait=wait_exponential(multiplier=0.2, max=LOG_RETRY_MAX_WAIT_S),
-                            sleep=self._wait_for_target, before_sleep=self._log_wait)
+        retrying = retry.policy(on=LogUnavailable, max_wait_s=retry.LOG_MAX_WAIT_S,
+                                sleep=self._wait_for_target, before_sleep=self._log_wait)
         return retrying(fn, *args)           # keepalive meanwhile: the group keeps this member
 
     def _log_wait(self, state) -> None:

@@ -11,20 +11,7 @@ import redis
 from conveyor.acl import is_noperm, refused_line
 from conveyor.endpoints import mask_text
 from conveyor.errors import TargetError
-
-# Exceptions and reply prefixes that mean "not now" rather than "never".
-TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                    redis.exceptions.OutOfMemoryError, redis.ReadOnlyError,
-                    redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
-                    redis.exceptions.MasterDownError, OSError,
-                    # A cluster changing under apply (conveyor.cluster follows these for a while,
-                    # then hands the last one here): waited out like a target that is down.
-                    redis.exceptions.AskError, redis.exceptions.SlotNotCoveredError)
-TRANSIENT_PREFIXES = ("BUSY ", "NOREPLICAS", "MISCONF", "LOADING", "OOM", "READONLY", "TRYAGAIN",
-                      "CLUSTERDOWN", "MASTERDOWN", "MOVED ", "ASK ")
-# Replies that waiting will not fix: the target's user lacks a permission, or our credentials.
-REFUSED_PREFIXES = ("NOPERM", "NOAUTH", "WRONGPASS")
-
+from conveyor.retry import REFUSED_REPLIES, TARGET_NOT_NOW, TARGET_NOT_NOW_REPLIES
 
 class TargetUnavailable(Exception):
     """The batch could not be written now; it is written again later (never escapes apply)."""
@@ -48,7 +35,7 @@ def _text(e: Exception) -> str:
     text = str(e)
     if isinstance(e, redis.exceptions.NoPermissionError) and not text.startswith("NOPERM"):
         return f"NOPERM {text}"
-    if isinstance(e, redis.AuthenticationError) and not text.startswith(REFUSED_PREFIXES):
+    if isinstance(e, redis.AuthenticationError) and not text.startswith(REFUSED_REPLIES):
         return f"NOAUTH {text}"
     return text
 
@@ -57,7 +44,7 @@ def raise_for_connection(e: Exception, user: str | None = None) -> None:
     """Turn an exception raised by a whole pipeline (no reply at all) into what it means."""
     if isinstance(e, (redis.AuthenticationError, redis.exceptions.NoPermissionError)):
         raise refused(_text(e), user=user) from e    # AuthenticationError: a ConnectionError
-    if isinstance(e, TRANSIENT_ERRORS):
+    if isinstance(e, TARGET_NOT_NOW):
         raise TargetUnavailable(f"{type(e).__name__}: {mask_text(str(e))}") from e
     raise e
 
@@ -71,10 +58,10 @@ def check_replies(replies: list, commands: list[tuple] | None = None,
         if not isinstance(r, Exception):
             continue
         text = _text(r)
-        if text.startswith(REFUSED_PREFIXES) or is_noperm(text):
+        if text.startswith(REFUSED_REPLIES) or is_noperm(text):
             cmd = _name(commands[i]) if commands and i < len(commands) else ""
             raise refused(text, cmd, user) or TargetError(f"the target refused {cmd}: {text}")
-        if isinstance(r, TRANSIENT_ERRORS) or text.startswith(TRANSIENT_PREFIXES):
+        if isinstance(r, TARGET_NOT_NOW) or text.startswith(TARGET_NOT_NOW_REPLIES):
             raise TargetUnavailable(text)
 
 

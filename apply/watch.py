@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis
 from redis._parsers.helpers import parse_info
 
-from conveyor.apply.replies import TRANSIENT_ERRORS
+from conveyor.retry import TARGET_NOT_NOW
 from conveyor import packed
 from conveyor.cluster import primary_clients
 
@@ -101,7 +101,7 @@ class TargetWatch:
             return None
         try:
             now = self.read()
-        except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
+        except (*TARGET_NOT_NOW, redis.ResponseError) as e:
             log.debug("target not readable for the data-loss check: %s", e)
             self.unreadable = f"{type(e).__name__}: {e}"
             return None

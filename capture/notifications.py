@@ -17,7 +17,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conveyor.capture.supervise import fatal, short, transient_source_error
+from conveyor.capture.supervise import fatal, short
+from conveyor.retry import transient_source_error
 from conveyor.acl import refused_line, user_of
 from conveyor.errors import ConveyorError
 from conveyor.keys import KeyFilter

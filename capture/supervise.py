@@ -1,7 +1,7 @@
 """Waiting out transient failures of the source and of the log, for as long as it takes.
 
-One place decides what is transient (connection refused or reset, timeout, LOADING; the log's
-LogUnavailable) and what is not (authentication, NOPERM, any other refusal: one line, exit 1).
+conveyor/retry.py decides what is transient (connection refused or reset, timeout, LOADING; the
+log's LogUnavailable) and how long to wait; what is not (authentication, NOPERM, any other refusal: one line, exit 1).
 Every wait is reported on stderr and through ``on_wait`` (capture puts it in its checkpoint's
 ``state``); stop() interrupts a wait, which then raises Interrupted.
 """
@@ -13,8 +13,9 @@ import time
 from typing import Callable, Iterable, TypeVar
 
 import redis
-from tenacity import (Retrying, retry_if_exception, stop_when_event_set, wait_exponential)
+from tenacity import stop_when_event_set
 
+from conveyor import retry
 from conveyor.acl import refused_line
 from conveyor.errors import ConveyorError, LogUnavailable, SourceError
 from conveyor.log.base import History, LogWriter
@@ -24,26 +25,9 @@ log = logging.getLogger("conveyor.capture")
 
 T = TypeVar("T")
 
-WAIT_FIRST_S = 0.2          # first pause after a transient failure; doubles up to WAIT_MAX_S
-WAIT_MAX_S = 5.0            # a long outage is retried (and reported) this often
-TRANSIENT_REPLIES = ("LOADING", "MASTERDOWN", "TRYAGAIN")   # the server is there, not ready yet
-
 
 class Interrupted(Exception):
     """stop() was called while waiting: the run ends without the call having succeeded."""
-
-
-def transient_source_error(e: BaseException) -> bool:
-    """A failure that waiting cures: the server is down, restarting or loading its data."""
-    if isinstance(e, redis.AuthenticationError):
-        return False                              # a ConnectionError in redis-py, but final
-    if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
-        return True                               # BusyLoadingError (LOADING) is one of these
-    if isinstance(e, redis.ResponseError):
-        return str(e).startswith(TRANSIENT_REPLIES)
-    if isinstance(e, SourceError) and e.__cause__ is not None:
-        return transient_source_error(e.__cause__)   # Endpoint.connect wraps the driver's error
-    return False
 
 
 def short(e: BaseException) -> str:
@@ -68,7 +52,7 @@ class Supervisor:
     def source(self, fn: Callable[[], T], what: str) -> T:
         """``fn`` reads the source; a final refusal becomes one SourceError naming ``what``."""
         try:
-            return self._call(fn, what, "source", transient_source_error)
+            return self._call(fn, what, "source", retry.transient_source_error)
         except SourceError:
             raise
         except redis.RedisError as e:
@@ -90,15 +74,13 @@ class Supervisor:
 
     def _wait(self, fn, what, whom, transient, first: BaseException):
         started = time.monotonic()
-        self._report(whom, what, first, WAIT_FIRST_S)
-        retrying = Retrying(retry=retry_if_exception(transient),
-                            wait=wait_exponential(multiplier=WAIT_FIRST_S, min=WAIT_FIRST_S,
-                                                  max=WAIT_MAX_S),
-                            stop=stop_when_event_set(self.stop), sleep=self.stop.wait,
-                            before_sleep=lambda rs: self._report(
-                                whom, what, rs.outcome.exception(), rs.next_action.sleep),
-                            reraise=True)
-        self.stop.wait(WAIT_FIRST_S)
+        self._report(whom, what, first, retry.FIRST_WAIT_S)
+        retrying = retry.policy(on=transient, max_wait_s=retry.SOURCE_MAX_WAIT_S,
+                                stop=stop_when_event_set(self.stop), sleep=self.stop.wait,
+                                before_sleep=lambda rs: self._report(
+                                    whom, what, rs.outcome.exception(), rs.next_action.sleep),
+                                reraise=True)
+        self.stop.wait(retry.FIRST_WAIT_S)
         try:
             result = retrying(fn)
         except Exception as e:  # noqa: BLE001 - only a transient one turns into Interrupted

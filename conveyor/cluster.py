@@ -22,6 +22,7 @@ from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError,
                               RedisClusterException, TryAgainError)
 
+from conveyor import retry
 from conveyor.exchange import run_on
 
 log = logging.getLogger("conveyor.cluster")
@@ -37,8 +38,6 @@ KEY_FIRST = frozenset(
         "ZSCAN", "LLEN", "HLEN", "SCARD", "ZCARD", "XLEN", "STRLEN", "RENAME", "APPEND", "SETRANGE",
         "GETRANGE", "XGROUP", "XSETID", "LPUSH", "HMSET", "INCRBY", "PSETEX"))
 TWO_WORD = frozenset((b"MEMORY", b"OBJECT", b"XINFO", b"XGROUP"))   # the key comes after a subcommand
-REDIRECT_WAIT_S = (0.05, 2.0)     # backoff between rounds of a batch whose replies were redirections
-MAX_ROUNDS = 60                   # then the last error is raised for the caller's supervisor
 
 
 def cluster_enabled(client: redis.Redis) -> bool | None:
@@ -157,18 +156,18 @@ def run(client: RedisCluster, commands: list[tuple],
     """The replies of ``commands`` (error replies as exception instances), each from the node that
     owns its key's slot. Redirections are followed until every command has a real reply; a
     connection lost to a node mid-batch (a failover) refreshes the topology and resends that node's
-    commands. After MAX_ROUNDS rounds the last error is raised (a cluster down for that long is
+    commands. After retry.CLUSTER_ROUNDS rounds the last error is raised (a cluster down for that long is
     the caller's to wait out). ``replica``: read-only commands, sent to a replica of the slot's
     shard (its primary when it has none), on a READONLY connection."""
     replies: list = [None] * len(commands)
     todo = list(range(len(commands)))
     asking: dict[int, ClusterNode] = {}
     last: BaseException | None = None
-    for round_ in range(MAX_ROUNDS):
+    for round_ in range(retry.CLUSTER_ROUNDS):
         todo, last = _round(client, commands, todo, asking, replies, on_redirect, replica)
         if not todo:
             return replies
-        time.sleep(min(REDIRECT_WAIT_S[0] * (2 ** round_), REDIRECT_WAIT_S[1]))
+        time.sleep(retry.cluster_pause(round_))
     raise last  # type: ignore[misc]
 
 

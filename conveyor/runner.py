@@ -204,7 +204,6 @@ def refuse_log_on(client: redis.Redis, ep: Endpoint, log_uri: str, log_opts: dic
         buffer.close()
 
 
-LOG_OPEN_MAX_WAIT_S = 30.0     # the longest pause between two attempts
 LOG_WAIT_S = 30.0              # --log-wait: how long a log unavailable at start is waited for
 
 
@@ -213,8 +212,9 @@ def open_waiting(fn: Callable, what: str, limit_s: float = LOG_WAIT_S):
     broker or buffer Redis restarting) is waited for, with backoff and a line each time, for
     ``limit_s`` seconds (--log-wait; 0: for as long as it takes; SIGINT/SIGTERM end the wait),
     then it is one line and exit 1. Waits during a run are the processes' own, and unbounded."""
-    from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, stop_never,
-                          wait_exponential)
+    from tenacity import stop_after_delay, stop_never
+
+    from conveyor import retry
     began = time.monotonic()
     tried = [began]
 
@@ -230,10 +230,10 @@ def open_waiting(fn: Callable, what: str, limit_s: float = LOG_WAIT_S):
                     state.next_action.sleep)
 
     try:
-        return Retrying(retry=retry_if_exception_type(LogUnavailable), reraise=True,
-                        stop=stop_after_delay(limit_s) if limit_s else stop_never,
-                        wait=wait_exponential(multiplier=0.5, max=LOG_OPEN_MAX_WAIT_S),
-                        before_sleep=say)(attempt)
+        return retry.policy(on=LogUnavailable, reraise=True,
+                            stop=stop_after_delay(limit_s) if limit_s else stop_never,
+                            first_wait_s=retry.LOG_OPEN_FIRST_WAIT_S,
+                            max_wait_s=retry.LOG_MAX_WAIT_S, before_sleep=say)(attempt)
     except LogUnavailable as e:
         raise LogError(f"the log could not be reached at start ({what}) in "
                        f"{time.monotonic() - began:.0f}s (--log-wait {limit_s:.0f}s): {e}; is it up and is the address right? (--log-wait 0 "

@@ -53,6 +53,7 @@ from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError,
 from confluent_kafka import TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
+from conveyor import retry
 from conveyor.errors import ConfigError, LogError, LogLost, LogUnavailable
 from conveyor.log.compaction import Background
 from conveyor.log.kafka_compact import DEFAULT_AFTER, KafkaCompactor
@@ -71,11 +72,9 @@ METADATA_TIMEOUT_S = 10.0
 METADATA_STEP_S = 1.0         # a metadata lookup is retried this often until METADATA_TIMEOUT_S
 APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
 KEEPALIVE_POLLS = 100         # events served per keepalive() at most
-# A commit refused because the group moved to a new generation (a member joined or left) is made
-# again after taking part in the rebalance, this often, this far apart.
-COMMIT_REJOIN_ATTEMPTS = 50
-COMMIT_REJOIN_PAUSE_S = 0.2
 IDENTITY_RECHECK_S = 2.0      # a reader checks the topic id this long after its last transport error
+# A commit refused because the group moved to a new generation (a member joined or left) is made
+# again after taking part in the rebalance (retry.KAFKA_REJOIN_ATTEMPTS, _PAUSE_S).
 REJOIN = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
           KafkaError.UNKNOWN_MEMBER_ID}
 # librdkafka's own lines (syslog levels up to this one) are passed to our logger at INFO.
@@ -886,17 +885,17 @@ class KafkaLogReader(LogReader):
         for r in records:
             p = int(r.partition)
             last[p] = max(last.get(p, -1), r.offset)
-        for attempt in range(COMMIT_REJOIN_ATTEMPTS):
+        for attempt in range(retry.KAFKA_REJOIN_ATTEMPTS):
             try:
                 return self._commit(last)
             except KafkaException as e:
                 err = e.args[0] if e.args else None
                 if (not isinstance(err, KafkaError) or err.code() not in REJOIN
-                        or attempt == COMMIT_REJOIN_ATTEMPTS - 1):
+                        or attempt == retry.KAFKA_REJOIN_ATTEMPTS - 1):
                     raise _failure(e, f"Kafka commit for group {self.group!r} failed") from e
                 # A rebalance under way: join it (no record is delivered meanwhile), then
                 # commit the partitions still ours.
-                time.sleep(COMMIT_REJOIN_PAUSE_S)
+                time.sleep(retry.KAFKA_REJOIN_PAUSE_S)
                 self.keepalive()
 
     def _commit(self, last: dict[int, int]) -> None:

@@ -15,6 +15,7 @@ from redis.retry import Retry
 from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import Tls, connect, mask_uri
 from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
+from conveyor.retry import LOG_NOT_READY
 from conveyor.words import text
 
 MAX_SEQ = 18446744073709551615
@@ -31,7 +32,6 @@ UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 CLIENT_RETRIES = 1
 CLIENT_BACKOFF = ExponentialBackoff(cap=0.5, base=0.1)
 # Replies meaning "not now": the buffer is loading its data, a replica, or a failover is under way.
-TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
 
 
 @contextmanager
@@ -48,7 +48,7 @@ def converted(what: str, user: str | None = None):
         line = refused_line(e, "log", user)
         if line:
             raise LogError(line) from e
-        if isinstance(e, redis.ReadOnlyError) or msg.startswith(TRANSIENT_REPLIES):
+        if isinstance(e, redis.ReadOnlyError) or msg.startswith(LOG_NOT_READY):
             raise LogUnavailable(f"Redis Streams log: {what}: the buffer Redis is not ready: {e}") from e
         if msg.startswith("NOGROUP"):
             raise LogLost(f"the consumer group is gone from the buffer Redis ({msg}): it was "
