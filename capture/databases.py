@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from conveyor.capture.process import Capture, CaptureStats
@@ -139,39 +139,45 @@ class DatabasesStats(CaptureStats):
     per_db: dict[int, CaptureStats] = field(default_factory=dict)
 
 
-SUMMED = ("keys", "deletes", "total_hint", "resyncs", "resyncs_done", "dirty_waiting",
-          "notifications", "unseen_reread", "digests_read", "history_records", "rescans",
-          "source_waits", "log_waits")
-
-
 def merged(by_db: dict[int, CaptureStats], mode: str) -> DatabasesStats:
-    out = DatabasesStats(mode=mode, per_db=dict(by_db))
     if not by_db:
-        return out
+        return DatabasesStats(mode=mode)
     stats = list(by_db.values())
-    for name in SUMMED:
-        setattr(out, name, sum(getattr(st, name) for st in stats))
-    out.capture_id = ",".join(st.capture_id for st in stats if st.capture_id)
-    out.resumed = any(st.resumed for st in stats)
-    out.complete = all(st.complete for st in stats)
-    out.started = min(st.started for st in stats)
-    out.gaps = [f"db {db}: {g}" for db, st in by_db.items() for g in st.gaps]
-    out.history_gap = next((st.history_gap for st in stats if st.history_gap), "")
-    out.incomplete_why = "; ".join(f"db {db}: {st.incomplete_why}" for db, st in by_db.items()
-                                   if st.incomplete_why)
-    out.waiting = next((f"db {db}: {st.waiting}" for db, st in by_db.items() if st.waiting), "")
-    out.reads = _reads([st.reads for st in stats])
-    return out
+
+    def total(count) -> int:
+        return sum(count(st) for st in stats)
+
+    return DatabasesStats(
+        mode=mode, per_db=dict(by_db),
+        keys=total(lambda st: st.keys), deletes=total(lambda st: st.deletes),
+        total_hint=total(lambda st: st.total_hint), resyncs=total(lambda st: st.resyncs),
+        resyncs_done=total(lambda st: st.resyncs_done),
+        dirty_waiting=total(lambda st: st.dirty_waiting),
+        notifications=total(lambda st: st.notifications),
+        unseen_reread=total(lambda st: st.unseen_reread),
+        digests_read=total(lambda st: st.digests_read),
+        history_records=total(lambda st: st.history_records), rescans=total(lambda st: st.rescans),
+        source_waits=total(lambda st: st.source_waits), log_waits=total(lambda st: st.log_waits),
+        capture_id=",".join(st.capture_id for st in stats if st.capture_id),
+        resumed=any(st.resumed for st in stats), complete=all(st.complete for st in stats),
+        started=min(st.started for st in stats),
+        gaps=[f"db {db}: {g}" for db, st in by_db.items() for g in st.gaps],
+        history_gap=next((st.history_gap for st in stats if st.history_gap), ""),
+        incomplete_why="; ".join(f"db {db}: {st.incomplete_why}" for db, st in by_db.items()
+                                 if st.incomplete_why),
+        waiting=next((f"db {db}: {st.waiting}" for db, st in by_db.items() if st.waiting), ""),
+        reads=_reads([st.reads for st in stats]))
 
 
 def _reads(counts: list[ReadCounts]) -> ReadCounts:
-    out = ReadCounts()
-    for f in fields(ReadCounts):
-        if f.name == "over_limit_keys":
-            out.over_limit_keys = [k for c in counts for k in c.over_limit_keys][:50]
-        else:
-            setattr(out, f.name, sum(getattr(c, f.name) for c in counts))
-    return out
+    def total(count) -> int:
+        return sum(count(c) for c in counts)
+
+    return ReadCounts(upserts=total(lambda c: c.upserts), deletes=total(lambda c: c.deletes),
+                      chunked_keys=total(lambda c: c.chunked_keys),
+                      chunks=total(lambda c: c.chunks), over_limit=total(lambda c: c.over_limit),
+                      skipped=total(lambda c: c.skipped),
+                      over_limit_keys=[k for c in counts for k in c.over_limit_keys][:50])
 
 
 class Databases:

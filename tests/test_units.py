@@ -167,3 +167,24 @@ def test_kafka_removals_tell_deletions_from_cleanup():
     old = Removals(0.0)                                 # every observation is older than the window
     old.observe({0: 10})
     assert old.check({0: 50}) == ""
+
+
+def test_merged_capture_stats_sum_every_count_of_every_database():
+    from dataclasses import fields
+
+    from conveyor.capture.databases import merged
+    from conveyor.capture.process import CaptureStats
+    a, b = CaptureStats(), CaptureStats()
+    counters = [f.name for f in fields(CaptureStats) if f.type in ("int", int)]
+    read_counters = [f.name for f in fields(type(a.reads)) if f.type in ("int", int)]
+    for i, name in enumerate(counters):
+        setattr(a, name, i + 1)
+        setattr(b, name, 100 * (i + 1))
+    for i, name in enumerate(read_counters):
+        setattr(a.reads, name, i + 1)
+        setattr(b.reads, name, 1000 * (i + 1))
+    out = merged({0: a, 3: b}, "live")
+    assert counters and read_counters
+    assert {n: getattr(out, n) for n in counters} == {n: 101 * (i + 1) for i, n in enumerate(counters)}
+    assert {n: getattr(out.reads, n) for n in read_counters} == \
+        {n: 1001 * (i + 1) for i, n in enumerate(read_counters)}
