@@ -15,20 +15,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import redis
 
-from conveyor.apply.batch import BatchResult, BatchWriter, Tally
+from conveyor.apply.batch import BatchResult, BatchWriter
+from conveyor.apply.decode import Decoder
 from conveyor.apply.guard import TargetGuard
 from conveyor.kept import KeptKeys
 from conveyor.apply.replies import TargetUnavailable
 from conveyor.apply.restores import write_whole
+from conveyor.apply.stats import ApplyStats, Stopped, block_of, status_name
 from conveyor.apply.watch import Finding, TargetWatch
 from conveyor import retry
-from conveyor.errors import CodecError, ConfigError, LogError, LogLost, LogUnavailable, TargetError
-from conveyor.events import Codec, Event, Kind, block_size, now_millis
+from conveyor.errors import ConfigError, LogError, LogLost, LogUnavailable, TargetError
+from conveyor.events import Codec, Event, Kind, now_millis
 from conveyor.keys import KeyRewriter
 from conveyor.log import LogReader, MetaStore, Record
 from conveyor.members import member_name, process_facts, stale_snapshots, unfinished_snapshots
@@ -48,69 +49,6 @@ BATCH_BYTES = 1024 * 1024        # record bytes per batch (decoded, a part takes
 FIRST_POLL = 1                   # records asked first, before their size is known (a block holds 1000 keys)
 MAX_REASONS = 20
 PASS_OPENERS = (Kind.SNAPSHOT_BEGIN, Kind.RESYNC)
-
-
-class Stopped(Exception):
-    """stop() was called while waiting for the target or the log."""
-
-
-@dataclass
-class ApplyStats(Tally):
-    records: int = 0
-    markers: int = 0
-    dead_letters: int = 0     # undecodable records, keys refused for good, corrupt log stretches
-    retries: int = 0          # waits for the target
-    log_waits: int = 0        # waits for the log
-    snapshot_ends: int = 0
-    superseded: int = 0       # events a later event of the same key in the same batch replaced
-    kept: int = 0             # events of keys the target held before (--on-existing skip)
-    handed_over: int = 0      # records given to another group member while the target was down
-    cluster_redirects: int = 0  # MOVED/ASK/TRYAGAIN/CLUSTERDOWN and node failures followed
-    last_write_ms: int = 0
-    last_read_ms: int = 0     # source read time of the newest event applied (metrics: apply lag)
-    log_lag: int | None = None  # the group's lag as last asked (metrics; None: not asked yet)
-    dead_letter_reasons: list[str] = field(default_factory=list)
-    replays: list[str] = field(default_factory=list)    # why the target lost data, each time
-    log_lost: list[str] = field(default_factory=list)   # each time the log lost records
-    unsure_restarts: list[str] = field(default_factory=list)  # restarts that may have lost writes
-    pass_after_loss: bool = False   # a whole capture pass was applied after the last log loss
-    started: float = field(default_factory=time.monotonic)
-    last_active: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        """Records/s while there was work (idle time waiting for the log does not count)."""
-        return self.records / max((self.last_active or time.monotonic()) - self.started, 1e-9)
-
-    @property
-    def keys(self) -> int:
-        """Keys written (restored, typed, converted, deleted, expired) and parts: a record of a
-        block log holds many, so this is what progress counts."""
-        return self.restored + self.written + self.converted + self.deleted + self.expired + self.chunks
-
-    @property
-    def key_rate(self) -> float:
-        return self.keys / max((self.last_active or time.monotonic()) - self.started, 1e-9)
-
-    @property
-    def log_loss_healed(self) -> bool:
-        return not self.log_lost or self.pass_after_loss
-
-
-    def outcomes(self) -> dict[str, int]:
-        """Records by what became of them (conveyor_apply_events_total{outcome})."""
-        return {"restored": self.restored, "written": self.written, "converted": self.converted,
-                "deleted": self.deleted, "expired": self.expired, "part": self.chunks,
-                "dead_letter": self.dead_letters}
-
-
-def _block_of(rec) -> Record:
-    """The log record an event came from (a block's event carries (block, event))."""
-    return rec[0] if isinstance(rec, tuple) else rec
-
-
-def status_name(group: str) -> str:
-    return f"apply-{group}"
 
 
 class Applier:
@@ -139,6 +77,7 @@ class Applier:
         self._poll_n = min(batch, FIRST_POLL)
         self._per_record = 1000.0          # until seen, a record may be a block of 1000 events
         self.stats = ApplyStats()
+        self.decoder = Decoder(codec, self.stats, self._dead_letter)
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()    # a sign of life for /healthz, even while waiting
         self.track_lag = False               # metrics: ask the group's lag every LAG_INTERVAL_S
@@ -257,29 +196,14 @@ class Applier:
             return False
         return True
 
-    def _count_dry(self, events: dict) -> None:
-        """What a dry run would have written, counted as a real run counts it."""
-        now, st = now_millis(), self.stats
-        for ev, _ in events.values():
-            if ev.chunk is not None:
-                st.chunks += 1
-            elif ev.kind is Kind.DELETE:
-                st.deleted += 1
-            elif ev.expired(now):
-                st.expired += 1
-            elif ev.payload is not None:
-                st.restored += 1
-            else:
-                st.written += 1
-
     # -- one batch -----------------------------------------------------------------------------
     def _apply(self, records: list[Record]) -> int:
         """Write and commit a batch; returns how many events it held."""
-        events, markers = self._decode(records)
+        events, markers = self.decoder.decode(records)
         if self.kept is not None:
-            events = self._keep(events)
+            events = self.decoder.keep(events, self.kept, self.writer.rename, self.target_dbs)
         if self.dry_run:
-            self._count_dry(events)
+            self.decoder.count_dry(events)
         else:
             records = self._write_with_retry(records, events)
             self._log_call(self.reader.commit, records)
@@ -294,60 +218,6 @@ class Applier:
         if self.on_progress:
             self.on_progress(self.stats)
         return len(events) + len(markers)
-
-    def _decode(self, records: list[Record]
-                ) -> tuple[dict[tuple, tuple[Event, Record]], list[tuple[Kind, str]]]:
-        """Latest event per (db, key) in the batch (events are whole states, so the last one
-        wins), and the markers in log order."""
-        latest: dict[tuple, tuple[Event, Record]] = {}
-        markers: list[tuple[Kind, str]] = []
-        for rec, got in zip(records, self.codec.decode_many([r.value for r in records])):
-            if isinstance(got, list):          # a block: UPSERTs and DELETEs of whole states
-                for ev in got:
-                    k = (ev.db, ev.key)
-                    if latest.pop(k, None) is not None:
-                        self.stats.superseded += 1
-                    # (block, event) stands for the key where apply speaks of it alone (a
-                    # dead letter holds that event); the block is what is committed.
-                    latest[k] = (ev, (rec, ev))
-                continue
-            if isinstance(got, CodecError):
-                n = block_size(rec.key)
-                self._dead_letter(rec, f"undecodable record: {got}" if n is None else
-                                  f"undecodable block of {n} keys: {got}")
-                continue
-            ev = got
-            if ev.chunk is not None:
-                # Parts of a key are applied one by one, in order. A whole state of the key read
-                # before them is superseded by them (the last part replaces the key).
-                if latest.pop((ev.db, ev.key), None) is not None:
-                    self.stats.superseded += 1
-                latest[(ev.db, ev.key, ev.chunk["id"], ev.chunk["index"])] = (ev, rec)
-            elif ev.kind in (Kind.UPSERT, Kind.DELETE):
-                # re-insert: keep log order among keys
-                if latest.pop((ev.db, ev.key), None) is not None:
-                    self.stats.superseded += 1
-                latest[(ev.db, ev.key)] = (ev, rec)
-            else:
-                self.stats.markers += 1
-                if ev.kind is Kind.SNAPSHOT_END:
-                    self.stats.snapshot_ends += 1
-                markers.append((ev.kind, ev.capture_id))
-                log.info("marker %s of capture %s (count %s)", ev.kind.value, ev.capture_id, ev.count)
-        return latest, markers
-
-    def _keep(self, events: dict) -> dict:
-        """Leave out the events of keys the target held before the group's first apply."""
-        rename, dbs = self.writer.rename, self.target_dbs
-        out = {}
-        for k, item in events.items():
-            ev = item[0]
-            name = rename(ev.key) if rename is not None else ev.key
-            if self.kept.holds(dbs.target_of(ev.db) if dbs is not None else ev.db, name):
-                self.stats.kept += 1
-            else:
-                out[k] = item
-        return out
 
     def _passes(self, markers: list[tuple[Kind, str]]) -> None:
         """Follow capture passes (SNAPSHOT_BEGIN or RESYNC ... SNAPSHOT_END of one capture): one
@@ -408,7 +278,7 @@ class Applier:
             return records, events
         keep = {id(r) for r in owned}
         self.stats.handed_over += len(records) - len(owned)
-        events = {k: v for k, v in events.items() if id(_block_of(v[1])) in keep}
+        events = {k: v for k, v in events.items() if id(block_of(v[1])) in keep}
         log.warning("%d records were handed to another member of group %r while the target was "
                     "down: left unwritten, that member applies them", len(records) - len(owned),
                     self.group)

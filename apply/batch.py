@@ -262,14 +262,14 @@ class BatchWriter:
         t.chunks += 1
         p.ok = True
         if isinstance(reply, list) and reply and reply[0] == b"refused":
-            text = text(reply[1])
-            err = refused(text, "RESTORE", self._user)
+            why = text(reply[1])
+            err = refused(why, "RESTORE", self._user)
             if err is not None:
                 raise err
-            if convertible(text):
+            if convertible(why):
                 convert.append(Conversion(p, bytes(reply[2]), p.tmp))
             else:
-                res.failed.append((p.rec, f"target refused key {p.ev.key!r}: {text}"))
+                res.failed.append((p.rec, f"target refused key {p.ev.key!r}: {why}"))
         elif reply == b"orphan":
             t.orphan_chunks += 1
             if p.ev.chunk["last"]:

@@ -15,7 +15,7 @@ import redis
 from redis.cluster import ClusterNode
 from redis.exceptions import RedisClusterException
 
-from conveyor.cluster import cluster_client, cluster_enabled, is_cluster
+from conveyor.cluster import cluster_client, cluster_enabled
 from conveyor.endpoints import (CONNECT_TIMEOUT, SOCKET_TIMEOUT, ServerInfo, Tls, connect, mask_text,
                                 mask_uri, same_database, server_info, uri_db)
 from conveyor.errors import (ConfigError, ConveyorError, LogError, LogUnavailable, SourceError,
