@@ -15,7 +15,7 @@ PACKAGES = ("conveyor", "capture", "apply", "verify")
 
 # The CLI layer: what parses options, builds processes from them and words their results.
 CLI_LAYER = ("conveyor.cli", "conveyor.commands", "conveyor.demo", "conveyor.options",
-             "conveyor.wiring", "conveyor.summary", "conveyor.status_view")
+             "conveyor.wiring", "conveyor.summary", "conveyor.status_view", "conveyor.existing")
 
 
 def module_name(path: Path) -> str:

@@ -13,7 +13,8 @@ import redis
 
 from conveyor import packed
 from conveyor.keys import KeyFilter, KeyRewriter
-from conveyor.verify.compare import Diff, Verifier, VerifyReport
+from conveyor.verify.compare import Verifier
+from conveyor.verify.report import Diff, VerifyReport
 
 BATCH = 500
 
