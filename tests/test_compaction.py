@@ -173,7 +173,7 @@ def test_a_compaction_killed_at_any_moment_loses_nothing(redis_factory, tmp_path
         cli.run("capture", source.url, "--log", uri, "--fresh", *opts, check=True)
     cli.run("apply", redis_factory().url, "--log", uri, "--idle-timeout", "1", *opts, check=True)
     whole = sum(p.stat().st_size for p in log_dir.glob("*.log"))
-    compact = [sys.executable, "-m", "conveyor.log.file_compact", str(log_dir), "0", "32768"]
+    compact = [sys.executable, "-m", "conveyor.log.file.compact", str(log_dir), "0", "32768"]
     for delay in (0.05, 0.15, 0.3, 0.5, 0.8, 1.2):
         p = subprocess.Popen(compact, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)

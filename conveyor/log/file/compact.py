@@ -1,8 +1,8 @@
 """Compaction of the file log (``cleanup=compact``, the default): see conveyor/log/compaction.py.
 
-Runs as a process of its own (``python -m conveyor.log.file_compact ROOT ...``, its lines in
-``ROOT/compaction.out``), started by the writer or a reader when a sealed segment is due, so that
-capture keeps its core;
+Runs as a process of its own (``python -m conveyor.log.file.compact ROOT ...``, its lines in
+``ROOT/compaction.out``), started by the writer or a reader when a sealed segment is due
+(retention.py), so that capture keeps its core;
 ``compaction.lock`` lets one run at a time. A segment is due once every group has committed past
 it and it is older than the retention. Its kept records are copied byte for byte (a rewritten
 block gets a new frame with the old timestamp) into a new file that replaces it atomically;
@@ -16,46 +16,22 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
-import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from conveyor.events import Codec
-from conveyor.log import segment
 from conveyor.log.compaction import KeyIndex, bounded, decide, rows_of
-from conveyor.log.segment import SegmentScan
+from conveyor.log.file import segment
+from conveyor.log.file.paths import list_segments, seg_path
+from conveyor.log.file.retention import due
+from conveyor.log.file.segment import SegmentScan
 
 log = logging.getLogger("conveyor.log")
 
 INDEX = "compaction.db"
 LOCK = "compaction.lock"
-
-
-SEGMENT_RE = re.compile(r"^(\d{20})\.log$")
-
-
-def _segments(root: Path) -> list[int]:
-    return sorted(int(m.group(1)) for n in os.listdir(root) if (m := SEGMENT_RE.match(n)))
-
-
-def _groups(root: Path) -> list[dict]:
-    out = []
-    for p in (root / "groups").glob("*.json"):
-        try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            return []                        # a group being written: no compaction this time
-    return out
-
-
-def _path(root: Path, base: int) -> Path:
-    return root / f"{base:020d}.log"
 
 
 def _records(path: Path):
@@ -80,26 +56,6 @@ def _decode(batch: list, codec: Codec) -> list:
     decoded = codec.decode_many([b[3] for b in batch])
     return [(*b, d) for b, d in zip(batch, decoded)]
 
-
-def due(root: Path, retention_s: float) -> list[int]:
-    """Sealed segments every group has committed past and older than the retention."""
-    segs = _segments(root)[:-1]
-    groups = _groups(root)
-    if groups == [] and any((root / "groups").glob("*.json")):
-        return []
-    past = min((g["segment"] for g in groups), default=None)
-    now = time.time()
-    out = []
-    for base in segs:
-        if past is not None and base >= past:
-            break
-        try:
-            if now - _path(root, base).stat().st_mtime < retention_s:
-                break
-        except FileNotFoundError:
-            continue
-        out.append(base)
-    return out
 
 
 class FileCompactor:
@@ -127,21 +83,21 @@ class FileCompactor:
             if base < done:
                 continue
             self.index.db.execute("BEGIN")
-            for batch in _batches(_path(self.root, base), base, self.codec):
+            for batch in _batches(seg_path(self.root, base), base, self.codec):
                 rows = [r for (n, _, _, _, d) in batch for r in rows_of(n, d)]
                 self.index.note(rows)
-            nxt = [s for s in _segments(self.root) if s > base]
+            nxt = [s for s in list_segments(self.root) if s > base]
             self.index.set_meta("indexed_below", nxt[0] if nxt else base + 1)
             self.index.db.execute("COMMIT")
 
     def run(self) -> tuple[int, int]:
         """One pass: (bytes before, bytes after) of the segments compacted."""
-        segs = _segments(self.root)
+        segs = list_segments(self.root)
         self._catch_up(segs[:-1])
         before, outputs = 0, {}
         into: tuple[int, int, int] | None = None      # (base, next number, size) of the last output
         for base in due(self.root, self.retention_s):
-            path = _path(self.root, base)
+            path = seg_path(self.root, base)
             before += path.stat().st_size
             into = self._compact(base, path, into)
             outputs[into[0]] = into[2]
@@ -161,7 +117,7 @@ class FileCompactor:
         file when merging), streamed: neither the records nor the index updates are held in
         memory (``moves`` and ``forgets`` are tables of the index). None when the merge would
         not fit in one segment."""
-        target = _path(self.root, into[0]) if into is not None else path
+        target = seg_path(self.root, into[0]) if into is not None else path
         tmp = path.with_suffix(".compacting")
         db = self.index.db
         db.execute("CREATE TABLE IF NOT EXISTS moves (k BLOB PRIMARY KEY, rec INTEGER) WITHOUT ROWID")
@@ -248,17 +204,6 @@ def compact(root: Path, retention_s: float, segment_bytes: int) -> tuple[int, in
         finally:
             c.close()
 
-
-def start(root: Path, retention_s: float, segment_bytes: int) -> subprocess.Popen | None:
-    """Start a compaction pass in a process of its own when a segment is due."""
-    if not due(root, retention_s):
-        return None
-    # Its lines go to a file of the log (compaction.out), not to the pipes of the process that
-    # started it: a pass may outlive that process, and must not hold its output open.
-    with open(root / "compaction.out", "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "conveyor.log.file_compact", str(root),
-                                 str(retention_s), str(segment_bytes)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, start_new_session=True)
 
 
 def main() -> None:
