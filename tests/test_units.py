@@ -188,3 +188,16 @@ def test_merged_capture_stats_sum_every_count_of_every_database():
     assert {n: getattr(out, n) for n in counters} == {n: 101 * (i + 1) for i, n in enumerate(counters)}
     assert {n: getattr(out.reads, n) for n in read_counters} == \
         {n: 1001 * (i + 1) for i, n in enumerate(read_counters)}
+
+
+def test_log_durations_are_read_one_way_by_every_backend():
+    from conveyor.errors import ConfigError
+    from conveyor.log.file.options import duration
+    from conveyor.log.options import duration_s
+    from conveyor.log.stream_base import duration_ms
+    assert duration_s("1.5d", "retention") == 1.5 * 86400 and duration_s("90", "x") == 90
+    assert duration("7d") == 7 * 86400 and duration_ms("1.5h") == 5_400_000
+    for bad in ("7w", "-1d", "1e3s", "7D", ""):
+        for parse in (duration, duration_ms, lambda t: duration_s(t, "compact_after")):
+            with pytest.raises(ConfigError, match="expected a number with s, m, h or d"):
+                parse(bad)

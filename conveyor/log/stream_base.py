@@ -4,7 +4,6 @@ in ``{stream}:id``, checked on every new connection (redis-py reconnects silentl
 outage, so that a buffer that came back empty, flushed or from older data is LogLost."""
 from __future__ import annotations
 
-import re
 import uuid
 from contextlib import contextmanager
 
@@ -15,6 +14,7 @@ from redis.retry import Retry
 from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import Tls, connect, mask_uri
 from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
+from conveyor.log.options import duration_s
 from conveyor.retry import LOG_NOT_READY
 from conveyor.words import text
 
@@ -26,7 +26,6 @@ MAX_SEQ = 18446744073709551615
 # a log is always read with the count it was created with.
 DEFAULT_PARTITIONS = 6
 LEGACY_PARTITIONS = 1       # a log made before the count was stored: its streams are counted
-UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # redis-py retries a command this often on a dropped connection before we say LogUnavailable: the
 # processes wait out longer outages themselves (one retry policy, theirs).
 CLIENT_RETRIES = 1
@@ -119,10 +118,7 @@ def log_partitions(r: redis.Redis, opts: dict[str, str], *, create: bool) -> int
 
 
 def duration_ms(text: str, name: str = "retention") -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
-    if not m:
-        raise LogError(f"{name}={text!r}: use a number with a unit s, m, h or d (e.g. 7d)")
-    return int(m.group(1)) * UNITS_MS[m.group(2) or "s"]
+    return int(duration_s(text, name) * 1000)
 
 
 def id_ms(entry_id: bytes | str) -> int:

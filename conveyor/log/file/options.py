@@ -1,22 +1,16 @@
 """The file log's options ``segment_bytes``, ``cleanup`` and ``retention``: defaults and parsing."""
 from __future__ import annotations
 
-import re
-
 from conveyor.errors import ConfigError
+from conveyor.log.options import duration_s
 
 SEGMENT_BYTES = 256 * 1024 * 1024
 DEFAULT_RETENTION = {"delete": "7d", "compact": "1h"}
 CLEANUP = ("compact", "delete")
-DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def duration(text: str) -> float:
-    m = DURATION_RE.match(text)
-    if not m:
-        raise ConfigError(f"log option retention={text!r}: expected a number with s, m, h or d (e.g. 7d)")
-    return float(m.group(1)) * UNITS[m.group(2)]
+    return duration_s(text, "retention")
 
 
 def size_option(opts: dict[str, str], name: str, default: int) -> int:
