@@ -30,13 +30,14 @@ import time
 import uuid
 import zlib
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import redis
 
 from conveyor import packed
 from conveyor.acl import user_of
-from conveyor.endpoints import server_info
-from conveyor.errors import LogError, LogLost, LogUnavailable
+from conveyor.endpoints import mask_uri, server_info
+from conveyor.errors import ConfigError, LogError, LogLost, LogUnavailable
 from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
                                StartAt)
 from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
@@ -556,3 +557,15 @@ class StreamMetaStore(MetaStore):
 
     def close(self) -> None:
         self.r.close()
+
+
+def check_uri(uri: str) -> None:
+    """redis[s]://host:port/db: a port, when given, is a number."""
+    try:
+        urlsplit(uri).port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ConfigError(f"log URI {mask_uri(uri)!r} is malformed: {e}") from e
+
+
+# What conveyor.log's registry opens.
+Writer, Reader, Meta = StreamLogWriter, StreamLogReader, StreamMetaStore

@@ -50,4 +50,12 @@ from conveyor.log.file.paths import log_exists, remove_empty_file_log
 from conveyor.log.file.reader import FileLogReader
 from conveyor.log.file.writer import FileLogWriter
 
-__all__ = ["FileLogReader", "FileLogWriter", "FileMetaStore", "log_exists", "remove_empty_file_log"]
+__all__ = ["FileLogReader", "FileLogWriter", "FileMetaStore", "log_exists", "remove_empty_file_log",
+           "check_uri", "Writer", "Reader", "Meta"]
+
+# What conveyor.log's registry opens.
+Writer, Reader, Meta = FileLogWriter, FileLogReader, FileMetaStore
+
+
+def check_uri(uri: str) -> None:
+    """file:PATH: any path (it is created when a capture first writes)."""
