@@ -1,11 +1,11 @@
 """A Redis Cluster as the source StateReader reads: its batches routed per key by conveyor.cluster.
 
-StateReader (and its mixins) read through ``pipeline()`` / ``execute_command()`` of a plain client.
-ClusterSource offers the same calls, but every batch goes through ``conveyor.cluster.run`` with the
-cluster client: grouped per node, MOVED and ASK followed (a key read while its slot migrates is read
-where it is). Replies get the response callbacks a plain redis-py client would apply, so the readers
-see what they see on a standalone source. Scripts are not used on a cluster (the keys of one batch
-span slots, which a script may not touch): the pipelined reads take over.
+The readers StateReader is made of read through ``pipeline()`` / ``execute_command()`` of a plain
+client. ClusterSource offers the same calls, but every batch goes through ``conveyor.cluster.run``
+with the cluster client: grouped per node, MOVED and ASK followed (a key read while its slot
+migrates is read where it is). Replies get the response callbacks a plain redis-py client would
+apply, so the readers see what they see on a standalone source. Scripts are not used on a cluster
+(the keys of one batch span slots, which a script may not touch): the pipelined reads take over.
 
 ``replica``: reads go to a replica of each shard (``--read-from replica`` while scanning). A key a
 replica reports gone is read again from its primary before a DELETE is written (the replica may lag,
@@ -18,7 +18,8 @@ import re
 import redis
 from redis.cluster import RedisCluster
 
-from conveyor.capture.reader import StateReader, _raw
+from conveyor.capture.emitting import Emitter
+from conveyor.capture.reader import RAW_COMMANDS, StateReader, raw_reply
 from conveyor import cluster
 from conveyor.errors import ConfigError
 
@@ -31,8 +32,8 @@ class ClusterSource:
         self.replica = False
         # The callbacks of a plain client (RESP2), as a standalone read would get its replies.
         self.callbacks = dict(redis.Redis().response_callbacks)
-        for cmd in ("XRANGE", "XPENDING"):
-            self.callbacks[cmd] = _raw
+        for cmd in RAW_COMMANDS:
+            self.callbacks[cmd] = raw_reply
 
     def set_response_callback(self, command: str, callback) -> None:
         self.callbacks[command.upper()] = callback
@@ -76,23 +77,40 @@ class _Batch:
         return self.source.run(self.commands, raise_on_error)
 
 
+class SuspectingEmitter(Emitter):
+    """An Emitter that, while ``suspects`` is a list, puts the keys it is told are gone there
+    instead of writing their DELETE (ClusterStateReader.read asks their primaries)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.suspects: list[bytes] | None = None
+
+    def delete(self, key: bytes, read_ms: int) -> None:
+        if self.suspects is not None:
+            self.suspects.append(key)        # decided by the primary's answer (read() below)
+            return
+        super().delete(key, read_ms)
+
+
 class ClusterStateReader(StateReader):
     """StateReader over a ClusterSource; a key a replica says is gone is asked of its primary."""
 
+    emitter_cls = SuspectingEmitter
+    emitter: SuspectingEmitter
+    scripts = False                          # keys of a batch span slots: pipelined reads
+
     def __init__(self, *, source: RedisCluster, **kw) -> None:
         super().__init__(source=ClusterSource(source), **kw)
-        self._script = False                 # keys of a batch span slots: pipelined reads
-        self._suspects: list[bytes] | None = None
 
     def read(self, keys: list[bytes], *, check_type: bool = False, scanned: bool = False) -> int:
         if not self.source.replica:
             return super().read(keys, check_type=check_type, scanned=scanned)
-        self._suspects = []
+        self.emitter.suspects = []
         try:
             n = super().read(keys, check_type=check_type, scanned=scanned)
-            suspects = self._suspects
+            suspects = self.emitter.suspects
         finally:
-            self._suspects = None
+            self.emitter.suspects = None
         if suspects:
             self.source.replica = False
             try:
@@ -100,12 +118,6 @@ class ClusterStateReader(StateReader):
             finally:
                 self.source.replica = True
         return n
-
-    def _delete(self, key: bytes, read_ms: int) -> None:
-        if self._suspects is not None:
-            self._suspects.append(key)       # decided by the primary's answer (read() above)
-            return
-        super()._delete(key, read_ms)
 
 
 NODE_RE = re.compile(r"(.+):(\d{1,5})")

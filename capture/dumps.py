@@ -9,6 +9,11 @@ import redis
 from conveyor.words import text
 from conveyor import packed, values
 from conveyor.acl import in_script
+from conveyor.capture.emitting import Emitter, expiry_command
+from conveyor.capture.paging import BigKeyPager
+from conveyor.capture.sizing import Sizer
+from conveyor.capture.splitting import Splitter
+from conveyor.endpoints import ServerInfo
 from conveyor.events import now_millis
 
 log = logging.getLogger("conveyor.capture")
@@ -38,15 +43,44 @@ for _, k in ipairs(KEYS) do
 end
 return out
 """
-class DumpReads:
-    """Keys read whole as DUMP payloads (part of StateReader)."""
 
-    def _read_dumps(self, keys: list[bytes], check_type: bool) -> None:
+
+class DumpReader:
+    """Keys read whole as DUMP payloads: one pipeline per batch (``read``) or, with a size
+    threshold or --mem-limit, one read script per batch (``read_scripted``). ``scripts``: False
+    where the script is never tried (a cluster: the keys of a batch span slots)."""
+
+    def __init__(self, *, source: redis.Redis, info: ServerInfo, emitter: Emitter,
+                 splitter: Splitter, pager: BigKeyPager, sizer: Sizer, type_filter: str | None,
+                 part_bytes: int, big_key_bytes: int | None, mem_limit: int | None,
+                 mem_limit_skip: bool, scripts: bool = True) -> None:
+        self.source, self.info, self.emitter = source, info, emitter
+        self.splitter, self.pager, self.sizer = splitter, pager, sizer
+        self.type_filter, self.part_bytes = type_filter, part_bytes
+        self.big_key_bytes = big_key_bytes
+        self.mem_limit, self.mem_limit_skip = mem_limit, mem_limit_skip
+        self.expiry = expiry_command(info)
+        self._script: bool | None = None if scripts else False  # False: the source refuses it
+        self._sha = ""
+
+    @property
+    def scripts(self) -> bool:
+        """Whether the read script is used (False once the source refused it)."""
+        return self._script is not False
+
+    def forget_script(self) -> None:
+        """The source forgot the read script (a restart): load it again on the next read."""
+        if self._script:
+            self._script = None
+
+    def read(self, keys: list[bytes], check_type: bool) -> None:
+        """DUMP + expiry (+ TYPE with ``check_type``) of every key in one pipeline."""
         read_ms = now_millis()
+        emitter, expiry = self.emitter, self.expiry
         pipe = self.source.pipeline(transaction=False)
         for key in keys:
             pipe.execute_command("DUMP", key)
-            self._queue_expiry(pipe, key)
+            pipe.execute_command(expiry, key)
             if check_type:
                 pipe.execute_command("TYPE", key)
         replies = pipe.execute()
@@ -55,24 +89,18 @@ class DumpReads:
             payload, ttl = replies[step * i], replies[step * i + 1]
             if payload is None or ttl == -2 or (
                     check_type and text(replies[step * i + 2]) != self.type_filter):
-                self._delete(key, read_ms)
+                emitter.delete(key, read_ms)
             elif len(payload) > self.part_bytes:
-                self._split_payload(key, payload, read_ms, self._expire(ttl, read_ms))
+                self.splitter.emit_payload(key, payload, read_ms, emitter.expire(ttl, read_ms))
             else:
-                self._upsert(key, read_ms, self._expire(ttl, read_ms), payload=payload)
+                emitter.upsert(key, read_ms, emitter.expire(ttl, read_ms), payload=payload)
 
-    def forget_script(self) -> None:
-        """The source forgot the read script (a restart): load it again on the next read."""
-        if self._script:
-            self._script = None
-
-    def _read_scripted(self, keys: list[bytes], check_type: bool
-                       ) -> tuple[list[bytes], bool] | None:
+    def read_scripted(self, keys: list[bytes], check_type: bool
+                      ) -> tuple[list[bytes], bool] | None:
         """(keys to read again, whether only the budget deferred them); None when the source
         does not run scripts (the pipelined path takes over for good)."""
         read_ms = now_millis()
         big = self.big_key_bytes or 2 ** 62
-        expiry = "PEXPIRETIME" if self.info.has_pexpiretime else "PTTL"
         try:
             if self._script is None:
                 # Redis 7+: declared read-only, so it also runs on a replica and at maxmemory.
@@ -81,7 +109,8 @@ class DumpReads:
                 self._sha = self.source.script_load(body)
             # One packed command, its reply parsed by hiredis (no redis-py encoding per key).
             (reply,) = packed.run(self.source, [("EVALSHA", self._sha, len(keys), *keys, big,
-                                                 SCRIPT_BUDGET, expiry, 1 if check_type else 0)])
+                                                 SCRIPT_BUDGET, self.expiry,
+                                                 1 if check_type else 0)])
             if isinstance(reply, Exception):
                 raise reply
             self._script = True
@@ -97,6 +126,7 @@ class DumpReads:
                 self._script = False
                 return None
             raise
+        emitter = self.emitter
         step = 4 if check_type else 3
         plain = not check_type and not self.mem_limit
         part_bytes = self.part_bytes
@@ -104,7 +134,7 @@ class DumpReads:
             payloads = reply[0::step]
             if None not in payloads and max(map(len, payloads), default=0) <= part_bytes:
                 # Every key read whole (the common batch): emitted as columns, no loop here.
-                self._upsert_dumps(keys, payloads, reply[1::step], read_ms)
+                emitter.upsert_dumps(keys, payloads, reply[1::step], read_ms)
                 return [], False
         again, deferred, big_keys = [], [], []
         whole: tuple[list, list, list] = ([], [], [])   # keys read whole: emitted together
@@ -120,26 +150,26 @@ class DumpReads:
                 continue
             if payload is None and second == -2 or (
                     check_type and text(reply[step * i + 3]) != self.type_filter):
-                self._delete(key, read_ms)
+                emitter.delete(key, read_ms)
                 continue
             if self.mem_limit and size > self.mem_limit:
-                self._over_limit(key, size)
+                self.sizer.over_limit(key, size)
                 if self.mem_limit_skip:
                     continue
             if payload is None:
                 big_keys.append((key, text(second)))
-            elif len(payload) > self.part_bytes:
-                self._split_payload(key, payload, read_ms, self._expire(second, read_ms))
+            elif len(payload) > part_bytes:
+                self.splitter.emit_payload(key, payload, read_ms, emitter.expire(second, read_ms))
             else:
-                self._upsert(key, read_ms, self._expire(second, read_ms), payload=payload)
-        self._upsert_dumps(whole[0], whole[1], whole[2], read_ms)
+                emitter.upsert(key, read_ms, emitter.expire(second, read_ms), payload=payload)
+        emitter.upsert_dumps(whole[0], whole[1], whole[2], read_ms)
         for key, type_ in big_keys:
             if type_ not in values.TYPES:         # a module type: no typed form, DUMP it
                 again.append(key)
-            elif not self._read_big(key, type_):
+            elif not self.pager.read(key, type_):
                 again.append(key)
         if again:
             # Changed type while read in parts, or a module value above the threshold: the
             # pipelined path reads it (module values whole, with DUMP).
-            again = self._read_sized(again, check_type)
+            again = self.sizer.read(again, check_type)
         return again + deferred, bool(deferred) and not again

@@ -1,5 +1,9 @@
-"""Emitting: events built from what was read and appended to the log, counted, and the
+"""The Emitter: events built from what the readers read, appended to the log, counted, and the
 keys the log knows followed; expiries turned into absolute times.
+
+It holds what the readers share and nothing else: the sequence, the counters, the open blocks, the
+writer, the codec and the ledger. The readers (dumps, typed, paging, splitting) are handed it and
+call only its public methods.
 
 Whole DUMP payloads and deletes are ``state.v1`` records on a log that keeps one record per key
 (compacted Kafka), except what a scan read: a block is never compacted away, so scans (one copy of
@@ -12,39 +16,88 @@ was read. Sequence numbers are given when a block is appended: consecutive withi
 """
 from __future__ import annotations
 
-from conveyor.capture.ledger import crcs_of, expiries
-from conveyor.events import Columns, Event, Kind, block_record_key, now_millis, record_key
+from dataclasses import dataclass, field
+
+from conveyor.capture.ledger import Ledger, crcs_of, expiries
+from conveyor.endpoints import ServerInfo
+from conveyor.events import Codec, Columns, Event, Kind, block_record_key, now_millis, record_key
+from conveyor.log import LogWriter
 
 BLOCK_EVENTS = 1000               # events of one block at most
 BLOCK_BYTES = 256 * 1024          # key and payload bytes of one block at most (capped by the log)
 
 
-class Emitting:
-    """Events onto the log (part of StateReader)."""
+@dataclass
+class ReadCounts:
+    upserts: int = 0
+    deletes: int = 0
+    chunked_keys: int = 0           # keys read in parts (big keys, split payloads)
+    chunks: int = 0                 # part events written
+    over_limit: int = 0             # keys above --mem-limit
+    skipped: int = 0                # ... not migrated (--mem-limit-skip)
+    over_limit_keys: list[tuple[bytes, int]] = field(default_factory=list)
 
-    def _start_blocks(self) -> None:
-        w = self.writer
-        self.blocks = w.takes_blocks and not w.compacted     # read() decides per read
-        self.block_bytes = max(1024, min(BLOCK_BYTES, w.max_record_bytes * 8 // 10))
+
+def expiry_command(info: ServerInfo) -> str:
+    """The command reading a key's expiry: PEXPIRETIME (absolute) where the source has it."""
+    return "PEXPIRETIME" if info.has_pexpiretime else "PTTL"
+
+
+class Emitter:
+    """Events onto the log, in the order the readers hand them over."""
+
+    def __init__(self, *, writer: LogWriter, codec: Codec, info: ServerInfo) -> None:
+        self.writer, self.codec, self.info = writer, codec, info
+        self.counts = ReadCounts()
+        self.seq = 0
+        self.capture_id = ""
+        # Live modes: the key ledger (capture/ledger.py) told of every event before it is
+        # appended, so that a rescan knows what was logged.
+        self.ledger: Ledger | None = None
+        self.blocks = writer.takes_blocks and not writer.compacted    # begin_read() decides
+        self.block_bytes = max(1024, min(BLOCK_BYTES, writer.max_record_bytes * 8 // 10))
         self._open_blocks: dict[int, Columns] = {}
-        self._many = getattr(w, "partitions", 1) > 1
+        self._many = getattr(writer, "partitions", 1) > 1
 
-    def _column(self, key: bytes, payload: bytes | None, expire: int | None,
-                read_ms: int) -> None:
-        """An UPSERT (DELETE when ``payload`` is None) into its partition's block."""
-        p = self.writer.partition_of(record_key(self.info.db, key)) if self._many else 0
-        cols = self._open_blocks.get(p)
-        if cols is None:
-            cols = self._open_blocks[p] = Columns()
-        elif cols.keys and cols.size + len(key) + len(payload or b"") > self.block_bytes:
-            self._append_block(p)
-            cols = self._open_blocks[p] = Columns()
-        cols.add(key, payload, expire, read_ms)
-        if len(cols.keys) >= BLOCK_EVENTS:
-            self._append_block(p)
+    def begin_read(self, *, scanned: bool) -> None:
+        """A read starts: blocks where the log takes them and keeps them (a scan's keys, or a log
+        that does not compact)."""
+        w = self.writer
+        self.blocks = w.takes_blocks and (scanned or not w.compacted)
 
-    def _upsert_dumps(self, keys: list[bytes], payloads: list[bytes], ttls: list[int],
-                      read_ms: int) -> None:
+    def expire(self, ttl: int | None, read_ms: int) -> int | None:
+        """The absolute expiry of a PEXPIRETIME (or PTTL) reply; None: no expiry."""
+        # The read time is taken before the reads: an expiry derived from PTTL can then only be
+        # early, never late, so a replayed key never lives longer than on the source.
+        if ttl is None or ttl < 0:
+            return None
+        return ttl if self.info.has_pexpiretime else read_ms + ttl
+
+    # -- whole keys ---------------------------------------------------------------------------
+
+    def upsert(self, key: bytes, read_ms: int, expire, *, payload=None, value=None) -> None:
+        """An UPSERT of a whole DUMP ``payload`` or of a typed ``value``."""
+        if self.ledger is not None:
+            if value is None and payload is not None:
+                self.ledger.logged([key], payload[-8:], expiries([expire]))
+            else:
+                self.ledger.logged([key])     # a typed value: no digest
+        self.counts.upserts += 1
+        if value is None and self.blocks:
+            self._column(key, payload, expire, read_ms)
+            return
+        if self._open_blocks:
+            self.flush_blocks()
+        if value is None:
+            self._state(key, payload, expire, read_ms)
+            return
+        self.seq += 1
+        ev = Event(Kind.UPSERT, self.info.db, key, payload, expire, read_ms, self.capture_id,
+                   self.seq, value=value)
+        self.writer.append(ev.record_key(), self.codec.encode(ev))
+
+    def upsert_dumps(self, keys: list[bytes], payloads: list[bytes], ttls: list[int],
+                     read_ms: int) -> None:
         """UPSERTs of whole DUMP payloads read together, with their PEXPIRETIME (or PTTL): the
         hot path, into the columns of each partition's block a slice at a time."""
         if not keys:
@@ -59,7 +112,7 @@ class Emitting:
         if not self.blocks:
             self.counts.upserts -= len(keys)       # counted again one by one
             for k, p, x in zip(keys, payloads, expires):
-                self._upsert(k, read_ms, x, payload=p)
+                self.upsert(k, read_ms, x, payload=p)
             return
         if not self._many:
             self._extend(0, keys, payloads, expires, read_ms)
@@ -71,6 +124,70 @@ class Emitting:
         for p, at in by_part.items():
             self._extend(p, [keys[i] for i in at], [payloads[i] for i in at],
                          [expires[i] for i in at], read_ms)
+
+    def delete(self, key: bytes, read_ms: int) -> None:
+        self.counts.deletes += 1
+        if self.ledger is not None:
+            self.ledger.deleted([key])
+        if self.blocks:
+            self._column(key, None, None, read_ms)
+        else:
+            self._state(key, None, None, read_ms)
+
+    # -- keys in parts ------------------------------------------------------------------------
+
+    def chunk_id(self) -> str:
+        """The id of the parts of one key (it takes a sequence number of its own)."""
+        self.seq += 1
+        return f"{self.capture_id}-{self.seq}"
+
+    def chunk(self, key, chunk_id, index, offset, part, last, read_ms, expire,
+              payload: bytes | None = None) -> None:
+        """One part of a key read in parts: a typed ``part`` or a slice of a DUMP ``payload``;
+        the ``last`` one counts the key."""
+        self.seq += 1
+        ev = Event(Kind.UPSERT, self.info.db, key, payload, expire, read_ms, self.capture_id,
+                   self.seq, value=part, chunk={"id": chunk_id, "index": index, "offset": offset,
+                                                "last": last})
+        if self._open_blocks:
+            self.flush_blocks()
+        if self.ledger is not None and index == 0:
+            self.ledger.logged([key])         # in parts: no digest (read again by a rescan)
+        self.writer.append(ev.record_key(), self.codec.encode(ev), ev.partition_key())
+        c = self.counts
+        c.chunks += 1
+        if last:
+            c.chunked_keys += 1
+            c.upserts += 1
+
+    # -- markers and blocks -------------------------------------------------------------------
+
+    def marker(self, kind: Kind, count: int | None = None, info: dict | None = None) -> None:
+        if self._open_blocks:
+            self.flush_blocks()
+        self.seq += 1
+        ev = Event(kind, self.info.db, capture_id=self.capture_id, seq=self.seq,
+                   read_time_ms=now_millis(), count=count, info=info or {})
+        self.writer.append(ev.record_key(), self.codec.encode(ev))
+
+    def flush_blocks(self) -> None:
+        """Every pending block onto the log (end of a read; before a record of another kind)."""
+        for p in list(self._open_blocks):
+            self._append_block(p)
+
+    def _column(self, key: bytes, payload: bytes | None, expire: int | None,
+                read_ms: int) -> None:
+        """An UPSERT (DELETE when ``payload`` is None) into its partition's block."""
+        p = self.writer.partition_of(record_key(self.info.db, key)) if self._many else 0
+        cols = self._open_blocks.get(p)
+        if cols is None:
+            cols = self._open_blocks[p] = Columns()
+        elif cols.keys and cols.size + len(key) + len(payload or b"") > self.block_bytes:
+            self._append_block(p)
+            cols = self._open_blocks[p] = Columns()
+        cols.add(key, payload, expire, read_ms)
+        if len(cols.keys) >= BLOCK_EVENTS:
+            self._append_block(p)
 
     def _extend(self, p: int, keys: list[bytes], payloads: list[bytes], expires: list,
                 read_ms: int) -> None:
@@ -101,77 +218,9 @@ class Emitting:
                            self.codec.encode_block(db, self.capture_id, first, cols),
                            record_key(db, cols.keys[0]))
 
-    def flush_blocks(self) -> None:
-        """Every pending block onto the log (end of a read; before a record of another kind)."""
-        for p in list(self._open_blocks):
-            self._append_block(p)
-
-    def _chunk(self, key, chunk_id, index, offset, part, last, read_ms, expire,
-               payload: bytes | None = None) -> None:
-        self.seq += 1
-        ev = Event(Kind.UPSERT, self.info.db, key, payload, expire, read_ms, self.capture_id,
-                   self.seq, value=part, chunk={"id": chunk_id, "index": index, "offset": offset,
-                                                "last": last})
-        if self._open_blocks:
-            self.flush_blocks()
-        if self.ledger is not None and index == 0:
-            self.ledger.logged([key])         # in parts: no digest (read again by a rescan)
-        self.writer.append(ev.record_key(), self.codec.encode(ev), ev.partition_key())
-        self.counts.chunks += 1
-
-    def _upsert(self, key: bytes, read_ms: int, expire, *, payload=None, value=None) -> None:
-        if self.ledger is not None:
-            if value is None and payload is not None:
-                self.ledger.logged([key], payload[-8:], expiries([expire]))
-            else:
-                self.ledger.logged([key])     # a typed value: no digest
-        self.counts.upserts += 1
-        if value is None and self.blocks:
-            self._column(key, payload, expire, read_ms)
-            return
-        if self._open_blocks:
-            self.flush_blocks()
-        if value is None:
-            self._state(key, payload, expire, read_ms)
-            return
-        self.seq += 1
-        ev = Event(Kind.UPSERT, self.info.db, key, payload, expire, read_ms, self.capture_id,
-                   self.seq, value=value)
-        self.writer.append(ev.record_key(), self.codec.encode(ev))
-
     def _state(self, key: bytes, payload: bytes | None, expire: int | None, read_ms: int) -> None:
         """A whole state (a DELETE when ``payload`` is None) as a record of its own."""
         self.seq += 1
         db = self.info.db
         self.writer.append(record_key(db, key), self.codec.encode_state(
             db, key, payload, expire, read_ms, self.capture_id, self.seq))
-
-    def _delete(self, key: bytes, read_ms: int) -> None:
-        self.counts.deletes += 1
-        if self.ledger is not None:
-            self.ledger.deleted([key])
-        if self.blocks:
-            self._column(key, None, None, read_ms)
-        else:
-            self._state(key, None, None, read_ms)
-
-    def marker(self, kind: Kind, count: int | None = None, info: dict | None = None) -> None:
-        if self._open_blocks:
-            self.flush_blocks()
-        self.seq += 1
-        ev = Event(kind, self.info.db, capture_id=self.capture_id, seq=self.seq,
-                   read_time_ms=now_millis(), count=count, info=info or {})
-        self.writer.append(ev.record_key(), self.codec.encode(ev))
-
-    def _queue_expiry(self, pipe, key: bytes) -> None:
-        pipe.execute_command("PEXPIRETIME" if self.info.has_pexpiretime else "PTTL", key)
-
-    def _expiry_now(self, key: bytes) -> int:
-        return self.source.execute_command("PEXPIRETIME" if self.info.has_pexpiretime else "PTTL", key)
-
-    def _expire(self, ttl: int, read_ms: int) -> int | None:
-        # The read time is taken before the reads: an expiry derived from PTTL can then only be
-        # early, never late, so a replayed key never lives longer than on the source.
-        if ttl is None or ttl < 0:
-            return None
-        return ttl if self.info.has_pexpiretime else read_ms + ttl

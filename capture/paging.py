@@ -7,46 +7,59 @@ import logging
 import redis
 
 from conveyor import values
+from conveyor.capture.emitting import Emitter, expiry_command
+from conveyor.capture.splitting import Splitter
+from conveyor.capture.stream_meta import StreamMetaReader
+from conveyor.endpoints import ServerInfo
 from conveyor.events import now_millis
 
 log = logging.getLogger("conveyor.capture")
 
-class Paging:
-    """Big keys in parts (part of StateReader)."""
 
-    def _read_big(self, key: bytes, type_: str) -> bool:
+class BigKeyPager:
+    """Big keys in parts: ``page`` elements asked per command, strings ``part_bytes`` at a time."""
+
+    def __init__(self, *, source: redis.Redis, info: ServerInfo, emitter: Emitter,
+                 splitter: Splitter, stream_meta: StreamMetaReader, page: int,
+                 part_bytes: int) -> None:
+        self.source, self.emitter = source, emitter
+        self.splitter, self.stream_meta = splitter, stream_meta
+        self.page, self.part_bytes = page, part_bytes
+        self.expiry = expiry_command(info)
+
+    def read(self, key: bytes, type_: str) -> bool:
         """Read ``key`` page by page into chunk events; False when it changed type meanwhile."""
+        emitter = self.emitter
         read_ms = now_millis()
-        self.seq += 1
-        chunk_id = f"{self.capture_id}-{self.seq}"
+        chunk_id = emitter.chunk_id()
         held: dict | None = None          # one page of lookahead: the last part is marked last
         index = offset = 0
         try:
             for page in self._pages(key, type_):
-                for part in self._split(page):
+                for part in self.splitter.split(page):
                     if held is not None:
-                        self._chunk(key, chunk_id, index, offset, held, False, read_ms, None)
+                        emitter.chunk(key, chunk_id, index, offset, held, False, read_ms, None)
                         index += 1
                         offset += values.elements(held)
                     held = part
             if held is None:
-                self._delete(key, read_ms)
+                emitter.delete(key, read_ms)
                 return True
             if type_ == "stream":
-                held = self._with_stream_meta(key, held)
-            ttl = self._expiry_now(key)
+                held = self.stream_meta.with_meta(key, held)
+            ttl = self.source.execute_command(self.expiry, key)
         except redis.ResponseError as e:
             if "WRONGTYPE" in str(e):
                 if held is not None or index:
                     # Parts already on the log stay orphans; the key's next read replaces them.
-                    log.warning("big key %r changed type while read in parts; reading it again", key)
+                    log.warning("big key %r changed type while read in parts; reading it again",
+                                key)
                 return False
             raise
-        self._chunk(key, chunk_id, index, offset, held, True, read_ms, self._expire(ttl, read_ms))
-        self.counts.chunked_keys += 1
-        self.counts.upserts += 1
+        emitter.chunk(key, chunk_id, index, offset, held, True, read_ms,
+                      emitter.expire(ttl, read_ms))
         if ttl == -2:                     # deleted while read: the delete follows the parts
-            self._delete(key, now_millis())
+            emitter.delete(key, now_millis())
         return True
 
     def _pages(self, key: bytes, type_: str):

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from conveyor.words import text
 from conveyor import values
+from conveyor.capture.emitting import Emitter
+from conveyor.capture.paging import BigKeyPager
+from conveyor.capture.typed import TypedReader
 from conveyor.events import now_millis
 from conveyor.keys import quoted
 
@@ -14,18 +19,30 @@ log = logging.getLogger("conveyor.capture")
 MAX_NAMED = 20                      # keys named in reports (over --mem-limit)
 
 
-class Sizing:
-    """Which keys are big, which are over --mem-limit (part of StateReader)."""
+class Sizer:
+    """The pipelined read: which keys are gone, big or over --mem-limit, each key then read whole
+    (``typed``) or in parts (``pager``). Without a size threshold nor --mem-limit only TYPE is
+    asked (``--type struct``)."""
 
-    def _read_sized(self, keys: list[bytes], check_type: bool) -> list[bytes]:
+    def __init__(self, *, source: redis.Redis, emitter: Emitter, typed: TypedReader,
+                 pager: BigKeyPager, type_filter: str | None, big_key_bytes: int | None,
+                 mem_limit: int | None, mem_limit_skip: bool) -> None:
+        self.source, self.emitter, self.typed, self.pager = source, emitter, typed, pager
+        self.type_filter = type_filter
+        self.big_key_bytes = big_key_bytes
+        self.mem_limit, self.mem_limit_skip = mem_limit, mem_limit_skip
+        self.sizing = bool(big_key_bytes or mem_limit)
+
+    def read(self, keys: list[bytes], check_type: bool) -> list[bytes]:
         """One round of reads; returns the keys to read again (changed type meanwhile)."""
+        sizing = self.sizing
         pipe = self.source.pipeline(transaction=False)
         for key in keys:
             pipe.execute_command("TYPE", key)
-            if self.sizing:
+            if sizing:
                 pipe.execute_command("MEMORY", "USAGE", key)
         first = pipe.execute(raise_on_error=False)
-        step = 2 if self.sizing else 1
+        step = 2 if sizing else 1
         small: list[tuple[bytes, str]] = []
         big: list[tuple[bytes, str]] = []
         read_ms = now_millis()
@@ -34,13 +51,13 @@ class Sizing:
             if isinstance(t, Exception):
                 raise t
             type_ = text(t)
-            size = first[step * i + 1] if self.sizing else None
+            size = first[step * i + 1] if sizing else None
             size = size if isinstance(size, int) else None
             if type_ == "none" or (check_type and type_ != self.type_filter):
-                self._delete(key, read_ms)
+                self.emitter.delete(key, read_ms)
                 continue
             if self.mem_limit and size is not None and size > self.mem_limit:
-                self._over_limit(key, size)
+                self.over_limit(key, size)
                 if self.mem_limit_skip:
                     continue
             if (self.big_key_bytes and size is not None and size > self.big_key_bytes
@@ -48,14 +65,15 @@ class Sizing:
                 big.append((key, type_))
             else:
                 small.append((key, type_))
-        again = self._read_small(small) if small else []
+        again = self.typed.read(small) if small else []
         for key, type_ in big:
-            if not self._read_big(key, type_):
+            if not self.pager.read(key, type_):
                 again.append(key)
         return again
 
-    def _over_limit(self, key: bytes, size: int) -> None:
-        c = self.counts
+    def over_limit(self, key: bytes, size: int) -> None:
+        """``key`` uses ``size`` bytes, above --mem-limit: counted, named in the summary, logged."""
+        c = self.emitter.counts
         c.over_limit += 1
         c.skipped += self.mem_limit_skip
         if len(c.over_limit_keys) < MAX_NAMED:

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from conveyor import values
+from conveyor.capture.emitting import Emitter
 
-class Splitting:
-    """Values in parts of at most ``part_bytes`` (part of StateReader)."""
 
-    def _split(self, v: dict) -> list[dict]:
+class Splitter:
+    """Values in parts of at most ``part_bytes``, handed to the emitter as chunk events."""
+
+    def __init__(self, emitter: Emitter, part_bytes: int) -> None:
+        self.emitter, self.part_bytes = emitter, part_bytes
+
+    def split(self, v: dict) -> list[dict]:
         """``v`` in parts of at most ``part_bytes`` (an element bigger than that is one part)."""
         t = v["type"]
         if t == "STRING":
@@ -33,31 +38,29 @@ class Splitting:
         return [values.value(t, items[a * step:b * step], v["scores"][a:b] if t == "ZSET" else ())
                 for a, b in cuts]
 
-    def _split_payload(self, key: bytes, payload: bytes, read_ms: int, expire) -> None:
+    def emit_payload(self, key: bytes, payload: bytes, read_ms: int, expire) -> None:
         """A DUMP payload above the log's record limit, in parts reassembled by apply."""
-        self.seq += 1
-        chunk_id = f"{self.capture_id}-{self.seq}"
+        emitter = self.emitter
+        chunk_id = emitter.chunk_id()
         step = self.part_bytes
         starts = range(0, len(payload), step)
         for index, start in enumerate(starts):
-            self._chunk(key, chunk_id, index, start, None, index == len(starts) - 1, read_ms,
-                        expire, payload=payload[start:start + step])
-        self.counts.chunked_keys += 1
-        self.counts.upserts += 1
+            emitter.chunk(key, chunk_id, index, start, None, index == len(starts) - 1, read_ms,
+                          expire, payload=payload[start:start + step])
 
-    def _emit_value(self, key: bytes, v: dict, read_ms: int, expire) -> None:
-        parts = self._split(v)
+    def emit_value(self, key: bytes, v: dict, read_ms: int, expire) -> None:
+        """A typed value whole, or in parts when it is above the log's record limit."""
+        emitter = self.emitter
+        parts = self.split(v)
         if len(parts) == 1:
-            self._upsert(key, read_ms, expire, value=v)
+            emitter.upsert(key, read_ms, expire, value=v)
             return
-        self.seq += 1
-        chunk_id = f"{self.capture_id}-{self.seq}"
+        chunk_id = emitter.chunk_id()
         offset = 0
         for index, part in enumerate(parts):
-            self._chunk(key, chunk_id, index, offset, part, index == len(parts) - 1, read_ms, expire)
+            emitter.chunk(key, chunk_id, index, offset, part, index == len(parts) - 1, read_ms,
+                          expire)
             offset += values.elements(part)
-        self.counts.chunked_keys += 1
-        self.counts.upserts += 1
 
 
 def cuts_of(sizes: list[int], limit: int) -> list[tuple[int, int]]:

@@ -7,10 +7,15 @@ import redis
 from conveyor import values
 from conveyor.events import now_millis
 
-class StreamMeta:
-    """A stream's groups, consumers and pending entries (part of StateReader)."""
 
-    def _with_stream_meta(self, key: bytes, part: dict) -> dict:
+class StreamMetaReader:
+    """A stream's groups, consumers and pending entries (``page``: entries asked per XPENDING)."""
+
+    def __init__(self, source: redis.Redis, page: int) -> None:
+        self.source, self.page = source, page
+
+    def with_meta(self, key: bytes, part: dict) -> dict:
+        """The last part of a big stream, with the stream's metadata and groups."""
         pipe = self.source.pipeline(transaction=False)
         pipe.execute_command("XINFO", "STREAM", key)
         pipe.execute_command("XINFO", "GROUPS", key)
@@ -18,10 +23,10 @@ class StreamMeta:
         meta = values.stream_value([], values.pairs_of(info), groups, {})
         meta["entries"] = part["stream"]["entries"]
         v = values.value("STREAM", stream=meta)
-        self._add_consumers(key, v)
+        self.add_consumers(key, v)
         return v
 
-    def _add_consumers(self, key: bytes, v: dict) -> None:
+    def add_consumers(self, key: bytes, v: dict) -> None:
         """The consumer names and pending entries of a stream's groups (XGROUP CREATECONSUMER
         and XCLAIM ... FORCE recreate them)."""
         groups = v["stream"]["groups"] if v["type"] == "STREAM" and v["stream"] else []

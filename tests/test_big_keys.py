@@ -251,7 +251,7 @@ def test_parts_written_before_a_crash_are_not_applied_twice(redis_factory, tmp_p
 
 
 def test_a_batch_over_the_read_budget_is_read_in_several_passes(redis_factory, tmp_path):
-    from conveyor.capture.reader import SCRIPT_BUDGET
+    from conveyor.capture.dumps import SCRIPT_BUDGET
     src, dst = redis_factory(), redis_factory()
     r = src.client()
     n = 3 * SCRIPT_BUDGET // 600_000 + 1

@@ -6,7 +6,7 @@ import pytest
 from redis.crc import key_slot
 
 from conveyor.apply.writes import temp_key
-from conveyor.capture.reader import _cuts
+from conveyor.capture.splitting import cuts_of
 from conveyor import values
 from conveyor.cli import ByteSize
 
@@ -61,9 +61,9 @@ def test_kept_stream_ids_set_the_last_id_and_7_0_metadata_only_on_7_0():
 
 
 def test_cuts_respect_the_limit_with_at_least_one_element_each():
-    assert _cuts([5, 5, 5, 5], 10) == [(0, 2), (2, 4)]
-    assert _cuts([50, 1, 1], 10) == [(0, 1), (1, 3)]          # an element above the limit alone
-    assert _cuts([], 10) == [(0, 0)]
+    assert cuts_of([5, 5, 5, 5], 10) == [(0, 2), (2, 4)]
+    assert cuts_of([50, 1, 1], 10) == [(0, 1), (1, 3)]          # an element above the limit alone
+    assert cuts_of([], 10) == [(0, 0)]
 
 
 def test_temporary_keys_share_the_slot_of_their_key():
