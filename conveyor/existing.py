@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from conveyor.errors import ConveyorError, LogError
+import redis
+
+from conveyor.errors import ConveyorError, LogError, TargetError
 from conveyor.kept import KeptKeys
 from conveyor.options import ApplyOptions
 from conveyor.progress import echo
@@ -44,7 +46,7 @@ def check_existing(dst: Endpoint, target, proc, opts: ApplyOptions) -> None:
     total = sum(per_db.values())
     where = ", ".join(f"db {db}: {n:,}" for db, n in sorted(per_db.items()))
     if skip:
-        proc.kept = KeptKeys.of_target(_target_nodes(dst, target, per_db)) if total else KeptKeys()
+        proc.kept = _kept_of(dst, target, per_db) if total else KeptKeys()
         if not opts.dry_run:
             proc.kept.save(proc.meta, opts.group)
         if total:
@@ -62,12 +64,23 @@ def check_existing(dst: Endpoint, target, proc, opts: ApplyOptions) -> None:
          "refuses a non-empty target)")
 
 
-def _target_nodes(dst: Endpoint, target, per_db: dict[int, int]) -> dict[int, list]:
-    """The clients to SCAN for the keys of each target database holding any."""
+def _kept_of(dst: Endpoint, target, per_db: dict[int, int]) -> KeptKeys:
+    """The names the target holds now: a SCAN of each database holding keys (of every primary
+    of a cluster). A target that refuses it is one line."""
     from conveyor.cluster import is_cluster, primary_clients
-    if is_cluster(target):
-        return {0: primary_clients(target)}
-    return {db: [dst.connect_node(db=db)] for db in per_db}
+    cluster = is_cluster(target)
+    # (a cluster's node clients are the cluster client's own: they stay open)
+    nodes = ({0: primary_clients(target)} if cluster
+             else {db: [dst.connect_node(db=db)] for db in per_db})
+    try:
+        return KeptKeys.of_target(nodes)
+    except redis.RedisError as e:
+        raise TargetError(f"--on-existing skip: cannot read the target's key names (SCAN): "
+                          f"{type(e).__name__}: {e}") from e
+    finally:
+        if not cluster:
+            for (c,) in nodes.values():
+                c.close()
 
 
 NOTHING_COMMITTED = (None, 0, "0-0", "0", -1001)   # a group at the very start

@@ -336,6 +336,24 @@ def test_on_existing_skip_leaves_the_targets_own_keys_alone_across_runs(redis_fa
     assert dst.get("k:2") == b"changed"
 
 
+def test_on_existing_skip_into_a_cluster_reads_every_primary(redis_factory, cluster_factory,
+                                                              tmp_path):
+    source, target = redis_factory(), cluster_factory(3)
+    src, dst = source.client(), target.client()
+    src.mset({f"k:{i}": i for i in range(300)})
+    theirs = {f"k:{i}": "theirs" for i in range(0, 300, 50)}       # spread over the primaries
+    for k, v in theirs.items():
+        dst.set(k, v)
+    p = cli.run("replicate", source.url, target.url, "--state-dir", str(tmp_path),
+                "--on-existing", "skip")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"already holds {len(theirs)} keys (db 0: {len(theirs)}): they are left alone" in \
+        p.stdout, p.stdout
+    for i in range(300):
+        want = b"theirs" if f"k:{i}" in theirs else str(i).encode()
+        assert dst.get(f"k:{i}") == want, i
+
+
 def test_a_dry_run_from_elsewhere_never_moves_the_real_group(redis_factory, tmp_path):
     source, target = redis_factory(), redis_factory()
     source.client().mset({f"k:{i}": i for i in range(200)})
