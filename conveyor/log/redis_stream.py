@@ -354,9 +354,10 @@ class StreamLogReader(StreamLog, LogReader):
         newest = {rec.partition: rec.offset for rec in out}       # in order within a stream
         for stream, offset in newest.items():
             self._seen[stream] = max(self._seen.get(stream, (0, 0)), parse_id(offset))
-        if (not out and not self.observe and self.trim_mode != "none"
+        if (not out and not self.observe and self.peeked is None and self.trim_mode != "none"
                 and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S):
-            self.trim(self.trim_mode)       # a quiet log is compacted too (commit does it otherwise)
+            # a quiet log is compacted too (commit does it otherwise); never by a dry run
+            self.trim(self.trim_mode)
         return out
 
     def _read_pending(self, max_records: int) -> list[Record]:
