@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Callable
 
 import redis
 
-from conveyor.apply.batch import BatchResult, BatchWriter
+from conveyor.apply.batch import BatchWriter
+from conveyor.apply.plan import BatchResult
 from conveyor.apply.decode import Decoder
 from conveyor.apply.guard import TargetGuard
 from conveyor.kept import KeptKeys

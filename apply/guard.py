@@ -12,7 +12,7 @@ from typing import Callable
 
 import redis
 
-from conveyor.apply.batch import BatchResult
+from conveyor.apply.plan import BatchResult
 from conveyor.apply.cluster_watch import ClusterWatch
 from conveyor.apply.replies import raise_for_connection
 from conveyor.apply.watch import Finding, TargetWatch, sweep_temp_keys

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import redis
 
-from conveyor.apply.batch import BatchResult, BatchWriter, execute
+from conveyor.apply.batch import BatchWriter, execute
+from conveyor.apply.plan import BatchResult
 from conveyor.events import Event, Kind, now_millis
 from conveyor.log import Record
 from conveyor.packed import Batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from conveyor.apply.batch import Tally
+from conveyor.apply.plan import Tally
 from conveyor.log import Record
 
 

@@ -16,7 +16,7 @@ from array import array
 import redis
 
 from conveyor import packed
-from conveyor.capture.ledger import NO_EXPIRY, UNKNOWN, UNKNOWN_CRC
+from conveyor.capture.ledger_files import NO_EXPIRY, UNKNOWN, UNKNOWN_CRC
 from conveyor.endpoints import ServerInfo
 from conveyor.events import now_millis
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conveyor.capture.ledger import Ledger, crcs_of, expiries
+from conveyor.capture.ledger import Ledger
+from conveyor.capture.ledger_files import crcs_of, expiries
 from conveyor.endpoints import ServerInfo
 from conveyor.events import Codec, Columns, Event, Kind, block_record_key, now_millis, record_key
 from conveyor.log import LogWriter

@@ -4,7 +4,7 @@ Per key: a digest of the state last logged and the generation of the log it was 
 per key lives in memory for the run, whatever the number of keys.
 
 Why. A gap (notifications lost, a restart, a source that failed over or restarted) is healed by a
-rescan of the source. With the ledger, the rescan first reads only digests (``Rescan.saw``); then,
+rescan of the source. With the ledger, the rescan first reads only digests (``rescan.Rescan.saw``); then,
 bucket by bucket, it compares them with the ledger (``Rescan.to_read``): the keys whose digest
 differs (new or changed) and the keys the ledger has but the rescan did not see (deleted during the
 gap, or created since) are read again and logged; unchanged values are neither logged nor applied
@@ -39,28 +39,22 @@ import json
 import logging
 import os
 import shutil
-import struct
 import zlib
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Iterator
 
-from conveyor.errors import CodecError, ConfigError
-from conveyor.events import Codec, Kind
-from conveyor.log.base import History
+from conveyor.capture.ledger_files import (DELETED, UNKNOWN, UNKNOWN_CRC, Buckets, Chunk, chunks,
+                                           framed, records)
+from conveyor.errors import ConfigError
 
 log = logging.getLogger("conveyor.capture")
 
 BUCKETS = 512                     # buckets of a new ledger (one is in memory at a time)
-UNKNOWN_CRC = bytes(8)
-UNKNOWN, DELETED, NO_EXPIRY = -3, -2, -1      # expiry values with a meaning of their own
-BUFFER_BYTES = 64 * 1024          # per-bucket write buffer while distributing or spilling
 DISTRIBUTE_BYTES = 256 * 1024 * 1024          # journal size that is distributed at a commit
 PAGE = 1000                       # keys handed back at a time
 VERSION = 1
-_HEAD = struct.Struct("<cII")     # record type, key count (or body length), body length
-_CRC = struct.Struct("<I")
 
 
 def _boot_id() -> str:
@@ -68,128 +62,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def crcs_of(payloads: list[bytes]) -> bytes:
-    """The CRC-64 that ends every DUMP payload, joined (8 bytes a key)."""
-    return b"".join([p[-8:] for p in payloads])
-
-
-def expiries(expires: list[int | None]) -> bytes:
-    """Absolute expiries in ms (None: none), 8 bytes a key."""
-    return array("q", [NO_EXPIRY if x is None else x for x in expires]).tobytes()
-
-
-@dataclass(slots=True)
-class Chunk:
-    """Keys with their digests (crc, expiry) and generations, as columns."""
-    keys: list[bytes]
-    crcs: bytes
-    exps: array
-    gens: array
-
-    def encode(self, kind: bytes = b"B") -> bytes:
-        lens = array("I", map(len, self.keys)).tobytes()
-        body = b"".join((lens, *self.keys, self.crcs, self.exps.tobytes(), self.gens.tobytes()))
-        return _HEAD.pack(kind, len(self.keys), len(body)) + body + _CRC.pack(zlib.crc32(body))
-
-    @classmethod
-    def decode(cls, n: int, body: bytes) -> "Chunk":
-        lens = array("I")
-        lens.frombytes(body[:4 * n])
-        at, keys = 4 * n, []
-        for size in lens:
-            keys.append(body[at:at + size])
-            at += size
-        exps, gens = array("q"), array("I")
-        exps.frombytes(body[at + 8 * n:at + 16 * n])
-        gens.frombytes(body[at + 16 * n:at + 20 * n])
-        return cls(keys, body[at:at + 8 * n], exps, gens)
-
-    def crc_list(self) -> list[bytes]:
-        crcs = self.crcs
-        return [crcs[i:i + 8] for i in range(0, len(crcs), 8)]
-
-    def entries(self) -> Iterator[tuple[bytes, bytes, int, int]]:
-        return zip(self.keys, self.crc_list(), self.exps, self.gens)
-
-    def apply_to(self, state: dict[bytes, tuple[bytes, int, int]]) -> None:
-        """Upserts and deletes of this chunk, in order, onto ``state``."""
-        if DELETED not in self.exps:                # the common chunk: one C-speed update
-            state.update(zip(self.keys, zip(self.crc_list(), self.exps, self.gens)))
-            return
-        for key, crc, exp, gen in self.entries():
-            if exp == DELETED:
-                state.pop(key, None)
-            else:
-                state[key] = (crc, exp, gen)
-
-
-def _records(f: BinaryIO) -> Iterator[tuple[int, bytes, int, bytes]]:
-    """(offset, type, count, body) of each whole record; stops at a torn or damaged tail."""
-    while True:
-        at = f.tell()
-        head = f.read(_HEAD.size)
-        if len(head) < _HEAD.size:
-            return
-        kind, n, size = _HEAD.unpack(head)
-        body = f.read(size)
-        tail = f.read(_CRC.size)
-        if len(body) < size or len(tail) < _CRC.size or _CRC.unpack(tail)[0] != zlib.crc32(body):
-            f.seek(at)
-            return
-        yield at, kind, n, body
-
-
-def _chunks(path: Path) -> Iterator[Chunk]:
-    try:
-        with open(path, "rb") as f:
-            for _, kind, n, body in _records(f):
-                if kind == b"B":
-                    yield Chunk.decode(n, body)
-    except FileNotFoundError:
-        return
-
-
-class _Buckets:
-    """Per-bucket append files (delta, spill) written through small buffers."""
-
-    def __init__(self, folder: Path, count: int) -> None:
-        self.folder, self.count = folder, count
-        folder.mkdir(parents=True, exist_ok=True)
-        self._buf: dict[int, tuple[list, list, list, list]] = {}
-
-    def add(self, chunk: Chunk, mask: Callable[[bytes, bytes, int], tuple] | None = None) -> None:
-        """Every entry of ``chunk`` into its bucket's buffer (``mask`` may change its digest)."""
-        crcs, exps, gens = chunk.crcs, chunk.exps, chunk.gens
-        count = self.count
-        for i, key in enumerate(chunk.keys):
-            b = zlib.crc32(key) % count
-            buf = self._buf.get(b)
-            if buf is None:
-                buf = self._buf[b] = ([], [], [], [])
-            crc, exp = crcs[8 * i:8 * i + 8], exps[i]
-            if mask is not None:
-                crc, exp = mask(key, crc, exp)
-            buf[0].append(key)
-            buf[1].append(crc)
-            buf[2].append(exp)
-            buf[3].append(gens[i])
-            if len(buf[0]) >= 4096:
-                self._write(b)
-
-    def _write(self, bucket: int) -> None:
-        buf = self._buf.pop(bucket, None)
-        if not buf:
-            return
-        keys, crcs, exps, gens = buf
-        chunk = Chunk(keys, b"".join(crcs), array("q", exps), array("I", gens))
-        with open(self.folder / f"{bucket:04d}", "ab") as f:
-            f.write(chunk.encode())
-
-    def close(self) -> None:
-        for bucket in list(self._buf):
-            self._write(bucket)
 
 
 @dataclass
@@ -243,7 +115,7 @@ class Ledger:
         f = self._journal
         f.seek(0)
         self._committed_at = 0
-        for at, kind, _, body in _records(f):
+        for at, kind, _, body in records(f):
             if kind == b"C":
                 self.meta.update(json.loads(body))
                 self._committed_at = f.tell()
@@ -334,10 +206,16 @@ class Ledger:
             self._journal.flush()
             self._journal_bytes += len(data)
 
+    def logged_from_log(self, keys: list[bytes], crcs: bytes, exps: bytes) -> None:
+        """Entries read back from the log itself (``rebuild``): their digests count at once."""
+        self.logged(keys, crcs, exps)
+        self.write_ahead()
+        self._committed_at = self._journal_bytes
+
     def commit(self, capture_id: str, seq: int) -> None:
         """Everything appended so far is durable on the log (called after a flush)."""
         body = json.dumps({"capture_id": capture_id, "seq": seq}).encode()
-        self._pending.append(_HEAD.pack(b"C", 0, len(body)) + body + _CRC.pack(zlib.crc32(body)))
+        self._pending.append(framed(b"C", 0, body))
         self.write_ahead()
         self._committed_at = self._journal_bytes
         self.meta.update(capture_id=capture_id, seq=seq)
@@ -360,14 +238,14 @@ class Ledger:
         self.write_ahead()
         if not self._journal_bytes:
             return
-        deltas = _Buckets(self.root / "delta", self.buckets)
+        deltas = Buckets(self.root / "delta", self.buckets)
         f = self._journal
         f.seek(0)
 
         def unknown(key: bytes, crc: bytes, exp: int) -> tuple[bytes, int]:
             return (crc, exp) if exp == DELETED else (UNKNOWN_CRC, UNKNOWN)
 
-        for at, kind, n, body in _records(f):
+        for at, kind, n, body in records(f):
             if kind == b"B":
                 deltas.add(Chunk.decode(n, body), None if at < self._committed_at else unknown)
         deltas.close()
@@ -379,7 +257,7 @@ class Ledger:
         """Bucket ``bucket`` as key -> (crc, expiry, generation), base and delta applied."""
         state: dict[bytes, tuple[bytes, int, int]] = {}
         for name in ("base", "delta"):
-            for chunk in _chunks(self.root / name / f"{bucket:04d}"):
+            for chunk in chunks(self.root / name / f"{bucket:04d}"):
                 chunk.apply_to(state)
         return state
 
@@ -424,10 +302,6 @@ class Ledger:
             for i in range(0, len(keys), PAGE):
                 yield keys[i:i + PAGE]
 
-    # -- rescans ----------------------------------------------------------------------------------
-    def rescan(self) -> "Rescan":
-        return Rescan(self)
-
     def close(self, clean: bool = True) -> None:
         """Close; ``clean``: everything is synced, a machine restart after it loses nothing."""
         if self._journal.closed:
@@ -438,124 +312,3 @@ class Ledger:
             self.meta["clean"] = True
             self._write_meta()
         self._journal.close()
-
-
-@dataclass
-class Rescan:
-    """A rescan against the ledger: digests first (``saw``), then what to read (``to_read``)."""
-    ledger: Ledger
-    seen: int = 0
-    _spill: _Buckets | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        shutil.rmtree(self.ledger.root / "spill", ignore_errors=True)
-        self._spill = _Buckets(self.ledger.root / "spill", self.ledger.buckets)
-
-    def saw(self, keys: list[bytes], crcs: bytes, exps: bytes) -> None:
-        """The rescan read these digests (UNKNOWN_CRC: a key without one, e.g. a big key)."""
-        e = array("q")
-        e.frombytes(exps)
-        self._spill.add(Chunk(keys, crcs, e, array("I", bytes(4 * len(keys)))))
-        self.seen += len(keys)
-
-    def to_read(self, in_scope: Callable[[bytes], bool] | None = None,
-                expiry_slack_ms: int = 0) -> Iterator[list[bytes]]:
-        """Pages of keys to read again and log: new, changed, or in the ledger and not seen (only
-        those ``in_scope`` accepts: a rescan of some slots). Call once the scan is complete.
-        ``expiry_slack_ms``: expiries this close are the same (a source without PEXPIRETIME
-        gives them as read time + PTTL, a few ms apart from one read to the next)."""
-        self._spill.close()
-        page: list[bytes] = []
-        ledger = self.ledger
-        ledger.iterating = True                # no distribute between two pages (see commit)
-        try:
-            for b, state in ledger.buckets_merged():
-                seen: dict[bytes, tuple[bytes, int, int]] = {}
-                for chunk in _chunks(self._spill.folder / f"{b:04d}"):
-                    chunk.apply_to(seen)
-                for key, (crc, exp, _) in seen.items():
-                    had = state.get(key)
-                    if had is None or had[0] != crc or crc == UNKNOWN_CRC or exp == UNKNOWN \
-                            or not _same_expiry(had[1], exp, expiry_slack_ms):
-                        page.append(key)
-                page.extend(k for k in state
-                            if k not in seen and (in_scope is None or in_scope(k)))
-                while len(page) >= PAGE:
-                    yield page[:PAGE]
-                    del page[:PAGE]
-            if page:
-                yield page
-        finally:
-            ledger.iterating = False
-            shutil.rmtree(self._spill.folder, ignore_errors=True)
-
-
-def _same_expiry(a: int, b: int, slack: int) -> bool:
-    if a == b:
-        return True
-    return slack > 0 and a >= 0 and b >= 0 and abs(a - b) <= slack
-
-
-@dataclass
-class Rebuilt:
-    records: int = 0              # records of the log read
-    keys: int = 0                 # keys the ledger holds afterwards
-    gap: str = ""                 # why the log no longer holds everything appended ("" if it does)
-
-
-def rebuild(ledger: Ledger, history: History, codec: Codec, db: int,
-            accepts: Callable[[bytes], bool], digests: bool = True) -> Rebuilt:
-    """Fill an emptied ledger from what the log holds: every key of ``db`` that ``accepts``
-    takes, at its latest state on the log (generation 0). Without ``digests`` every state is
-    UNKNOWN (``--fresh``: everything is logged again). Returns what was read."""
-    found = Rebuilt(gap="" if history.complete else history.why)
-    batch: list = []
-    try:
-        for _key, value in history.records:
-            found.records += 1
-            try:
-                events = codec.decode_all(value)
-            except CodecError:
-                continue                          # apply dead-letters it; it wrote nothing
-            for ev in events:
-                if ev.is_marker or ev.db != db or not accepts(ev.key):
-                    continue
-                if ev.kind == Kind.DELETE:
-                    _rebuilt(ledger, batch)
-                    ledger.deleted([ev.key])
-                    continue
-                whole = digests and ev.payload is not None and ev.chunk is None and ev.value is None
-                batch.append((ev.key, ev.payload[-8:] if whole else None, ev.expire_at_ms))
-                if len(batch) >= PAGE:
-                    _rebuilt(ledger, batch)
-            if found.records % 1_000_000 == 0:
-                log.info("read %d records of the log's history", found.records)
-    finally:
-        close = getattr(history.records, "close", None)
-        if close:
-            close()
-    _rebuilt(ledger, batch)
-    if not history.complete:                      # a backend may learn of damage while reading
-        found.gap = history.why
-    ledger.distribute()
-    found.keys = len(ledger)
-    return found
-
-
-def _rebuilt(ledger: Ledger, batch: list) -> None:
-    """Entries of keys as the log holds them: their digests count (the log has them)."""
-    if not batch:
-        return
-    keys = [k for k, _, _ in batch]
-    crcs = b"".join(c if c is not None else UNKNOWN_CRC for _, c, _ in batch)
-    exps = array("q", [UNKNOWN if c is None else NO_EXPIRY if x is None else x
-                       for _, c, x in batch]).tobytes()
-    ledger.logged(keys, crcs, exps)
-    ledger.write_ahead()
-    ledger._committed_at = ledger._journal_bytes          # read from the log: on the log
-    batch.clear()
-
-
-def digests_of(payloads: Iterable[bytes | None]) -> bytes:
-    """CRCs of payloads that may be missing (UNKNOWN_CRC where none)."""
-    return b"".join([p[-8:] if p is not None else UNKNOWN_CRC for p in payloads])

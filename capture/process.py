@@ -26,7 +26,9 @@ from typing import Callable, Iterator
 import redis
 
 from conveyor.capture.digests import DigestReader
-from conveyor.capture.ledger import Ledger, Rescan, rebuild
+from conveyor.capture.ledger import Ledger
+from conveyor.capture.ledger_rebuild import rebuild
+from conveyor.capture.rescan import Rescan
 from conveyor.capture.notifications import DirtySet, Notifications, check_notifications
 from conveyor.words import counted
 from conveyor.capture.reader import BIG_KEY_BYTES, ReadCounts, StateReader
@@ -468,7 +470,7 @@ class Capture:
         """A live scan from the start; ``rescan``: it reads digests and compares them with the
         ledger, and only the keys that differ are read and logged (see ``_scan_done``)."""
         self._close_rescan()
-        self._rescan = self.ledger.rescan() if rescan else None
+        self._rescan = Rescan(self.ledger) if rescan else None
         self._rescan_began = ((time.monotonic(), self.stats.digests_read, self.stats.unseen_reread)
                               if rescan else None)
         self._new_scan(slots)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 
-from conveyor.capture.ledger import Ledger, crcs_of, expiries, rebuild
+from conveyor.capture.ledger import Ledger
+from conveyor.capture.ledger_files import crcs_of, expiries
+from conveyor.capture.ledger_rebuild import rebuild
+from conveyor.capture.rescan import Rescan
 from conveyor.events import Codec, Event, Kind
 from conveyor.log.base import History
 from conveyor.rate import Pacer
@@ -27,7 +30,7 @@ def _log(ledger: Ledger, state: State, seq: int) -> None:
 
 def _rescan(ledger: Ledger, state: State, in_scope=None) -> list[bytes]:
     """What a rescan reads again: digests first, then the keys that differ or vanished."""
-    rescan = ledger.rescan()
+    rescan = Rescan(ledger)
     keys = list(state)
     for i in range(0, len(keys), 700):
         part = keys[i:i + 700]

@@ -128,7 +128,7 @@ def test_interrupted_capture_resumes_from_its_saved_cursor(redis_factory, tmp_pa
     meta = open_meta(log_uri)
     deadline = time.time() + 60
     while time.time() < deadline:     # a cursor past the start has been saved
-        docs = [json.loads(p.read_text()) for p in (tmp_path / "log" / "meta").glob("capture-*")]
+        docs = [json.loads(p.read_text()) for p in (tmp_path / "log" / "meta").glob("capture-*.json")]
         if docs and docs[0]["keys"] > 1000:
             break
         time.sleep(0.05)

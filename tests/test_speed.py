@@ -19,7 +19,7 @@ from tests.datasets import load_mixed
 def _wait_for_capture_progress(log_dir, keys: int, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        docs = [json.loads(p.read_text()) for p in (log_dir / "meta").glob("capture-*")]
+        docs = [json.loads(p.read_text()) for p in (log_dir / "meta").glob("capture-*.json")]
         if docs and docs[0].get("keys", 0) > keys:
             return
         time.sleep(0.05)
