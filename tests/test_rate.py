@@ -93,7 +93,11 @@ def test_live_changes_pass_a_paced_scan(redis_factory, tmp_path):
     cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--max-rate", "400")
     app = cli.start("apply", target.url, "--log", log)
     try:
-        time.sleep(1.5)                      # the scan has ~13 s to go
+        # once capture listens and the scan's first keys are on the target (the scan has ~15 s
+        # to go at 400 keys/s): a wait on those, not a sleep that a loaded machine outlasts
+        wait_until(lambda: source.client().pubsub_numpat() >= 1, timeout=30,
+                   what="capture to subscribe")
+        wait_until(lambda: target.client().dbsize() > 0, timeout=30, what="the scan under way")
         source.client().set("written-during-scan", "v")
         wait_until(lambda: target.client().get("written-during-scan") == b"v", timeout=10)
         assert target.client().dbsize() < 5000          # the scan was still far from its end
