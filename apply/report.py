@@ -1,7 +1,7 @@
 """The lines apply adds to its summary about the faults it met (printed by the CLI)."""
 from __future__ import annotations
 
-from conveyor.apply.applier import ApplyStats
+from conveyor.apply.stats import ApplyStats
 
 
 def fault_lines(st: ApplyStats) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from conveyor import members as m
-from conveyor.apply.applier import status_name
+from conveyor.apply.stats import status_name
 from conveyor.log import LogStatus
 from conveyor.log.stream_base import parse_id
 from conveyor.words import counted

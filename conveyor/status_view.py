@@ -6,7 +6,7 @@ import json
 import time
 from datetime import datetime, timezone
 
-from conveyor.apply.applier import status_name
+from conveyor.apply.stats import status_name
 from conveyor import members as m
 from conveyor.log import LogStatus
 from conveyor.words import counted
