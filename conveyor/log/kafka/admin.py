@@ -61,16 +61,20 @@ def offsets(admin: AdminClient, topic: str, parts, earliest: bool = False) -> di
     return out
 
 
-def check_same_log(admin: AdminClient, topic: str, log_id: str, seen: dict[int, int]) -> None:
+def check_same_log(admin: AdminClient, topic: str, log_id: str, seen: dict[int, int],
+                   parts=None) -> dict[int, int]:
     """LogLost when the topic has another id now, or holds fewer records than this process saw
-    in it (``seen``: partition -> the end it had)."""
+    in it (``seen``: partition -> the end it had). Returns the ends it read: those of ``parts``
+    (default: the partitions seen), in the same request."""
     now = topic_id(admin, topic)
     if log_id and now != log_id:
         raise LogLost(f"Kafka topic {topic!r} was deleted and recreated (id {log_id} is now {now})")
-    for p, end in offsets(admin, topic, seen).items():
-        if end < seen[p]:
+    ends = offsets(admin, topic, sorted(set(seen) | set(parts or ())))
+    for p, end in ends.items():
+        if p in seen and end < seen[p]:
             raise LogLost(f"Kafka topic {topic!r} partition {p} ends at offset {end}, "
                           f"below the {seen[p]} already seen: records were removed")
+    return ends
 
 
 def creation(create: dict, brokers: int) -> tuple[int, int]:

@@ -171,9 +171,8 @@ class KafkaLogWriter(LogWriter):
     def check_identity(self) -> None:
         """LogLost when the topic was recreated, ends below an end it had, or starts past
         records too young for its cleanup to have removed them: records are missing."""
-        check_same_log(self._admin, self.topic, self.log_id, self._ends)
         parts = range(self.partitions)
-        ends = offsets(self._admin, self.topic, parts)
+        ends = check_same_log(self._admin, self.topic, self.log_id, self._ends, parts)
         for p, end in ends.items():
             self._ends[p] = max(self._ends.get(p, 0), end)
         if self._removed.window is not None:
