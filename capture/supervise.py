@@ -62,6 +62,11 @@ class Supervisor:
         """``fn`` uses the log; LogUnavailable is waited out, LogLost and other errors pass."""
         return self._call(fn, what, "log", lambda e: isinstance(e, LogUnavailable))
 
+    def log_again(self, fn: Callable[[], T], what: str, first: LogUnavailable) -> T:
+        """``fn`` just failed with ``first``: wait the log out and call it again (for a caller
+        that tries once itself, on a path where a wrapper per call costs too much)."""
+        return self._wait(fn, what, "log", lambda e: isinstance(e, LogUnavailable), first)
+
     def _call(self, fn: Callable[[], T], what: str, whom: str,
               transient: Callable[[BaseException], bool]) -> T:
         try:
@@ -131,8 +136,8 @@ class SupervisedWriter(LogWriter):
         try:
             self.inner.append(key, value, partition_key)   # per record: no wrapper in the way
         except LogUnavailable as e:
-            self.sup._wait(lambda: self.inner.append(key, value, partition_key), "appending",
-                           "log", lambda x: isinstance(x, LogUnavailable), e)
+            self.sup.log_again(lambda: self.inner.append(key, value, partition_key), "appending",
+                               e)
         if self.paced and self.pacer.bytes_per_s:
             self.pacer.charge(nbytes=len(value))
             self.pacer.wait(self.sup.stop)
