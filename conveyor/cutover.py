@@ -13,7 +13,7 @@ import time
 from conveyor import members as m
 from conveyor.apply.stats import status_name
 from conveyor.log import LogStatus
-from conveyor.log.stream_base import parse_id
+from conveyor.log.streams.base import parse_id
 from conveyor.words import counted
 
 POLL_S = 0.5

@@ -194,7 +194,7 @@ def test_log_durations_are_read_one_way_by_every_backend():
     from conveyor.errors import ConfigError
     from conveyor.log.file.options import duration
     from conveyor.log.options import duration_s
-    from conveyor.log.stream_base import duration_ms
+    from conveyor.log.streams.base import duration_ms
     assert duration_s("1.5d", "retention") == 1.5 * 86400 and duration_s("90", "x") == 90
     assert duration("7d") == 7 * 86400 and duration_ms("1.5h") == 5_400_000
     for bad in ("7w", "-1d", "1e3s", "7D", ""):

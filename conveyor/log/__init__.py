@@ -34,7 +34,7 @@ class Backend:
         return importlib.import_module(self.module)
 
 
-_STREAMS = Backend("conveyor.log.redis_stream", frozenset({
+_STREAMS = Backend("conveyor.log.streams", frozenset({
     "stream", "partitions", "consumer", "claim_idle_ms", "block_ms", "trim", "retention",
     "lease_ms", "cacert", "cert", "key", "insecure"}))
 BACKENDS: dict[str, Backend] = {

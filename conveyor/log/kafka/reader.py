@@ -26,7 +26,7 @@ from conveyor.log.kafka.config import (COMPACT_EVERY_S, DRY_RUN_PREFIX, IDENTITY
 from conveyor.log.kafka.errors import data, failure, transient
 from conveyor.log.kafka.meta import OneRecord
 from conveyor.log.kafka.security import error_cb
-from conveyor.log.stream_base import duration_ms
+from conveyor.log.streams.base import duration_ms
 
 log = logging.getLogger("conveyor.kafka")
 

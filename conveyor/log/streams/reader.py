@@ -1,185 +1,33 @@
-"""Redis Streams log on a *buffer* Redis (neither the source nor the target).
-
-Options (``--log-opt`` or URI query): ``stream`` name prefix (default ``conveyor``), ``partitions``
-(default 6, see stream_base.DEFAULT_PARTITIONS: records are spread over streams
-``{stream}:0..N-1`` by a hash of their key, so each key's events stay in order in one stream; the
-count is stored in ``{stream}:partitions`` when the log is created and cannot change later),
-``consumer`` (this apply process's member name; default
-unique per process: host-pid-random), ``lease_ms`` (default 10000: how long a partition stream
-stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``retention``, the
-default: drop entries older than ``retention`` (default ``7d``; units s, m, h, d) that no group
-still needs, so ``apply --from earliest`` can rebuild a wiped target; ``acked``: drop entries every
-group has acknowledged; ``none``: keep everything).
-
-Records are stream entries with fields ``k`` (key) and ``v`` (value); a record's position is its
-entry id. Reading uses a consumer group; ``commit`` is XACK. Entries delivered but not acknowledged
-(a crash) are read again. Several apply processes may share a group: each partition stream is
-leased to one of them at a time (see ``stream_leases``).
-
-Faults: a buffer Redis that is restarting, loading or unreachable raises LogUnavailable, and every
-call can be made again (the writer keeps its records until a flush stored them all; XACK repeats
-harmlessly). The log's identity is a random id in ``{stream}:id``; when it is gone or another (a
-restart without persistence, FLUSHALL, deleted streams), or a stream ends before records we stored,
-or our group vanished, the log lost records: LogLost.
-"""
+"""The reader of a Redis Streams log: a member of a consumer group that reads the partition
+streams leased to it (leases.py) and acknowledges with XACK, and its dry-run, trimming (or
+compaction, compact.py), status and dead-letter sides."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-import zlib
 from datetime import datetime
-from urllib.parse import urlsplit
 
 import redis
 
-from conveyor import packed
-from conveyor.acl import user_of
-from conveyor.endpoints import mask_uri, server_info
-from conveyor.errors import ConfigError, LogError, LogLost, LogUnavailable
-from conveyor.log.base import (History, LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus, Record,
-                               StartAt)
-from conveyor.log.stream_base import (MAX_SEQ, StreamLog, client, converted, duration_ms, field_map, id_ms,
-                                      info_map, next_id, parse_id, previous_id, stream_names, trimmed_why)
-from conveyor.words import text
+from conveyor.errors import LogError, LogLost, LogUnavailable
+from conveyor.log.base import LogReader, LogStatus, PartitionStatus, Record, StartAt
 from conveyor.log.compaction import Background
-from conveyor.log.stream_compact import StreamCompactor
-from conveyor.log.stream_leases import LEASE_MS, Leases, default_consumer
+from conveyor.log.streams.base import (MAX_SEQ, PIPELINE_CHUNK, StreamLog, converted, duration_ms,
+                                       field_map, id_ms, info_map, next_id, parse_id, previous_id,
+                                       trimmed_why)
+from conveyor.log.streams.compact import StreamCompactor
+from conveyor.log.streams.lag import undelivered
+from conveyor.log.streams.leases import LEASE_MS, Leases, default_consumer
+from conveyor.words import text
 
 log = logging.getLogger("conveyor.log")
 
-PIPELINE_CHUNK = 1000
-FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
 TRIM_INTERVAL_S = 5.0
 DEFAULT_RETENTION = "7d"
 COMPACT_RETENTION = "1h"          # trim=compact: superseded entries are kept this long
-COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog
-COUNT_CAP = 10_000          # a backlog up to this long is counted exactly
 DRY_RUN_PREFIX = "conveyor-dry-run:"   # groups of dry runs: never waited for by trimming
 TRIM_MODES = ("compact", "retention", "acked", "none")
-
-
-def log_exists(uri: str, opts: dict[str, str]) -> bool:
-    r = client(uri, opts)
-    try:
-        with converted("looking for the log's streams", user_of(r)):
-            return bool(r.exists(*stream_names(opts)))
-    finally:
-        r.close()
-
-
-class StreamLogWriter(StreamLog, LogWriter):
-    def __init__(self, uri: str, opts: dict[str, str]) -> None:
-        self._open(uri, opts)
-        self._buf: list[tuple[bytes, bytes, bytes]] = []
-        self._buf_bytes = 0
-        self._last_added: dict[str, str] = {}
-        with converted("opening the log", self.user):
-            # XADD NOMKSTREAM (6.2+) to a stream that exists: a deleted stream is noticed, not
-            # silently recreated empty.
-            self._nomkstream = tuple(server_info(self.r).version) >= (6, 2)
-            self._existing = {s for s in self.streams if self.r.exists(s)}
-        self._ready = True
-
-    takes_blocks = True             # streams are trimmed by age or acknowledgement, not by key
-
-    @property
-    def partitions(self) -> int:
-        return len(self.streams)
-
-    def partition_of(self, partition_key: bytes) -> int:
-        n = len(self.streams)
-        return zlib.crc32(partition_key) % n if n > 1 else 0
-
-    def _stream_of(self, key: bytes) -> str:
-        return self.streams[self.partition_of(key)]
-
-    def append(self, key: bytes, value: bytes, partition_key: bytes | None = None) -> None:
-        self._buf.append((key, value, partition_key or key))
-        self._buf_bytes += len(key) + len(value)
-        if len(self._buf) >= 10 * PIPELINE_CHUNK or self._buf_bytes >= FLUSH_BUFFER_BYTES:
-            try:
-                self.flush()
-            except LogError:
-                # Not taken: the caller appends this record again (earlier ones stay buffered).
-                self._buf.pop()
-                self._buf_bytes -= len(key) + len(value)
-                raise
-
-    def flush(self, timeout: float = 60.0) -> None:
-        """Store the buffered records, a pipeline chunk at a time; a chunk leaves the buffer only
-        once stored, so after LogUnavailable flush() again re-sends the rest in order (a chunk
-        stored in part is sent again whole: events are whole states, duplicates are harmless)."""
-        with self._op("XADD"):
-            while self._buf:
-                chunk = self._buf[:PIPELINE_CHUNK]
-                cmds: list[tuple] = [("GET", self.id_key)]
-                targets = []
-                for key, value, pkey in chunk:
-                    s = self._stream_of(pkey)
-                    targets.append(s)
-                    if self._nomkstream and s in self._existing:
-                        cmds.append(("XADD", s, "NOMKSTREAM", "*", "k", key, "v", value))
-                    else:
-                        cmds.append(("XADD", s, "*", "k", key, "v", value))
-                replies = packed.run(self.r, cmds)
-                for r in replies:
-                    if isinstance(r, Exception):
-                        raise r
-                self._stored(replies, targets)
-                del self._buf[:len(chunk)]
-                self._buf_bytes -= sum(len(k) + len(v) for k, v, _ in chunk)
-
-    def _stored(self, replies: list, targets: list[str]) -> None:
-        if replies[0] is None or text(replies[0]) != self.log_id:
-            self.check_identity()                # flushed under us: says how
-        for s, entry_id in zip(targets, replies[1:]):
-            if entry_id is None:
-                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri} (deleted, or "
-                              "the buffer was flushed)")
-            self._existing.add(s)
-            self._last_added[s] = text(entry_id)
-
-    def _check_streams(self, run) -> None:
-        for s, last in self._last_added.items():
-            try:
-                end = text(info_map(run("XINFO", "STREAM", s))["last-generated-id"])
-            except redis.ResponseError:
-                raise LogLost(f"stream {s} is gone from the buffer Redis {self.uri}") from None
-            if parse_id(end) < parse_id(last):
-                raise LogLost(f"stream {s} ends at {end} but {last} was stored: the buffer Redis "
-                              "restarted from older data")
-
-    def _adopted(self) -> None:
-        self._last_added = {}
-        self._existing = {s for s in self.streams if self.r.exists(s)}
-
-    def history(self) -> History:
-        self.flush()
-        with self._op("XINFO STREAM"):
-            why = trimmed_why(self.r, self.streams)
-        return History(not why, self._history(), "; ".join(why))
-
-    def _history(self):
-        for s in self.streams:
-            start = "-"
-            while True:
-                with self._op("XRANGE"):
-                    entries = self.r.execute_command("XRANGE", s, start, "+", "COUNT", PIPELINE_CHUNK)
-                for entry_id, fields in entries:
-                    f = field_map(fields)
-                    yield f[b"k"], f[b"v"]
-                if len(entries) < PIPELINE_CHUNK:
-                    break
-                start = next_id(text(entries[-1][0]))
-
-    def close(self) -> None:
-        try:
-            if not self.refused:            # refused: flushing would only say it again
-                self.flush()
-        finally:
-            self.r.close()
 
 
 class StreamLogReader(StreamLog, LogReader):
@@ -475,7 +323,7 @@ class StreamLogReader(StreamLog, LogReader):
                 first = self.r.xpending(s, self.group)["min"] if pending else None
                 committed = text(first) if first is not None else delivered   # acked meanwhile
                 parts.append(PartitionStatus(s, committed, end,
-                                             self._undelivered(s, info, g) + pending))
+                                             undelivered(self.r, s, info, g) + pending))
             entries = sum(self.r.xlen(s) for s in self.streams)
             try:
                 held = f"{sum(self.r.memory_usage(s) or 0 for s in self.streams) / 2**20:,.1f} MiB " \
@@ -484,36 +332,6 @@ class StreamLogReader(StreamLog, LogReader):
                 held = ""
         return LogStatus(self.uri, self.group, parts,
                          f"{held}{entries} entries (trim={self.trim_mode})")
-
-    def _undelivered(self, stream: str, info: dict, g: dict) -> int:
-        """Entries after the group's last-delivered-id. Redis's own ``lag`` cannot be trusted
-        after an AOF reload (entries-read comes back stale from the rewritten base file and stays
-        so: a lag that never falls kept ``apply --idle-timeout`` running forever), so the
-        backlog is counted, a page at a time, up to COUNT_CAP; only a longer backlog reports
-        Redis's figure (or the stream's length when that is implausible): 0 is always exact."""
-        delivered = parse_id(g["last-delivered-id"])
-        if delivered >= parse_id(info["last-generated-id"]):
-            return 0
-        length = int(info["length"])
-        first = info.get("first-entry")
-        if not length or (first and parse_id(first[0]) > delivered):
-            return length                       # everything the stream holds is still to come
-        n = self._count_after(stream, next_id(f"{delivered[0]}-{delivered[1]}"), COUNT_CAP)
-        if n < COUNT_CAP:
-            return n
-        lag = g.get("lag")
-        return int(lag) if lag is not None and COUNT_CAP <= int(lag) <= length else length
-
-    def _count_after(self, stream: str, start: str, cap: int) -> int:
-        """Entries from ``start`` on, counted a page at a time (bounded memory), at most ``cap``."""
-        n = 0
-        while n < cap:
-            page = self.r.execute_command("XRANGE", stream, start, "+", "COUNT", COUNT_PAGE)
-            n += len(page)
-            if len(page) < COUNT_PAGE:
-                break
-            start = next_id(text(page[-1][0]))
-        return min(n, cap)
 
     def dead_letter(self, record: Record, reason: str) -> None:
         with self._op("XADD to the dead-letter stream"):
@@ -534,39 +352,3 @@ class StreamLogReader(StreamLog, LogReader):
             if self._compactor is not None and self._compaction.stop():
                 self._compactor.close()            # (never under a pass still running)
             self.r.close()
-
-
-class StreamMetaStore(MetaStore):
-    def __init__(self, uri: str, opts: dict[str, str]) -> None:
-        self.r = client(uri, opts)
-        self.user = user_of(self.r)
-        self.key = f"{opts.get('stream', 'conveyor')}:meta"
-
-    def put(self, name: str, doc: dict) -> None:
-        with converted("HSET meta", self.user):
-            self.r.hset(self.key, name, json.dumps(doc))
-
-    def get(self, name: str) -> dict | None:
-        with converted("HGET meta", self.user):
-            v = self.r.hget(self.key, name)
-        return json.loads(v) if v is not None else None
-
-    def documents(self) -> dict[str, dict]:
-        with converted("HGETALL meta"):
-            found = self.r.hgetall(self.key)
-        return {k.decode(): json.loads(v) for k, v in found.items()}
-
-    def close(self) -> None:
-        self.r.close()
-
-
-def check_uri(uri: str) -> None:
-    """redis[s]://host:port/db: a port, when given, is a number."""
-    try:
-        urlsplit(uri).port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as e:
-        raise ConfigError(f"log URI {mask_uri(uri)!r} is malformed: {e}") from e
-
-
-# What conveyor.log's registry opens.
-Writer, Reader, Meta = StreamLogWriter, StreamLogReader, StreamMetaStore

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -13,13 +14,14 @@ from redis.retry import Retry
 
 from conveyor.acl import is_noperm, refused_line, user_of
 from conveyor.endpoints import Tls, connect, mask_uri
-from conveyor.errors import ConveyorError, LogError, LogLost, LogUnavailable
+from conveyor.errors import ConfigError, ConveyorError, LogError, LogLost, LogUnavailable
 from conveyor.log.options import duration_s
 from conveyor.retry import LOG_NOT_READY
 from conveyor.words import text
 
 MAX_SEQ = 18446744073709551615
-# Partition streams of a new log, for the same reasons as Kafka's default (conveyor/log/kafka.py):
+PIPELINE_CHUNK = 1000
+# Partition streams of a new log, for the same reasons as Kafka's default (conveyor/log/kafka/):
 # a key's events stay in order within one stream, so the count caps how many apply processes of
 # a group share the work, and it cannot change once records are written; 6 divides among 1, 2,
 # 3 or 6 members. The count is stored with the log ({stream}:partitions) when it is created, and
@@ -67,6 +69,23 @@ def client(uri: str, opts: dict[str, str], on_connect=None) -> redis.Redis:
         if isinstance(e, LogError):
             raise
         raise LogError(str(e)) from e
+
+
+def check_uri(uri: str) -> None:
+    """redis[s]://host:port/db: a port, when given, is a number."""
+    try:
+        urlsplit(uri).port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ConfigError(f"log URI {mask_uri(uri)!r} is malformed: {e}") from e
+
+
+def log_exists(uri: str, opts: dict[str, str]) -> bool:
+    r = client(uri, opts)
+    try:
+        with converted("looking for the log's streams", user_of(r)):
+            return bool(r.exists(*stream_names(opts)))
+    finally:
+        r.close()
 
 
 def asked_partitions(opts: dict[str, str]) -> int | None:
@@ -172,7 +191,7 @@ def trimmed_why(r: redis.Redis, streams: list[str]) -> list[str]:
             continue
         info = info_map(r.execute_command("XINFO", "STREAM", s))
         added, length = info.get("entries-added"), int(info.get("length", 0))
-        length += int(r.get(f"{s}:compacted") or 0)     # deleted as superseded (stream_compact)
+        length += int(r.get(f"{s}:compacted") or 0)     # deleted as superseded (compact.py)
         if added is None and text(info.get("last-generated-id", b"0-0")) == "0-0":
             continue                            # nothing was ever added to it
         if added is None:

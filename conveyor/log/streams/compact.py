@@ -23,7 +23,7 @@ import redis
 from conveyor.events import Codec
 from conveyor.log.compaction import (BATCH_BYTES, KeyIndex, Schedule, decode_blocks, keyed_keeps,
                                       keyed_rows)
-from conveyor.log.stream_base import field_map, next_id
+from conveyor.log.streams.base import field_map, next_id
 from conveyor.words import text
 
 log = logging.getLogger("conveyor.log")
