@@ -1,6 +1,6 @@
 """The log interface: a writer and a reader, plus a small metadata store.
 
-Backends (``file.py``, ``redis_stream.py``, ``kafka.py``) implement these; nothing outside
+Backends (the packages ``file``, ``streams``, ``kafka``) implement these; nothing outside
 ``conveyor/log`` imports a backend's driver. Positions are opaque to callers: a reader hands out
 ``Record`` objects and takes them back in ``commit``.
 """
