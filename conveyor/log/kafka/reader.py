@@ -26,7 +26,7 @@ from conveyor.log.kafka.config import (COMPACT_EVERY_S, DRY_RUN_PREFIX, IDENTITY
 from conveyor.log.kafka.errors import data, failure, transient
 from conveyor.log.kafka.meta import OneRecord
 from conveyor.log.kafka.security import error_cb
-from conveyor.log.streams.base import duration_ms
+from conveyor.log.options import duration_s
 
 log = logging.getLogger("conveyor.kafka")
 
@@ -100,7 +100,7 @@ class KafkaLogReader(LogReader):
 
     def _start_compaction(self, opts: dict[str, str]) -> Background | None:
         """On a compacted topic, a thread that replaces superseded blocks (compact.py)."""
-        after = duration_ms(opts.get("compact_after", DEFAULT_AFTER), "compact_after") / 1000
+        after = duration_s(opts.get("compact_after", DEFAULT_AFTER), "compact_after")
         try:
             if "compact" not in cleanup_policy(self._admin, self.topic):
                 return None
