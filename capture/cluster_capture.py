@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
 
 import redis
 from redis.cluster import RedisCluster
@@ -26,6 +25,7 @@ from redis.cluster import RedisCluster
 from conveyor.capture.cluster_notes import NotificationsGroup
 from conveyor.capture.cluster_source import ClusterStateReader
 from conveyor.capture.notifications import check_notifications
+from conveyor.capture.cluster_slots import Leg, describe, ranges_text
 from conveyor.capture.process import WATCH_INTERVAL_S, Capture
 from conveyor.capture.watch import SourceWatch, read_facts
 from conveyor import cluster
@@ -34,47 +34,6 @@ from conveyor.progress import echo
 log = logging.getLogger("conveyor.capture")
 
 BARRIER_TIMEOUT_S = 30.0      # live + replica: how long a scan waits for the replica to catch up
-MAX_NAMED_RANGES = 8
-
-
-@dataclass
-class Leg:
-    primary: str                  # whose keys: the primary (host:port) that owned them
-    node: str                     # the node scanned: that primary or its replica
-    slots: list[tuple[int, int]] | None = None   # only these slots (None: all of the capture's)
-    cursor: int = 0
-    run_id: str = ""              # of ``node`` when the leg began (a cursor is per server run)
-
-    def __post_init__(self) -> None:
-        self.slots = [tuple(r) for r in self.slots] if self.slots is not None else None
-        self.slot_set = (frozenset(s for lo, hi in self.slots for s in range(lo, hi + 1))
-                         if self.slots is not None else None)
-
-    def doc(self) -> dict:
-        d = asdict(self)
-        d.pop("slot_set", None)
-        return d
-
-
-def ranges_text(slots) -> str:
-    rs = cluster.slot_ranges(slots)
-    parts = [f"{a}-{b}" if a != b else str(a) for a, b in rs[:MAX_NAMED_RANGES]]
-    more = f" and {len(rs) - MAX_NAMED_RANGES} more ranges" if len(rs) > MAX_NAMED_RANGES else ""
-    return ",".join(parts) + more
-
-
-def describe(moves: dict[tuple[str | None, str], set[int]], primaries: set[str],
-             owned_before: dict[str, set[int]]) -> list[str]:
-    """One line per (old owner -> new owner) move of slots."""
-    lines = []
-    for (old, new), slots in sorted(moves.items(), key=lambda kv: min(kv[1])):
-        if old is None:
-            lines.append(f"topology changed: slots {ranges_text(slots)} now served by {new}")
-        elif old not in primaries and slots == owned_before.get(old):
-            lines.append(f"failover: {new} replaced {old} (slots {ranges_text(slots)})")
-        else:
-            lines.append(f"topology changed: slots {ranges_text(slots)} moved from {old} to {new}")
-    return lines
 
 
 class ClusterCapture(Capture):
@@ -132,14 +91,14 @@ class ClusterCapture(Capture):
     def _node_run_id(self, name: str) -> str:
         return str(self._client(name).info("server").get("run_id", ""))
 
-    def _dbsize(self) -> int:
-        return self._read(lambda: sum(self._client(n).dbsize() for n in self._primaries()),
+    def dbsize(self) -> int:
+        return self.read(lambda: sum(self._client(n).dbsize() for n in self._primaries()),
                           "DBSIZE of every primary")
 
-    def _run_id(self) -> str:
+    def run_id(self) -> str:
         return ""                            # per leg (Leg.run_id)
 
-    def _restart_scan_if_source_restarted(self) -> bool:
+    def restart_scan_if_source_restarted(self) -> bool:
         return False                         # per leg, when it ends
 
     # -- legs --------------------------------------------------------------------------------------
@@ -158,7 +117,7 @@ class ClusterCapture(Capture):
 
     def _leg(self, primary: str, slots: set[int] | None) -> Leg:
         node = self._scan_node(primary)
-        run_id = self._read(lambda: self._node_run_id(node), f"INFO server of {node}")
+        run_id = self.read(lambda: self._node_run_id(node), f"INFO server of {node}")
         return Leg(primary, node, cluster.slot_ranges(slots) if slots is not None else None,
                    0, run_id)
 
@@ -169,22 +128,22 @@ class ClusterCapture(Capture):
             return [self._leg(p, None) for p in sorted(owned)]
         return [self._leg(p, mine & slots) for p, mine in sorted(owned.items()) if mine & slots]
 
-    def _new_scan(self, slots: set[int] | None = None) -> None:
+    def new_scan(self, slots: set[int] | None = None) -> None:
         self._migrations_seen: set[tuple[int, str]] = set()
         self._scan_slots = set(slots) if slots is not None else None
         self._legs = self._legs_for(slots)
-        self._cursor = 0
+        self.cursor = 0
 
-    def _scan_step(self) -> None:
+    def scan_step(self) -> None:
         """Scanned keys are read where they were scanned (a replica with --read-from replica);
         changed keys are read from primaries (a replica may not have applied the change yet)."""
         self.reader.source.replica = self.read_from == "replica"
         try:
-            super()._scan_step()
+            super().scan_step()
         finally:
             self.reader.source.replica = False
 
-    def _scan(self, cursor: int) -> tuple[int, list[bytes]]:
+    def scan_page(self, cursor: int) -> tuple[int, list[bytes]]:
         while self._legs:
             leg = self._legs[0]
             try:
@@ -213,7 +172,7 @@ class ClusterCapture(Capture):
 
     def _leg_done(self, leg: Leg) -> None:
         """A leg's SCAN ended: over, unless its node restarted meanwhile (then again)."""
-        now = self._read(lambda: self._node_run_id(leg.node), f"INFO server of {leg.node}")
+        now = self.read(lambda: self._node_run_id(leg.node), f"INFO server of {leg.node}")
         if now != leg.run_id:
             log.warning("source node %s restarted during the scan (run_id %s -> %s): scanning its "
                         "keys again", leg.node, leg.run_id[:12], now[:12])
@@ -286,14 +245,14 @@ class ClusterCapture(Capture):
         for line in lines:
             log.warning("%s", line)
         again = self._drop_dead_legs(owned_before)
-        if self._cursor is not None:
+        if self.cursor is not None:
             self._legs += self._legs_for(moved | again)   # this scan covers them where they are
             if self._scan_slots is not None:
                 self._scan_slots |= moved | again
-        if self.mode != "snapshot" and self._notes is not None:
+        if self.mode != "snapshot" and self.notes is not None:
             self._resubscribe()
             for line in lines:
-                self._gap(line, moved)
+                self.gap(line, moved)
         else:
             self.stats.gaps.extend(lines)
         return True
@@ -315,15 +274,15 @@ class ClusterCapture(Capture):
     def _resubscribe(self) -> None:
         wanted = self._primaries()
         for name in wanted:
-            if name not in self._notes.members:
+            if name not in self.notes.members:
                 self._check_notifications(name)
-        added, removed = self._notes.update(wanted)
+        added, removed = self.notes.update(wanted)
         if added or removed:
             log.warning("keyspace notifications: subscribed to %s%s", ", ".join(added) or "-",
                         f"; dropped {', '.join(removed)}" if removed else "")
 
     def _check_notifications(self, name: str) -> None:
-        warning = self._read(lambda: check_notifications(self._client(name),
+        warning = self.read(lambda: check_notifications(self._client(name),
                                                          enable=self.enable_notifications,
                                                          where=f"source node {name}"),
                              f"CONFIG GET notify-keyspace-events on {name}")
@@ -339,11 +298,11 @@ class ClusterCapture(Capture):
         kw.pop("redis_connect_func", None)
         return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kw))
 
-    def _subscribe(self) -> NotificationsGroup:
+    def subscribe(self) -> NotificationsGroup:
         group = NotificationsGroup(connect=self._subscriber, db=self.info.db, dirty=self.dirty,
                                    key_filter=self.filter,
-                                   on_gap=lambda name, why: self._gap(why, self._slots_of(name)))
-        self._notes = group
+                                   on_gap=lambda name, why: self.gap(why, self._slots_of(name)))
+        self.notes = group
         try:
             group.update(self._primaries())
         except BaseException:
@@ -351,31 +310,30 @@ class ClusterCapture(Capture):
             raise
         return group
 
-    def _gap(self, why: str, slots: set[int] | None = None) -> None:
-        with self._gap_lock:
+    def gap(self, why: str, slots: set[int] | None = None) -> None:
+        with self.gap_lock:
             if slots is None or self._resync_pending is None:
                 self._resync_pending = None
             else:
                 self._resync_pending |= slots
-        super()._gap(why)
+        super().gap(why)
 
-    def _resync_slots(self) -> set[int] | None:
-        with self._gap_lock:
+    def resync_slots(self) -> set[int] | None:
+        with self.gap_lock:
             pending, self._resync_pending = self._resync_pending, set()
         return pending or None
 
-    def _in_scope(self):
+    def in_scope(self):
         """A resync of some slots did not see the ledger's keys of the others: not deleted."""
         slots, keyslot = self._scan_slots, self.cl.keyslot
         return None if slots is None else (lambda k: keyslot(k) in slots)
 
-    def _start_watch(self) -> None:
-        self._watch = None
+    def start_watch(self) -> None:
         self._node_watch = {}
         self._watch_nodes()
 
-    def _watch_source(self) -> None:
-        self._next_watch = time.monotonic() + WATCH_INTERVAL_S
+    def watch_source(self) -> None:
+        self.next_watch = time.monotonic() + WATCH_INTERVAL_S
         self._check_topology()
         self._watch_nodes()
 
@@ -399,22 +357,22 @@ class ClusterCapture(Capture):
                 continue
             restarted = facts.run_id != w.last.run_id
             for why in w.changes(facts):
-                self._gap(f"node {name}: {why}", self._slots_of(name))
+                self.gap(f"node {name}: {why}", self._slots_of(name))
             if restarted:
                 self._check_notifications(name)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _scan_doc(self) -> dict:
+    def scan_doc(self) -> dict:
         return {"legs": [leg.doc() for leg in self._legs],
                 "topology": {n: cluster.slot_ranges(s) for n, s in self._owned().items()},
                 "read_from": self.read_from}
 
-    def _resume_scan(self, cp: dict) -> None:
+    def resume_scan(self, cp: dict) -> None:
         """Each leg whose node is still there, unrestarted, resumes at its cursor; slots whose
         owner changed while no capture ran, and those of legs that cannot resume, are scanned on
         their current owner."""
         if "legs" not in cp:
-            self._new_scan()
+            self.new_scan()
             return
         owned = {n: {s for lo, hi in rs for s in range(lo, hi + 1)}
                  for n, rs in cp.get("topology", {}).items()}
@@ -434,7 +392,7 @@ class ClusterCapture(Capture):
             log.warning("the topology changed or nodes restarted since the checkpoint: scanning "
                         "slots %s again", ranges_text(stale))
             self._legs += self._legs_for(stale)
-        self._cursor = 0
+        self.cursor = 0
         log.info("resuming %d scan legs (%s)", len(self._legs),
                  ", ".join(f"{leg.node}@{leg.cursor}" for leg in self._legs))
 
@@ -443,30 +401,3 @@ class ClusterCapture(Capture):
             return self._node_run_id(name)
         except redis.RedisError:
             return None
-
-
-
-def prepare(client: RedisCluster, key_filter, nodes: list[str], mode: str, enable: bool):
-    """The key filter of a cluster capture (``--node``: the slots those primaries serve now, unless
-    --key-slots gives them) and, in live modes, notifications checked on every primary involved
-    (a primary lacking them is one line naming it)."""
-    from dataclasses import replace
-
-    from conveyor.capture.cluster_source import node_slots
-    from conveyor.errors import ConfigError
-
-    if nodes and key_filter.slots:
-        raise ConfigError("--node and --key-slots: give one (--node captures the slots its "
-                          "primaries serve, --key-slots names slots)")
-    if nodes:
-        key_filter = replace(key_filter, slots=node_slots(client, nodes))
-    if mode != "snapshot":
-        ranges = key_filter.slots or [(0, cluster.SLOTS - 1)]
-        want = {s for lo, hi in ranges for s in range(lo, hi + 1)}
-        for name in sorted({n for s, n in cluster.topology(client).items() if s in want}):
-            node = client.get_node(node_name=name)
-            warning = check_notifications(cluster.node_client(client, node), enable=enable,
-                                          where=f"source node {name}")
-            if warning:
-                echo(f"capture: warning: {warning}")
-    return key_filter

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from conveyor.capture.process import Capture, CaptureStats
+from conveyor.capture.process import Capture
+from conveyor.capture.stats import CaptureStats
 from conveyor.capture.reader import ReadCounts
 from conveyor.errors import ConveyorError, LogLost
 from conveyor.events import record_key

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from dataclasses import dataclass
 from typing import Callable
@@ -11,6 +12,8 @@ from conveyor.capture.ledger_files import NO_EXPIRY, UNKNOWN, UNKNOWN_CRC
 from conveyor.errors import CodecError
 from conveyor.events import Codec, Kind
 from conveyor.log.base import History
+from conveyor.progress import echo
+from conveyor.words import counted
 
 log = logging.getLogger("conveyor.capture")
 
@@ -71,3 +74,27 @@ def _rebuilt(ledger: Ledger, batch: list) -> None:
                        for _, c, x in batch]).tobytes()
     ledger.logged_from_log(keys, crcs, exps)
     batch.clear()
+
+
+def prepare(ledger: Ledger, log_id: str, previous: dict | None, fresh: bool, db: int,
+            from_log: Callable[[Ledger], Rebuilt]) -> Rebuilt | None:
+    """The key ledger as the previous run (checkpoint ``previous``) left it, when it can be
+    trusted; otherwise emptied and rebuilt by ``from_log`` from what the log holds (``fresh``:
+    names only, every value logged again). Returns what was read of the log, if anything."""
+    trust = ledger.check(log_id, previous.get("capture_id") if previous else None,
+                         previous.get("seq") if previous else None)
+    if trust.trusted and not fresh:
+        echo(f"capture: key ledger {ledger.root} is as the previous run left it: nothing is read "
+             "from the log; a rescan compares the source's digests with it")
+        return None
+    if trust.trusted:
+        ledger.forget_digests(log_id)
+        return None
+    ledger.reset(log_id)
+    began = time.monotonic()
+    found = from_log(ledger)
+    if found.records:
+        echo(f"capture: key ledger {ledger.root} rebuilt from the log ({trust.why}): "
+             f"{counted(found.records, 'record')} read in "
+             f"{time.monotonic() - began:.0f}s, {counted(found.keys, 'key')} of db {db}")
+    return found

@@ -64,3 +64,37 @@ def _same_expiry(a: int, b: int, slack: int) -> bool:
     if a == b:
         return True
     return slack > 0 and a >= 0 and b >= 0 and abs(a - b) <= slack
+
+
+class CatchUp:
+    """A rescan under way in a live capture: its SCAN reads digests (``saw``); once it ended,
+    the ledger is compared with them (``compare``) and the keys that differ are read again,
+    page by page (``next_page``)."""
+
+    def __init__(self) -> None:
+        self.rescan: Rescan | None = None
+        self.rereads: Iterator[list[bytes]] | None = None
+        self.began: tuple[float, int, int] | None = None   # when, digests and re-reads then
+
+    def start(self, ledger: Ledger, began: tuple[float, int, int]) -> None:
+        self.close()
+        self.rescan, self.began = Rescan(ledger), began
+
+    def close(self) -> None:
+        """A comparison still under way is dropped (a new scan covers it)."""
+        if self.rereads is not None:
+            close = getattr(self.rereads, "close", None)
+            if close:
+                close()
+        self.rescan = self.rereads = None
+
+    def compare(self, in_scope: Callable[[bytes], bool] | None, slack_ms: int) -> None:
+        self.rereads = self.rescan.to_read(in_scope, slack_ms)
+        self.rescan = None
+
+    def next_page(self) -> list[bytes] | None:
+        """The next keys to read again; None once there are no more (the rescan is over)."""
+        page = next(self.rereads, None)
+        if page is None:
+            self.rereads = None
+        return page

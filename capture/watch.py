@@ -6,9 +6,15 @@ call (server + commandstats), cheap enough to make about once a second in live m
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import redis
+
+from conveyor.capture.notifications import check_notifications
+from conveyor.errors import SourceError
+
+log = logging.getLogger("conveyor.capture")
 
 WATCHED_COMMANDS = ("flushdb", "flushall", "swapdb")
 
@@ -50,3 +56,50 @@ class SourceWatch:
             out.append("the source's command statistics went down (CONFIG RESETSTAT): a FLUSHDB, "
                        "FLUSHALL or SWAPDB may have gone unseen")
         return out
+
+
+class Watcher:
+    """A standalone source watched in live modes: a restart, FLUSHDB, FLUSHALL or SWAPDB since
+    the last look is a gap; a restart also rechecks keyspace notifications. ``read(fn, what)``
+    is the capture's supervised source read; ``gap(why)`` reports."""
+
+    def __init__(self, *, source: redis.Redis, version: tuple[int, ...], read, gap,
+                 enable_notifications: bool) -> None:
+        self.source, self.version, self.read, self.gap = source, version, read, gap
+        self.enable_notifications = enable_notifications
+        self.watch: SourceWatch | None = None
+
+    def start(self) -> None:
+        facts = self._facts()
+        self.watch = SourceWatch(facts) if facts else None
+
+    def look(self) -> None:
+        facts = self._facts() if self.watch is not None else None
+        if facts is None or self.watch is None:
+            return
+        restarted = facts.run_id != self.watch.last.run_id
+        for why in self.watch.changes(facts):
+            self.gap(why)
+        if restarted:
+            self._recheck_notifications()
+
+    def _recheck_notifications(self) -> None:
+        """A restarted source may have lost notify-keyspace-events set with CONFIG SET: without
+        them no change would arrive, silently. Set them again (--enable-notifications) or stop."""
+        warning = self.read(lambda: check_notifications(self.source,
+                                                        enable=self.enable_notifications,
+                                                        where="the restarted source"),
+                            "CONFIG GET notify-keyspace-events")
+        if warning:
+            log.warning("%s", warning)
+
+    def _facts(self) -> SourceFacts | None:
+        try:
+            return self.read(lambda: read_facts(self.source, self.version),
+                             "INFO (run_id and FLUSHDB/FLUSHALL/SWAPDB counters)")
+        except SourceError as e:
+            # INFO refused (a managed service): the rest of the capture works; say what is blind.
+            log.warning("%s: restarts, FLUSHDB, FLUSHALL and SWAPDB on the source cannot be "
+                        "detected in this run", e)
+            self.watch = None
+            return None

@@ -15,7 +15,8 @@ import redis
 
 from conveyor.apply import Applier
 from conveyor.capture import Capture, CaptureStats, checkpoint_name
-from conveyor.capture.cluster_capture import ClusterCapture, prepare
+from conveyor.capture.cluster_capture import ClusterCapture
+from conveyor.capture.cluster_slots import prepare
 from conveyor.capture.databases import Databases, SharedLog
 from conveyor.capture.notifications import check_notifications
 from conveyor.cluster import is_cluster

@@ -359,8 +359,8 @@ def test_an_unavailable_log_is_waited_out_and_nothing_is_lost(redis_factory, tmp
 
 def test_a_lost_log_in_live_mode_is_resynced_whole_into_the_new_one(redis_factory, tmp_path,
                                                                     monkeypatch):
-    import conveyor.capture.process as process
-    monkeypatch.setattr(process, "IDENTITY_INTERVAL_S", 0.2)
+    import conveyor.capture.live as live
+    monkeypatch.setattr(live, "IDENTITY_INTERVAL_S", 0.2)
     source = notifying_source(redis_factory)
     source.client().mset({f"k{i}": i for i in range(100)})
     writer = LosingFileWriter(f"file:{tmp_path / 'log'}", after=3)

@@ -173,7 +173,7 @@ def test_merged_capture_stats_sum_every_count_of_every_database():
     from dataclasses import fields
 
     from conveyor.capture.databases import merged
-    from conveyor.capture.process import CaptureStats
+    from conveyor.capture.stats import CaptureStats
     a, b = CaptureStats(), CaptureStats()
     counters = [f.name for f in fields(CaptureStats) if f.type in ("int", int)]
     read_counters = [f.name for f in fields(type(a.reads)) if f.type in ("int", int)]
