@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from conveyor.endpoints import mask_uri
-from conveyor.errors import ConfigError
-from conveyor.errors import LogLost, LogUnavailable  # noqa: F401 - re-exported
+from conveyor.errors import ConfigError, LogLost, LogUnavailable
 from conveyor.log.base import (LogReader, LogStatus, LogWriter, MetaStore, PartitionStatus,
                                Record, StartAt)
 
 __all__ = ["LogReader", "LogWriter", "MetaStore", "LogStatus", "PartitionStatus", "Record",
-           "StartAt", "open_writer", "open_reader", "open_meta", "split_uri", "log_exists"]
+           "StartAt", "LogLost", "LogUnavailable", "open_writer", "open_reader", "open_meta",
+           "split_uri", "log_exists"]
 
 
 @dataclass(frozen=True)
