@@ -6,10 +6,12 @@ Options (``--log-opt`` or URI query): ``stream`` name prefix (default ``conveyor
 count is stored in ``{stream}:partitions`` when the log is created and cannot change later),
 ``consumer`` (this apply process's member name; default
 unique per process: host-pid-random), ``lease_ms`` (default 10000: how long a partition stream
-stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``retention``, the
-default: drop entries older than ``retention`` (default ``7d``; units s, m, h, d) that no group
-still needs, so ``apply --from earliest`` can rebuild a wiped target; ``acked``: drop entries every
-group has acknowledged; ``none``: keep everything).
+stays leased to a member that stopped renewing, e.g. was killed), ``trim`` (``compact``, the
+default: delete entries every group has acknowledged, older than ``retention`` (default ``1h``) and
+superseded by later entries of the same keys, see ``compact``; ``retention``: drop entries older
+than ``retention`` (default ``7d``; units s, m, h, d) that no group still needs, so ``apply --from
+earliest`` can rebuild a wiped target; ``acked``: drop entries every group has acknowledged;
+``none``: keep everything).
 
 Records are stream entries with fields ``k`` (key) and ``v`` (value); a record's position is its
 entry id. Reading uses a consumer group; ``commit`` is XACK. Entries delivered but not acknowledged
