@@ -25,7 +25,7 @@ class StreamMetaStore(MetaStore):
         return json.loads(v) if v is not None else None
 
     def documents(self) -> dict[str, dict]:
-        with converted("HGETALL meta"):
+        with converted("HGETALL meta", self.user):
             found = self.r.hgetall(self.key)
         return {k.decode(): json.loads(v) for k, v in found.items()}
 
