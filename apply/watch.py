@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 
 import redis
-from redis._parsers.helpers import parse_info
 
 from conveyor.retry import TARGET_NOT_NOW
 from conveyor import packed
+from conveyor.exchange import info_fields
 from conveyor.cluster import primary_clients
 
 log = logging.getLogger("conveyor.apply")
@@ -60,7 +60,7 @@ class TargetWatch:
 
     @staticmethod
     def parse(replies: list) -> Reading:
-        server, stats, dbsize = (parse_info(r) if isinstance(r, bytes) else r for r in replies)
+        server, stats, dbsize = (info_fields(r) if isinstance(r, bytes) else r for r in replies)
         return Reading(str(server.get("run_id", "")), int(dbsize),
                        int(stats.get("expired_keys", 0)), int(stats.get("evicted_keys", 0)))
 

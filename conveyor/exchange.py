@@ -10,8 +10,8 @@ raises it (ConnectionError / TimeoutError), after the connection was dropped: it
 This module knows servers, not routing: conveyor.cluster groups a batch by node and sends the
 groups through ``run_on``; conveyor.packed picks the route of one batch.
 
-It is the one place that reaches into redis-py's connections (a connection's socket and its
-parser's error class, a pool's get_connection); pyproject.toml pins redis-py to the versions CI
+It is the one place that reaches into redis-py's internals (a connection's socket and its
+parser's error class, a pool's get_connection, the INFO reply parser); pyproject.toml pins redis-py to the versions CI
 runs this against (the newest, and the lowest supported in .ci/run).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ssl
 
 import hiredis
 import redis
+from redis._parsers.helpers import parse_info
 
 READ_BYTES = 256 * 1024
 SEND_BYTES = 1024 * 1024          # a buffer sent at once (bounds the packed copy in memory)
@@ -135,3 +136,8 @@ def _encoded(enc, a):
     if isinstance(a, (bytearray, memoryview)):  # taken as bytes (redis-py 5's encoder refuses them)
         return bytes(a)
     return enc.encode(a)                    # raises DataError for what redis-py refuses
+
+
+def info_fields(raw: bytes) -> dict:
+    """A raw INFO reply (as ``run_on`` returns it) as redis-py's ``info()`` gives it."""
+    return parse_info(raw)
