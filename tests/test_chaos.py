@@ -62,8 +62,10 @@ def test_stream_buffer_restarted_empty_in_a_live_run_is_a_healed_log_loss(redis_
     app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "10")
     wait_for_subscriber(source)
     load = Workload(source.client(), rate=800, keyspace=400, seed=12).start(8)
-    # when the buffer restarts empty mid-run
-    time.sleep(3)
+    # when the buffer restarts empty mid-run (the load's changes reach the target by then)
+    t = target.client()
+    wait_until(lambda: load.stats.commands > 1000 and t.dbsize() > 0, timeout=60,
+               what="the load under way and applied")
     buffer.restart()
     load.join()
     # then capture says the log lost records and resyncs, apply replays the new log, both converge

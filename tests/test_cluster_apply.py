@@ -224,7 +224,7 @@ def test_a_whole_target_cluster_down_mid_apply_is_waited_out(redis_factory, clus
         node.proc.kill()
         node.proc.wait()
         node.proc = None
-    time.sleep(4)
+    time.sleep(4)                                 # longer than --idle-timeout: apply must wait
     assert proc.poll() is None, proc.communicate()
     for node in nodes:
         node.start()

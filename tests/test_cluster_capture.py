@@ -229,8 +229,11 @@ def test_live_capture_follows_failover_reshard_and_new_node(cluster_factory, red
     writer = Writer(c)
     writer.start()
     try:
-        time.sleep(3)
+        # once capture knows the topology: it has subscribed to every primary (a slow start
+        # under load would otherwise meet the failover already done, and see no failover)
         a, b, d = c.primaries()
+        wait_until(lambda: all(p.client().pubsub_numpat() >= 1 for p in (a, b, d)), 60,
+                   "capture to subscribe to every primary")
         c.failover(a)                               # a replica of A takes over
         c.reshard(200, b, d)
         c.add_node(with_slots=300)

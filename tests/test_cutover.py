@@ -7,7 +7,7 @@ import time
 
 from conveyor.workload import Workload
 from tests import cli
-from tests.compare import differences
+from tests.compare import differences, wait_until
 from tests.test_live import notifying_source, wait_for_subscriber
 
 
@@ -30,8 +30,11 @@ def test_wait_synced_under_a_paused_write_load_leaves_the_target_equal_to_the_so
     try:
         wait_for_subscriber(source)
         load = Workload(source.client(), rate=1500, keyspace=3000, seed=52).start(60)
-        time.sleep(4)
-        assert load.stats.commands > 0 and cap.poll() is None and app.poll() is None
+        # the load runs and its changes reach the target through capture and apply
+        t = target.client()
+        wait_until(lambda: load.stats.commands > 3000 and t.dbsize() > 0, timeout=60,
+                   what="the load under way and applied")
+        assert cap.poll() is None and app.poll() is None
         # when writes are paused on the source (the load keeps trying) and the wait is asked
         source.client().execute_command("CLIENT", "PAUSE", 90_000, "WRITE")
         p = cli.run("status", "--log", log_uri, "--wait-synced", "--timeout", "60")

@@ -129,7 +129,7 @@ def test_a_target_down_when_apply_would_end_is_waited_for_and_checked(redis_fact
     t = dst.client()
     wait_until(lambda: t.dbsize() == len(contents(src.client())), 60, "every key applied")
     dst.stop()
-    time.sleep(3)
+    time.sleep(3)                                 # longer than --idle-timeout: apply must wait
     assert proc.poll() is None, proc.communicate()
     dst.start()                                   # empty
     assert replayable(log, {}) is True

@@ -175,8 +175,8 @@ def test_status_shows_a_live_scan_as_scanning_with_its_keys_and_a_stopped_captur
     source.client().execute_command("DEBUG", "POPULATE", 20000, "key", 10)
     log = f"file:{tmp_path}/log"
 
-    def captures():
-        p = cli.run("status", "--log", log, "--json")
+    def captures(uri=log):
+        p = cli.run("status", "--log", uri, "--json")
         return list(json.loads(p.stdout)["captures"].values()) if p.returncode == 0 else []
 
     cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--max-rate", "2000")
@@ -194,9 +194,9 @@ def test_status_shows_a_live_scan_as_scanning_with_its_keys_and_a_stopped_captur
     # a snapshot stopped by SIGINT in the middle of its scan says so too
     log2 = f"file:{tmp_path}/log2"
     cap = cli.start("capture", source.url, "--log", log2, "--max-rate", "2000")
-    wait_until(lambda: (tmp_path / "log2").exists(), timeout=30)
-    import time
-    time.sleep(2)
+    # once its scan is under way (a checkpoint with keys: 20000 keys take 10 s at this rate)
+    wait_until(lambda: any(c.get("keys", 0) > 0 for c in captures(log2)), timeout=30,
+               what="the snapshot's first checkpoint")
     cap.send_signal(signal.SIGINT)
     cap.wait(60)
     p = cli.run("status", "--log", log2)

@@ -331,7 +331,8 @@ def test_live_filters_select_changes_and_never_drop_a_delete(redis_factory, tmp_
                      "--state-dir", str(tmp_path), "--no-verify", "--scan-match", "user:*",
                      "--scan-type", "string", "--key-exclude", "^user:secret")
     wait_for_subscriber(source)
-    time.sleep(1)                                     # the initial scan has copied user:1-3
+    wait_until(lambda: target.client().exists("user:1", "user:2", "user:3") == 3,
+               what="the initial scan copied user:1-3")
     # when matching keys change, are deleted or change type, and others are written
     s.set("user:new", "n")
     s.delete("user:1")

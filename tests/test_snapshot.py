@@ -80,8 +80,12 @@ def test_killed_apply_and_stopped_target_lose_nothing(redis_factory, log_uri):
     while target.client().dbsize() < applied + 500 and time.time() < deadline:
         time.sleep(0.02)
     target.stop()
-    time.sleep(4)
-    status_down = cli.run("status", "--log", log_uri, check=True).stdout
+
+    def waiting() -> str | None:
+        out = cli.run("status", "--log", log_uri, check=True).stdout
+        return out if "waiting for target" in out else None
+    # apply notices and waits (status shows it), then the target comes back
+    status_down = wait_until(waiting, timeout=60, what="apply waiting for the target")
     target.start()
     out, err = proc.communicate(timeout=120)
     # then apply waited and said so, and nothing is missing
@@ -149,7 +153,9 @@ def test_target_out_of_memory_is_waited_for_not_skipped(redis_factory, tmp_path)
     log_uri = f"file:{tmp_path / 'log'}"
     cli.run("capture", source.url, "--log", log_uri, check=True)
     proc = cli.start("apply", target.url, "--log", log_uri, "--idle-timeout", "2")
-    time.sleep(4)
+    # apply hits the limit and waits (its status says so); then memory is freed up
+    wait_until(lambda: "waiting for target" in cli.run("status", "--log", log_uri).stdout,
+               timeout=60, what="apply waiting for the full target")
     target.client().config_set("maxmemory", "0")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
