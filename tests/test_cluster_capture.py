@@ -285,11 +285,14 @@ def test_live_flushall_on_one_primary_is_a_gap_of_its_slots(cluster_factory, red
     c = cluster_factory(3)
     fill(c, 2000)
     log = f"file:{tmp_path / 'log'}"
-    proc = cli.start("capture", c.url, "--log", log, "--mode", "live", "--idle-timeout", "8",
+    proc = cli.start("capture", c.url, "--log", log, "--mode", "live", "--idle-timeout", "12",
                      "--enable-notifications")
     try:
-        wait_until(lambda: any((tmp_path / "log").glob("meta/capture-*")), 60, "the capture")
-        time.sleep(2)                             # its scan is over, the run not idle long enough
+        # once its scan is over (its checkpoint, saved every few seconds, says live), the run
+        # not idle long enough to end
+        wait_until(lambda: any(json.loads(p.read_text())["state"] == "live"
+                               for p in (tmp_path / "log").glob("meta/capture-*.json")),
+                   60, "the capture's scan to be over")
         flushed = c.primaries()[1]
         flushed.client().flushall()
         out, err = proc.communicate(timeout=120)

@@ -26,7 +26,7 @@ from conveyor.log import open_meta
 from conveyor.log.file import FileLogWriter
 from conveyor.workload import Workload
 from tests import cli
-from tests.compare import differences, wait_identical
+from tests.compare import differences, wait_identical, wait_until
 from tests.test_live import log_events, notifying_source, wait_for_subscriber
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -396,9 +396,12 @@ def test_log_directory_recreated_under_a_live_capture_is_resynced(redis_factory,
     s.mset({f"k{i}": i for i in range(200)})
     log_dir = tmp_path / "log"
     proc = cli.start("capture", source.url, "--log", f"file:{log_dir}", "--mode", "live",
-                     "--idle-timeout", "8")
+                     "--idle-timeout", "12")
     wait_for_subscriber(source)
-    time.sleep(1)
+    # once its scan is over (its checkpoint, saved every few seconds, says live)
+    wait_until(lambda: any(json.loads(p.read_text())["state"] == "live"
+                           for p in (log_dir / "meta").glob("capture-*.json")),
+               60, "the capture's scan to be over")
     # when the log directory is deleted and created again, and the source changes meanwhile
     shutil.rmtree(log_dir)
     log_dir.mkdir()
