@@ -16,6 +16,7 @@ from redis.crc import key_slot
 from tests import cli
 from tests.cluster import Cluster
 from tests.compare import differences, wait_until
+from tests.test_faults_capture import checkpoint_doc
 
 KEYS = 20_000
 
@@ -148,15 +149,14 @@ def status_captures(log: str) -> dict:
 
 def checkpoint_keys(log_dir) -> int:
     """Keys the file log's capture checkpoint counts (read directly: polled every few ms)."""
-    docs = [json.loads(p.read_text() or "{}") for p in log_dir.glob("meta/capture-*")]
-    return docs[0].get("keys", 0) if docs else 0
+    return checkpoint_doc(log_dir).get("keys", 0)
 
 
 
 def hold(node, log_dir, ms: int = 10_000) -> None:
     """Once the capture has started (its first checkpoint), pause ``node``'s clients: the scan
     of that primary waits, whatever the speed of the others."""
-    wait_until(lambda: any(log_dir.glob("meta/capture-*")), 60, "the capture to start", every=0.01)
+    wait_until(lambda: checkpoint_doc(log_dir), 60, "the capture to start", every=0.01)
     node.client().execute_command("CLIENT", "PAUSE", ms, "ALL")
 
 
@@ -290,9 +290,8 @@ def test_live_flushall_on_one_primary_is_a_gap_of_its_slots(cluster_factory, red
     try:
         # once its scan is over (its checkpoint, saved every few seconds, says live), the run
         # not idle long enough to end
-        wait_until(lambda: any(json.loads(p.read_text())["state"] == "live"
-                               for p in (tmp_path / "log").glob("meta/capture-*.json")),
-                   60, "the capture's scan to be over")
+        wait_until(lambda: checkpoint_doc(tmp_path / "log").get("state") == "live", 60,
+                   "the capture's scan to be over")
         flushed = c.primaries()[1]
         flushed.client().flushall()
         out, err = proc.communicate(timeout=120)

@@ -399,9 +399,8 @@ def test_log_directory_recreated_under_a_live_capture_is_resynced(redis_factory,
                      "--idle-timeout", "12")
     wait_for_subscriber(source)
     # once its scan is over (its checkpoint, saved every few seconds, says live)
-    wait_until(lambda: any(json.loads(p.read_text())["state"] == "live"
-                           for p in (log_dir / "meta").glob("capture-*.json")),
-               60, "the capture's scan to be over")
+    wait_until(lambda: checkpoint_doc(log_dir).get("state") == "live", 60,
+               "the capture's scan to be over")
     # when the log directory is deleted and created again, and the source changes meanwhile
     shutil.rmtree(log_dir)
     log_dir.mkdir()
