@@ -11,8 +11,8 @@ This module knows servers, not routing: conveyor.cluster groups a batch by node 
 groups through ``run_on``; conveyor.packed picks the route of one batch.
 
 It is the one place that reaches into redis-py's internals (a connection's socket and its
-parser's error class, a pool's get_connection, the INFO reply parser); pyproject.toml pins redis-py to the versions CI
-runs this against (the newest, and the lowest supported in .ci/run).
+parser's error class, a pool's get_connection, the INFO reply parser); pyproject.toml pins
+redis-py to the versions CI runs this against (the newest, and the lowest supported in .ci/run).
 """
 from __future__ import annotations
 
