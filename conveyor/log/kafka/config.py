@@ -22,10 +22,11 @@ METADATA_STEP_S = 1.0         # a metadata lookup is retried this often until ME
 APPEND_WAIT_S = 30.0          # a full producer queue (broker down) this long: LogUnavailable
 KEEPALIVE_POLLS = 100         # events served per keepalive() at most
 IDENTITY_RECHECK_S = 2.0      # a reader checks the topic id this long after its last transport error
-# A commit refused because the group moved to a new generation (a member joined or left) is made
-# again after taking part in the rebalance (retry.KAFKA_REJOIN_ATTEMPTS, _PAUSE_S).
+# A commit refused because the group moved to a new generation (a member joined or left), or
+# because the broker removed the group (empty after this member was dropped, nothing committed),
+# is made again after taking part in the rebalance (retry.KAFKA_REJOIN_ATTEMPTS, _PAUSE_S).
 REJOIN = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
-          KafkaError.UNKNOWN_MEMBER_ID}
+          KafkaError.UNKNOWN_MEMBER_ID, KafkaError.GROUP_ID_NOT_FOUND}
 # librdkafka's own lines (syslog levels up to this one) are passed to our logger at INFO.
 RDKAFKA_LOG_LEVEL = 6
 PRODUCER_DEFAULTS = {"enable.idempotence": True, "acks": "all", "linger.ms": 10,

@@ -17,7 +17,10 @@ TRANSIENT = {getattr(KafkaError, n) for n in (
     "_STATE", "_ASSIGNMENT_LOST", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
     "COORDINATOR_LOAD_IN_PROGRESS", "REQUEST_TIMED_OUT", "NETWORK_EXCEPTION",
     "LEADER_NOT_AVAILABLE", "NOT_LEADER_FOR_PARTITION", "REBALANCE_IN_PROGRESS",
-    "UNKNOWN_MEMBER_ID", "ILLEGAL_GENERATION", "NOT_ENOUGH_REPLICAS", "KAFKA_STORAGE_ERROR")}
+    "UNKNOWN_MEMBER_ID", "ILLEGAL_GENERATION", "NOT_ENOUGH_REPLICAS", "KAFKA_STORAGE_ERROR",
+    # a partition's leadership just moved or the topic was just created: the broker's metadata
+    # catches up within moments (librdkafka does not flag these retriable in admin results)
+    "FENCED_LEADER_EPOCH", "UNKNOWN_LEADER_EPOCH", "OFFSET_NOT_AVAILABLE")}
 UNKNOWN_TOPIC = {KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
                  KafkaError.UNKNOWN_TOPIC_ID}
 
