@@ -101,8 +101,7 @@ class Capture:
         self.catch_up = False                # live: the first scan also looks for deleted keys
         self.doc: dict = {}                  # the checkpoint as last saved
         self.notes: Notifications | None = None
-        self._watcher = Watcher(source=source, version=source_info.version, read=self.read,
-                                gap=self.gap, enable_notifications=enable_notifications)
+        self._watcher: Watcher | None = None  # live modes: start_watch (a cluster watches its own)
         self.next_watch = 0.0
         self.announce = announce or {}
         self._last_event_ms = 0              # when the last event was appended (status)
@@ -177,12 +176,15 @@ class Capture:
         return notes
 
     def start_watch(self) -> None:
+        self._watcher = Watcher(source=self.source, version=self.info.version, read=self.read,
+                                gap=self.gap, enable_notifications=self.enable_notifications)
         self._watcher.start()
 
     def watch_source(self) -> None:
         """A restart, FLUSHDB, FLUSHALL or SWAPDB since the last look is a gap."""
         self.next_watch = time.monotonic() + WATCH_INTERVAL_S
-        self._watcher.look()
+        if self._watcher is not None:
+            self._watcher.look()
 
     def gap(self, why: str) -> None:
         """Changes may have been missed (called from either thread): count it and resync."""

@@ -13,7 +13,6 @@ import time
 from conveyor import members as m
 from conveyor.apply.stats import status_name
 from conveyor.log import LogStatus
-from conveyor.log.streams.base import parse_id
 from conveyor.words import counted
 
 POLL_S = 0.5
@@ -39,23 +38,10 @@ def capture_behind(docs: dict[str, dict], called_ms: int, gone_after: float) -> 
     return out
 
 
-def reached(committed, end) -> bool:
-    """A group committed at ``committed`` holds every record before the end ``end``: offsets
-    (file, Kafka) are positions after a record; a Redis Streams position is the first entry
-    still pending, or the last one delivered."""
-    if end is None or end in (0, "0-0"):
-        return True
-    if committed is None:
-        return False
-    if isinstance(end, str):
-        return parse_id(committed) > parse_id(end)
-    return committed >= end
-
-
 def group_behind(group: str, st: LogStatus, ends: dict) -> str | None:
     parts = {p.partition: p for p in st.partitions}
     late = [p for name, end in ends.items()
-            if not ((p := parts.get(name)) is not None and (p.lag == 0 or reached(p.committed, end)))]
+            if not ((p := parts.get(name)) is not None and p.reached(end))]
     if not late:
         return None
     return (f"group {group!r} has not applied the log up to the position taken at the call in "

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from conveyor.log import PartitionStatus
 from conveyor.workload import Workload
 from tests import cli
 from tests.compare import differences, wait_until
@@ -75,3 +78,19 @@ def test_wait_synced_times_out_naming_what_is_behind(redis_factory, tmp_path):
     # bad input: one line, exit 2
     p = cli.run("status", "--log", log, "--timeout", "5")
     assert "--wait-synced" in cli.assert_one_line_error(p, 2)
+
+
+@pytest.mark.parametrize("committed, end, lag, reached", [
+    (10, 10, 3, True),            # an offset is the position after a record
+    (9, 10, 3, False),
+    (None, 10, 3, False),         # nothing committed yet
+    (None, 10, 0, True),          # ... but nothing to apply either
+    (None, 0, 5, True),           # the log was empty at the call
+    ("1700-3", "1700-2", 4, True),     # a Redis Streams position: past the end's entry
+    ("1700-2", "1700-2", 4, False),    # the end's own entry is still pending
+    ("999-9", "1000-0", 4, False),     # ids compare as (ms, seq), not as text
+    ("1000-10", "1000-9", 4, True),
+    (None, "0-0", 4, True),
+])
+def test_a_group_reached_an_end_in_each_backends_positions(committed, end, lag, reached):
+    assert PartitionStatus("0", committed, end, lag).reached(end) is reached

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Iterator, Union
 
+from conveyor.words import text
+
 # Where a reader starts: committed position of its group, the oldest record, the end, or a time.
 StartAt = Union[str, datetime]  # "committed" | "earliest" | "latest" | datetime (tz-aware)
 
@@ -24,12 +26,30 @@ class Record:
     timestamp_ms: int       # append time
 
 
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A Redis Streams entry id "ms-seq" (the positions of that backend) as a comparable pair."""
+    ms, _, seq = text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 @dataclass(slots=True)
 class PartitionStatus:
     partition: str
     committed: Any          # committed position of the group, None if nothing committed
     end: Any                # position after the last record
     lag: int                # records appended and not yet committed by the group
+
+    def reached(self, end) -> bool:
+        """The group has committed every record before ``end``, an end this partition had
+        earlier. Offsets (file, Kafka) are positions after a record; a Redis Streams position is
+        an entry id: the first entry still pending, or the last one delivered."""
+        if self.lag == 0 or end is None or end in (0, "0-0"):
+            return True
+        if self.committed is None:
+            return False
+        if isinstance(end, str):
+            return parse_id(self.committed) > parse_id(end)
+        return self.committed >= end
 
 
 @dataclass(slots=True)

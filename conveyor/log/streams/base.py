@@ -145,11 +145,6 @@ def id_ms(entry_id: bytes | str) -> int:
     return int(s.split("-")[0])
 
 
-def parse_id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, _, seq = text(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
 def next_id(entry_id: str) -> str:
     ms, seq = (int(x) for x in entry_id.split("-"))
     return f"{ms}-{seq + 1}" if seq < MAX_SEQ else f"{ms + 1}-0"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import redis
 
-from conveyor.log.streams.base import next_id, parse_id
+from conveyor.log.base import parse_id
+from conveyor.log.streams.base import next_id
 from conveyor.words import text
 
 COUNT_PAGE = 200            # entries per XRANGE page when counting a backlog

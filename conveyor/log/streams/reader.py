@@ -11,10 +11,10 @@ from datetime import datetime
 import redis
 
 from conveyor.errors import LogError, LogLost, LogUnavailable
-from conveyor.log.base import LogReader, LogStatus, PartitionStatus, Record, StartAt
+from conveyor.log.base import LogReader, LogStatus, PartitionStatus, Record, StartAt, parse_id
 from conveyor.log.compaction import Background
 from conveyor.log.streams.base import (MAX_SEQ, PIPELINE_CHUNK, StreamLog, converted, duration_ms,
-                                       field_map, id_ms, info_map, next_id, parse_id, previous_id,
+                                       field_map, id_ms, info_map, next_id, previous_id,
                                        trimmed_why)
 from conveyor.log.streams.compact import StreamCompactor
 from conveyor.log.streams.lag import undelivered

@@ -9,9 +9,9 @@ import redis
 from conveyor import packed
 from conveyor.endpoints import server_info
 from conveyor.errors import LogError, LogLost
-from conveyor.log.base import History, LogWriter
+from conveyor.log.base import History, LogWriter, parse_id
 from conveyor.log.streams.base import (PIPELINE_CHUNK, StreamLog, converted, field_map, info_map,
-                                       next_id, parse_id, trimmed_why)
+                                       next_id, trimmed_why)
 from conveyor.words import text
 
 FLUSH_BUFFER_BYTES = 8 * 1024 * 1024    # appended bytes held before a flush
