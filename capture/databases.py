@@ -164,6 +164,7 @@ def merged(by_db: dict[int, CaptureStats], mode: str) -> DatabasesStats:
         started=min(st.started for st in stats),
         gaps=[f"db {db}: {g}" for db, st in by_db.items() for g in st.gaps],
         history_gap=next((st.history_gap for st in stats if st.history_gap), ""),
+        deletes_forgotten=next((st.deletes_forgotten for st in stats if st.deletes_forgotten), ""),
         incomplete_why="; ".join(f"db {db}: {st.incomplete_why}" for db, st in by_db.items()
                                  if st.incomplete_why),
         waiting=next((f"db {db}: {st.waiting}" for db, st in by_db.items() if st.waiting), ""),

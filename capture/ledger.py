@@ -30,6 +30,10 @@ UNKNOWN (read again). Entries survive a killed process (the OS has them); after 
 with no clean close, or for another log, or behind the capture's checkpoint, the ledger is not
 trusted and is rebuilt from the log (``rebuild``).
 
+Deletes. A deleted key stays in its bucket as a tombstone (expiry DELETED, the time it was logged
+in its digest's place) for DELETES_KEPT_S. Should the log be lost, apply may not have applied the
+delete yet: the resync into the new log reads the key again and logs it as deleted again.
+
 Cost. The hot path joins a batch's keys and digests into one journal record (C-speed joins, one
 write). Distributing, merging and comparing are per-bucket passes with one bucket in memory.
 """
@@ -39,14 +43,16 @@ import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from array import array
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from conveyor.capture.ledger_files import (DELETED, UNKNOWN, UNKNOWN_CRC, Buckets, Chunk, chunks,
-                                           framed, records)
+from conveyor.capture.ledger_files import (DELETED, DELETED_AT, UNKNOWN, UNKNOWN_CRC, Buckets,
+                                           Chunk, chunks, framed, records)
 from conveyor.errors import ConfigError
 
 log = logging.getLogger("conveyor.capture")
@@ -54,6 +60,10 @@ log = logging.getLogger("conveyor.capture")
 BUCKETS = 512                     # buckets of a new ledger (one is in memory at a time)
 DISTRIBUTE_BYTES = 256 * 1024 * 1024          # journal size that is distributed at a commit
 PAGE = 1000                       # keys handed back at a time
+# A delete is remembered (a tombstone) this long: should the log be lost, apply may not have
+# applied it, and the resync into the new log deletes the key again. Older ones are dropped at a
+# merge, and the time of the newest dropped one is kept (``deletes_forgotten_ms``).
+DELETES_KEPT_S = 7 * 86400
 VERSION = 1
 
 
@@ -156,14 +166,44 @@ class Ledger:
         self._write_meta()
 
     def forget_digests(self, log_id: str) -> None:
-        """The log was replaced by an empty one: every key must be logged again, and the keys
-        the ledger names still tell which ones were deleted meanwhile."""
+        """The log was replaced by an empty one: every key must be logged again. The keys the
+        ledger names, deleted ones too (apply may not have applied their delete before the log
+        was lost), are read again: those gone from the source are logged as deletes."""
         self.distribute()
         for b in range(self.buckets):
-            state = self._merged(b)
+            state = self._pruned(self._merged(b))
             self._write_base(b, {k: (UNKNOWN_CRC, UNKNOWN, 0) for k in state})
         self.meta["log_id"] = log_id
         self._write_meta()
+
+    @property
+    def deletes_forgotten_ms(self) -> int:
+        """When the newest delete no longer remembered was logged (0: none was dropped)."""
+        return int(self.meta.get("deletes_forgotten_ms", 0))
+
+    def forgotten_deletes(self) -> str:
+        """After a lost log: what the resync cannot delete again ("" when nothing)."""
+        if not self.deletes_forgotten_ms:
+            return ""
+        when = datetime.fromtimestamp(self.deletes_forgotten_ms / 1000, timezone.utc)
+        return (f"the key ledger no longer remembers deletes logged before "
+                f"{when.isoformat(timespec='seconds')} (it keeps them {DELETES_KEPT_S // 86400} "
+                "days): keys deleted then that apply had not deleted when the log was lost may "
+                "still be on the target")
+
+    def _pruned(self, state: dict[bytes, tuple[bytes, int, int]]) -> dict:
+        """``state`` without the tombstones older than DELETES_KEPT_S (their time is kept)."""
+        horizon = int(time.time() * 1000) - DELETES_KEPT_S * 1000
+        old = [k for k, (at, exp, _) in state.items()
+               if exp == DELETED and DELETED_AT.unpack(at)[0] < horizon]
+        if old:
+            newest = max(DELETED_AT.unpack(state[k][0])[0] for k in old)
+            for k in old:
+                del state[k]
+            if newest > self.deletes_forgotten_ms:
+                self.meta["deletes_forgotten_ms"] = newest
+                self._write_meta()
+        return state
 
     @property
     def log_id(self) -> str:
@@ -185,11 +225,12 @@ class Ledger:
             self._add(Chunk(keys, crcs if crcs is not None else UNKNOWN_CRC * n, e,
                             array("I", [self.generation]) * n))
 
-    def deleted(self, keys: list[bytes]) -> None:
-        """``keys`` are being appended to the log as deletes."""
+    def deleted(self, keys: list[bytes], at_ms: int | None = None) -> None:
+        """``keys`` are being appended to the log as deletes (now, or at ``at_ms``)."""
         if keys:
             n = len(keys)
-            self._add(Chunk(keys, UNKNOWN_CRC * n, array("q", [DELETED]) * n,
+            at = DELETED_AT.pack(int(time.time() * 1000) if at_ms is None else at_ms)
+            self._add(Chunk(keys, at * n, array("q", [DELETED]) * n,
                             array("I", [self.generation]) * n))
 
     def _add(self, chunk: Chunk) -> None:
@@ -276,29 +317,32 @@ class Ledger:
         (self.root / "delta" / f"{bucket:04d}").unlink(missing_ok=True)
 
     def buckets_merged(self) -> Iterator[tuple[int, dict]]:
-        """Every bucket, merged (and rewritten as its new base), one at a time."""
+        """Every bucket, merged (and rewritten as its new base), one at a time. A deleted key
+        stays as a tombstone (expiry DELETED) for DELETES_KEPT_S."""
         self.distribute()
         for b in range(self.buckets):
             state = self._merged(b)
             if (self.root / "delta" / f"{b:04d}").exists():
-                self._write_base(b, state)
+                self._write_base(b, self._pruned(state))
             yield b, state
 
     def __len__(self) -> int:
-        return sum(len(s) for _, s in self.buckets_merged())
+        """Keys that exist as far as the log says (tombstones not counted)."""
+        return sum(sum(1 for v in s.values() if v[1] != DELETED) for _, s in self.buckets_merged())
 
     def census(self) -> dict[int, int]:
         """How many keys have their latest event in each generation."""
         counts: dict[int, int] = {}
         for _, state in self.buckets_merged():
-            for _, _, gen in state.values():
-                counts[gen] = counts.get(gen, 0) + 1
+            for _, exp, gen in state.values():
+                if exp != DELETED:
+                    counts[gen] = counts.get(gen, 0) + 1
         return counts
 
     def keys_of(self, generations: set[int]) -> Iterator[list[bytes]]:
-        """Pages of the keys whose latest event is in one of ``generations``."""
+        """Pages of the existing keys whose latest event is in one of ``generations``."""
         for _, state in self.buckets_merged():
-            keys = [k for k, v in state.items() if v[2] in generations]
+            keys = [k for k, v in state.items() if v[2] in generations and v[1] != DELETED]
             for i in range(0, len(keys), PAGE):
                 yield keys[i:i + PAGE]
 

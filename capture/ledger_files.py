@@ -11,6 +11,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 UNKNOWN_CRC = bytes(8)
 UNKNOWN, DELETED, NO_EXPIRY = -3, -2, -1      # expiry values with a meaning of their own
+# A delete's entry (a tombstone: expiry DELETED) holds when it was logged, in its digest's place.
+DELETED_AT = struct.Struct(">q")
 BUFFER_BYTES = 64 * 1024          # per-bucket write buffer while distributing or spilling
 _HEAD = struct.Struct("<cII")     # record type, key count (or body length), body length
 _CRC = struct.Struct("<I")
@@ -61,19 +63,9 @@ class Chunk:
         crcs = self.crcs
         return [crcs[i:i + 8] for i in range(0, len(crcs), 8)]
 
-    def entries(self) -> Iterator[tuple[bytes, bytes, int, int]]:
-        return zip(self.keys, self.crc_list(), self.exps, self.gens)
-
     def apply_to(self, state: dict[bytes, tuple[bytes, int, int]]) -> None:
-        """Upserts and deletes of this chunk, in order, onto ``state``."""
-        if DELETED not in self.exps:                # the common chunk: one C-speed update
-            state.update(zip(self.keys, zip(self.crc_list(), self.exps, self.gens)))
-            return
-        for key, crc, exp, gen in self.entries():
-            if exp == DELETED:
-                state.pop(key, None)
-            else:
-                state[key] = (crc, exp, gen)
+        """Upserts and deletes (tombstones) of this chunk, in order, onto ``state``."""
+        state.update(zip(self.keys, zip(self.crc_list(), self.exps, self.gens)))
 
 
 def records(f: BinaryIO) -> Iterator[tuple[int, bytes, int, bytes]]:

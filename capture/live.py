@@ -73,7 +73,8 @@ class LiveRun:
         cap, st = self.cap, self.cap.stats
         if not st.capture_id:
             return                           # stopped before anything was written
-        blind = bool(st.history_gap) and bool(st.gaps or cap.catch_up)
+        blind = ((bool(st.history_gap) and bool(st.gaps or cap.catch_up))
+                 or bool(st.deletes_forgotten))
         healthy = self.healthy()
         st.complete = (not cap.resync.is_set() and not cap.scanning and not blind
                        and healthy)
@@ -152,7 +153,8 @@ class LiveRun:
         # idleness: the run ends only with nothing left to read.
         if (cap.idle_timeout is not None and idle >= cap.idle_timeout and not len(cap.dirty)
                 and not cap.resync.is_set() and not cap.scanning and self.healthy()):
-            cap.watch_source()               # a last look: a FLUSHDB just now is not missed
+            cap.watch_source()               # a last look: a FLUSHDB just now is not missed,
+            cap.writer.check_identity()      # nor a log lost just now (LogLost: a resync)
             if not cap.resync.is_set():
                 return True
         cap.dirty.wait(min(0.1, cap.pacer.delay()) if held else 0.1)
@@ -194,6 +196,9 @@ class LiveRun:
         cap.writer.adopt_new_log()
         cap.close_rescan()
         cap.ledger.forget_digests(cap.writer.log_id)
+        cap.stats.deletes_forgotten = cap.ledger.forgotten_deletes()
+        if cap.stats.deletes_forgotten:
+            log.warning("%s", cap.stats.deletes_forgotten)
         self.pending = False
         cap.resync.clear()                   # this full scan heals every gap reported so far
         self.sub_epoch = cap.notes.epoch if cap.notes else 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from conveyor.capture.ledger import PAGE, Ledger  # noqa: F401 - the type of Rescan.ledger
-from conveyor.capture.ledger_files import UNKNOWN, UNKNOWN_CRC, Buckets, Chunk, chunks
+from conveyor.capture.ledger_files import DELETED, UNKNOWN, UNKNOWN_CRC, Buckets, Chunk, chunks
 
 
 @dataclass
@@ -45,11 +45,13 @@ class Rescan:
                     chunk.apply_to(seen)
                 for key, (crc, exp, _) in seen.items():
                     had = state.get(key)
-                    if had is None or had[0] != crc or crc == UNKNOWN_CRC or exp == UNKNOWN \
+                    if had is None or had[1] in (DELETED, UNKNOWN) or had[0] != crc \
+                            or crc == UNKNOWN_CRC or exp == UNKNOWN \
                             or not _same_expiry(had[1], exp, expiry_slack_ms):
                         page.append(key)
-                page.extend(k for k in state
-                            if k not in seen and (in_scope is None or in_scope(k)))
+                page.extend(k for k, v in state.items()       # a tombstone: logged as gone
+                            if v[1] != DELETED and k not in seen
+                            and (in_scope is None or in_scope(k)))
                 while len(page) >= PAGE:
                     yield page[:PAGE]
                     del page[:PAGE]

@@ -29,6 +29,7 @@ class CaptureStats:
     digests_read: int = 0        # keys whose digest a rescan read (no value moved)
     history_records: int = 0     # live: records read back from the log to rebuild the key ledger
     history_gap: str = ""        # ... and why that history is not everything ever appended
+    deletes_forgotten: str = ""  # live: a lost log, and deletes older than the ledger keeps
     incomplete_why: str = ""     # live: why convergence cannot be claimed
     waiting: str = ""            # what the run waits for now ("" when nothing)
     scanning: bool = False       # a scan (first, resync or catch-up) is in progress

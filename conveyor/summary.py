@@ -55,6 +55,8 @@ def _capture_summary(st: CaptureStats) -> tuple[list[str], bool]:
         lines.append(f"  the log no longer holds every key's last event ({st.history_gap}): "
                      "keys deleted while no capture ran cannot be found; check the target with "
                      "verify")
+    if st.deletes_forgotten:
+        lines.append(f"  {st.deletes_forgotten}; check the target with verify")
     if st.complete:
         lines.append("capture: converged: every change read from the source is on the log"
                      + (f"; {counted(len(st.gaps), 'gap was', 'gaps were')} healed by resyncs" if st.gaps else ""))

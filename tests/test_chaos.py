@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from conveyor.log import open_meta
 from conveyor.workload import Workload
 from tests import cli
 from tests.compare import differences, wait_identical, wait_until
@@ -76,6 +77,38 @@ def test_stream_buffer_restarted_empty_in_a_live_run_is_a_healed_log_loss(redis_
     assert app.returncode == 0, aout + aerr
     assert "the log lost records" in aout + aerr
     assert wait_identical(source.client(), target.client(), timeout=10) == []
+
+
+def test_deletes_apply_had_not_applied_when_the_log_was_lost_are_made_again(redis_factory):
+    # given a live capture over a buffer without persistence, and the target holding every key
+    source, target, buffer = notifying_source(redis_factory), redis_factory(), redis_factory()
+    src = source.client()
+    src.mset({f"k:{i}": f"v{i}" for i in range(50)})
+    log = f"{buffer.url}/0"
+    cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--idle-timeout", "6")
+    wait_for_subscriber(source)
+    first = cli.start("apply", target.url, "--log", log)
+    t = target.client()
+    wait_until(lambda: t.dbsize() == 50, timeout=60, what="the target holding every key")
+    first.terminate()
+    assert first.wait(timeout=60) == 0
+    # and five keys deleted on the source, their deletes on the log but not applied (apply stopped)
+    src.delete(*[f"k:{i}" for i in range(5)])
+    meta = open_meta(log)
+    wait_until(lambda: any(d.get("deletes", 0) >= 5 for d in meta.documents().values()),
+               timeout=60, what="the deletes saved on the log")
+    meta.close()
+    # when the buffer restarts empty (the log and those deletes are lost) and apply starts again
+    buffer.restart()
+    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "10")
+    cout, cerr = cap.communicate(timeout=180)
+    aout, aerr = app.communicate(timeout=180)
+    # then the resync into the new log deletes them again: the target is the source
+    assert "the log lost records" in cout + cerr, cout + cerr
+    assert cap.returncode == 0 and "converged" in cout, cout + cerr
+    assert app.returncode == 0, aout + aerr
+    assert sorted(t.keys()) == sorted(src.keys()) and t.dbsize() == 45
+    assert differences(src, t) == []
 
 
 def test_stream_buffer_restarted_empty_in_a_snapshot_stops_both_with_the_sentence(redis_factory):

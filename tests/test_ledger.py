@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import time
 
-from conveyor.capture.ledger import Ledger
+from conveyor.capture.ledger import DELETES_KEPT_S, Ledger
 from conveyor.capture.ledger_files import crcs_of, expiries
 from conveyor.capture.ledger_rebuild import rebuild
 from conveyor.capture.rescan import Rescan
@@ -153,6 +154,41 @@ def test_a_lost_ledger_is_rebuilt_from_what_the_log_holds(tmp_path):
     assert _rescan(ledger, state) == []
     state[b"b"] = (b"v2-changed", None)
     assert _rescan(ledger, state) == [b"b"]
+
+
+def test_a_lost_log_turns_every_delete_the_ledger_remembers_into_a_delete_again(tmp_path):
+    # given a capture that logged 100 keys, then the deletes of two of them: one merged into its
+    # bucket's base by a rescan since, one still in the journal
+    ledger, state = _first_scan(tmp_path, 100)
+    ledger.deleted([b"k:1"])
+    ledger.commit("cap-1", 101)
+    del state[b"k:1"]
+    assert _rescan(ledger, state) == []             # merged; a delete is not read again
+    ledger.deleted([b"k:2"])
+    ledger.commit("cap-1", 102)
+    del state[b"k:2"]
+    assert len(ledger) == 98 and _rescan(ledger, state) == []
+    # when the log is lost: apply may not have applied those deletes, the target may hold both
+    ledger.forget_digests("log-b")
+    # then the resync reads every key again, the deleted ones too (absent: logged as deletes)
+    assert _rescan(ledger, state) == sorted([*state, b"k:1", b"k:2"])
+    assert ledger.deletes_forgotten_ms == 0 and ledger.forgotten_deletes() == ""
+
+
+def test_deletes_older_than_the_horizon_are_forgotten_and_said(tmp_path):
+    ledger, state = _first_scan(tmp_path, 10)
+    now = int(time.time() * 1000)
+    ledger.deleted([b"k:1"], at_ms=now - DELETES_KEPT_S * 1000 - 60_000)
+    ledger.deleted([b"k:2"], at_ms=now - 60_000)
+    ledger.commit("cap-1", 11)
+    del state[b"k:1"], state[b"k:2"]
+    assert _rescan(ledger, state) == []             # the merge drops the old delete only
+    assert ledger.deletes_forgotten_ms == now - DELETES_KEPT_S * 1000 - 60_000
+    ledger.forget_digests("log-b")
+    assert _rescan(ledger, state) == sorted([*state, b"k:2"])
+    assert "no longer remembers deletes logged before" in ledger.forgotten_deletes()
+    ledger.close()
+    assert Ledger(tmp_path / "ledger").deletes_forgotten_ms == ledger.deletes_forgotten_ms
 
 
 def test_memory_stays_one_bucket_whatever_the_keys(tmp_path):
