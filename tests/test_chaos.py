@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from conveyor.capture.ledger import DELETES_KEPT_S, Ledger
 from conveyor.log import open_meta
 from conveyor.workload import Workload
 from tests import cli
@@ -109,6 +110,45 @@ def test_deletes_apply_had_not_applied_when_the_log_was_lost_are_made_again(redi
     assert app.returncode == 0, aout + aerr
     assert sorted(t.keys()) == sorted(src.keys()) and t.dbsize() == 45
     assert differences(src, t) == []
+
+
+def test_a_lost_log_after_deletes_were_forgotten_is_said_and_not_converged(redis_factory,
+                                                                             tmp_path):
+    # given a live capture that logged a delete, whose key ledger has forgotten an older one
+    source, buffer = notifying_source(redis_factory), redis_factory()
+    src = source.client()
+    src.mset({"a": "1", "b": "2"})
+    log, state = f"{buffer.url}/0", tmp_path / "state"
+    args = ("capture", source.url, "--log", log, "--mode", "live", "--state-dir", str(state))
+    first = cli.start(*args, "--idle-timeout", "3")
+    wait_for_subscriber(source)
+    src.delete("b")
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    root = next(state.glob("ledgers/*"))
+    ledger = Ledger(root)
+    ledger.deleted([b"old"], at_ms=int(time.time() * 1000) - DELETES_KEPT_S * 1000 - 60_000)
+    ledger.commit(ledger.meta["capture_id"], ledger.meta["seq"])
+    ledger.close()
+    # when it runs again (its catch-up merges the ledger) and the log is then lost
+    again = cli.start(*args, "--idle-timeout", "6")
+    wait_until(lambda: any(d.get("state") == "live" for d in _documents(log)), timeout=60,
+               what="the second run live")
+    buffer.restart()
+    out, err = again.communicate(timeout=180)
+    # then it resyncs, says what it cannot delete again, and does not claim convergence
+    assert "the log lost records" in out + err, out + err
+    assert "no longer remembers deletes logged before" in out + err, out + err
+    assert "CANNOT claim convergence" in out and again.returncode != 0, out + err
+    assert "Traceback" not in err
+
+
+def _documents(log: str) -> list[dict]:
+    meta = open_meta(log)
+    try:
+        return list(meta.documents().values())
+    finally:
+        meta.close()
 
 
 def test_stream_buffer_restarted_empty_in_a_snapshot_stops_both_with_the_sentence(redis_factory):
