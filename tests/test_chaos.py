@@ -86,7 +86,8 @@ def test_deletes_apply_had_not_applied_when_the_log_was_lost_are_made_again(redi
     src = source.client()
     src.mset({f"k:{i}": f"v{i}" for i in range(50)})
     log = f"{buffer.url}/0"
-    cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--idle-timeout", "6")
+    # (its idle timeout outlasts the checkpoint heartbeat that shows the deletes, and the restart)
+    cap = cli.start("capture", source.url, "--log", log, "--mode", "live", "--idle-timeout", "20")
     wait_for_subscriber(source)
     first = cli.start("apply", target.url, "--log", log)
     t = target.client()
@@ -101,7 +102,7 @@ def test_deletes_apply_had_not_applied_when_the_log_was_lost_are_made_again(redi
     meta.close()
     # when the buffer restarts empty (the log and those deletes are lost) and apply starts again
     buffer.restart()
-    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "10")
+    app = cli.start("apply", target.url, "--log", log, "--idle-timeout", "15")
     cout, cerr = cap.communicate(timeout=180)
     aout, aerr = app.communicate(timeout=180)
     # then the resync into the new log deletes them again: the target is the source
@@ -131,7 +132,7 @@ def test_a_lost_log_after_deletes_were_forgotten_is_said_and_not_converged(redis
     ledger.commit(ledger.meta["capture_id"], ledger.meta["seq"])
     ledger.close()
     # when it runs again (its catch-up merges the ledger) and the log is then lost
-    again = cli.start(*args, "--idle-timeout", "6")
+    again = cli.start(*args, "--idle-timeout", "12")
     wait_until(lambda: any(d.get("state") == "live" for d in _documents(log)), timeout=60,
                what="the second run live")
     buffer.restart()
