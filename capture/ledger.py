@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from typing import Iterator
 from conveyor.capture.ledger_files import (DELETED, DELETED_AT, UNKNOWN, UNKNOWN_CRC, Buckets,
                                            Chunk, chunks, framed, records)
 from conveyor.errors import ConfigError
+from conveyor.events import now_millis
 
 log = logging.getLogger("conveyor.capture")
 
@@ -193,7 +193,7 @@ class Ledger:
 
     def _pruned(self, state: dict[bytes, tuple[bytes, int, int]]) -> dict:
         """``state`` without the tombstones older than DELETES_KEPT_S (their time is kept)."""
-        horizon = int(time.time() * 1000) - DELETES_KEPT_S * 1000
+        horizon = now_millis() - DELETES_KEPT_S * 1000
         old = [k for k, (at, exp, _) in state.items()
                if exp == DELETED and DELETED_AT.unpack(at)[0] < horizon]
         if old:
@@ -229,7 +229,7 @@ class Ledger:
         """``keys`` are being appended to the log as deletes (now, or at ``at_ms``)."""
         if keys:
             n = len(keys)
-            at = DELETED_AT.pack(int(time.time() * 1000) if at_ms is None else at_ms)
+            at = DELETED_AT.pack(now_millis() if at_ms is None else at_ms)
             self._add(Chunk(keys, at * n, array("q", [DELETED]) * n,
                             array("I", [self.generation]) * n))
 
